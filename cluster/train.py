@@ -1,0 +1,139 @@
+"""Ray Train: run Kiln's one training loop in N workers with MultiWorkerMirroredStrategy.
+
+Checkpoints go to ``<runs>/<run>`` through Ray Train's storage, so rerunning the same run name
+resumes from the last one (Ray Train V2 restores by RunConfig name + storage_path), and a worker
+that dies is restarted from it (FailureConfig).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from kiln.plugin import DatasetInfo, KilnError
+from kiln.spec import TrainSpec
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (or start a local one); KilnError if unreachable."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray Train V2 worker processes must see the kiln package (an editable install's source).
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KilnError(f"cannot reach a Ray cluster at {address!r}: {first}; check the address "
+                        "(e.g. 127.0.0.1:6379 or ray://host:10001) or start one with `ray start --head`") \
+            from None
+
+
+class RayContext:
+    """The loop's view of a Ray Train worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+
+    def restore_dir(self) -> Iterator[Path | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """Body of each Ray Train worker: set TF up, create the strategy, run the shared loop."""
+    from kiln.trainer import setup_tensorflow, train_loop
+
+    spec = TrainSpec.from_dict(config["spec"])
+    setup_tensorflow(max(1, math.floor(spec.cpus_per_worker)), gpus=spec.gpus_per_worker > 0)
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # TensorflowTrainer has set TF_CONFIG for this worker; the strategy must exist before any op.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    train_loop(spec, DatasetInfo.from_dict(config["info"]), strategy, RayContext())
+
+
+def fit(spec: TrainSpec, info: DatasetInfo) -> Path:
+    """Train on ``spec.workers`` Ray Train workers; returns the run folder holding checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    connect(spec.address)
+    import ray
+
+    resources = ray.cluster_resources()
+    need_cpu = spec.workers * spec.cpus_per_worker
+    need_gpu = spec.workers * spec.gpus_per_worker
+    if resources.get("CPU", 0) < need_cpu or resources.get("GPU", 0) < need_gpu:
+        raise KilnError(f"{spec.workers} workers need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the "
+                        f"Ray cluster has {resources.get('CPU', 0):g} CPUs and "
+                        f"{resources.get('GPU', 0):g} GPUs; lower --workers/--cpus-per-worker/"
+                        "--gpus-per-worker or add nodes")
+    per_worker: dict[str, float] = {"CPU": spec.cpus_per_worker}
+    if spec.gpus_per_worker:
+        per_worker["GPU"] = spec.gpus_per_worker
+    trainer = TensorflowTrainer(
+        _worker,
+        train_loop_config={"spec": spec.to_dict(), "info": info.to_dict()},
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.gpus_per_worker > 0,
+                                     resources_per_worker=per_worker),
+        run_config=RunConfig(
+            name=spec.run, storage_path=spec.runs_dir,
+            failure_config=FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # the workers' traceback was already printed by Ray
+        raise KilnError(f"Ray Train run '{spec.run}' failed: {_root_cause(e)}") from None
+    return Path(spec.runs_dir) / spec.run
+
+
+def _root_cause(e: BaseException) -> str:
+    seen = e
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    for line in reversed(text):
+        if "KilnError" in line or "Error" in line:
+            return line.strip()
+    return (text[-1] if text else type(seen).__name__).strip()
+
+
+@contextlib.contextmanager
+def local_cluster(num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[None]:
+    """Start (and afterwards stop) a local Ray cluster, for tests and benchmarks."""
+    import ray
+
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()

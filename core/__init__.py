@@ -1,0 +1,31 @@
+"""Kiln: plugin-based TensorFlow/Keras training and serving on Ray.
+
+The plugin contract lives here; training, the store and the CLI are submodules. Importing kiln
+imports neither TensorFlow nor Ray.
+"""
+
+__version__ = "0.1.0"
+
+from kiln.plugin import (  # noqa: E402
+    DatasetInfo,
+    KilnError,
+    Method,
+    NoConfig,
+    Plugin,
+    Scalar,
+    Tensor,
+    config_help,
+    inference,
+    make_config,
+    param,
+)
+
+__all__ = ["DatasetInfo", "KilnError", "Method", "NoConfig", "Plugin", "Scalar", "Tensor",
+           "config_help", "inference", "make_config", "param", "replicas", "__version__"]
+
+
+def replicas() -> int:
+    """Replicas training in sync (divide hand-written mean losses by it; see DESIGN.md section 3)."""
+    from kiln.trainer import replicas as _replicas
+
+    return _replicas()

@@ -1,0 +1,158 @@
+"""The ``kiln`` command line. Every user error is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from kiln.plugin import KilnError
+
+
+def _overrides(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KilnError(f"--set takes key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from kiln import config_help, registry
+
+    rows = []
+    for e in registry.entries():
+        if e.cls is None:
+            rows.append((e.name, "BROKEN", "-", f"{e.error} (from {e.source})"))
+        else:
+            rows.append((e.name, e.cls.dataset, ",".join(sorted(e.cls.methods())) or "-", e.cls.description))
+    width = [max(len(r[i]) for r in rows + [("NAME", "DATASET", "METHODS", "")]) for i in range(3)]
+    print(f"{'NAME':<{width[0]}}  {'DATASET':<{width[1]}}  {'METHODS':<{width[2]}}  DESCRIPTION")
+    for r in rows:
+        print(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]}")
+    if args.verbose:
+        for e in registry.entries():
+            if e.cls is not None:
+                print(f"\n{e.name} config (--set key=value):")
+                for line in config_help(e.cls.Config):
+                    print(f"  {line}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kiln import run
+
+    if args.resume:
+        spec = run.resume_spec(args.resume, args.runs_dir, args.epochs)
+    else:
+        if not args.plugin:
+            raise KilnError("name a plugin to train (see `kiln plugins`), or --resume RUN")
+        spec = run.plan(args.plugin, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                        overrides=_overrides(args.set), workers=args.workers,
+                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                        seed=args.seed, name=args.name, run=args.run, store=args.store,
+                        runs_dir=args.runs_dir, limit=args.limit, plugin_path=args.plugin_path,
+                        max_failures=args.max_failures, address=args.address)
+    try:
+        run.train(spec)
+    except KeyboardInterrupt:
+        raise KilnError(f"interrupted; continue with `kiln train --resume {spec.run}`") from None
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from kiln.store import Store
+
+    versions = Store(args.store).list()
+    if not versions:
+        print(f"no models in {Store(args.store).root} yet; train one with `kiln train cnn`")
+        return 0
+    rows = [("NAME", "VERSION", "PLUGIN", "DATASET", "METRICS", "CREATED")]
+    for v in versions:
+        m = v.manifest
+        if m.get("corrupt"):
+            rows.append((v.name, str(v.version), "CORRUPT", "-", "-", "-"))
+            continue
+        metrics = m.get("metrics", {})
+        head = m.get("headline")
+        keys = ([head] if head in metrics else []) + [k for k in metrics if k != head]
+        rows.append((v.name, str(v.version), m["plugin"], Path(m["dataset"]["name"]).name,
+                     " ".join(f"{k}={metrics[k]:.4f}" for k in keys[:3]), m.get("created", "-")))
+    width = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r, width)) + "  " + r[5])
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from kiln import run
+
+    version, metrics = run.evaluate(args.model, args.store)
+    print(f"{version.ref}  " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
+    p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
+    p.add_argument("--plugin-path", default=None, metavar="FILE.py",
+                   help="also load the plugins defined in this Python file (for development)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("plugins", help="list registered plugins")
+    s.add_argument("-v", "--verbose", action="store_true", help="also list each plugin's config keys")
+    s.set_defaults(fn=cmd_plugins)
+
+    s = sub.add_parser("train", help="train a plugin and store the model as a new version")
+    s.add_argument("plugin", nargs="?", help="plugin name (see `kiln plugins`)")
+    s.add_argument("--epochs", type=int, default=None, help="epochs (default: the plugin's)")
+    s.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the plugin's)")
+    s.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 trains in-process (default)")
+    s.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray gives each worker")
+    s.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray gives each worker")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of the plugin (repeatable; `kiln plugins -v` lists keys)")
+    s.add_argument("--dataset", default=None, help="tfds name or path to an .npz (default: the plugin's)")
+    s.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", default=None, help="model name in the store (default: the plugin name)")
+    s.add_argument("--run", default=None, help="run name; rerunning an interrupted run resumes it")
+    s.add_argument("--resume", default=None, metavar="RUN", help="resume run RUN with its original settings")
+    s.add_argument("--runs-dir", default=None, help="checkpoints folder (default $KILN_RUNS or ./kiln-runs)")
+    s.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local one)")
+    s.add_argument("--max-failures", type=int, default=1, help="worker failures Ray Train may recover from")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("models", help="list the models in the store")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("evaluate", help="re-evaluate a stored model on its test split")
+    s.add_argument("model", metavar="NAME[:VERSION]")
+    s.set_defaults(fn=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = parser().parse_args(argv)
+    try:
+        if args.plugin_path:
+            from kiln import registry
+
+            registry.load_file(args.plugin_path)
+        return int(args.fn(args) or 0)
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Pictures for people: image grids written as PNG with matplotlib (no hand-written encoders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def _plt():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grid(images: np.ndarray, path: Path, *, cols: int = 8, titles: Sequence[str] | None = None,
+         colors: Sequence[str] | None = None, title: str | None = None, cell: float = 1.1) -> Path:
+    """Write images (N, H, W[, C]) with values in [0, 1] as a grid PNG; optional per-image titles."""
+    plt = _plt()
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    n = len(images)
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell + (0.4 if title else 0)),
+                             squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(np.clip(images[i], 0, 1), cmap="gray" if images[i].ndim == 2 else None,
+                      vmin=0, vmax=1)
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str = "") -> Path:
+    """Write a confusion matrix (rows: true class, columns: predicted) as a PNG heat map."""
+    plt = _plt()
+    k = len(labels)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 0.8 + 0.55 * k))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(k), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,207 @@
+"""The Python API behind ``kiln train`` / ``kiln evaluate``: plan a run (validate everything before
+any work), train it in-process or on Ray Train, then evaluate and store the result.
+
+    from kiln import run
+    spec = run.plan("cnn", epochs=3, workers=2, overrides={"dropout": "0.3"})
+    version = run.train(spec)            # a kiln.store.Version
+    plugin, model = run.load(version.ref)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kiln import __version__, data, registry, store as store_mod
+from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
+from kiln.spec import TrainSpec
+from kiln.trainer import say
+
+RUN_FILE = "kiln-run.json"
+
+
+def default_runs_dir() -> Path:
+    """$KILN_RUNS, else ./kiln-runs: checkpoints of runs in progress."""
+    return Path(os.environ.get("KILN_RUNS", "kiln-runs")).expanduser()
+
+
+def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
+         batch_size: int | None = None, overrides: dict[str, Any] | None = None, workers: int = 0,
+         gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, seed: int = 0,
+         name: str | None = None, run: str | None = None, store: str | Path | None = None,
+         runs_dir: str | Path | None = None, limit: int | None = None,
+         plugin_path: str | None = None, max_failures: int = 1, address: str | None = None) -> TrainSpec:
+    """Validate a training request and return its spec; raises KilnError naming what is wrong."""
+    if plugin_path:
+        plugin_path = str(Path(plugin_path).resolve())
+        registry.load_file(plugin_path)
+    cls = registry.get(plugin)
+    make_config(cls.Config, overrides)  # unknown keys / bad values fail here, before any work
+    dataset = dataset or cls.dataset
+    if data.is_file_dataset(dataset):
+        dataset = str(Path(dataset).expanduser().resolve())
+    for flag, value, low in (("--epochs", epochs, 1), ("--batch-size", batch_size, 1),
+                             ("--workers", workers, 0), ("--limit", limit, 1),
+                             ("--max-failures", max_failures, 0)):
+        if value is not None and value < low:
+            raise KilnError(f"{flag} must be >= {low}, got {value}")
+    if gpus_per_worker < 0 or cpus_per_worker <= 0:
+        raise KilnError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    name = store_mod.check_name(name or plugin)
+    run = run or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    store_mod.check_name(run)
+    return TrainSpec(plugin=plugin, dataset=dataset, epochs=epochs or cls.epochs,
+                     batch_size=batch_size or cls.batch_size, run=run, name=name,
+                     store=str(Path(store or store_mod.default_root()).resolve()),
+                     runs_dir=str(Path(runs_dir or default_runs_dir()).resolve()),
+                     overrides=dict(overrides or {}), workers=workers, gpus_per_worker=gpus_per_worker,
+                     cpus_per_worker=cpus_per_worker, seed=seed, limit=limit, plugin_path=plugin_path,
+                     max_failures=max_failures, address=address)
+
+
+def resume_spec(run: str, runs_dir: str | Path | None = None, epochs: int | None = None) -> TrainSpec:
+    """The spec a run was started with (for ``--resume RUN``), optionally with more epochs."""
+    path = Path(runs_dir or default_runs_dir()).resolve() / run / RUN_FILE
+    if not path.is_file():
+        raise KilnError(f"no run '{run}' in {path.parent.parent} (looked for {path})")
+    spec = TrainSpec.from_dict(json.loads(path.read_text()))
+    if epochs:
+        spec.epochs = epochs
+    return spec
+
+
+def _check_run(spec: TrainSpec, run_dir: Path) -> None:
+    """A run name is reused only to resume the same training; refuse to mix different runs."""
+    from kiln.trainer import STATE, latest_checkpoint
+
+    path = run_dir / RUN_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in ("plugin", "dataset", "overrides", "batch_size", "limit", "seed"):
+            if old.get(key) != getattr(spec, key):
+                raise KilnError(f"run '{spec.run}' was started with {key}={old.get(key)!r}, not "
+                                f"{getattr(spec, key)!r}; resume it unchanged or pick a new --run name")
+    last = latest_checkpoint(run_dir)
+    if last is not None:
+        done = json.loads((last / STATE).read_text())["epoch"]
+        if done >= spec.epochs:
+            raise KilnError(f"run '{spec.run}' already finished {done}/{spec.epochs} epochs; pass "
+                            f"--epochs N (N > {done}) to train it further, or a new --run name")
+
+
+def train(spec: TrainSpec) -> store_mod.Version:
+    """Train ``spec`` (in-process when workers == 0, else on Ray Train), then evaluate and store."""
+    info = data.prepare(spec.dataset)
+    make_plugin_for(spec, info)  # a plugin rejecting this data fails here, not in every worker
+    run_dir = Path(spec.runs_dir) / spec.run
+    _check_run(spec, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+    say(f"run '{spec.run}': {spec.plugin} on {spec.dataset}, {spec.epochs} epochs, "
+        f"{'in-process' if spec.workers == 0 else f'{spec.workers} Ray Train workers'}; "
+        f"checkpoints in {run_dir}")
+    if spec.workers == 0:
+        import tensorflow as tf
+
+        from kiln.trainer import LocalContext, setup_tensorflow, train_loop
+
+        setup_tensorflow(None, gpus=True)
+        train_loop(spec, info, tf.distribute.get_strategy(), LocalContext(run_dir))
+        final = run_dir
+    else:
+        from kiln.cluster.train import fit
+
+        final = fit(spec, info)
+    return finalize(spec, info, final)
+
+
+def make_plugin_for(spec: TrainSpec, info: DatasetInfo) -> Plugin:
+    from kiln.trainer import make_plugin
+
+    return make_plugin(spec, info)
+
+
+def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Version:
+    """Rebuild the model from the run's last checkpoint, evaluate it, draw samples, store it."""
+    from kiln.trainer import latest_checkpoint, restore_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise KilnError(f"run '{spec.run}' left no checkpoint in {run_dir}")
+    from kiln.trainer import build_model
+
+    plugin = make_plugin_for(spec, info)
+    model = build_model(plugin)
+    state = restore_checkpoint(model, ckpt, with_optimizers=False)
+    metrics = plugin.evaluate(model, test_dataset(plugin, spec.dataset, spec.limit))
+    cls = type(plugin)
+
+    def write(tmp: Path) -> dict[str, Any]:
+        shutil.copy2(ckpt / "model.weights.h5", tmp / store_mod.WEIGHTS)
+        (tmp / store_mod.ARTIFACTS).mkdir()
+        plugin.samples(model, test_dataset(plugin, spec.dataset, spec.limit), tmp / store_mod.ARTIFACTS)
+        return {
+            "plugin": spec.plugin, "plugin_path": spec.plugin_path,
+            "config": _plain(vars(plugin.config)), "dataset": info.to_dict(),
+            "metrics": metrics, "headline": cls.headline, "history": state["history"],
+            "methods": {k: m.describe(info) for k, m in cls.methods().items()},
+            "train": {k: getattr(spec, k) for k in ("epochs", "batch_size", "workers",
+                                                     "gpus_per_worker", "seed", "limit", "overrides")},
+            "run": spec.run, "kiln_version": __version__,
+        }
+
+    version = store_mod.Store(spec.store).save(spec.name, write)
+    shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+    say(f"test {shown}")
+    say(f"stored {version.ref} at {version.path}")
+    return version
+
+
+def _plain(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def test_dataset(plugin: Plugin, dataset: str, limit: int | None, batch: int = 256) -> Any:
+    """The preprocessed test split, batched, as evaluate() and samples() receive it."""
+    import tensorflow as tf
+
+    split = data.load(dataset, "test", limit=limit)
+    return split.ds.batch(batch).map(plugin.preprocess, num_parallel_calls=tf.data.AUTOTUNE) \
+        .prefetch(tf.data.AUTOTUNE)
+
+
+def load(ref: str, store: str | Path | None = None) -> tuple[Plugin, Any, store_mod.Version]:
+    """Rebuild a stored model through the registry from its manifest and load its weights.
+
+    Only weights are read from disk (no code or layer config is deserialised), so a stored model
+    cannot run arbitrary code; the plugin's own build() defines the architecture.
+    """
+    version = store_mod.Store(store).get(ref)
+    m = version.manifest
+    try:
+        if m.get("plugin_path") and m["plugin"] not in {e.name for e in registry.entries()}:
+            registry.load_file(m["plugin_path"])
+        cls = registry.get(m["plugin"])
+        plugin = cls(make_config(cls.Config, m["config"]))
+        plugin.setup(DatasetInfo.from_dict(m["dataset"]))
+    except (KeyError, TypeError) as e:
+        raise KilnError(f"corrupt manifest {version.path / store_mod.MANIFEST}: {e}") from None
+    from kiln.trainer import build_model
+
+    model = build_model(plugin)
+    model.load_weights(version.weights)
+    return plugin, model, version
+
+
+def evaluate(ref: str, store: str | Path | None = None) -> tuple[store_mod.Version, dict[str, float]]:
+    """Re-evaluate a stored model on its dataset's test split (same limit as when it was trained)."""
+    plugin, model, version = load(ref, store)
+    m = version.manifest
+    dataset = m["dataset"]["name"] if m["dataset"]["name"] else plugin.dataset
+    data.prepare(dataset)
+    return version, plugin.evaluate(model, test_dataset(plugin, dataset, m.get("train", {}).get("limit")))

@@ -1,0 +1,108 @@
+"""CNN classifier: the keras-io "Simple MNIST convnet" recipe (two 3x3 conv + max-pool blocks,
+dropout, softmax), which reports 99.22% MNIST test accuracy. Works on any image dataset with
+integer labels (tfds name or .npz); images are pixel values 0-255 of the dataset's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+
+from kiln import KilnError, Plugin, Tensor, inference, param
+from kiln.images import confusion, grid
+
+
+@dataclass
+class CNNConfig:
+    filters: tuple[int, ...] = param((32, 64), min=1, max=1024, help="filters of each conv block")
+    kernel_size: int = param(3, min=1, max=11)
+    dropout: float = param(0.5, min=0.0, max=0.95)
+    learning_rate: float = param(1e-3, min=0.0, max=1.0)
+
+
+def build_cnn(config: CNNConfig, input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = inputs
+    for i, f in enumerate(config.filters):
+        x = layers.Conv2D(f, config.kernel_size, activation="relu", name=f"conv{i + 1}")(x)
+        x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
+    x = layers.Flatten(name="features")(x)
+    x = layers.Dropout(config.dropout)(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="cnn")
+
+
+class CNN(Plugin):
+    name = "cnn"
+    description = "Convolutional image classifier (keras-io MNIST convnet, 99.2% on MNIST)"
+    Config = CNNConfig
+    dataset = "mnist"
+    epochs = 12
+    batch_size = 128
+    headline = "accuracy"
+
+    def setup(self, info):
+        if info.num_classes < 2 or len(info.input_shape) not in (2, 3):
+            raise KilnError(f"cnn needs images (H, W[, C]) with integer labels; dataset {info.name} "
+                            f"has inputs {list(info.input_shape)} and {info.num_classes} classes")
+        super().setup(info)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        shape = tuple(self.info.input_shape)
+        return shape if len(shape) == 3 else (*shape, 1)
+
+    def preprocess(self, x, y):
+        import tensorflow as tf
+
+        x = tf.reshape(tf.cast(x, "float32") / 255.0, (-1, *self.image_shape))
+        return x, y
+
+    def build(self):
+        model = build_cnn(self.config, self.image_shape, self.info.num_classes)
+        model.compile(optimizer=keras.optimizers.Adam(self.config.learning_rate),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    def samples(self, model, test, out_dir: Path) -> list[Path]:
+        xs, ys, preds = [], [], []
+        for x, y in test:
+            xs.append(x.numpy())
+            ys.append(y.numpy())
+            preds.append(np.argmax(model.predict_on_batch(x), axis=-1))
+        x, y, p = np.concatenate(xs), np.concatenate(ys), np.concatenate(preds)
+        names = self.info.class_names or tuple(map(str, range(self.info.num_classes)))
+        k = self.info.num_classes
+        matrix = np.zeros((k, k), dtype=np.int64)
+        np.add.at(matrix, (y.astype(int), p.astype(int)), 1)
+        wrong = np.flatnonzero(p != y)[:16]
+        first = np.arange(min(32, len(x)))
+        written = [
+            grid(x[first], out_dir / "predictions.png", titles=[names[i] for i in p[first]],
+                 colors=["green" if a == b else "red" for a, b in zip(p[first], y[first])],
+                 title="test images with predicted class (red: wrong)"),
+            grid(x[wrong], out_dir / "mistakes.png",
+                 titles=[f"{names[b]}→{names[a]}" for a, b in zip(p[wrong], y[wrong])],
+                 title="misclassified (true→predicted)") if len(wrong) else None,
+            confusion(matrix, names, out_dir / "confusion.png",
+                      title=f"test accuracy {np.mean(p == y):.4f}"),
+        ]
+        return [w for w in written if w is not None]
+
+    @inference(images=Tensor(shape=(None, "input"), min=0, max=255,
+                             description="images, pixel values 0-255"),
+               outputs={"classes": "predicted class index per image",
+                        "labels": "predicted class name per image",
+                        "probabilities": "softmax probabilities per image"})
+    def classify(self, model, images):
+        """Classify images: the most likely class and all class probabilities."""
+        x, _ = self.preprocess(images, None)
+        probs = np.asarray(model.predict_on_batch(x))
+        names = self.info.class_names or tuple(map(str, range(self.info.num_classes)))
+        classes = probs.argmax(axis=-1)
+        return {"classes": classes.tolist(), "labels": [names[c] for c in classes],
+                "probabilities": probs.round(6).tolist()}

@@ -1,0 +1,48 @@
+"""Shared fixtures: every test gets its own store and runs folder; `kiln` runs as a real
+subprocess (what a user types); the session checks that no Ray process outlives the suite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty folder holding this test's store and runs (also set as KILN_STORE/KILN_RUNS)."""
+    monkeypatch.setenv("KILN_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("KILN_RUNS", str(tmp_path / "runs"))
+    return tmp_path
+
+
+def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the kiln CLI as a user would; returns the finished process (text output)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ray_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", "raylet|gcs_server|ray::"], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if "pgrep" not in line]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_ray_left_behind():
+    before = set(ray_processes())
+    yield
+    left = [p for p in ray_processes() if p not in before]
+    if left:
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                       capture_output=True)
+        pytest.fail("Ray processes outlived the test suite:\n" + "\n".join(left))

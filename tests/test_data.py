@@ -1,0 +1,65 @@
+"""The data layer: tfds fed offline from ../shared/data, per-worker shards, .npz files, errors."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from kiln import KilnError, data
+
+
+def test_mnist_prepared_offline_from_raw_files():
+    assert data.data_dir() is not None, "set KILN_DATA_DIR or provide ../shared/data"
+    info = data.prepare("mnist")
+    assert (info.train_size, info.test_size) == (60000, 10000)
+    assert info.input_shape == (28, 28, 1) and info.num_classes == 10
+
+
+def test_each_worker_reads_only_its_shard():
+    full = data.load("mnist", "train", limit=1000)
+    a = data.load("mnist", "train", shard=(0, 2), limit=1000)
+    b = data.load("mnist", "train", shard=(1, 2), limit=1000)
+    assert (a.size, b.size, full.size) == (500, 500, 1000)
+    key = lambda split: {x.numpy().tobytes() + y.numpy().tobytes() for x, y in split.ds}  # noqa: E731
+    ka, kb = key(a), key(b)
+    assert not ka & kb and len(ka | kb) == len(key(full))
+
+
+def test_missing_raw_file_fails_fast_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "raw" / "mnist").mkdir(parents=True)
+    (tmp_path / "raw" / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    monkeypatch.setenv("KILN_DATA_DIR", str(tmp_path / "raw"))
+    monkeypatch.setenv("KILN_TFDS_DIR", str(tmp_path / "cache"))
+    t0 = time.time()
+    with pytest.raises(KilnError) as e:
+        data.prepare("mnist")
+    assert time.time() - t0 < 10
+    assert "train-labels-idx1-ubyte.gz" in str(e.value) and "KILN_DATA_DIR" in str(e.value)
+
+
+def test_unknown_dataset():
+    with pytest.raises(KilnError, match="unknown dataset 'no_such_set'"):
+        data.prepare("no_such_set")
+
+
+def test_npz_with_x_y_keys(tmp_path):
+    x = np.random.default_rng(0).integers(0, 255, (50, 8, 8), dtype=np.uint8)
+    y = np.arange(50) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    info = data.prepare(str(tmp_path / "d.npz"))
+    assert info.input_shape == (8, 8) and info.num_classes == 3 and (info.train_size, info.test_size) == (45, 5)
+    shard = data.load(str(tmp_path / "d.npz"), "train", shard=(1, 2))
+    assert shard.size == 22
+
+
+@pytest.mark.parametrize("arrays, msg", [
+    ({"images": np.zeros((3, 2))}, "must hold arrays x_train"),
+    ({"x": np.zeros((3, 2)), "y": np.zeros(4, dtype=int)}, "3 rows but y has 4"),
+    ({"x": np.full((3, 2), np.inf), "y": np.zeros(3, dtype=int)}, "finite"),
+])
+def test_bad_npz_is_explained(tmp_path, arrays, msg):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(KilnError, match=msg):
+        data.prepare(str(tmp_path / "bad.npz"))

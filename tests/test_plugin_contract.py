@@ -1,0 +1,73 @@
+"""The plugin contract: typed configs with validation, inference schemas, error messages."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from kiln import DatasetInfo, KilnError, Scalar, Tensor, make_config, param
+from kiln.plugins.cnn import CNN, CNNConfig
+
+
+def test_config_defaults_and_overrides_from_strings():
+    c = make_config(CNNConfig, {"filters": "16,32,64", "dropout": "0.25", "kernel_size": "5"})
+    assert c.filters == (16, 32, 64) and c.dropout == 0.25 and c.kernel_size == 5
+    assert make_config(CNNConfig).filters == (32, 64)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"dropuot": "0.1"}, ["unknown config key 'dropuot'", "dropout", "filters"]),
+    ({"dropout": "abc"}, ["'dropout'", "float"]),
+    ({"dropout": "1.5"}, ["'dropout'", "<= 0.95"]),
+    ({"kernel_size": "2.5"}, ["'kernel_size'", "int"]),
+    ({"filters": "32,x"}, ["'filters'", "comma-separated ints"]),
+    ({"learning_rate": "nan"}, ["'learning_rate'"]),
+])
+def test_bad_config_is_rejected_naming_the_key(overrides, words):
+    with pytest.raises(KilnError) as e:
+        make_config(CNNConfig, overrides)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_config_validate_hook():
+    @dataclass
+    class C:
+        low: int = param(1)
+        high: int = param(2)
+
+        def validate(self):
+            if self.low >= self.high:
+                raise ValueError("low must be below high")
+
+    with pytest.raises(KilnError, match="low must be below high"):
+        make_config(C, {"low": "5"})
+
+
+def test_tensor_schema_validates_shape_range_and_finiteness():
+    info = DatasetInfo("mnist", (28, 28, 1), 10)
+    t = Tensor(shape=(None, "input"), min=0, max=255)
+    assert t.validate("images", np.zeros((2, 28, 28, 1)), info).shape == (2, 28, 28, 1)
+    assert t.validate("images", np.zeros((28, 28, 1)), info).shape == (1, 28, 28, 1)  # one example
+    for bad, msg in [(np.zeros((2, 27, 28, 1)), "shape"), (np.full((1, 28, 28, 1), np.nan), "NaN"),
+                     (np.full((1, 28, 28, 1), 300.0), "above 255"), ("abc", "numeric")]:
+        with pytest.raises(KilnError, match=msg):
+            t.validate("images", bad, info)
+
+
+def test_scalar_schema():
+    info = DatasetInfo("mnist", (28, 28, 1), 10)
+    s = Scalar(int, default=4, min=1, max=64)
+    assert s.validate("n", None, info) == 4
+    with pytest.raises(KilnError, match="'n'"):
+        s.validate("n", 1000, info)
+    with pytest.raises(KilnError, match="'n'"):
+        s.validate("n", "7", info)
+
+
+def test_plugin_declares_inference_methods():
+    methods = CNN.methods()
+    assert list(methods) == ["classify"]
+    desc = methods["classify"].describe(DatasetInfo("mnist", (28, 28, 1), 10))
+    assert desc["inputs"]["images"]["x-shape"] == [None, 28, 28, 1]
+    assert "probabilities" in desc["outputs"]

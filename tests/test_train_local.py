@@ -1,0 +1,105 @@
+"""Training in-process end to end on real MNIST: train, store, reload, evaluate, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import TEST_PLUGINS, run_kiln
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short real CNN run shared by the tests below (2 epochs on 4,096 MNIST images)."""
+    root = tmp_path_factory.mktemp("local")
+    env = {"KILN_STORE": str(root / "store"), "KILN_RUNS": str(root / "runs")}
+    out = run_kiln("train", "cnn", "--epochs", "2", "--limit", "4096", "--run", "first",
+                   "--set", "dropout=0.3", cwd=root, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root, env, out
+
+
+def test_progress_metrics_and_store(trained):
+    root, env, out = trained
+    assert "[kiln] epoch 1/2" in out.stdout and "[kiln] epoch 2/2" in out.stdout
+    assert "examples/s" in out.stdout and "accuracy=" in out.stdout
+    manifest = json.loads((root / "store" / "cnn" / "1" / "manifest.json").read_text())
+    assert manifest["plugin"] == "cnn" and manifest["config"]["dropout"] == 0.3
+    assert manifest["dataset"]["name"] == "mnist" and manifest["run"] == "first"
+    assert manifest["metrics"]["accuracy"] > 0.9  # 2 short epochs already beat chance by far
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2]
+    assert manifest["history"][1]["loss"] < manifest["history"][0]["loss"]
+    assert "classify" in manifest["methods"]
+    pngs = sorted(p.name for p in (root / "store" / "cnn" / "1" / "artifacts").glob("*.png"))
+    assert "predictions.png" in pngs and "confusion.png" in pngs
+
+
+def test_models_and_evaluate_agree_with_the_manifest(trained):
+    root, env, _ = trained
+    models = run_kiln("models", env=env)
+    assert models.returncode == 0 and "cnn" in models.stdout and "mnist" in models.stdout
+    manifest = json.loads((root / "store" / "cnn" / "1" / "manifest.json").read_text())
+    ev = run_kiln("evaluate", "cnn:1", env=env)
+    assert ev.returncode == 0, ev.stderr
+    assert f"accuracy={manifest['metrics']['accuracy']:.4f}" in ev.stdout
+
+
+def test_reload_gives_the_same_predictions(trained):
+    root, env, _ = trained
+    from kiln import data, run
+
+    plugin, model, version = run.load("cnn", root / "store")
+    test = data.load("mnist", "test", limit=64)
+    images = np.stack([x.numpy() for x, _ in test.ds])
+    out = plugin.infer(model, "classify", {"images": images})
+    again = run.load("cnn:1", root / "store")
+    out2 = again[0].infer(again[1], "classify", {"images": images})
+    assert out["classes"] == out2["classes"]
+    np.testing.assert_allclose(out["probabilities"], out2["probabilities"], atol=1e-6)
+    labels = np.array([int(y) for _, y in test.ds])
+    assert np.mean(np.array(out["classes"]) == labels) > 0.85
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(workdir):
+    """The process dies (SIGKILL) at the end of epoch 2; rerunning the same command continues
+    from epoch 1's checkpoint with the optimizer state, not from scratch."""
+    probe = workdir / "probe"
+    probe.mkdir()
+    args = ("--plugin-path", str(TEST_PLUGINS / "probe.py"), "train", "probe", "--epochs", "3",
+            "--limit", "2048", "--run", "interrupted", "--set", "filters=8,16")
+    env = {"KILN_PROBE_DIR": str(probe), "KILN_PROBE_KILL_AT": "2"}
+    first = run_kiln(*args, cwd=workdir, env=env)
+    assert first.returncode != 0 and (probe / "killed").exists()
+    assert "epoch 2/3" in first.stdout and "stored" not in first.stdout
+    second = run_kiln(*args, cwd=workdir, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from checkpoint at epoch 1" in second.stdout
+    assert "epoch 1/3" not in second.stdout and "epoch 3/3" in second.stdout
+    manifest = json.loads((workdir / "store" / "probe" / "1" / "manifest.json").read_text())
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3]
+    # optimizer state travelled: Adam's iteration counter counts all 3 epochs of steps
+    ckpt = sorted((workdir / "runs" / "interrupted").glob("checkpoint_*"))[-1]
+    with np.load(ckpt / "optimizers.npz") as f:
+        assert int(f["0/0"]) == 3 * (2048 // 128)
+    again = run_kiln(*args, cwd=workdir, env=env)
+    assert again.returncode == 2 and "already finished 3/3 epochs" in again.stderr
+
+
+def test_user_npz_dataset(workdir):
+    from kiln import data
+
+    test = data.load("mnist", "train", limit=1200)
+    x = np.stack([a.numpy() for a, _ in test.ds])[..., 0]
+    y = np.array([int(b) for _, b in test.ds])
+    np.savez(workdir / "digits.npz", x=x, y=y)
+    out = run_kiln("train", "cnn", "--dataset", str(workdir / "digits.npz"), "--epochs", "2",
+                   "--batch-size", "64", "--name", "digits", cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads((workdir / "store" / "digits" / "1" / "manifest.json").read_text())
+    assert manifest["dataset"]["input_shape"] == [28, 28] and manifest["dataset"]["test_size"] == 120
+    assert manifest["metrics"]["accuracy"] > 0.5
