@@ -102,12 +102,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin-path", default=None, metavar="FILE.py",
                    help="also load the plugins defined in this Python file (for development)")
     sub = p.add_subparsers(dest="command", required=True)
+    # --store and --plugin-path work before or after the subcommand
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--plugin-path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    s = sub.add_parser("plugins", help="list registered plugins")
+    s = sub.add_parser("plugins", parents=[common], help="list registered plugins")
     s.add_argument("-v", "--verbose", action="store_true", help="also list each plugin's config keys")
     s.set_defaults(fn=cmd_plugins)
 
-    s = sub.add_parser("train", help="train a plugin and store the model as a new version")
+    s = sub.add_parser("train", parents=[common], help="train a plugin and store the model as a new version")
     s.add_argument("plugin", nargs="?", help="plugin name (see `kiln plugins`)")
     s.add_argument("--epochs", type=int, default=None, help="epochs (default: the plugin's)")
     s.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the plugin's)")
@@ -127,10 +131,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-failures", type=int, default=1, help="worker failures Ray Train may recover from")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("models", help="list the models in the store")
+    s = sub.add_parser("models", parents=[common], help="list the models in the store")
     s.set_defaults(fn=cmd_models)
 
-    s = sub.add_parser("evaluate", help="re-evaluate a stored model on its test split")
+    s = sub.add_parser("evaluate", parents=[common], help="re-evaluate a stored model on its test split")
     s.add_argument("model", metavar="NAME[:VERSION]")
     s.set_defaults(fn=cmd_evaluate)
     return p

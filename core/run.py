@@ -52,6 +52,10 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
             raise KilnError(f"{flag} must be >= {low}, got {value}")
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
         raise KilnError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    if address:
+        from kiln.cluster.train import check_address
+
+        check_address(address)
     name = store_mod.check_name(name or plugin)
     run = run or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     store_mod.check_name(run)

@@ -52,6 +52,14 @@ def test_unreachable_ray_address(workdir):
     assert not any((workdir / "store").rglob("manifest.json")) if (workdir / "store").exists() else True
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_asking_for_gpus_the_cluster_lacks(workdir):
+    out = run_kiln("train", "cnn", "--workers", "1", "--gpus-per-worker", "1", "--limit", "512",
+                   cwd=workdir, timeout=300)
+    one_line_error(out, "1 GPUs", "0 GPUs", "--gpus-per-worker")
+
+
 def test_wrong_plugin_for_data(workdir):
     import numpy as np
 

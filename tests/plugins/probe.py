@@ -5,6 +5,7 @@ in $KILN_PROBE_DIR remembers), before that epoch's checkpoint is written."""
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,4 +25,8 @@ class Probe(CNN):
         if kill_at and int(kill_at) == epoch and rank == int(os.environ.get("KILN_PROBE_KILL_RANK", 0)) \
                 and not marker.exists():
             marker.write_text(str(os.getpid()))
+            # Ray Train's controller registers reported checkpoints when it polls the workers
+            # (every 2 s); a crash within that window can lose the newest report, so die a
+            # little later, as a real failure mid-epoch would.
+            time.sleep(5)
             os.kill(os.getpid(), signal.SIGKILL)
