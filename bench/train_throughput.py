@@ -1,4 +1,5 @@
-"""CNN training throughput: in-process vs Ray Train with 2 workers, measured side by side.
+"""CNN training throughput: in-process vs Ray Train (1 worker with 2 CPUs, and 2 workers with
+1 CPU each), measured side by side in one run; ratios are against in-process.
 
     .venv/bin/python bench/train_throughput.py [--limit 30000] [--epochs 3] [--batch-size 128]
 
@@ -17,12 +18,12 @@ import time
 from pathlib import Path
 
 
-def measure(workers: int, args: argparse.Namespace, root: Path) -> tuple[float, float]:
+def measure(workers: int, cpus: float, args: argparse.Namespace, root: Path) -> tuple[float, float]:
     from kiln import run
 
     spec = run.plan("cnn", epochs=args.epochs, batch_size=args.batch_size, workers=workers,
-                    limit=args.limit, store=root / "store", runs_dir=root / "runs",
-                    run=f"bench-w{workers}-b{args.batch_size}", name=f"bench-w{workers}")
+                    cpus_per_worker=cpus, limit=args.limit, store=root / "store", runs_dir=root / "runs",
+                    run=f"bench-w{workers}-c{cpus:g}-b{args.batch_size}", name=f"bench-w{workers}")
     t0 = time.perf_counter()
     version = run.train(spec)
     wall = time.perf_counter() - t0
@@ -38,13 +39,14 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory() as tmp:
-        local, local_wall = measure(0, args, Path(tmp))
-        ray2, ray_wall = measure(2, args, Path(tmp))
+        local, local_wall = measure(0, 1, args, Path(tmp))
+        ray1, ray1_wall = measure(1, 2, args, Path(tmp))
+        ray2, ray_wall = measure(2, 1, args, Path(tmp))
     print(f"\nCNN on {args.limit} MNIST images, global batch {args.batch_size}, "
           f"epochs 2..{args.epochs} (steady state), {os.cpu_count()} cores")
-    print(f"  in-process           {local:8.0f} examples/s   (whole run {local_wall:.0f} s)")
-    print(f"  Ray Train, 2 workers {ray2:8.0f} examples/s   (whole run {ray_wall:.0f} s, Ray start included)")
-    print(f"  ratio Ray/in-process {ray2 / local:8.2f}x")
+    print(f"  in-process                    {local:8.0f} examples/s  1.00x  (whole run {local_wall:.0f} s)")
+    print(f"  Ray Train, 1 worker x 2 CPUs  {ray1:8.0f} examples/s  {ray1 / local:5.2f}x  (whole run {ray1_wall:.0f} s)")
+    print(f"  Ray Train, 2 workers x 1 CPU  {ray2:8.0f} examples/s  {ray2 / local:5.2f}x  (whole run {ray_wall:.0f} s)")
 
 
 if __name__ == "__main__":

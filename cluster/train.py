@@ -80,6 +80,20 @@ class RayContext:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
+def _quiet_worker_logs() -> None:
+    """Keep a worker's output to Kiln's progress lines: tfds and Ray Train log every step at INFO."""
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:  # Ray Train V2 logs each report at INFO on a logger named after its file
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
 def _worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: set TF up, create the strategy, run the shared loop."""
     from kiln.trainer import setup_tensorflow, train_loop
@@ -89,7 +103,7 @@ def _worker(config: dict[str, Any]) -> None:
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_worker_logs()
     # TensorflowTrainer has set TF_CONFIG for this worker; the strategy must exist before any op.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     train_loop(spec, DatasetInfo.from_dict(config["info"]), strategy, RayContext())

@@ -63,3 +63,19 @@ def confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str 
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def scatter(points: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> Path:
+    """Write 2-D points coloured by integer label (e.g. a latent space) as a PNG with a legend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    sc = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=3, alpha=0.7)
+    fig.colorbar(sc, ax=ax, ticks=range(int(labels.max()) + 1 if len(labels) else 1), label="class")
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

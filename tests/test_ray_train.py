@@ -91,3 +91,15 @@ def test_killed_worker_resumes_from_last_checkpoint(workdir):
     manifest = json.loads((workdir / "store" / "probe" / "1" / "manifest.json").read_text())
     assert [h["epoch"] for h in manifest["history"]] == [1, 2, 3]
     assert_same_weights(probe, 3)
+
+
+def test_rerun_with_the_same_run_name_resumes_on_ray(workdir):
+    args = ("train", "cnn", "--workers", "2", "--limit", "2048", "--run", "again", "--set", "filters=8,16")
+    first = run_kiln(*args, "--epochs", "1", cwd=workdir)
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = run_kiln("train", "--resume", "again", "--epochs", "2", cwd=workdir)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resuming from checkpoint at epoch 1" in second.stdout
+    assert "epoch 1/2" not in second.stdout and "epoch 2/2" in second.stdout
+    manifest = json.loads((workdir / "store" / "cnn" / "2" / "manifest.json").read_text())
+    assert [h["epoch"] for h in manifest["history"]] == [1, 2] and manifest["run"] == "again"
