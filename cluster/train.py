@@ -45,7 +45,9 @@ def connect(address: str | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray Train V2 worker processes must see the kiln package (an editable install's source).
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        # ERROR: Ray's start-up warnings (e.g. about its default token auth) would otherwise be
+        # mixed into Kiln's one-line errors; worker output still reaches the driver.
+        ray.init(address=address, logging_level=logging.ERROR)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KilnError(f"cannot reach a Ray cluster at {address!r}: {first}; check the address "

