@@ -17,6 +17,13 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    _plt().close(fig)
+    return path
+
+
 def grid(images: np.ndarray, path: Path, *, cols: int = 8, titles: Sequence[str] | None = None,
          colors: Sequence[str] | None = None, title: str | None = None, cell: float = 1.1) -> Path:
     """Write images (N, H, W[, C]) with values in [0, 1] as a grid PNG; optional per-image titles."""
@@ -37,10 +44,7 @@ def grid(images: np.ndarray, path: Path, *, cols: int = 8, titles: Sequence[str]
                 ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str = "") -> Path:
@@ -59,10 +63,7 @@ def confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str 
                     color="white" if matrix[i, j] > matrix.max() / 2 else "black")
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def scatter(points: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> Path:
@@ -75,7 +76,4 @@ def scatter(points: np.ndarray, labels: np.ndarray, path: Path, title: str = "")
     ax.set_ylabel("z[1]")
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
