@@ -96,6 +96,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    import shutil
+
+    from kiln.store import Store
+
+    version = Store(args.store).get(args.model)
+    pictures = version.artifacts()
+    if not pictures:
+        print(f"{version.ref} has no stored pictures")
+        return 0
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        pictures = [Path(shutil.copy2(p, out / f"{version.name}-{version.version}-{p.name}")) for p in pictures]
+    for p in pictures:
+        print(p)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
     p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
@@ -137,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", parents=[common], help="re-evaluate a stored model on its test split")
     s.add_argument("model", metavar="NAME[:VERSION]")
     s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("samples", parents=[common], help="list (or copy) a stored model's pictures")
+    s.add_argument("model", metavar="NAME[:VERSION]")
+    s.add_argument("--out", default=None, metavar="DIR", help="copy the PNGs into DIR")
+    s.set_defaults(fn=cmd_samples)
     return p
 
 

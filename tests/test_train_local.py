@@ -44,6 +44,9 @@ def test_models_and_evaluate_agree_with_the_manifest(trained):
     models = run_kiln("models", env=env)
     assert models.returncode == 0 and "cnn" in models.stdout and "mnist" in models.stdout
     manifest = json.loads((root / "store" / "cnn" / "1" / "manifest.json").read_text())
+    samples = run_kiln("samples", "cnn", "--out", str(root / "pictures"), env=env)
+    assert samples.returncode == 0 and "cnn-1-confusion.png" in samples.stdout
+    assert (root / "pictures" / "cnn-1-predictions.png").stat().st_size > 1000
     ev = run_kiln("evaluate", "cnn:1", env=env)
     assert ev.returncode == 0, ev.stderr
     assert f"accuracy={manifest['metrics']['accuracy']:.4f}" in ev.stdout
