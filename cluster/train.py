@@ -43,7 +43,6 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray Train V2 worker processes must see the kiln package (an editable install's source).
     try:
         # ERROR: Ray's start-up warnings (e.g. about its default token auth) would otherwise be
         # mixed into Kiln's one-line errors; worker output still reaches the driver.

@@ -159,9 +159,6 @@ class VAE(Plugin):
         return written
 
     # -- inference -------------------------------------------------------------------------
-    def _latent(self):
-        return Tensor(shape=(None, self.config.latent_dim), description="latent points z")
-
     @inference(n=Scalar(int, default=16, min=1, max=1024), seed=Scalar(int, default=0, min=0),
                outputs={"images": "n generated images, values in [0, 1]"})
     def sample(self, model, n, seed):
@@ -198,7 +195,6 @@ class VAE(Plugin):
                outputs={"images": "decoded images along the straight latent line from a to b"})
     def interpolate(self, model, a, b, steps):
         """Decode evenly spaced points between the latent means of two images."""
-        za = self.encode(model, np.asarray(a).reshape(1, 28, 28, 1))["z_mean"][0]
-        zb = self.encode(model, np.asarray(b).reshape(1, 28, 28, 1))["z_mean"][0]
+        za, zb = self.encode(model, np.stack([a, b]).reshape(2, 28, 28, 1))["z_mean"]
         t = np.linspace(0.0, 1.0, steps, dtype="float32")[:, None]
         return self.decode(model, (1 - t) * za + t * zb)
