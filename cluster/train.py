@@ -145,7 +145,7 @@ def fit(spec: TrainSpec, info: DatasetInfo) -> Path:
         trainer.fit()
     except Exception as e:  # the workers' traceback was already printed by Ray
         raise KilnError(f"Ray Train run '{spec.run}' failed: {_root_cause(e)}") from None
-    return Path(spec.runs_dir) / spec.run
+    return spec.run_dir
 
 
 def _root_cause(e: BaseException) -> str:

@@ -91,7 +91,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from kiln import run
 
-    version, metrics = run.evaluate(args.model, args.store)
+    version, metrics = run.evaluate(args.model, args.store, classifier=args.classifier)
     print(f"{version.ref}  " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
 
@@ -155,6 +155,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", parents=[common], help="re-evaluate a stored model on its test split")
     s.add_argument("model", metavar="NAME[:VERSION]")
+    s.add_argument("--classifier", default=None, metavar="NAME[:VERSION]",
+                   help="stored classifier that judges a generative model's samples (default: the "
+                        "plugin's, e.g. cnn for dcgan and cgan)")
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("samples", parents=[common], help="list (or copy) a stored model's pictures")

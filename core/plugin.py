@@ -188,6 +188,7 @@ class Tensor:
     min: float | None = None
     max: float | None = None
     description: str = ""
+    optional: bool = False  # None (absent) is then passed through to the method
 
     def resolve(self, info: DatasetInfo) -> list[int | None]:
         out: list[int | None] = []
@@ -195,7 +196,11 @@ class Tensor:
             out.extend(info.input_shape if s == "input" else [s])
         return out
 
-    def validate(self, name: str, value: Any, info: DatasetInfo) -> np.ndarray:
+    def validate(self, name: str, value: Any, info: DatasetInfo) -> np.ndarray | None:
+        if value is None:
+            if self.optional:
+                return None
+            raise KilnError(f"missing required argument '{name}' (an array of shape {self.resolve(info)})")
         try:
             arr = np.asarray(value, dtype=np.float64 if self.dtype.startswith("float") else None)
         except (TypeError, ValueError):
@@ -217,7 +222,8 @@ class Tensor:
 
     def json_schema(self, info: DatasetInfo) -> dict[str, Any]:
         return {"type": "array", "x-shape": self.resolve(info), "x-dtype": self.dtype,
-                "minimum": self.min, "maximum": self.max, "description": self.description}
+                "minimum": self.min, "maximum": self.max, "description": self.description,
+                "x-optional": self.optional}
 
 
 @dataclass(frozen=True)
@@ -296,8 +302,13 @@ class Plugin:
     dataset: ClassVar[str] = "mnist"
     epochs: ClassVar[int] = 1
     batch_size: ClassVar[int] = 128
-    #: metric (key of evaluate()'s result) shown first in listings, and whether higher is better
+    #: metric (key of evaluate()'s result) shown first in listings
     headline: ClassVar[str] = "loss"
+    #: a generative plugin whose ``sample`` output a stored classifier can judge: the classifier's
+    #: model name in the store (``kiln evaluate``; see kiln.quality)
+    judged_by: ClassVar[str | None] = None
+    #: the ``sample`` argument that picks the class, for conditional generators (label accuracy)
+    condition: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         if config is None:
@@ -306,6 +317,8 @@ class Plugin:
             config = make_config(self.Config, {**dataclasses.asdict(config), **overrides})
         self.config = config
         self.info: DatasetInfo | None = None
+        #: where on_epoch_end may write progress pictures during training (rank 0); else None
+        self.progress_dir: Path | None = None
 
     # -- data ---------------------------------------------------------------------------
     def setup(self, info: DatasetInfo) -> None:
@@ -332,6 +345,13 @@ class Plugin:
 
     def on_epoch_end(self, model: Any, epoch: int, logs: dict[str, float], rank: int) -> None:
         """Called on every worker after each epoch (1-based) with the global logs."""
+
+    def save_assets(self, model: Any, test: Any, out_dir: Path) -> None:
+        """Write files inference needs besides weights (a latent bank, ...) into out_dir; they
+        are stored with the model version and handed to load_assets() when it is loaded."""
+
+    def load_assets(self, directory: Path) -> None:
+        """Read what save_assets() wrote (called after the weights are loaded)."""
 
     # -- inference ----------------------------------------------------------------------
     @classmethod

@@ -102,7 +102,7 @@ def train(spec: TrainSpec) -> store_mod.Version:
     """Train ``spec`` (in-process when workers == 0, else on Ray Train), then evaluate and store."""
     info = data.prepare(spec.dataset)
     make_plugin_for(spec, info)  # a plugin rejecting this data fails here, not in every worker
-    run_dir = Path(spec.runs_dir) / spec.run
+    run_dir = spec.run_dir
     _check_run(spec, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
@@ -144,15 +144,32 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
     state = restore_checkpoint(model, ckpt, with_optimizers=False)
     metrics = plugin.evaluate(model, test_dataset(plugin, spec.dataset, spec.limit))
     cls = type(plugin)
+    judged_by = None
+    if cls.judged_by:
+        try:
+            from kiln import quality
+
+            classifier = quality.classifier_for(plugin, None, spec.store)
+        except KilnError as e:
+            say(f"not judged by a classifier: {e}")
+        else:
+            metrics.update(quality.judge(plugin, model, classifier))
+            judged_by = classifier[2]
 
     def write(tmp: Path) -> dict[str, Any]:
         shutil.copy2(ckpt / "model.weights.h5", tmp / store_mod.WEIGHTS)
-        (tmp / store_mod.ARTIFACTS).mkdir()
-        plugin.samples(model, test_dataset(plugin, spec.dataset, spec.limit), tmp / store_mod.ARTIFACTS)
+        artifacts = tmp / store_mod.ARTIFACTS
+        artifacts.mkdir()
+        plugin.samples(model, test_dataset(plugin, spec.dataset, spec.limit), artifacts)
+        for picture in sorted(spec.progress_dir.glob("*.png")):  # pictures drawn during training
+            shutil.copy2(picture, artifacts / picture.name)
+        (tmp / store_mod.ASSETS).mkdir()
+        plugin.save_assets(model, test_dataset(plugin, spec.dataset, spec.limit), tmp / store_mod.ASSETS)
         return {
             "plugin": spec.plugin, "plugin_path": spec.plugin_path,
             "config": _plain(vars(plugin.config)), "dataset": info.to_dict(),
             "metrics": metrics, "headline": cls.headline, "history": state["history"],
+            "judged_by": judged_by,
             "methods": {k: m.describe(info) for k, m in cls.methods().items()},
             "train": {k: getattr(spec, k) for k in ("epochs", "batch_size", "workers",
                                                      "gpus_per_worker", "seed", "limit", "overrides")},
@@ -199,13 +216,31 @@ def load(ref: str, store: str | Path | None = None) -> tuple[Plugin, Any, store_
 
     model = build_model(plugin)
     model.load_weights(version.weights)
+    plugin.load_assets(version.assets)
     return plugin, model, version
 
 
-def evaluate(ref: str, store: str | Path | None = None) -> tuple[store_mod.Version, dict[str, float]]:
-    """Re-evaluate a stored model on its dataset's test split (same limit as when it was trained)."""
+def evaluate(ref: str, store: str | Path | None = None,
+             classifier: str | None = None) -> tuple[store_mod.Version, dict[str, float]]:
+    """Re-evaluate a stored model on its dataset's test split (same limit as when it was trained).
+
+    A generative plugin that names a classifier (``judged_by``), or any model with a ``sample``
+    method when ``classifier`` is given, is also judged by that stored classifier (kiln.quality);
+    a missing classifier is an error then, not a silently shorter report.
+    """
     plugin, model, version = load(ref, store)
+    judge = None
+    if classifier or plugin.judged_by:
+        from kiln import quality
+
+        if "sample" not in plugin.methods():
+            raise KilnError(f"model {version.ref} (plugin '{plugin.name}') has no 'sample' method "
+                            "for a classifier to judge")
+        judge = quality.classifier_for(plugin, classifier, store)
     m = version.manifest
     dataset = m["dataset"]["name"] if m["dataset"]["name"] else plugin.dataset
     data.prepare(dataset)
-    return version, plugin.evaluate(model, test_dataset(plugin, dataset, m.get("train", {}).get("limit")))
+    metrics = plugin.evaluate(model, test_dataset(plugin, dataset, m.get("train", {}).get("limit")))
+    if judge is not None:
+        metrics.update(quality.judge(plugin, model, judge))
+    return version, metrics

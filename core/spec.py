@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -28,6 +29,16 @@ class TrainSpec:
     plugin_path: str | None = None
     max_failures: int = 1
     address: str | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """Checkpoints and kiln-run.json of this run."""
+        return Path(self.runs_dir) / self.run
+
+    @property
+    def progress_dir(self) -> Path:
+        """Pictures plugins draw while training (copied into the stored version's artifacts)."""
+        return self.run_dir / "progress"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ Layout (this module is the only one that builds these paths)::
     <store>/<name>/<version>/model.weights.h5   Keras weights (model.save_weights)
                              manifest.json      plugin, resolved config, dataset info, metrics, ...
                              artifacts/*.png    sample grids and other pictures
+                             assets/            files inference needs (Plugin.save_assets)
 
 Versions are integers. A version is written into a hidden temporary folder and renamed into
 place, so a crash mid-save leaves no half version behind.
@@ -27,6 +28,7 @@ from kiln.plugin import KilnError
 WEIGHTS = "model.weights.h5"
 MANIFEST = "manifest.json"
 ARTIFACTS = "artifacts"
+ASSETS = "assets"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -68,6 +70,10 @@ class Version:
     @property
     def weights(self) -> Path:
         return self.path / WEIGHTS
+
+    @property
+    def assets(self) -> Path:
+        return self.path / ASSETS
 
     def artifacts(self) -> list[Path]:
         d = self.path / ARTIFACTS

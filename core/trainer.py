@@ -127,6 +127,9 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
 
     keras.utils.set_random_seed(spec.seed)
     plugin = make_plugin(spec, info)
+    if ctx.rank == 0:
+        plugin.progress_dir = spec.progress_dir
+        plugin.progress_dir.mkdir(parents=True, exist_ok=True)
     n_rep = strategy.num_replicas_in_sync
     if spec.batch_size % n_rep:
         raise KilnError(f"--batch-size {spec.batch_size} must be divisible by the {n_rep} replicas")

@@ -10,7 +10,7 @@ the decoded manifold as pictures.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import keras
@@ -99,6 +99,10 @@ class VAEModel(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
+BANK = "latent_bank.npz"
+IMAGE = Tensor(shape=(28, 28, 1), min=0, max=255, description="an image, pixels 0-255")
+
+
 class VAE(Plugin):
     name = "vae"
     description = "Variational autoencoder (keras-io recipe): sample, reconstruct, interpolate"
@@ -107,6 +111,7 @@ class VAE(Plugin):
     epochs = 30
     batch_size = 128
     headline = "neg_elbo"
+    bank: dict[str, np.ndarray] | None = None  # test images and their latent means (neighbours)
 
     def setup(self, info):
         if tuple(info.input_shape) not in ((28, 28), (28, 28, 1)):
@@ -142,7 +147,7 @@ class VAE(Plugin):
                  title="samples z ~ N(0, I)"),
             grid(np.concatenate([x, self.reconstruct(model, x * 255.0)["images"]]), out_dir / "reconstructions.png",
                  title="test images (top) and their reconstructions (bottom)"),
-            grid(self.interpolate(model, x[0] * 255.0, x[1] * 255.0, 10)["images"],
+            grid(self.interpolate(model, x[0] * 255.0, x[1] * 255.0, None, None, 10)["images"],
                  out_dir / "interpolation.png", cols=10, title="latent interpolation"),
         ]
         if self.config.latent_dim == 2:
@@ -157,6 +162,22 @@ class VAE(Plugin):
             written.append(grid(self.decode(model, points)["images"], out_dir / "manifold.png", cols=15,
                                 cell=0.5, title="decoded latent grid"))
         return written
+
+    def save_assets(self, model, test, out_dir: Path) -> None:
+        """The latent bank for ``neighbours``: test images (uint8), labels and latent means."""
+        xs, ys, zs = [], [], []
+        for x, y in test:
+            xs.append(np.round(x.numpy() * 255.0).astype("uint8"))
+            ys.append(y.numpy())
+            zs.append(model.encoder(x, training=False)[0].numpy())
+        np.savez_compressed(out_dir / BANK, images=np.concatenate(xs), labels=np.concatenate(ys),
+                            z=np.concatenate(zs))
+
+    def load_assets(self, directory: Path) -> None:
+        path = directory / BANK
+        if path.is_file():
+            with np.load(path) as f:
+                self.bank = {k: f[k] for k in f.files}
 
     # -- inference -------------------------------------------------------------------------
     @inference(n=Scalar(int, default=16, min=1, max=1024), seed=Scalar(int, default=0, min=0),
@@ -189,12 +210,39 @@ class VAE(Plugin):
             raise KilnError(f"'z' has {z.shape[1]} dimensions; this VAE's latent size is {self.config.latent_dim}")
         return {"images": np.asarray(model.decoder(z.astype("float32"), training=False))}
 
-    @inference(a=Tensor(shape=(28, 28, 1), min=0, max=255, description="first image, pixels 0-255"),
-               b=Tensor(shape=(28, 28, 1), min=0, max=255, description="second image, pixels 0-255"),
+    @inference(a=replace(IMAGE, optional=True), b=replace(IMAGE, optional=True),
+               z_a=Tensor(shape=(None,), optional=True, description="first latent point (instead of a)"),
+               z_b=Tensor(shape=(None,), optional=True, description="second latent point (instead of b)"),
                steps=Scalar(int, default=10, min=2, max=100),
                outputs={"images": "decoded images along the straight latent line from a to b"})
-    def interpolate(self, model, a, b, steps):
-        """Decode evenly spaced points between the latent means of two images."""
-        za, zb = self.encode(model, np.stack([a, b]).reshape(2, 28, 28, 1))["z_mean"]
+    def interpolate(self, model, a, b, z_a, z_b, steps):
+        """Decode evenly spaced points between two images' latent means (or two latent points)."""
+        if (a is None) != (b is None) or (z_a is None) != (z_b is None) or (a is None) == (z_a is None):
+            raise KilnError("give either two images 'a' and 'b', or two latent points 'z_a' and 'z_b'")
+        if a is not None:
+            z_a, z_b = self.encode(model, np.stack([a, b]).reshape(2, 28, 28, 1))["z_mean"]
         t = np.linspace(0.0, 1.0, steps, dtype="float32")[:, None]
-        return self.decode(model, (1 - t) * za + t * zb)
+        return self.decode(model, (1 - t) * z_a[None] + t * z_b[None])
+
+    @inference(image=IMAGE, k=Scalar(int, default=8, min=1, max=100),
+               outputs={"images": "the k nearest test images, values in [0, 1], nearest first",
+                        "labels": "their labels", "distances": "their latent distances to the query"})
+    def neighbours(self, model, image, k):
+        """The k test images whose latent means lie nearest the query image's."""
+        if self.bank is None:
+            raise KilnError("this model version has no latent bank (it was stored before Kiln kept "
+                            "one); train it again to use neighbours")
+        z = self.encode(model, image[None])["z_mean"][0]
+        d = np.linalg.norm(self.bank["z"] - z, axis=1)
+        nearest = np.argsort(d, kind="stable")[:k]
+        return {"images": self.bank["images"][nearest].astype("float32") / 255.0,
+                "labels": self.bank["labels"][nearest].tolist(), "distances": d[nearest].tolist()}
+
+    @inference(a=IMAGE, b=IMAGE, c=IMAGE,
+               outputs={"images": "decode(encode(a) - encode(b) + encode(c)), values in [0, 1]",
+                        "z": "the latent point that was decoded"})
+    def arithmetic(self, model, a, b, c):
+        """Latent arithmetic on latent means: a - b + c ("a is to b as ? is to c")."""
+        za, zb, zc = self.encode(model, np.stack([a, b, c]))["z_mean"]
+        z = (za - zb + zc)[None]
+        return {**self.decode(model, z), "z": z}

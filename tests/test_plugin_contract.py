@@ -71,3 +71,30 @@ def test_plugin_declares_inference_methods():
     desc = methods["classify"].describe(DatasetInfo("mnist", (28, 28, 1), 10))
     assert desc["inputs"]["images"]["x-shape"] == [None, 28, 28, 1]
     assert "probabilities" in desc["outputs"]
+
+
+def test_optional_tensor_passes_none_and_required_one_says_what_is_missing():
+    info = DatasetInfo("mnist", (28, 28, 1), 10)
+    assert Tensor(shape=(None,), optional=True).validate("z_a", None, info) is None
+    with pytest.raises(KilnError, match="missing required argument 'images'"):
+        Tensor().validate("images", None, info)
+
+
+def test_every_builtin_plugin_builds_and_documents_its_methods():
+    from kiln import registry
+    from kiln.trainer import build_model
+
+    info = DatasetInfo("mnist", (28, 28, 1), 10, tuple(map(str, range(10))), 60000, 10000)
+    expected = {"cnn": {"classify"}, "autoencoder": {"reconstruct", "encode", "decode"},
+                "vae": {"sample", "reconstruct", "encode", "decode", "interpolate", "neighbours", "arithmetic"},
+                "dcgan": {"sample", "interpolate"}, "cgan": {"sample", "interpolate"}}
+    for name, methods in expected.items():
+        cls = registry.get(name)
+        assert set(cls.methods()) == methods, name
+        plugin = cls()
+        plugin.setup(info)
+        assert build_model(plugin).count_params() > 0
+        for m in cls.methods().values():
+            assert m.doc and m.outputs, f"{name}.{m.name} needs a docstring and described outputs"
+            assert m.describe(info)["inputs"]
+    assert registry.get("cgan").condition == "digit" and registry.get("dcgan").judged_by == "cnn"

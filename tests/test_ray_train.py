@@ -67,17 +67,6 @@ def test_logged_metrics_are_global_not_one_workers(workdir):
     assert logged == pytest.approx((shard0 + shard1) / 2, rel=1e-3)
 
 
-def test_gan_with_two_optimizers_trains_on_two_workers(workdir):
-    probe = workdir / "probe"
-    probe.mkdir()
-    out = run_kiln("--plugin-path", str(TEST_PLUGINS / "tiny_gan.py"), "train", "tiny_gan", "--workers", "2",
-                   "--epochs", "2", "--limit", "2048", cwd=workdir, env={"KILN_PROBE_DIR": str(probe)})
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "d_loss=" in out.stdout and "g_loss=" in out.stdout
-    assert_same_weights(probe, 2)
-    assert_same_weights(probe, 2, prefix="opt-")  # both optimizers' state too
-
-
 def test_killed_worker_resumes_from_last_checkpoint(workdir):
     probe = workdir / "probe"
     probe.mkdir()

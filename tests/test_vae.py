@@ -83,6 +83,35 @@ def test_inference_methods_and_bad_input(vae):
             plugin.infer(model, method, args)
 
 
+@pytest.mark.slow
+def test_neighbours_arithmetic_and_latent_interpolation(vae):
+    _, (plugin, model, version) = vae
+    from kiln import data
+
+    assert (version.assets / "latent_bank.npz").is_file()  # serving needs no dataset for neighbours
+    test = list(data.load("mnist", "test", limit=6000).ds.take(3))
+    x = np.stack([a.numpy() for a, _ in test]).astype("float32")
+    near = plugin.infer(model, "neighbours", {"image": x[0], "k": 5})
+    # the query is a test image itself: it comes back first, at distance 0, with its label
+    np.testing.assert_allclose(near["images"][0], x[0] / 255.0, atol=1e-6)
+    assert near["distances"][0] == pytest.approx(0.0, abs=1e-5) and near["labels"][0] == int(test[0][1])
+    assert near["distances"] == sorted(near["distances"]) and near["images"].shape == (5, 28, 28, 1)
+    # a - a + c = c: the arithmetic decodes c's latent mean, which is c's reconstruction
+    same = plugin.infer(model, "arithmetic", {"a": x[1], "b": x[1], "c": x[2]})["images"]
+    np.testing.assert_allclose(same, plugin.infer(model, "reconstruct", {"images": x[2:3]})["images"], atol=1e-5)
+    # interpolating between two latent points equals interpolating between the images they encode
+    z = plugin.infer(model, "encode", {"images": x[:2]})["z_mean"]
+    by_images = plugin.infer(model, "interpolate", {"a": x[0], "b": x[1], "steps": 4})["images"]
+    by_points = plugin.infer(model, "interpolate", {"z_a": z[0], "z_b": z[1], "steps": 4})["images"]
+    np.testing.assert_allclose(by_images, by_points, atol=1e-5)
+    for args, word in [({"a": x[0]}, "either two images"), ({"a": x[0], "b": x[1], "z_a": z[0], "z_b": z[1]},
+                       "either two images"), ({"z_a": [0.0, 1.0, 2.0], "z_b": [1.0, 2.0, 3.0]}, "latent size is 2")]:
+        with pytest.raises(KilnError, match=word):
+            plugin.infer(model, "interpolate", args)
+    with pytest.raises(KilnError, match="'k'"):
+        plugin.infer(model, "neighbours", {"image": x[0], "k": 0})
+
+
 SCALING = textwrap.dedent('''
     import json, numpy as np, tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]

@@ -1,0 +1,39 @@
+"""Test plugins: each built-in generative plugin, unchanged, plus one probe. After every epoch
+each worker writes all its weights (trainable, batch-norm statistics, and every optimizer's
+state) to $KILN_PROBE_DIR/<plugin>-rank<r>-epoch<e>.npz, so a test can compare the workers."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kiln.plugins.autoencoder import Autoencoder
+from kiln.plugins.cgan import CGAN
+from kiln.plugins.dcgan import DCGAN
+from kiln.plugins.vae import VAE
+from kiln.trainer import optimizers
+
+
+class Dump:
+    def on_epoch_end(self, model, epoch, logs, rank):
+        super().on_epoch_end(model, epoch, logs, rank)
+        arrays = [np.asarray(w) for w in model.weights]
+        arrays += [np.asarray(v) for opt in optimizers(model) for v in opt.variables]
+        out = Path(os.environ["KILN_PROBE_DIR"])
+        np.savez(out / f"{self.name}-rank{rank}-epoch{epoch}.npz", *arrays)
+
+
+class DumpAutoencoder(Dump, Autoencoder):
+    name = "dump_autoencoder"
+
+
+class DumpVAE(Dump, VAE):
+    name = "dump_vae"
+
+
+class DumpDCGAN(Dump, DCGAN):
+    name = "dump_dcgan"
+
+
+class DumpCGAN(Dump, CGAN):
+    name = "dump_cgan"

@@ -1,0 +1,186 @@
+"""The generative plugins (autoencoder, dcgan, cgan; the VAE has test_vae.py) on real MNIST:
+short real runs, their pictures, reload giving the same outputs, validated inference, the
+classifier-based evaluator, and identical weights on 2 Ray Train workers for every plugin."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TEST_PLUGINS, run_kiln
+from kiln import KilnError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One store with a short CNN (the judge), a denoising autoencoder, a DCGAN and a CGAN."""
+    root = tmp_path_factory.mktemp("generative")
+    env = {"KILN_STORE": str(root / "store"), "KILN_RUNS": str(root / "runs")}
+    runs = [("cnn", "--epochs", "1", "--limit", "12000"),
+            ("autoencoder", "--epochs", "3", "--limit", "12000"),
+            ("dcgan", "--epochs", "2", "--limit", "6400", "--set", "sample_every=1", "--set", "width=32"),
+            ("cgan", "--epochs", "3", "--limit", "12800", "--set", "sample_every=2")]
+    outputs = {}
+    for plugin, *args in runs:
+        out = run_kiln("train", plugin, *args, cwd=root, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        outputs[plugin] = out.stdout
+    return root, env, outputs
+
+
+def manifest(root, name, version=1):
+    return json.loads((root / "store" / name / str(version) / "manifest.json").read_text())
+
+
+def mnist_test(n):
+    from kiln import data
+
+    return np.stack([a.numpy() for a, _ in data.load("mnist", "test", limit=n).ds]).reshape(n, 28, 28, 1)
+
+
+def test_autoencoder_removes_noise(store):
+    root, _, _ = store
+    m = manifest(root, "autoencoder")["metrics"]
+    assert m["psnr_denoised"] == pytest.approx(m["psnr_noisy"] + m["psnr_gain"], rel=1e-6)
+    assert m["psnr_gain"] > 3.0  # dB, after 3 short epochs (the full run: BENCHMARKS.md)
+    pictures = {p.name for p in (root / "store" / "autoencoder" / "1" / "artifacts").iterdir()}
+    assert {"reconstructions.png", "interpolation.png"} <= pictures
+
+
+def test_autoencoder_methods_agree_and_reload_is_identical(store):
+    root, _, _ = store
+    from kiln import run
+
+    plugin, model, _ = run.load("autoencoder", root / "store")
+    again, model2, _ = run.load("autoencoder:1", root / "store")
+    x = mnist_test(8)
+    out = plugin.infer(model, "reconstruct", {"images": x, "gaussian_std": 0.4, "salt_pepper": 0.1, "seed": 5})
+    out2 = again.infer(model2, "reconstruct", {"images": x, "gaussian_std": 0.4, "salt_pepper": 0.1, "seed": 5})
+    np.testing.assert_allclose(out["images"], out2["images"], atol=1e-6)
+    np.testing.assert_array_equal(out["noisy"], out2["noisy"])  # the same seed adds the same noise
+    assert not np.allclose(out["noisy"], x / 255.0)
+    clean = x / 255.0
+    mse = lambda a: float(np.mean((a - clean) ** 2))  # noqa: E731
+    assert mse(out["images"]) < 0.5 * mse(out["noisy"])  # the output is nearer the clean digits
+    z = plugin.infer(model, "encode", {"images": x})["z"]
+    assert z.shape == (8, 32)
+    plain = plugin.infer(model, "reconstruct", {"images": x})["images"]
+    np.testing.assert_allclose(plain, plugin.infer(model, "decode", {"z": z})["images"], atol=1e-5)
+    for method, args, word in [("decode", {"z": np.zeros((1, 3))}, "code size is 32"),
+                               ("reconstruct", {"images": x, "gaussian_std": -1}, "gaussian_std"),
+                               ("reconstruct", {"images": x[:, :14]}, "shape"),
+                               ("reconstruct", {}, "missing required argument 'images'")]:
+        with pytest.raises(KilnError, match=word):
+            plugin.infer(model, method, args)
+
+
+def test_dcgan_progress_pictures_samples_and_reload(store):
+    root, _, outputs = store
+    from kiln import run
+
+    assert "samples after epoch 1:" in outputs["dcgan"] and "samples after epoch 2:" in outputs["dcgan"]
+    pictures = {p.name for p in (root / "store" / "dcgan" / "1" / "artifacts").iterdir()}
+    assert {"samples.png", "interpolation.png", "progress_epoch_0001.png", "progress_epoch_0002.png"} <= pictures
+    plugin, model, _ = run.load("dcgan", root / "store")
+    again, model2, _ = run.load("dcgan:1", root / "store")
+    a = plugin.infer(model, "sample", {"n": 6, "seed": 11})
+    b = again.infer(model2, "sample", {"n": 6, "seed": 11})
+    np.testing.assert_allclose(a["images"], b["images"], atol=1e-6)
+    assert a["images"].shape == (6, 28, 28, 1) and 0 <= a["images"].min() and a["images"].max() <= 1
+    assert not np.allclose(a["images"], plugin.infer(model, "sample", {"n": 6, "seed": 12})["images"])
+    strip = plugin.infer(model, "interpolate", {"a": a["z"][0], "b": a["z"][1], "steps": 4})["images"]
+    np.testing.assert_allclose(strip[0], a["images"][0], atol=1e-5)  # the line starts and ends at
+    np.testing.assert_allclose(strip[-1], a["images"][1], atol=1e-5)  # the sampled points
+    for args, word in [({"a": a["z"][0], "b": np.zeros(3), "steps": 4}, "latent size is 64"),
+                       ({"a": a["z"][0], "b": a["z"][1], "steps": 1}, "'steps'")]:
+        with pytest.raises(KilnError, match=word):
+            plugin.infer(model, "interpolate", args)
+    with pytest.raises(KilnError, match="'n'"):
+        plugin.infer(model, "sample", {"n": 100000})
+
+
+def test_cgan_is_judged_by_the_stored_cnn(store):
+    root, env, outputs = store
+    m = manifest(root, "cgan")
+    assert m["judged_by"] == "cnn:1"
+    # 3 short epochs (300 steps): well above chance (0.1); the full run reaches 90% (BENCHMARKS.md)
+    assert m["metrics"]["label_accuracy"] > 0.25
+    assert 0 <= m["metrics"]["label_accuracy_worst_class"] <= m["metrics"]["label_accuracy"]
+    assert "samples after epoch 2:" in outputs["cgan"] and "samples after epoch 1:" not in outputs["cgan"]
+    out = run_kiln("evaluate", "cgan", cwd=root, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "label_accuracy=" in out.stdout and "d_real=" in out.stdout
+    shown = float(out.stdout.split("label_accuracy=")[1].split()[0])
+    assert shown == pytest.approx(m["metrics"]["label_accuracy"], abs=1e-4)  # same seeds, same figure
+    out = run_kiln("evaluate", "dcgan", cwd=root, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "confidence=" in out.stdout and "coverage=" in out.stdout
+
+
+def test_cgan_draws_the_requested_digit_and_morphs_between_classes(store):
+    root, _, _ = store
+    from kiln import quality, run
+
+    plugin, model, _ = run.load("cgan", root / "store")
+    judge = quality.classifier_for(plugin, None, root / "store")
+    sevens = plugin.infer(model, "sample", {"digit": 7, "n": 200, "seed": 1})["images"]
+    classes = np.asarray(judge[0].infer(judge[1], "classify", {"images": sevens * 255})["classes"])
+    assert np.bincount(classes, minlength=10).argmax() == 7  # asked for 7s, mostly 7s come out
+    strip = plugin.infer(model, "interpolate", {"a": 1, "b": 7, "steps": 5, "seed": 3})["images"]
+    ends = plugin.infer(model, "sample", {"digit": 1, "n": 1, "seed": 3})["images"][0]
+    np.testing.assert_allclose(strip[0], ends, atol=1e-5)  # step 0 is digit a with the same noise
+    for args, word in [({"digit": 10}, "class index 0..9"), ({"n": 4}, "missing required argument 'digit'"),
+                       ({"digit": "seven"}, "'digit'")]:
+        with pytest.raises(KilnError, match=word):
+            plugin.infer(model, "sample", args)
+    with pytest.raises(KilnError, match="'b' must be a class index"):
+        plugin.infer(model, "interpolate", {"a": 1, "b": 10})
+
+
+def test_evaluate_without_a_classifier_fails_clearly(store, tmp_path):
+    root, env, _ = store
+    import shutil
+
+    lone = tmp_path / "store"
+    shutil.copytree(root / "store" / "cgan", lone / "cgan")
+    out = run_kiln("--store", str(lone), "evaluate", "cgan", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "no model 'cnn'" in out.stderr and "kiln train cnn" in out.stderr
+    out = run_kiln("evaluate", "cgan", "--classifier", "autoencoder", cwd=root, env=env)
+    assert out.returncode == 2 and "has no 'classify' method" in out.stderr
+    out = run_kiln("evaluate", "cnn", "--classifier", "cnn", cwd=root, env=env)
+    assert out.returncode == 2 and "no 'sample' method" in out.stderr
+
+
+@pytest.mark.ray
+def test_every_generative_plugin_keeps_two_workers_identical(tmp_path):
+    """A few steps of each plugin's own train_step on 2 Ray Train workers: afterwards both
+    workers hold identical weights, batch-norm statistics and optimizer states."""
+    from kiln import run
+    from kiln.cluster.train import local_cluster
+
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    import os
+
+    os.environ["KILN_PROBE_DIR"] = str(probe)
+    try:
+        with local_cluster(num_cpus=2):
+            for name in ("autoencoder", "vae", "dcgan", "cgan"):
+                spec = run.plan(f"dump_{name}", workers=2, epochs=1, limit=1024, batch_size=64,
+                                plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",
+                                runs_dir=tmp_path / "runs")
+                run.train(spec)
+    finally:
+        del os.environ["KILN_PROBE_DIR"]
+    for name in ("autoencoder", "vae", "dcgan", "cgan"):
+        with np.load(probe / f"dump_{name}-rank0-epoch1.npz") as f0, \
+                np.load(probe / f"dump_{name}-rank1-epoch1.npz") as f1:
+            assert f0.files == f1.files and len(f0.files) > 10
+            for k in f0.files:
+                np.testing.assert_array_equal(f0[k], f1[k], err_msg=f"{name}: array {k} differs")
+    assert (tmp_path / "store" / "dump_dcgan" / "1" / "artifacts" / "progress_epoch_0001.png").is_file()
