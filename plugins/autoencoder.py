@@ -21,8 +21,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from kiln import KilnError, Plugin, Scalar, Tensor, inference, param
+from kiln import KilnError, Scalar, Tensor, inference, param
 from kiln.images import grid
+from kiln.plugins import Digits
 
 
 @dataclass
@@ -102,7 +103,7 @@ class DenoisingAutoencoder(keras.Model):
 PIXELS = Tensor(shape=(None, 28, 28, 1), min=0, max=255, description="images, pixel values 0-255")
 
 
-class Autoencoder(Plugin):
+class Autoencoder(Digits):
     name = "autoencoder"
     description = "Denoising convolutional autoencoder: reconstruct (denoise), encode, decode"
     Config = AutoencoderConfig
@@ -110,15 +111,6 @@ class Autoencoder(Plugin):
     epochs = 10
     batch_size = 128
     headline = "psnr_gain"
-
-    def setup(self, info):
-        if tuple(info.input_shape) not in ((28, 28), (28, 28, 1)):
-            raise KilnError(f"autoencoder needs 28x28 grayscale images; dataset {info.name} has "
-                            f"inputs {list(info.input_shape)}")
-        super().setup(info)
-
-    def preprocess(self, x, y):
-        return tf.reshape(tf.cast(x, "float32") / 255.0, (-1, 28, 28, 1)), y
 
     def build(self):
         c = self.config

@@ -27,8 +27,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from kiln import KilnError, Plugin, Scalar, Tensor, inference, param
+from kiln import KilnError, Scalar, Tensor, inference, param
 from kiln.images import grid
+from kiln.plugins import Digits
 
 
 @dataclass
@@ -163,7 +164,7 @@ def to_unit(images) -> np.ndarray:
     return np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0)
 
 
-class GANPlugin(Plugin):
+class GANPlugin(Digits):
     """What DCGAN and CGAN share: data in [-1, 1], the model, evaluation and progress pictures."""
 
     Config = DCGANConfig
@@ -173,14 +174,7 @@ class GANPlugin(Plugin):
     judged_by = "cnn"
     num_classes = 0
 
-    def setup(self, info):
-        if tuple(info.input_shape) not in ((28, 28), (28, 28, 1)):
-            raise KilnError(f"{self.name} generates 28x28 grayscale images; dataset {info.name} has "
-                            f"inputs {list(info.input_shape)}")
-        super().setup(info)
-
-    def preprocess(self, x, y):
-        return tf.reshape(tf.cast(x, "float32") / 127.5 - 1.0, (-1, 28, 28, 1)), y
+    pixel_range = (-1.0, 1.0)  # the generator ends in tanh
 
     def build(self):
         c = self.config

@@ -18,8 +18,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from kiln import KilnError, Plugin, Scalar, Tensor, inference, param, replicas
+from kiln import KilnError, Scalar, Tensor, inference, param, replicas
 from kiln.images import grid, scatter
+from kiln.plugins import Digits
 
 
 @dataclass
@@ -103,7 +104,7 @@ BANK = "latent_bank.npz"
 IMAGE = Tensor(shape=(28, 28, 1), min=0, max=255, description="an image, pixels 0-255")
 
 
-class VAE(Plugin):
+class VAE(Digits):
     name = "vae"
     description = "Variational autoencoder (keras-io recipe): sample, reconstruct, interpolate"
     Config = VAEConfig
@@ -112,15 +113,6 @@ class VAE(Plugin):
     batch_size = 128
     headline = "neg_elbo"
     bank: dict[str, np.ndarray] | None = None  # test images and their latent means (neighbours)
-
-    def setup(self, info):
-        if tuple(info.input_shape) not in ((28, 28), (28, 28, 1)):
-            raise KilnError(f"vae needs 28x28 grayscale images; dataset {info.name} has "
-                            f"inputs {list(info.input_shape)}")
-        super().setup(info)
-
-    def preprocess(self, x, y):
-        return tf.reshape(tf.cast(x, "float32") / 255.0, (-1, 28, 28, 1)), y
 
     def build(self):
         c = self.config
