@@ -31,6 +31,8 @@ def classifier_for(plugin: Plugin, ref: str | None, store: str | Path | None) ->
     from kiln import run
     from kiln.store import Store, parse_ref
 
+    if "sample" not in plugin.methods():
+        raise KilnError(f"plugin '{plugin.name}' has no 'sample' method for a classifier to judge")
     ref = ref or plugin.judged_by
     if not ref:
         raise KilnError(f"plugin '{plugin.name}' names no classifier to judge its samples; "

@@ -141,7 +141,8 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
     plugin = make_plugin_for(spec, info)
     model = build_model(plugin)
     state = restore_checkpoint(model, ckpt, with_optimizers=False)
-    metrics = plugin.evaluate(model, test_dataset(plugin, spec.dataset, spec.limit))
+    test = test_dataset(plugin, spec.dataset, spec.limit)  # re-iterable: each consumer reads it anew
+    metrics = plugin.evaluate(model, test)
     cls = type(plugin)
     judged_by = None
     if cls.judged_by:
@@ -159,11 +160,11 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
         shutil.copy2(ckpt / "model.weights.h5", tmp / store_mod.WEIGHTS)
         artifacts = tmp / store_mod.ARTIFACTS
         artifacts.mkdir()
-        plugin.samples(model, test_dataset(plugin, spec.dataset, spec.limit), artifacts)
+        plugin.samples(model, test, artifacts)
         for picture in sorted(spec.progress_dir.glob("*.png")):  # pictures drawn during training
             shutil.copy2(picture, artifacts / picture.name)
         (tmp / store_mod.ASSETS).mkdir()
-        plugin.save_assets(model, test_dataset(plugin, spec.dataset, spec.limit), tmp / store_mod.ASSETS)
+        plugin.save_assets(model, test, tmp / store_mod.ASSETS)
         return {
             "plugin": spec.plugin, "plugin_path": spec.plugin_path,
             "config": _plain(vars(plugin.config)), "dataset": info.to_dict(),
@@ -232,9 +233,6 @@ def evaluate(ref: str, store: str | Path | None = None,
     if classifier or plugin.judged_by:
         from kiln import quality
 
-        if "sample" not in plugin.methods():
-            raise KilnError(f"model {version.ref} (plugin '{plugin.name}') has no 'sample' method "
-                            "for a classifier to judge")
         judge = quality.classifier_for(plugin, classifier, store)
     m = version.manifest
     dataset = m["dataset"]["name"] if m["dataset"]["name"] else plugin.dataset

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
+
 from kiln import KilnError, Plugin
+
+
+def line(a, b, steps: int) -> np.ndarray:
+    """``steps`` evenly spaced points on the straight line from a to b (both ends included)."""
+    t = np.linspace(0.0, 1.0, steps, dtype="float32")[:, None]
+    return (1 - t) * np.asarray(a, "float32")[None] + t * np.asarray(b, "float32")[None]
 
 
 class Digits(Plugin):

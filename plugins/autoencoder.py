@@ -23,7 +23,7 @@ from keras import layers, ops
 
 from kiln import KilnError, Scalar, Tensor, inference, param
 from kiln.images import grid
-from kiln.plugins import Digits
+from kiln.plugins import Digits, line
 
 
 @dataclass
@@ -141,12 +141,11 @@ class Autoencoder(Digits):
         noisy = self.test_noise(x, 0)
         c = self.config
         z = np.asarray(model.encoder(x[:2], training=False))
-        t = np.linspace(0.0, 1.0, 10, dtype="float32")[:, None]
         return [grid(np.concatenate([np.asarray(x), np.asarray(noisy), np.asarray(model.denoise(noisy))]),
                      out_dir / "reconstructions.png", cols=10,
                      title=f"clean (top), noisy (Gaussian {c.gaussian_std:g}, salt & pepper "
                            f"{c.salt_pepper:g}), denoised (bottom)"),
-                grid(self.decode(model, (1 - t) * z[0] + t * z[1])["images"], out_dir / "interpolation.png",
+                grid(self.decode(model, line(z[0], z[1], 10))["images"], out_dir / "interpolation.png",
                      cols=10, title="decoded straight line between two test images' codes")]
 
     # -- inference -------------------------------------------------------------------------

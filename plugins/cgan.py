@@ -17,6 +17,7 @@ import numpy as np
 
 from kiln import KilnError, Scalar, inference, param
 from kiln.images import grid
+from kiln.plugins import line
 from kiln.plugins.dcgan import DCGANConfig, GANPlugin, latent, to_unit
 
 
@@ -79,7 +80,6 @@ class CGAN(GANPlugin):
         """Morph class a into class b: fixed noise, the class vector moved from one-hot a to b."""
         self._check_class("a", a)
         self._check_class("b", b)
-        t = np.linspace(0.0, 1.0, steps, dtype="float32")[:, None]
-        classes = (1 - t) * self.classes([a]) + t * self.classes([b])
+        classes = line(self.classes([a])[0], self.classes([b])[0], steps)
         z = np.repeat(latent(1, self.config.latent_dim, seed), steps, axis=0)
         return {"images": to_unit(model.generate(z, classes))}

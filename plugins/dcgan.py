@@ -29,7 +29,7 @@ from keras import layers, ops
 
 from kiln import KilnError, Scalar, Tensor, inference, param
 from kiln.images import grid
-from kiln.plugins import Digits
+from kiln.plugins import Digits, line
 
 
 @dataclass
@@ -195,7 +195,7 @@ class GANPlugin(Digits):
         real, fake, n = 0.0, 0.0, 0
         for i, (x, y) in enumerate(test):
             b = int(x.shape[0])
-            classes = self.classes(y.numpy()) if self.num_classes else None
+            classes = self.classes(y.numpy())
             fake_images = model.generate(latent(b, self.config.latent_dim, i), classes)
             real += float(ops.sum(ops.sigmoid(model.critic(x, classes))))
             fake += float(ops.sum(ops.sigmoid(model.critic(fake_images, classes))))
@@ -251,5 +251,4 @@ class DCGAN(GANPlugin):
             if v.shape[0] != self.config.latent_dim:
                 raise KilnError(f"'{name}' has {v.shape[0]} dimensions; this generator's latent size is "
                                 f"{self.config.latent_dim}")
-        t = np.linspace(0.0, 1.0, steps, dtype="float32")[:, None]
-        return {"images": to_unit(model.generate((1 - t) * a + t * b))}
+        return {"images": to_unit(model.generate(line(a, b, steps)))}

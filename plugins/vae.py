@@ -20,7 +20,7 @@ from keras import layers, ops
 
 from kiln import KilnError, Scalar, Tensor, inference, param, replicas
 from kiln.images import grid, scatter
-from kiln.plugins import Digits
+from kiln.plugins import Digits, line
 
 
 @dataclass
@@ -212,9 +212,8 @@ class VAE(Digits):
         if (a is None) != (b is None) or (z_a is None) != (z_b is None) or (a is None) == (z_a is None):
             raise KilnError("give either two images 'a' and 'b', or two latent points 'z_a' and 'z_b'")
         if a is not None:
-            z_a, z_b = self.encode(model, np.stack([a, b]).reshape(2, 28, 28, 1))["z_mean"]
-        t = np.linspace(0.0, 1.0, steps, dtype="float32")[:, None]
-        return self.decode(model, (1 - t) * z_a[None] + t * z_b[None])
+            z_a, z_b = self.encode(model, np.stack([a, b]))["z_mean"]
+        return self.decode(model, line(z_a, z_b, steps))
 
     @inference(image=IMAGE, k=Scalar(int, default=8, min=1, max=100),
                outputs={"images": "the k nearest test images, values in [0, 1], nearest first",

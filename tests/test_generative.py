@@ -157,7 +157,7 @@ def test_evaluate_without_a_classifier_fails_clearly(store, tmp_path):
 
 
 @pytest.mark.ray
-def test_every_generative_plugin_keeps_two_workers_identical(tmp_path):
+def test_every_generative_plugin_keeps_two_workers_identical(tmp_path, monkeypatch):
     """A few steps of each plugin's own train_step on 2 Ray Train workers: afterwards both
     workers hold identical weights, batch-norm statistics and optimizer states."""
     from kiln import run
@@ -165,18 +165,13 @@ def test_every_generative_plugin_keeps_two_workers_identical(tmp_path):
 
     probe = tmp_path / "probe"
     probe.mkdir()
-    import os
-
-    os.environ["KILN_PROBE_DIR"] = str(probe)
-    try:
-        with local_cluster(num_cpus=2):
-            for name in ("autoencoder", "vae", "dcgan", "cgan"):
-                spec = run.plan(f"dump_{name}", workers=2, epochs=1, limit=1024, batch_size=64,
-                                plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",
-                                runs_dir=tmp_path / "runs")
-                run.train(spec)
-    finally:
-        del os.environ["KILN_PROBE_DIR"]
+    monkeypatch.setenv("KILN_PROBE_DIR", str(probe))
+    with local_cluster(num_cpus=2):
+        for name in ("autoencoder", "vae", "dcgan", "cgan"):
+            spec = run.plan(f"dump_{name}", workers=2, epochs=1, limit=1024, batch_size=64,
+                            plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",
+                            runs_dir=tmp_path / "runs")
+            run.train(spec)
     for name in ("autoencoder", "vae", "dcgan", "cgan"):
         with np.load(probe / f"dump_{name}-rank0-epoch1.npz") as f0, \
                 np.load(probe / f"dump_{name}-rank1-epoch1.npz") as f1:
