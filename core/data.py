@@ -1,5 +1,18 @@
-"""Data layer: named datasets through tensorflow-datasets (fed offline from raw files), and a
-user's own ``.npz`` file. Everything returns raw examples ``(x, y)``; plugins preprocess.
+"""Data layer: named datasets through tensorflow-datasets (fed offline from raw files), Kiln's
+sensor sets, and a user's own files. Everything returns raw examples ``(x, y)``; plugins preprocess.
+
+Kinds of dataset (``kind(name)``):
+
+* a tensorflow-datasets name: supervised image sets (mnist, fashion_mnist) and text
+  (tiny_shakespeare);
+* ``uci_har`` / ``sp_sw_har`` or a folder path: smartphone inertial recordings cut into windows
+  (kiln.sensors);
+* a path to an ``.npz`` file (arrays) or a ``.txt`` file (text).
+
+Text becomes next-character prediction: windows of ``TEXT_WINDOW`` character ids ``x`` and the same
+window shifted by one ``y``; the vocabulary is the dataset's ``class_names``. Sensor windows come
+with per-channel mean and standard deviation of the training split in ``DatasetInfo.extra``. Both
+travel in the stored manifest, so serving needs no data.
 
 Offline: tfds reads a dataset's source files from its ``manual_dir`` and checks their sha256
 before trying the network (DESIGN.md section 8). Kiln points ``manual_dir`` at
@@ -9,6 +22,7 @@ milliseconds instead of after minutes of download retries.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +38,14 @@ RAW_FILES: dict[str, tuple[str, ...]] = {
               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
     "fashion_mnist": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    "tiny_shakespeare": ("input.txt",),
 }
+# Sensor sets read by kiln.sensors from $KILN_DATA_DIR/<name>.
+SENSOR_SETS = ("uci_har", "sp_sw_har")
+# Characters per text example (the TensorFlow text-generation tutorial's sequence length).
+TEXT_WINDOW = 100
+# The last tenth of a user's text file is its test split (nanoGPT's split of tiny Shakespeare).
+TEXT_TEST_FRACTION = 0.1
 
 
 def data_dir() -> Path | None:
@@ -49,8 +70,20 @@ class Split:
     size: int
 
 
+def kind(name: str) -> str:
+    """"npz", "text" (a .txt file), "sensors" (a sensor set or folder) or "tfds"."""
+    if name.endswith(".npz"):
+        return "npz"
+    if name.endswith(".txt"):
+        return "text"
+    if name in SENSOR_SETS or os.sep in name or Path(name).expanduser().is_dir():
+        return "sensors"
+    return "tfds"
+
+
 def is_file_dataset(name: str) -> bool:
-    return name.endswith(".npz")
+    """A dataset given by a path (resolved to an absolute path when a run is planned)."""
+    return kind(name) != "tfds" and name not in SENSOR_SETS
 
 
 def _manual_dir(name: str) -> Path | None:
@@ -78,8 +111,16 @@ def _builder(name: str) -> Any:
 
 def prepare(name: str) -> DatasetInfo:
     """Make a dataset ready to read (once per machine, under a file lock) and describe it."""
-    if is_file_dataset(name):
-        return _npz_info(name)
+    if kind(name) != "tfds":
+        return _arrays(name)[1]
+    builder = _prepared(name)
+    if _is_text(builder):
+        return _arrays(name)[1]
+    return _tfds_info(name, builder)
+
+
+def _prepared(name: str) -> Any:
+    """The tfds builder of ``name``, prepared from the raw files if it was not yet."""
     manual = _manual_dir(name)
     builder = _builder(name)
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -93,15 +134,24 @@ def prepare(name: str) -> DatasetInfo:
             print(f"[kiln] preparing dataset '{name}' from {manual or 'the network'} into "
                   f"{cache_dir()} (once per machine)", flush=True)
             config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual else None)
-            builder.download_and_prepare(download_config=config)
-    return _tfds_info(name, builder)
+            # One download folder per dataset: tfds names extracted files after the source file
+            # only, so a shared folder hands MNIST's train-images to Fashion-MNIST (same names).
+            builder.download_and_prepare(download_dir=str(cache_dir() / "downloads" / name),
+                                         download_config=config)
+            builder = _builder(name)
+    return builder
+
+
+def _is_text(builder: Any) -> bool:
+    return not builder.info.supervised_keys and "text" in builder.info.features
 
 
 def _tfds_info(name: str, builder: Any) -> DatasetInfo:
     feats = builder.info.features
     keys = builder.info.supervised_keys
     if not keys:
-        raise KilnError(f"dataset '{name}' has no (input, label) pair; Kiln needs a supervised dataset")
+        raise KilnError(f"dataset '{name}' has no (input, label) pair; Kiln needs a supervised "
+                        "dataset or a text dataset")
     xk, yk = keys[0], keys[1]
     label = feats[yk]
     names = tuple(getattr(label, "names", ()) or ())
@@ -111,30 +161,175 @@ def _tfds_info(name: str, builder: Any) -> DatasetInfo:
                        test_size=builder.info.splits["test"].num_examples)
 
 
-def _split_expr(split: str, limit: int | None) -> str:
-    return f"{split}[:{limit}]" if limit else split
-
-
 def load(name: str, split: str, *, shard: tuple[int, int] | None = None,
-         limit: int | None = None) -> Split:
+         limit: int | None = None, per_class: int | None = None) -> Split:
     """Raw examples of ``split`` ("train"/"test"). With ``shard=(index, count)`` only that worker's
-    even share is read; with ``limit`` only the first ``limit`` examples of the split."""
-    if is_file_dataset(name):
-        return _npz_load(name, split, shard, limit)
+    even share is read; with ``limit`` only the first ``limit`` examples of the split; with
+    ``per_class`` only the first ``per_class`` examples of each class (a small labelled budget)."""
+    if kind(name) == "tfds":
+        builder = _prepared(name)
+        if not _is_text(builder):
+            if per_class:
+                return _from_arrays(*_tfds_arrays(builder, split, limit), shard, per_class)
+            return _tfds_load(builder, split, shard, limit)
+    arrays = _arrays(name)[0]
+    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+    if limit:
+        x, y = x[:limit], y[:limit]
+    return _from_arrays(x, y, shard, per_class)
+
+
+def _tfds_load(builder: Any, split: str, shard: tuple[int, int] | None, limit: int | None) -> Split:
     import tensorflow_datasets as tfds
 
-    builder = _builder(name)
-    if not Path(builder.data_path).joinpath("dataset_info.json").exists():
-        prepare(name)
-        builder = _builder(name)
     if limit and limit >= builder.info.splits[split].num_examples:
         limit = None
-    expr: Any = _split_expr(split, limit)
+    expr: Any = f"{split}[:{limit}]" if limit else split
     if shard is not None and shard[1] > 1:
         expr = tfds.even_splits(expr, n=shard[1])[shard[0]]
     size = builder.info.splits[expr].num_examples
     ds = builder.as_dataset(split=expr, as_supervised=True, shuffle_files=False)
     return Split(ds, size)
+
+
+def _tfds_arrays(builder: Any, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    import tensorflow_datasets as tfds
+
+    expr = f"{split}[:{limit}]" if limit else split
+    x, y = tfds.as_numpy(builder.as_dataset(split=expr, as_supervised=True, batch_size=-1))
+    return x, y
+
+
+def _from_arrays(x: np.ndarray, y: np.ndarray, shard: tuple[int, int] | None,
+                 per_class: int | None) -> Split:
+    import tensorflow as tf
+
+    if per_class:
+        keep = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in np.unique(y)])
+        x, y = x[np.sort(keep)], y[np.sort(keep)]
+    if shard is not None and shard[1] > 1:
+        parts = np.array_split(np.arange(len(x)), shard[1])[shard[0]]
+        x, y = x[parts], y[parts]
+    return Split(tf.data.Dataset.from_tensor_slices((x, y)), len(x))
+
+
+def split_size(info: DatasetInfo, split: str, limit: int | None = None,
+               per_class: int | None = None) -> int:
+    """Examples a run reads from ``split``: after ``limit``, at most ``per_class`` per class."""
+    size = info.train_size if split == "train" else info.test_size
+    size = min(size, limit or size)
+    if per_class:
+        size = min(size, per_class * max(1, info.num_classes))
+    return size
+
+
+# --------------------------------------------------------------------------- array-backed datasets
+# .npz files, text and sensor windows are small enough to hold in memory: read once per process.
+
+
+@functools.lru_cache(maxsize=8)
+def _arrays(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
+    k = kind(name)
+    if k == "npz":
+        arrays = _npz_arrays(name)
+        info = _array_info(str(Path(name).expanduser().resolve()), arrays)
+    elif k == "text":
+        arrays, info = _text_file(name)
+    elif k == "sensors":
+        arrays, info = _sensor_arrays(name)
+    else:
+        arrays, info = _tfds_text(name)
+    for s in ("train", "test"):
+        if not len(arrays[f"x_{s}"]):
+            raise KilnError(f"dataset '{name}' has no {s} examples")
+    return arrays, info
+
+
+def _array_info(name: str, a: dict[str, np.ndarray], **extra: Any) -> DatasetInfo:
+    y = np.concatenate([a["y_train"], a["y_test"]])
+    integer = np.issubdtype(y.dtype, np.integer) and y.ndim == 1
+    if integer and y.min() < 0:
+        raise KilnError(f"{name}: labels must be integers >= 0 (found {y.min()})")
+    num_classes = int(y.max()) + 1 if integer and len(y) else 0
+    x = a["x_train"]
+    if x.ndim == 3 and np.issubdtype(x.dtype, np.floating):
+        # (windows, steps, channels): per-channel statistics of the training split, so that a
+        # model normalises its inputs the same way in training and serving
+        extra.setdefault("channel_mean", x.mean(axis=(0, 1)).astype(float).round(6).tolist())
+        extra.setdefault("channel_std", x.std(axis=(0, 1)).astype(float).round(6).tolist())
+    extra.setdefault("class_names", [str(i) for i in range(num_classes)])
+    names = tuple(extra.pop("class_names"))
+    return DatasetInfo(name=name, input_shape=tuple(x.shape[1:]), num_classes=num_classes,
+                       class_names=names, train_size=len(x), test_size=len(a["x_test"]),
+                       extra=extra)
+
+
+def _sensor_arrays(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
+    from kiln import sensors
+
+    if name in SENSOR_SETS:
+        root = data_dir()
+        if root is None:
+            raise KilnError(f"dataset '{name}' is read from $KILN_DATA_DIR/{name}; set KILN_DATA_DIR "
+                            "to the folder holding it, or pass the dataset's folder with --dataset PATH")
+        folder, label = root / name, name
+    else:
+        folder = Path(name).expanduser().resolve()
+        label = str(folder)
+    w = sensors.read(folder)
+    arrays = {"x_train": w.x["train"], "y_train": w.y["train"],
+              "x_test": w.x["test"], "y_test": w.y["test"]}
+    return arrays, _array_info(label, arrays, class_names=list(w.class_names),
+                               channels=list(w.channels), rate_hz=w.rate_hz, layout=w.layout,
+                               subjects=w.subjects)
+
+
+def _text_info(name: str, train: str, test: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
+    vocab = sorted(set(train) | set(test))
+    if len(vocab) < 2:
+        raise KilnError(f"{name}: text needs at least 2 different characters")
+    index = {c: i for i, c in enumerate(vocab)}
+    arrays = {}
+    for split, text in (("train", train), ("test", test)):
+        ids = np.fromiter((index[c] for c in text), dtype=np.int32, count=len(text))
+        n = (len(ids) - 1) // TEXT_WINDOW
+        if n < 1:
+            raise KilnError(f"{name}: the {split} text has {len(text)} characters; it needs more "
+                            f"than {TEXT_WINDOW} (one example)")
+        arrays[f"x_{split}"] = ids[:n * TEXT_WINDOW].reshape(n, TEXT_WINDOW)
+        arrays[f"y_{split}"] = ids[1:n * TEXT_WINDOW + 1].reshape(n, TEXT_WINDOW)
+    info = DatasetInfo(name=name, input_shape=(TEXT_WINDOW,), num_classes=len(vocab),
+                       class_names=tuple(vocab), train_size=len(arrays["x_train"]),
+                       test_size=len(arrays["x_test"]),
+                       extra={"text": True, "train_chars": len(train), "test_chars": len(test)})
+    return arrays, info
+
+
+def _text_file(path: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise KilnError(f"dataset file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KilnError(f"cannot read {p} as UTF-8 text: {e}") from None
+    cut = int(len(text) * (1 - TEXT_TEST_FRACTION))
+    return _text_info(str(p), text[:cut], text[cut:])
+
+
+def _tfds_text(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
+    """A tfds text dataset; its validation and test splits together are Kiln's test split (for
+    tiny_shakespeare: the last 10% of the text, nanoGPT's validation split)."""
+    import tensorflow_datasets as tfds
+
+    builder = _prepared(name)
+    test = "validation+test" if "validation" in builder.info.splits else "test"
+
+    def text(split: str) -> str:
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+        return "".join(ex["text"].decode("utf-8") for ex in tfds.as_numpy(ds))
+
+    return _text_info(name, text("train"), text(test))
 
 
 # --------------------------------------------------------------------------- .npz files
@@ -170,26 +365,3 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _npz_info(path: str) -> DatasetInfo:
-    a = _npz_arrays(path)
-    y = np.concatenate([a["y_train"], a["y_test"]])
-    integer = np.issubdtype(y.dtype, np.integer) and y.ndim == 1
-    if integer and y.min() < 0:
-        raise KilnError(f"{path}: labels must be integers >= 0 (found {y.min()})")
-    num_classes = int(y.max()) + 1 if integer and len(y) else 0
-    return DatasetInfo(name=str(Path(path).expanduser().resolve()), input_shape=tuple(a["x_train"].shape[1:]),
-                       num_classes=num_classes, class_names=tuple(str(i) for i in range(num_classes)),
-                       train_size=len(a["x_train"]), test_size=len(a["x_test"]))
-
-
-def _npz_load(path: str, split: str, shard: tuple[int, int] | None, limit: int | None) -> Split:
-    import tensorflow as tf
-
-    a = _npz_arrays(path)
-    x, y = a[f"x_{split}"], a[f"y_{split}"]
-    if limit:
-        x, y = x[:limit], y[:limit]
-    if shard is not None and shard[1] > 1:
-        parts = np.array_split(np.arange(len(x)), shard[1])[shard[0]]
-        x, y = x[parts], y[parts]
-    return Split(tf.data.Dataset.from_tensor_slices((x, y)), len(x))

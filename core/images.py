@@ -77,3 +77,27 @@ def scatter(points: np.ndarray, labels: np.ndarray, path: Path, title: str = "")
     if title:
         ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def traces(windows: np.ndarray, channels: Sequence[str], path: Path, *, titles: Sequence[str],
+           colors: Sequence[str] | None = None, rate_hz: float = 50.0, title: str = "") -> Path:
+    """Write sensor windows (N, steps, channels) as one small line plot per window (one line per
+    channel, x axis in seconds), e.g. test windows with their predicted activity."""
+    plt = _plt()
+    n, cols = len(windows), min(4, len(windows))
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows + 0.6), squeeze=False)
+    t = np.arange(windows.shape[1]) / rate_hz
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        for c, name in enumerate(channels):
+            ax.plot(t, windows[i, :, c], lw=0.8, label=name)
+        ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel("s", fontsize=7)
+    axes.flat[0].legend(fontsize=5, ncol=2, loc="upper right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

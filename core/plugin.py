@@ -319,11 +319,18 @@ class Plugin:
         self.info: DatasetInfo | None = None
         #: where on_epoch_end may write progress pictures during training (rank 0); else None
         self.progress_dir: Path | None = None
+        #: the model store this plugin trains into or was loaded from (set before setup(), so a
+        #: plugin that reuses a stored model, like transfer, can read it from there)
+        self.store: Path | None = None
 
     # -- data ---------------------------------------------------------------------------
     def setup(self, info: DatasetInfo) -> None:
         """Receive the dataset description before build(); raise KilnError if the data does not fit."""
         self.info = info
+
+    def train_per_class(self) -> int | None:
+        """Train on only the first N examples of each class (a small labelled budget); None: all."""
+        return None
 
     def preprocess(self, x: Any, y: Any) -> tuple[Any, Any]:
         """Map a *batch* of raw examples (as the dataset yields them) to model inputs/targets (tf ops)."""

@@ -209,6 +209,7 @@ def load(ref: str, store: str | Path | None = None) -> tuple[Plugin, Any, store_
             registry.load_file(m["plugin_path"])
         cls = registry.get(m["plugin"])
         plugin = cls(make_config(cls.Config, m["config"]))
+        plugin.store = version.path.parent.parent
         plugin.setup(DatasetInfo.from_dict(m["dataset"]))
     except (KeyError, TypeError) as e:
         raise KilnError(f"corrupt manifest {version.path / store_mod.MANIFEST}: {e}") from None

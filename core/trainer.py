@@ -68,6 +68,7 @@ def make_plugin(spec: TrainSpec, info: DatasetInfo) -> Plugin:
     if spec.plugin_path:
         registry.load_file(spec.plugin_path)
     plugin = registry.get(spec.plugin)(**spec.overrides)
+    plugin.store = Path(spec.store)
     plugin.setup(info)
     return plugin
 
@@ -133,7 +134,8 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
     n_rep = strategy.num_replicas_in_sync
     if spec.batch_size % n_rep:
         raise KilnError(f"--batch-size {spec.batch_size} must be divisible by the {n_rep} replicas")
-    train_size = min(info.train_size, spec.limit or info.train_size)
+    per_class = plugin.train_per_class()
+    train_size = data.split_size(info, "train", spec.limit, per_class)
     per_worker_batch = spec.batch_size // ctx.world_size
     steps = (train_size // ctx.world_size) // per_worker_batch
     if steps < 1:
@@ -142,7 +144,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
 
     def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         shard = (input_context.input_pipeline_id, input_context.num_input_pipelines)
-        split = data.load(spec.dataset, "train", shard=shard, limit=spec.limit)
+        split = data.load(spec.dataset, "train", shard=shard, limit=spec.limit, per_class=per_class)
         batch = input_context.get_per_replica_batch_size(spec.batch_size)
         ds = split.ds.shuffle(min(split.size, 20000), seed=spec.seed + shard[0])
         ds = ds.batch(batch, drop_remainder=True).repeat()

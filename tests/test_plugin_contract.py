@@ -84,14 +84,21 @@ def test_every_builtin_plugin_builds_and_documents_its_methods():
     from kiln import registry
     from kiln.trainer import build_model
 
-    info = DatasetInfo("mnist", (28, 28, 1), 10, tuple(map(str, range(10))), 60000, 10000)
+    images = DatasetInfo("mnist", (28, 28, 1), 10, tuple(map(str, range(10))), 60000, 10000)
+    windows = DatasetInfo("sp_sw_har", (128, 6), 5, tuple("abcde"), 2000, 500,
+                          {"channel_mean": [0.0] * 6, "channel_std": [1.0] * 6})
+    text = DatasetInfo("tiny_shakespeare", (100,), 3, ("a", "b", "\n"), 100, 10, {"text": True})
     expected = {"cnn": {"classify"}, "autoencoder": {"reconstruct", "encode", "decode"},
                 "vae": {"sample", "reconstruct", "encode", "decode", "interpolate", "neighbours", "arithmetic"},
-                "dcgan": {"sample", "interpolate"}, "cgan": {"sample", "interpolate"}}
+                "dcgan": {"sample", "interpolate"}, "cgan": {"sample", "interpolate"},
+                "har": {"classify"}, "lstm": {"generate", "score"}, "transfer": {"classify"}}
+    assert set(expected) == {e.name for e in registry.entries() if e.source.startswith("kiln.plugins.")}
     for name, methods in expected.items():
         cls = registry.get(name)
         assert set(cls.methods()) == methods, name
-        plugin = cls()
+        # transfer's default base comes from the store; a keras.applications base needs none
+        plugin = cls(base="keras:MobileNetV2", pretrained=False) if name == "transfer" else cls()
+        info = {"har": windows, "lstm": text}.get(name, images)
         plugin.setup(info)
         assert build_model(plugin).count_params() > 0
         for m in cls.methods().values():

@@ -1,4 +1,4 @@
-"""Test plugins: each built-in generative plugin, unchanged, plus one probe. After every epoch
+"""Test plugins: each built-in plugin with its own train_step or data handling, unchanged, plus one probe. After every epoch
 each worker writes all its weights (trainable, batch-norm statistics, and every optimizer's
 state) to $KILN_PROBE_DIR/<plugin>-rank<r>-epoch<e>.npz, so a test can compare the workers."""
 
@@ -10,6 +10,9 @@ import numpy as np
 from kiln.plugins.autoencoder import Autoencoder
 from kiln.plugins.cgan import CGAN
 from kiln.plugins.dcgan import DCGAN
+from kiln.plugins.har import HAR
+from kiln.plugins.lstm import CharLSTM
+from kiln.plugins.transfer import Transfer
 from kiln.plugins.vae import VAE
 from kiln.trainer import optimizers
 
@@ -37,3 +40,15 @@ class DumpDCGAN(Dump, DCGAN):
 
 class DumpCGAN(Dump, CGAN):
     name = "dump_cgan"
+
+
+class DumpHAR(Dump, HAR):
+    name = "dump_har"
+
+
+class DumpLSTM(Dump, CharLSTM):
+    name = "dump_lstm"
+
+
+class DumpTransfer(Dump, Transfer):
+    name = "dump_transfer"
