@@ -115,6 +115,46 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from kiln.serve import app
+
+    if args.max_body_mb <= 0 or args.cpus_per_replica < 0 or args.gpus_per_replica < 0 or args.replicas < 1:
+        raise KilnError("--max-body-mb and --replicas must be positive, --cpus/--gpus-per-replica >= 0")
+    if not 0 < args.port < 65536:
+        raise KilnError(f"--port must be 1-65535, got {args.port}")
+    if args.address:
+        from kiln.cluster.train import check_address
+
+        check_address(args.address)
+    store = app.store_path(args.store)
+    refs = app.resolve_refs(store, args.model)
+    opts = app.ModelOptions(num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica,
+                            num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests)
+    spec = app.ServeSpec(store=store, refs=refs, host=args.host, port=args.port,
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                         options={r: opts for r in refs}, token=os.environ.get("KILN_API_TOKEN") or None)
+    print(f"[kiln] serving {', '.join(refs)} from {store}; loading...", flush=True)
+    app.start(spec, address=args.address)
+    try:
+        models = app.wait_ready(args.host, args.port, timeout=args.ready_timeout, token=spec.token)
+        base = f"http://{args.host}:{args.port}"
+        for m in models["models"]:
+            for method in sorted(m.get("methods", {})):
+                print(f"[kiln] {m['ref']:<16} POST {base}/models/{m['name']}/{method}", flush=True)
+        print(f"[kiln] ready: {base}/models  {base}/docs  (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    finally:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        print("[kiln] server stopped", flush=True)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
     p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
@@ -164,6 +204,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("model", metavar="NAME[:VERSION]")
     s.add_argument("--out", default=None, metavar="DIR", help="copy the PNGs into DIR")
     s.set_defaults(fn=cmd_samples)
+
+    s = sub.add_parser("serve", parents=[common], help="serve stored models over HTTP with Ray Serve")
+    s.add_argument("--model", action="append", default=None, metavar="NAME[:VERSION]",
+                   help="model to serve (repeatable; default: the latest version of every model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local one)")
+    s.add_argument("--replicas", type=int, default=1, help="replicas per model")
+    s.add_argument("--cpus-per-replica", type=float, default=0.25)
+    s.add_argument("--gpus-per-replica", type=float, default=0.0)
+    s.add_argument("--max-ongoing-requests", type=int, default=16, help="per replica")
+    s.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413")
+    s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for models to load")
+    s.set_defaults(fn=cmd_serve)
     return p
 
 

@@ -1,0 +1,383 @@
+"""Kiln's HTTP API, one FastAPI ingress in front of the model deployments (kiln.serve.app).
+
+Routes (DESIGN.md section 5):
+
+* Kiln: ``GET /models``; ``POST /models/{m}[/versions/{v}]/{method}`` with the method's arguments as
+  a JSON object, answered with its outputs as a JSON object.
+* TF Serving REST: ``POST /v1/models/{m}[/versions/{v}]:predict`` (row ``instances`` or column
+  ``inputs``; ``{"b64": ...}`` for an encoded image), ``GET /v1/models/{m}[/versions/{v}]``,
+  ``GET /v1/models/{m}/metadata``.
+* Open Inference Protocol v2: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
+  ``/v2/models/{m}[/versions/{v}]``, ``.../ready``, ``POST .../infer``.
+
+``:predict`` and ``infer`` call the model's *predict method*: its first inference method, in the
+order classify, reconstruct, encode, decode, with exactly one array input. Every error is a JSON
+body ``{"error": "..."}``: 400 bad input, 401 no or wrong token, 404 unknown model, version or
+method, 413 body too large, 415 not JSON, 503 model still loading.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads these route signatures' types at
+# run time (a string annotation `Request` inside the Serve class view is not resolved).
+
+import base64
+import hmac
+import io
+import json
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from kiln.plugin import KilnError
+
+PREDICT_ORDER = ("classify", "reconstruct", "encode", "decode")
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+
+api = FastAPI(title="Kiln", description="Kiln model server: Kiln, TF Serving REST and Open "
+              "Inference Protocol v2 routes for every stored model it serves.")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@api.exception_handler(HTTPError)
+async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
+    return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+@api.exception_handler(KilnError)
+async def _kiln_error(request: Request, exc: KilnError) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+@api.exception_handler(404)
+async def _not_found(request: Request, exc: Any) -> JSONResponse:
+    return JSONResponse({"error": f"no route {request.method} {request.url.path}; see GET /models "
+                                  "and /docs"}, status_code=404)
+
+
+@api.exception_handler(405)
+async def _bad_method(request: Request, exc: Any) -> JSONResponse:
+    return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}"},
+                        status_code=405)
+
+
+def _ingress_class() -> Any:
+    from ray import serve
+
+    @serve.ingress(api)
+    class KilnIngress:
+        def __init__(self, models: dict[str, Any], max_body_bytes: int, token: str | None) -> None:
+            self.handles = models                       # "name:version" -> DeploymentHandle
+            self.max_body = max_body_bytes
+            self.token = token
+            self.described: dict[str, dict[str, Any]] = {}
+            self._status: tuple[float, dict[str, str]] = (0.0, {})
+
+        # -- plumbing ---------------------------------------------------------------------
+        def _check_auth(self, request: Request) -> None:
+            if self.token is None or request.url.path.endswith(OPEN_PATHS):
+                return
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                raise HTTPError(401, "missing or wrong token: send the header "
+                                     "'Authorization: Bearer <KILN_API_TOKEN>'")
+
+        def _states(self) -> dict[str, str]:
+            """Deployment status by model ref, refreshed at most every half second."""
+            from ray import serve
+
+            from kiln.serve.app import deployment_name
+
+            at, states = self._status
+            if time.monotonic() - at > 0.5:
+                status = serve.status()
+                deps = {}
+                for app in status.applications.values():
+                    for name, d in app.deployments.items():
+                        deps[name] = str(getattr(d.status, "value", d.status))
+                states = {ref: deps.get(deployment_name(ref), "UNKNOWN") for ref in self.handles}
+                self._status = (time.monotonic(), states)
+            return states
+
+        def _ref(self, model: str, version: str | None) -> str:
+            served = sorted((r for r in self.handles if r.split(":")[0] == model),
+                            key=lambda r: int(r.split(":")[1]))
+            if not served:
+                raise HTTPError(404, f"model '{model}' is not served; served models: "
+                                     f"{', '.join(sorted({r.split(':')[0] for r in self.handles}))}")
+            if version is None:
+                return served[-1]
+            ref = f"{model}:{version}"
+            if ref not in served:
+                raise HTTPError(404, f"model '{model}' has no served version {version!r}; served "
+                                     f"versions: {', '.join(r.split(':')[1] for r in served)}")
+            return ref
+
+        def _ready(self, ref: str) -> None:
+            state = self._states().get(ref)
+            if state != "HEALTHY":
+                raise HTTPError(503, f"model {ref} is loading ({state}); retry in a few seconds")
+
+        async def _describe(self, ref: str) -> dict[str, Any]:
+            if ref not in self.described:
+                self._ready(ref)
+                self.described[ref] = await self.handles[ref].describe.remote()
+            return self.described[ref]
+
+        async def _json(self, request: Request) -> Any:
+            self._check_auth(request)
+            ctype = request.headers.get("content-type", "")
+            if ctype.split(";")[0].strip().lower() != "application/json":
+                raise HTTPError(415, f"send JSON with 'Content-Type: application/json' (got "
+                                     f"{ctype or 'no content type'!r})")
+            size = request.headers.get("content-length")
+            if size is not None and size.isdigit() and int(size) > self.max_body:
+                raise HTTPError(413, f"request body of {size} bytes is over the limit of "
+                                     f"{self.max_body} bytes (kiln serve --max-body-mb)")
+            body = await request.body()
+            if len(body) > self.max_body:
+                raise HTTPError(413, f"request body is over the limit of {self.max_body} bytes "
+                                     "(kiln serve --max-body-mb)")
+            try:
+                return json.loads(body, parse_constant=_no_constant)
+            except (ValueError, RecursionError) as e:
+                raise HTTPError(400, f"malformed JSON: {e}") from None
+
+        async def _call(self, ref: str, method: str, args: dict[str, Any]) -> dict[str, Any]:
+            info = await self._describe(ref)
+            if method not in info["methods"]:
+                raise HTTPError(404, f"model {ref} has no method '{method}'; methods: "
+                                     f"{', '.join(sorted(info['methods']))}")
+            try:
+                return await self.handles[ref].infer.remote(method, args)
+            except KilnError as e:
+                raise HTTPError(400, str(e).splitlines()[-1].split("KilnError: ")[-1]) from None
+
+        def _predict_method(self, info: dict[str, Any]) -> tuple[str, str]:
+            for name in PREDICT_ORDER:
+                m = info["methods"].get(name)
+                if m:
+                    arrays = [k for k, s in m["inputs"].items() if s["type"] == "array" and not s.get("x-optional")]
+                    if len(arrays) == 1:
+                        return name, arrays[0]
+            raise HTTPError(404, f"model {info['name']}:{info['version']} has no predict method "
+                                 f"(one of {', '.join(PREDICT_ORDER)}); use POST /models/{info['name']}/<method>")
+
+        # -- Kiln routes ------------------------------------------------------------------
+        @api.get("/models")
+        async def models(self, request: Request) -> dict[str, Any]:
+            """Served models: versions, plugin, dataset, metrics, methods and input schemas."""
+            self._check_auth(request)
+            states = self._states()
+            out = []
+            for ref in sorted(self.handles):
+                entry = {"ref": ref, "state": "READY" if states.get(ref) == "HEALTHY" else "LOADING"}
+                if entry["state"] == "READY":
+                    entry.update(await self._describe(ref))
+                out.append(entry)
+            return {"models": out}
+
+        @api.post("/models/{model}/{method}")
+        async def call_latest(self, model: str, method: str, request: Request) -> Any:
+            return await self._kiln_call(request, model, None, method)
+
+        @api.post("/models/{model}/versions/{version}/{method}")
+        async def call_version(self, model: str, version: str, method: str, request: Request) -> Any:
+            return await self._kiln_call(request, model, version, method)
+
+        async def _kiln_call(self, request: Request, model: str, version: str | None, method: str) -> Any:
+            body = await self._json(request)
+            ref = self._ref(model, version)
+            if not isinstance(body, dict):
+                raise HTTPError(400, "the body must be a JSON object of the method's arguments")
+            return await self._call(ref, method, body)
+
+        # -- TF Serving REST --------------------------------------------------------------
+        @api.post("/v1/models/{model}:predict")
+        async def tf_predict(self, model: str, request: Request) -> Any:
+            return await self._tf_predict(request, model, None)
+
+        @api.post("/v1/models/{model}/versions/{version}:predict")
+        async def tf_predict_version(self, model: str, version: str, request: Request) -> Any:
+            return await self._tf_predict(request, model, version)
+
+        async def _tf_predict(self, request: Request, model: str, version: str | None) -> Any:
+            body = await self._json(request)
+            ref = self._ref(model, version)
+            info = await self._describe(ref)
+            method, arg = self._predict_method(info)
+            if not isinstance(body, dict) or ("instances" in body) == ("inputs" in body):
+                raise HTTPError(400, "send exactly one of 'instances' (row format) or 'inputs' "
+                                     "(column format)")
+            rows = "instances" in body
+            data = body["instances"] if rows else body["inputs"]
+            if isinstance(data, dict):
+                if set(data) != {arg}:
+                    raise HTTPError(400, f"named inputs must be exactly {{'{arg}'}}; got {sorted(data)}")
+                data = data[arg]
+            if rows and isinstance(data, list) and data and isinstance(data[0], dict):
+                if any(set(r) != {arg} for r in data if isinstance(r, dict)):
+                    raise HTTPError(400, f"each instance must have exactly the key '{arg}'")
+                data = [r[arg] if isinstance(r, dict) else r for r in data]
+            data = _decode_b64(data, info)
+            out = await self._call(ref, method, {arg: data})
+            if not rows:
+                return {"outputs": out}
+            n = len(data) if isinstance(data, list) else 1
+            per_row = {k: v for k, v in out.items() if isinstance(v, list) and len(v) == n}
+            return {"predictions": [{k: v[i] for k, v in per_row.items()} for i in range(n)]}
+
+        @api.get("/v1/models/{model}")
+        async def tf_status(self, model: str, request: Request) -> Any:
+            return self._tf_status(request, model, None)
+
+        @api.get("/v1/models/{model}/versions/{version}")
+        async def tf_status_version(self, model: str, version: str, request: Request) -> Any:
+            return self._tf_status(request, model, version)
+
+        def _tf_status(self, request: Request, model: str, version: str | None) -> Any:
+            self._check_auth(request)
+            refs = [self._ref(model, version)] if version else \
+                [r for r in self.handles if r.split(":")[0] == model] or [self._ref(model, None)]
+            states = self._states()
+            return {"model_version_status": [
+                {"version": r.split(":")[1], "state": "AVAILABLE" if states.get(r) == "HEALTHY" else "LOADING",
+                 "status": {"error_code": "OK", "error_message": ""}} for r in sorted(refs)]}
+
+        @api.get("/v1/models/{model}/metadata")
+        async def tf_metadata(self, model: str, request: Request) -> Any:
+            self._check_auth(request)
+            ref = self._ref(model, None)
+            info = await self._describe(ref)
+            method, arg = self._predict_method(info)
+            m = info["methods"][method]
+            return {"model_spec": {"name": model, "version": ref.split(":")[1], "signature_name": method},
+                    "metadata": {"signature_def": {"signature_def": {"serving_default": {
+                        "method_name": method, "inputs": m["inputs"], "outputs": m["outputs"]}}}}}
+
+        # -- Open Inference Protocol v2 ---------------------------------------------------
+        @api.get("/v2")
+        async def v2_server(self, request: Request) -> Any:
+            self._check_auth(request)
+            from kiln import __version__
+
+            return {"name": "kiln", "version": __version__, "extensions": ["kiln-methods"]}
+
+        @api.get("/v2/health/live")
+        async def v2_live(self) -> Any:
+            return {"live": True}
+
+        @api.get("/v2/health/ready")
+        async def v2_ready(self) -> Any:
+            states = self._states()
+            loading = sorted(r for r, s in states.items() if s != "HEALTHY")
+            if loading:
+                return JSONResponse({"ready": False, "error": f"loading: {', '.join(loading)}"},
+                                    status_code=503)
+            return {"ready": True}
+
+        @api.get("/v2/models/{model}")
+        async def v2_model(self, model: str, request: Request) -> Any:
+            return await self._v2_model(request, model, None)
+
+        @api.get("/v2/models/{model}/versions/{version}")
+        async def v2_model_version(self, model: str, version: str, request: Request) -> Any:
+            return await self._v2_model(request, model, version)
+
+        async def _v2_model(self, request: Request, model: str, version: str | None) -> Any:
+            self._check_auth(request)
+            ref = self._ref(model, version)
+            info = await self._describe(ref)
+            method, arg = self._predict_method(info)
+            schema = info["methods"][method]["inputs"][arg]
+            return {"name": model, "versions": [r.split(":")[1] for r in sorted(self.handles)
+                                                if r.split(":")[0] == model],
+                    "platform": f"kiln-{info['plugin']}",
+                    "inputs": [{"name": arg, "datatype": "FP32",
+                                "shape": [-1 if s is None else s for s in schema["x-shape"]]}],
+                    "outputs": [{"name": k} for k in info["methods"][method]["outputs"]]}
+
+        @api.get("/v2/models/{model}/ready")
+        async def v2_model_ready(self, model: str, request: Request) -> Any:
+            return self._v2_ready(request, model, None)
+
+        @api.get("/v2/models/{model}/versions/{version}/ready")
+        async def v2_model_version_ready(self, model: str, version: str, request: Request) -> Any:
+            return self._v2_ready(request, model, version)
+
+        def _v2_ready(self, request: Request, model: str, version: str | None) -> Any:
+            self._check_auth(request)
+            ref = self._ref(model, version)
+            ready = self._states().get(ref) == "HEALTHY"
+            return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 503)
+
+        @api.post("/v2/models/{model}/infer")
+        async def v2_infer(self, model: str, request: Request) -> Any:
+            return await self._v2_infer(request, model, None)
+
+        @api.post("/v2/models/{model}/versions/{version}/infer")
+        async def v2_infer_version(self, model: str, version: str, request: Request) -> Any:
+            return await self._v2_infer(request, model, version)
+
+        async def _v2_infer(self, request: Request, model: str, version: str | None) -> Any:
+            body = await self._json(request)
+            ref = self._ref(model, version)
+            info = await self._describe(ref)
+            method, arg = self._predict_method(info)
+            inputs = body.get("inputs") if isinstance(body, dict) else None
+            if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+                raise HTTPError(400, f"'inputs' must be a list of one tensor "
+                                     f"{{'name': '{arg}', 'shape': [...], 'datatype': 'FP32', 'data': [...]}}")
+            t = inputs[0]
+            if t.get("name") not in (arg, None):
+                raise HTTPError(400, f"input is named {t.get('name')!r}; this model's input is '{arg}'")
+            shape, flat = t.get("shape"), t.get("data")
+            if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise HTTPError(400, "'shape' must be a list of non-negative integers")
+            try:
+                array = np.asarray(flat, dtype="float64").reshape(shape)
+            except (TypeError, ValueError) as e:
+                raise HTTPError(400, f"'data' does not fill shape {shape}: {e}") from None
+            out = await self._call(ref, method, {arg: array.tolist()})
+            outputs = []
+            for name, value in out.items():
+                arr = np.asarray(value)
+                kind = "BYTES" if arr.dtype.kind in "USO" else ("INT64" if arr.dtype.kind in "iu" else "FP32")
+                outputs.append({"name": name, "shape": list(arr.shape), "datatype": kind,
+                                "data": arr.ravel().tolist()})
+            return {"model_name": model, "model_version": ref.split(":")[1],
+                    "id": body.get("id"), "outputs": outputs}
+
+    return KilnIngress
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (send finite numbers)")
+
+
+def _decode_b64(data: Any, info: dict[str, Any]) -> Any:
+    """Replace ``{"b64": "<PNG or JPEG>"}`` items with pixel arrays shaped like the model's input."""
+    def one(item: Any) -> Any:
+        if isinstance(item, dict) and set(item) == {"b64"}:
+            from PIL import Image
+
+            try:
+                img = Image.open(io.BytesIO(base64.b64decode(item["b64"], validate=True)))
+                img.load()
+            except Exception as e:  # noqa: BLE001 - any decoding failure is the client's input
+                raise HTTPError(400, f"'b64' is not a base64-encoded PNG or JPEG image: {e}") from None
+            return np.asarray(img.convert("L"), dtype="float32")[..., None].tolist()
+        return item
+
+    if isinstance(data, list):
+        return [one(d) for d in data]
+    return one(data)
+
+
+KilnIngress = _ingress_class()

@@ -1,0 +1,183 @@
+"""A real Ray Serve application on a free loopback port, spoken to over real HTTP: Kiln routes,
+TF Serving row and column forms, Open Inference Protocol v2, readiness, errors that never take
+the server down, and token authentication (a second application with a token)."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import run_kiln
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """cnn and lstm trained briefly, served by app "kiln" at / and, with a token, by app
+    "secure" at /secure; yields (base URL, store, what was seen while the models loaded)."""
+    root = tmp_path_factory.mktemp("serve")
+    env = {"KILN_STORE": str(root / "store"), "KILN_RUNS": str(root / "runs")}
+    for args in (("cnn", "--epochs", "1", "--limit", "6000"),
+                 ("lstm", "--epochs", "1", "--limit", "300", "--set", "units=32")):
+        out = run_kiln("train", *args, cwd=root, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+
+    import ray
+    from ray import serve
+
+    from kiln.serve import app
+
+    port = free_port()
+    store = str(root / "store")
+    spec = app.ServeSpec(store=store, refs=app.resolve_refs(store, None), port=port,
+                         max_body_bytes=1024 * 1024)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        app.start(spec)
+        base = f"http://127.0.0.1:{port}"
+        seen = []  # responses while loading: readiness must say 503, never 400 or a hang
+        for _ in range(600):
+            try:
+                r = requests.get(f"{base}/v2/health/ready", timeout=5)
+            except requests.ConnectionError:
+                continue
+            if r.status_code == 200:
+                break
+            seen.append((r.status_code, r.json()))
+            c = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=30)
+            seen.append((c.status_code, c.json()))
+            import time
+
+            time.sleep(0.2)
+        app.start(app.ServeSpec(store=store, refs=["cnn:1"], port=port, token=TOKEN),
+                  app_name="secure", route_prefix="/secure")
+        app.wait_ready("127.0.0.1", port, prefix="/secure", token=TOKEN, timeout=300)
+        yield base, store, seen
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def mnist(n):
+    from kiln import data
+
+    pairs = [(x.numpy(), int(y)) for x, y in data.load("mnist", "test", limit=n).ds]
+    return np.stack([p[0] for p in pairs]).astype(float), [p[1] for p in pairs]
+
+
+def test_loading_models_answer_503_then_ready(server):
+    base, _, seen = server
+    for status, body in seen:
+        assert status == 503 and "loading" in body["error"]
+    assert requests.get(f"{base}/v2/health/ready").json() == {"ready": True}
+    assert requests.get(f"{base}/v2/health/live").json() == {"live": True}
+    models = requests.get(f"{base}/models").json()["models"]
+    assert {m["ref"] for m in models} == {"cnn:1", "lstm:1"} and all(m["state"] == "READY" for m in models)
+    cnn = next(m for m in models if m["ref"] == "cnn:1")
+    assert cnn["methods"]["classify"]["inputs"]["images"]["x-shape"] == [None, 28, 28, 1]
+
+
+def test_tf_serving_row_and_column_forms(server):
+    base, _, _ = server
+    x, y = mnist(16)
+    rows = requests.post(f"{base}/v1/models/cnn:predict", json={"instances": x.tolist()}).json()
+    assert len(rows["predictions"]) == 16
+    got = [p["classes"] for p in rows["predictions"]]
+    assert np.mean(np.array(got) == np.array(y)) >= 0.8
+    cols = requests.post(f"{base}/v1/models/cnn/versions/1:predict", json={"inputs": {"images": x.tolist()}}).json()
+    assert cols["outputs"]["classes"] == got
+    status = requests.get(f"{base}/v1/models/cnn").json()
+    assert status["model_version_status"][0] == {"version": "1", "state": "AVAILABLE",
+                                                 "status": {"error_code": "OK", "error_message": ""}}
+    meta = requests.get(f"{base}/v1/models/cnn/metadata").json()
+    assert meta["metadata"]["signature_def"]["signature_def"]["serving_default"]["method_name"] == "classify"
+
+
+def test_v2_infer_and_metadata(server):
+    base, _, _ = server
+    x, y = mnist(4)
+    body = {"id": "req-1", "inputs": [{"name": "images", "shape": [4, 28, 28, 1], "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}
+    r = requests.post(f"{base}/v2/models/cnn/infer", json=body).json()
+    assert r["model_name"] == "cnn" and r["model_version"] == "1" and r["id"] == "req-1"
+    out = {o["name"]: o for o in r["outputs"]}
+    assert out["probabilities"]["shape"] == [4, 10] and out["probabilities"]["datatype"] == "FP32"
+    assert out["classes"]["data"] == requests.post(f"{base}/models/cnn/classify", json={"images": x.tolist()}).json()["classes"]
+    assert requests.get(f"{base}/v2").json()["name"] == "kiln"
+    model = requests.get(f"{base}/v2/models/cnn").json()
+    assert model["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 28, 28, 1]}]
+    assert requests.get(f"{base}/v2/models/cnn/ready").json() == {"name": "cnn", "ready": True}
+
+
+def test_kiln_routes_generate_text_deterministically(server):
+    base, _, _ = server
+    args = {"prompt": "ROMEO:", "max_chars": 30, "temperature": 0.7, "seed": 3}
+    a = requests.post(f"{base}/models/lstm/generate", json=args).json()
+    b = requests.post(f"{base}/models/lstm/versions/1/generate", json=args).json()
+    assert a == b and a["text"].startswith("ROMEO:") and len(a["continuation"]) == 30
+    score = requests.post(f"{base}/models/lstm/score", json={"text": "To be"}).json()
+    assert len(score["per_char"]) == 4
+
+
+BAD = [
+    # (what, method, path, kwargs, status, words in the error)
+    ("malformed JSON", "post", "/models/cnn/classify", {"data": "{bad", "headers": {"Content-Type": "application/json"}}, 400, "malformed JSON"),
+    ("wrong shape", "post", "/models/cnn/classify", {"json": {"images": [[1, 2]]}}, 400, "has shape [1, 2]"),
+    ("non-finite", "post", "/models/cnn/classify", {"data": '{"images": NaN}', "headers": {"Content-Type": "application/json"}}, 400, "NaN"),
+    ("wrong dtype", "post", "/models/cnn/classify", {"json": {"images": "zeros"}}, 400, "numeric array"),
+    ("out of range", "post", "/models/cnn/classify", {"json": {"images": np.full((28, 28, 1), 300).tolist()}}, 400, "above 255"),
+    ("both forms", "post", "/v1/models/cnn:predict", {"json": {"instances": [], "inputs": []}}, 400, "exactly one of 'instances'"),
+    ("unknown model", "post", "/models/nope/classify", {"json": {}}, 404, "'nope' is not served"),
+    ("unknown version", "post", "/models/cnn/versions/9/classify", {"json": {}}, 404, "no served version '9'"),
+    ("unknown method", "post", "/models/cnn/sample", {"json": {}}, 404, "no method 'sample'"),
+    ("unknown argument", "post", "/models/cnn/classify", {"json": {"imgs": []}}, 400, "unknown argument(s) imgs"),
+    ("too many characters", "post", "/models/lstm/generate", {"json": {"prompt": "A", "max_chars": 10**7}}, 400, "max_chars"),
+    ("no predict method", "post", "/v1/models/lstm:predict", {"json": {"instances": [1]}}, 404, "no predict method"),
+    ("oversize body", "post", "/models/cnn/classify", {"data": b"[" + b"0," * 700_000 + b"0]", "headers": {"Content-Type": "application/json"}}, 413, "over the limit"),
+    ("content type", "post", "/models/cnn/classify", {"data": "images=1"}, 415, "Content-Type: application/json"),
+    ("v2 bad shape", "post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "images", "shape": [2, 3], "datatype": "FP32", "data": [1]}]}}, 400, "does not fill shape"),
+    ("no route", "get", "/nowhere", {}, 404, "no route"),
+]
+
+
+@pytest.mark.parametrize("what, method, path, kwargs, status, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_clear_json_errors_and_the_server_lives(server, what, method, path, kwargs, status, words):
+    base, _, _ = server
+    r = getattr(requests, method)(base + path, timeout=60, **kwargs)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    ok = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["probabilities"][0]) == 10
+
+
+def test_token_protects_every_route_but_health(server):
+    base, _, _ = server
+    secure = f"{base}/secure"
+    image = {"images": np.zeros((28, 28, 1)).tolist()}
+    assert requests.get(f"{secure}/v2/health/live").status_code == 200
+    assert requests.get(f"{secure}/v2/health/ready").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = requests.post(f"{secure}/models/cnn/classify", json=image, headers=headers)
+        assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]
+        assert requests.get(f"{secure}/models", headers=headers).status_code == 401
+    r = requests.post(f"{secure}/models/cnn/classify", json=image, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 200
+    assert requests.post(f"{base}/models/cnn/classify", json=image).status_code == 200  # no token: open
+
+
+def test_cli_serve_errors_are_one_line(tmp_path):
+    out = run_kiln("serve", "--store", str(tmp_path / "empty"))
+    assert out.returncode == 2 and "holds no models" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run_kiln("serve", "--port", "70000")
+    assert out.returncode == 2 and "--port must be 1-65535" in out.stderr
