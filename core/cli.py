@@ -155,6 +155,80 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("[kiln] server stopped", flush=True)
 
 
+def _value(text: str) -> object:
+    """A --set value for a server call: a JSON literal (7, 0.5, true, [1, 2]) or else the string."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _load_image(path: str, shape: list) -> object:
+    """An image file as pixel values 0-255 in the model's input shape (grayscale or RGB)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise KilnError(f"cannot read image {path}: {e}") from None
+    h, w = shape[1], shape[2]
+    channels = shape[3] if len(shape) > 3 else 1
+    img = img.convert("L" if channels == 1 else "RGB").resize((w, h))
+    x = np.asarray(img, dtype="float32")
+    return x.reshape(shape[1:]) if len(shape) > 3 else x
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from kiln.client import Client
+
+    client = Client(args.url)
+    served = {m["ref"].split(":")[0]: m for m in client.models()}
+    name = args.model.partition(":")[0]
+    if name not in served or "methods" not in served[name]:
+        raise KilnError(f"model '{name}' is not served (ready) at {args.url}; served: "
+                        f"{', '.join(sorted(served)) or 'none'}")
+    methods = served[name]["methods"]
+    if "classify" not in methods:
+        raise KilnError(f"model '{name}' has no classify method; its methods: {', '.join(sorted(methods))}")
+    arg, schema = next(iter(methods["classify"]["inputs"].items()))
+    out = client.call(args.model, "classify", **{arg: _load_image(args.image, schema["x-shape"])})
+    probs = out["probabilities"][0]
+    top = sorted(range(len(probs)), key=lambda i: -probs[i])[:3]
+    names = served[name].get("class_names") or None
+    print(f"{out['labels'][0]}  (" + ", ".join(f"{i if names is None else names[i]}: {probs[i]:.3f}" for i in top) + ")")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kiln.client import Client
+
+    client = Client(args.url)
+    served = {m["ref"].split(":")[0]: m for m in client.models()}
+    name = args.model.partition(":")[0]
+    if name not in served or "methods" not in served[name]:
+        raise KilnError(f"model '{name}' is not served (ready) at {args.url}; served: "
+                        f"{', '.join(sorted(served)) or 'none'}")
+    methods = served[name]["methods"]
+    method = args.method or next((m for m in ("sample", "generate") if m in methods), None)
+    if method is None or method not in methods:
+        raise KilnError(f"model '{name}' has no {args.method or 'sample or generate'} method; its "
+                        f"methods: {', '.join(sorted(methods))}")
+    call = {k: _value(v) for k, v in _overrides(args.set).items()}
+    if args.n is not None:
+        call["n"] = args.n
+    if args.out:
+        Path(args.out).write_bytes(client.png(args.model, method, **call))
+        print(f"[kiln] wrote {args.out}")
+    else:
+        out = client.call(args.model, method, **call)
+        print(out["text"] if "text" in out else __import__("json").dumps(out))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
     p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
@@ -218,6 +292,23 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413")
     s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for models to load")
     s.set_defaults(fn=cmd_serve)
+
+    url = os.environ.get("KILN_URL", "http://127.0.0.1:8000")
+    s = sub.add_parser("predict", parents=[common], help="classify an image file with a served model")
+    s.add_argument("model", metavar="NAME[:VERSION]")
+    s.add_argument("--image", required=True, help="PNG or JPEG file (resized to the model's input)")
+    s.add_argument("--url", default=url, help="Kiln server (default $KILN_URL or %(default)s)")
+    s.set_defaults(fn=cmd_predict)
+
+    s = sub.add_parser("generate", parents=[common], help="sample images or text from a served model")
+    s.add_argument("model", metavar="NAME[:VERSION]")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method argument, e.g. digit=7 or prompt=ROMEO: (repeatable)")
+    s.add_argument("--n", type=int, default=None, help="how many samples")
+    s.add_argument("--method", default=None, help="method to call (default: sample, else generate)")
+    s.add_argument("--out", default=None, metavar="FILE.png", help="write the images as one PNG grid")
+    s.add_argument("--url", default=url, help="Kiln server (default $KILN_URL or %(default)s)")
+    s.set_defaults(fn=cmd_generate)
     return p
 
 

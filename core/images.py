@@ -101,3 +101,30 @@ def traces(windows: np.ndarray, channels: Sequence[str], path: Path, *, titles: 
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def png_grid(images: np.ndarray, cols: int = 8, scale: int = 2) -> bytes:
+    """Images (N, H, W[, C]) with values in [0, 1] tiled into one PNG (bytes), for HTTP replies."""
+    import io
+
+    from PIL import Image
+
+    images = np.clip(np.asarray(images, dtype="float32"), 0, 1)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or not len(images):
+        raise ValueError(f"expected images (N, H, W[, C]), got shape {list(images.shape)}")
+    n, h, w, c = images.shape
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    sheet = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, c), dtype="float32")
+    for i in range(n):
+        r, k = divmod(i, cols)
+        sheet[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + k * (w + 2):2 + k * (w + 2) + w] = images[i]
+    pixels = (sheet * 255).round().astype("uint8")
+    img = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -118,7 +118,8 @@ class ModelServer:
     def describe(self) -> dict[str, Any]:
         m = self.version.manifest
         return {"name": self.version.name, "version": self.version.version, "plugin": m["plugin"],
-                "dataset": m["dataset"]["name"], "metrics": m.get("metrics", {}),
+                "dataset": m["dataset"]["name"], "class_names": m["dataset"].get("class_names", []),
+                "metrics": m.get("metrics", {}), "headline": m.get("headline"),
                 "methods": m.get("methods", {}), "load_seconds": round(self.load_seconds, 3)}
 
     def infer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:

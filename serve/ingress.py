@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from kiln.plugin import KilnError
 
@@ -196,7 +196,18 @@ def _ingress_class() -> Any:
             ref = self._ref(model, version)
             if not isinstance(body, dict):
                 raise HTTPError(400, "the body must be a JSON object of the method's arguments")
-            return await self._call(ref, method, body)
+            fmt = body.pop("format", None)
+            if fmt not in (None, "json", "png"):
+                raise HTTPError(400, f"'format' must be 'json' or 'png', got {fmt!r}")
+            png = fmt == "png" or "image/png" in request.headers.get("accept", "")
+            out = await self._call(ref, method, body)
+            if not png:
+                return out
+            if "images" not in out:
+                raise HTTPError(406, f"{ref} '{method}' returns no images ({', '.join(out)}); ask for JSON")
+            from kiln.images import png_grid
+
+            return Response(png_grid(np.asarray(out["images"])), media_type="image/png")
 
         # -- TF Serving REST --------------------------------------------------------------
         @api.post("/v1/models/{model}:predict")

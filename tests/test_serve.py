@@ -24,11 +24,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """cnn and lstm trained briefly, served by app "kiln" at / and, with a token, by app
+    """cnn, autoencoder and lstm trained briefly, served by app "kiln" at / and, with a token, by app
     "secure" at /secure; yields (base URL, store, what was seen while the models loaded)."""
     root = tmp_path_factory.mktemp("serve")
     env = {"KILN_STORE": str(root / "store"), "KILN_RUNS": str(root / "runs")}
     for args in (("cnn", "--epochs", "1", "--limit", "6000"),
+                 ("autoencoder", "--epochs", "1", "--limit", "2000"),
                  ("lstm", "--epochs", "1", "--limit", "300", "--set", "units=32")):
         out = run_kiln("train", *args, cwd=root, env=env)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -83,7 +84,7 @@ def test_loading_models_answer_503_then_ready(server):
     assert requests.get(f"{base}/v2/health/ready").json() == {"ready": True}
     assert requests.get(f"{base}/v2/health/live").json() == {"live": True}
     models = requests.get(f"{base}/models").json()["models"]
-    assert {m["ref"] for m in models} == {"cnn:1", "lstm:1"} and all(m["state"] == "READY" for m in models)
+    assert {m["ref"] for m in models} == {"autoencoder:1", "cnn:1", "lstm:1"} and all(m["state"] == "READY" for m in models)
     cnn = next(m for m in models if m["ref"] == "cnn:1")
     assert cnn["methods"]["classify"]["inputs"]["images"]["x-shape"] == [None, 28, 28, 1]
 
@@ -181,3 +182,30 @@ def test_cli_serve_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "holds no models" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = run_kiln("serve", "--port", "70000")
     assert out.returncode == 2 and "--port must be 1-65535" in out.stderr
+
+
+def test_client_cli_predict_and_png_generation(server, tmp_path):
+    base, store, _ = server
+    from PIL import Image
+
+    from kiln.client import Client
+
+    x, y = mnist(1)
+    Image.fromarray(x[0, ..., 0].astype("uint8")).save(tmp_path / "digit.png")
+    out = run_kiln("predict", "cnn", "--image", str(tmp_path / "digit.png"), "--url", base)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == Client(base).call("cnn", "classify", images=x)["labels"][0]
+    out = run_kiln("generate", "lstm", "--set", "prompt=ROMEO:", "--set", "max_chars=20", "--set", "seed=1", "--url", base)
+    assert out.returncode == 0 and out.stdout.startswith("ROMEO:"), out.stderr
+    # an image method answers with a PNG when asked (Accept: image/png or "format": "png")
+    png = Client(base).png("autoencoder", "reconstruct", images=mnist(3)[0])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import io
+
+    assert Image.open(io.BytesIO(png)).size == (2 * (3 * 30 + 2), 2 * 32)  # 3 tiles of 28+2, x2
+    same = requests.post(f"{base}/models/autoencoder/reconstruct", json={"images": mnist(3)[0].tolist(), "format": "png"})
+    assert same.headers["content-type"] == "image/png" and same.content == png
+    r = requests.post(f"{base}/models/lstm/generate", json={"prompt": "A", "format": "png"})
+    assert r.status_code == 406 and "returns no images" in r.json()["error"]
+    out = run_kiln("predict", "cnn", "--image", str(tmp_path / "digit.png"), "--url", "http://127.0.0.1:9")
+    assert out.returncode == 2 and "cannot reach a Kiln server" in out.stderr
