@@ -130,11 +130,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_address(args.address)
     store = app.store_path(args.store)
     refs = app.resolve_refs(store, args.model)
+    if args.batch_size < 0 or args.batch_wait_ms < 0:
+        raise KilnError("--batch-size and --batch-wait-ms must be >= 0")
     opts = app.ModelOptions(num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica,
-                            num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests)
+                            num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
+                            batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms)
     spec = app.ServeSpec(store=store, refs=refs, host=args.host, port=args.port,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
                          options={r: opts for r in refs}, token=os.environ.get("KILN_API_TOKEN") or None)
+    if args.build_config:
+        import yaml
+
+        Path(args.build_config).write_text(yaml.safe_dump(app.serve_config(spec), sort_keys=False))
+        print(f"[kiln] wrote {args.build_config}; deploy it with `serve deploy {args.build_config} "
+              "--address http://HEAD:8265` (the store path must exist on the cluster)")
+        return 0
     print(f"[kiln] serving {', '.join(refs)} from {store}; loading...", flush=True)
     app.start(spec, address=args.address)
     try:
@@ -289,8 +299,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-replica", type=float, default=0.25)
     s.add_argument("--gpus-per-replica", type=float, default=0.0)
     s.add_argument("--max-ongoing-requests", type=int, default=16, help="per replica")
+    s.add_argument("--batch-size", type=int, default=32,
+                   help="requests merged into one model call (0: no batching)")
+    s.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
     s.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413")
     s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for models to load")
+    s.add_argument("--build-config", default=None, metavar="FILE.yaml",
+                   help="write a Ray Serve config for `serve deploy` on a cluster instead of serving")
     s.set_defaults(fn=cmd_serve)
 
     url = os.environ.get("KILN_URL", "http://127.0.0.1:8000")

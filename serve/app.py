@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray import serve
 
 from kiln.plugin import KilnError, Scalar, Tensor
 
@@ -36,6 +37,8 @@ class ModelOptions:
     num_replicas: int = 1
     max_ongoing_requests: int = 16
     autoscaling_config: dict[str, Any] | None = None
+    batch_size: int = 32          # requests merged into one model call (0 or 1: no batching)
+    batch_wait_ms: float = 2.0    # how long a batch waits to fill
 
     def deployment_options(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
@@ -97,15 +100,34 @@ def example_args(method: Any, info: Any) -> dict[str, Any] | None:
     return args
 
 
-class ModelServer:
-    """One stored model version behind a Serve deployment."""
+def _split_error(message: str) -> dict[str, Any]:
+    return {"__kiln_error__": message}
 
-    def __init__(self, store: str, ref: str) -> None:
+
+class ModelServer:
+    """One stored model version behind a Serve deployment.
+
+    Batching: requests for a method with a single array input (classify, reconstruct, ...) that
+    arrive together are validated one by one, concatenated along the batch axis, run as one model
+    call, and split back per request. A bad request fails alone; the others in its batch succeed.
+    """
+
+    def __init__(self, store: str, ref: str, batch_size: int = 32, batch_wait_ms: float = 2.0) -> None:
         from kiln import run
 
         t0 = time.perf_counter()
         self.plugin, self.model, self.version = run.load(ref, store)
         self.ref = self.version.ref
+        self.batching = batch_size > 1
+        self.largest_batch = 0
+        self._batch.set_max_batch_size(max(1, batch_size))
+        self._batch.set_batch_wait_timeout_s(batch_wait_ms / 1000.0)
+        # methods whose only required input is one array with a leading batch axis
+        self.batchable = {}
+        for name, m in self.plugin.methods().items():
+            arrays = [k for k, v in m.inputs.items() if isinstance(v, Tensor) and v.shape and v.shape[0] is None]
+            if len(m.inputs) == 1 and len(arrays) == 1:
+                self.batchable[name] = arrays[0]
         for method in self.plugin.methods().values():  # trace every path before taking traffic
             args = example_args(method, self.plugin.info)
             if args is not None:
@@ -120,10 +142,55 @@ class ModelServer:
         return {"name": self.version.name, "version": self.version.version, "plugin": m["plugin"],
                 "dataset": m["dataset"]["name"], "class_names": m["dataset"].get("class_names", []),
                 "metrics": m.get("metrics", {}), "headline": m.get("headline"),
-                "methods": m.get("methods", {}), "load_seconds": round(self.load_seconds, 3)}
+                "methods": m.get("methods", {}), "load_seconds": round(self.load_seconds, 3),
+                "batchable": sorted(self.batchable) if self.batching else [],
+                "largest_batch": self.largest_batch}
 
-    def infer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def infer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+        arg = self.batchable.get(method)
+        if self.batching and arg is not None and set(args) == {arg}:
+            out = await self._batch((method, args))
+            if "__kiln_error__" in out:
+                raise KilnError(out["__kiln_error__"])
+            return out
         return jsonable(self.plugin.infer(self.model, method, args))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _batch(self, items: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = [{} for _ in items]
+        for method in {m for m, _ in items}:
+            arg = self.batchable[method]
+            fn = self.plugin.methods()[method]
+            schema = fn.inputs[arg]
+            parts, owners = [], []
+            for k, (m, a) in enumerate(items):
+                if m != method:
+                    continue
+                try:
+                    parts.append(schema.validate(arg, a.get(arg), self.plugin.info))
+                    owners.append(k)
+                except KilnError as e:
+                    results[k] = _split_error(str(e))
+            if not parts:
+                continue
+            sizes = [len(x) for x in parts]
+            try:
+                out = fn.fn(self.plugin, self.model, **{arg: np.concatenate(parts)})
+            except KilnError as e:
+                for k in owners:
+                    results[k] = _split_error(str(e))
+                continue
+            total, start = sum(sizes), 0
+            for k, n in zip(owners, sizes):
+                results[k] = {name: jsonable(v[start:start + n]) if _rows(v, total) else jsonable(v)
+                              for name, v in out.items()}
+                start += n
+        self.largest_batch = max(self.largest_batch, len(items))
+        return results
+
+
+def _rows(value: Any, total: int) -> bool:
+    return isinstance(value, (list, np.ndarray)) and len(value) == total
 
 
 def resolve_refs(store: str, names: list[str] | None) -> list[str]:
@@ -144,18 +211,51 @@ def resolve_refs(store: str, names: list[str] | None) -> list[str]:
 
 def build_app(spec: ServeSpec) -> Any:
     """The Serve application: the ingress bound to one deployment per model version."""
-    from ray import serve
-
     from kiln.serve.ingress import KilnIngress
 
     models = {}
     for ref in spec.refs:
         opts = spec.options.get(ref) or spec.options.get(ref.split(":")[0]) or ModelOptions()
         dep = serve.deployment(ModelServer, name=deployment_name(ref), **opts.deployment_options())
-        models[ref] = dep.bind(spec.store, ref)
+        models[ref] = dep.bind(spec.store, ref, opts.batch_size, opts.batch_wait_ms)
     ingress = serve.deployment(KilnIngress, name=INGRESS, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=256)
     return ingress.bind(models, spec.max_body_bytes, spec.token)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve application builder for config files (``import_path: kiln.serve.app:app_builder``):
+    ``args`` holds ``store``, optional ``models`` and ``max_body_mb``. The token, if any, comes from
+    the cluster's KILN_API_TOKEN environment variable, never from the file."""
+    import os
+
+    store = args.get("store")
+    if not store:
+        raise KilnError("the Serve config's args need 'store': the model store's path on the cluster")
+    refs = resolve_refs(store, args.get("models") or None)
+    return build_app(ServeSpec(store=store, refs=refs,
+                               max_body_bytes=int(float(args.get("max_body_mb", 16)) * 1024 * 1024),
+                               token=os.environ.get("KILN_API_TOKEN") or None))
+
+
+def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
+    """A Ray Serve config (``serve deploy FILE``) serving ``spec`` on a remote cluster. Per-model
+    deployment options (replicas, resources, autoscaling) are listed so they can be edited there."""
+    deployments = []
+    for ref in spec.refs:
+        opts = spec.options.get(ref) or ModelOptions()
+        d = {"name": deployment_name(ref), **opts.deployment_options()}
+        deployments.append(d)
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": spec.host, "port": spec.port},
+        "applications": [{
+            "name": app_name, "route_prefix": "/", "import_path": "kiln.serve.app:app_builder",
+            "args": {"store": spec.store, "models": list(spec.refs),
+                     "max_body_mb": spec.max_body_bytes / (1024 * 1024)},
+            "deployments": deployments,
+        }],
+    }
 
 
 def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln",
@@ -164,7 +264,6 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
     import logging
 
     import ray
-    from ray import serve
 
     if not ray.is_initialized():
         ray.init(address=address, logging_level=logging.ERROR, include_dashboard=False,

@@ -178,8 +178,8 @@ def _ingress_class() -> Any:
             out = []
             for ref in sorted(self.handles):
                 entry = {"ref": ref, "state": "READY" if states.get(ref) == "HEALTHY" else "LOADING"}
-                if entry["state"] == "READY":
-                    entry.update(await self._describe(ref))
+                if entry["state"] == "READY":  # fresh: it carries live counters
+                    entry.update(await self.handles[ref].describe.remote())
                 out.append(entry)
             return {"models": out}
 

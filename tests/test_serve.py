@@ -209,3 +209,26 @@ def test_client_cli_predict_and_png_generation(server, tmp_path):
     assert r.status_code == 406 and "returns no images" in r.json()["error"]
     out = run_kiln("predict", "cnn", "--image", str(tmp_path / "digit.png"), "--url", "http://127.0.0.1:9")
     assert out.returncode == 2 and "cannot reach a Kiln server" in out.stderr
+
+
+def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server):
+    base, _, _ = server
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, _ = mnist(24)
+    alone = requests.post(f"{base}/models/cnn/classify", json={"images": x.tolist()}).json()
+
+    def one(i):
+        images = x[i:i + 1].tolist() if i != 5 else [[1, 2]]  # request 5 has the wrong shape
+        return requests.post(f"{base}/models/cnn/classify", json={"images": images}, timeout=60)
+
+    with ThreadPoolExecutor(24) as pool:
+        replies = list(pool.map(one, range(24)))
+    assert replies[5].status_code == 400 and "has shape [1, 2]" in replies[5].json()["error"]
+    for i, r in enumerate(replies):
+        if i != 5:
+            assert r.status_code == 200
+            assert r.json()["classes"] == alone["classes"][i:i + 1]
+            assert np.allclose(r.json()["probabilities"], alone["probabilities"][i:i + 1], atol=1e-5)
+    cnn = next(m for m in requests.get(f"{base}/models").json()["models"] if m["ref"] == "cnn:1")
+    assert "classify" in cnn["batchable"] and cnn["largest_batch"] > 1
