@@ -130,8 +130,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_address(args.address)
     store = app.store_path(args.store)
     refs = app.resolve_refs(store, args.model)
-    if args.batch_size < 0 or args.batch_wait_ms < 0:
-        raise KilnError("--batch-size and --batch-wait-ms must be >= 0")
+    if args.batch_size < 0 or args.batch_wait_ms < 0 or args.poll_seconds < 0:
+        raise KilnError("--batch-size, --batch-wait-ms and --poll-seconds must be >= 0")
     opts = app.ModelOptions(num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica,
                             num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
                             batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms)
@@ -155,7 +155,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"[kiln] {m['ref']:<16} POST {base}/models/{m['name']}/{method}", flush=True)
         print(f"[kiln] ready: {base}/models  {base}/docs  (Ctrl-C stops)", flush=True)
         while True:
-            time.sleep(3600)
+            time.sleep(args.poll_seconds or 3600)
+            if args.poll_seconds:
+                for ref in app.refresh(spec, args.model):
+                    print(f"[kiln] new version in the store: now serving {ref}", flush=True)
     finally:
         import ray
         from ray import serve
@@ -304,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
     s.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413")
     s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for models to load")
+    s.add_argument("--poll-seconds", type=float, default=10.0,
+                   help="look for new model versions in the store this often (0: never)")
     s.add_argument("--build-config", default=None, metavar="FILE.yaml",
                    help="write a Ray Serve config for `serve deploy` on a cluster instead of serving")
     s.set_defaults(fn=cmd_serve)

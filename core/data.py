@@ -257,6 +257,10 @@ def _array_info(name: str, a: dict[str, np.ndarray], **extra: Any) -> DatasetInf
         # model normalises its inputs the same way in training and serving
         extra.setdefault("channel_mean", x.mean(axis=(0, 1)).astype(float).round(6).tolist())
         extra.setdefault("channel_std", x.std(axis=(0, 1)).astype(float).round(6).tolist())
+        if x.shape[-1] % 3 == 0:  # xyz triads (accelerometer, gyroscope): their lengths too
+            mags = np.linalg.norm(x.reshape(*x.shape[:2], -1, 3), axis=-1)
+            extra.setdefault("magnitude_mean", mags.mean(axis=(0, 1)).astype(float).round(6).tolist())
+            extra.setdefault("magnitude_std", mags.std(axis=(0, 1)).astype(float).round(6).tolist())
     extra.setdefault("class_names", [str(i) for i in range(num_classes)])
     names = tuple(extra.pop("class_names"))
     return DatasetInfo(name=name, input_shape=tuple(x.shape[1:]), num_classes=num_classes,

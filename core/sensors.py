@@ -11,7 +11,9 @@ Two real layouts are read:
   sample). Each recording is resampled onto a uniform 100 Hz grid (sp_sw_har's own rate, about
   one sample per 10 ms with jitter) by linear interpolation over its timestamps, cut into
   128-step windows with 50% overlap, and labelled by the most frequent sample label in the
-  window. The last fifth of the subjects (sorted by name) is the test split.
+  window. The last fifth of the subjects (sorted by name) is the test split. Training windows
+  start every 16 steps instead of every 64 (87.5% overlap): four times as many, shifted views
+  of the same recordings, which lifted test accuracy from 0.90 to 0.926; test windows keep 50%.
 
   Why 100 Hz and not UCI's 50 Hz: sp_sw_har's transitions (standing up, turning, sitting down)
   last 1-2 s. At 50 Hz a window spans 2.56 s and 48% of windows had no label covering 60% of
@@ -31,6 +33,8 @@ import numpy as np
 from kiln.plugin import KilnError
 
 WINDOW = 128
+TEST_STRIDE = WINDOW // 2      # 50% overlap, the usual HAR protocol
+TRAIN_STRIDE = WINDOW // 8     # denser training windows: a shift augmentation
 UCI_RATE_HZ = 50.0
 RECORDING_RATE_HZ = 100.0
 UCI_SIGNALS = tuple(f"{kind}_{axis}" for kind in ("body_acc", "body_gyro", "total_acc")
@@ -136,8 +140,9 @@ def _read_recordings(data: Path) -> Windows:
     xs = {"train": [], "test": []}
     ys = {"train": [], "test": []}
     for subject, (t, values), names in recordings:
-        x, y = _windows(t, values, np.array([labels.index(n) for n in names]), len(labels))
         split = "test" if subject in test_subjects else "train"
+        x, y = _windows(t, values, np.array([labels.index(n) for n in names]), len(labels),
+                        TEST_STRIDE if split == "test" else TRAIN_STRIDE)
         xs[split].append(x)
         ys[split].append(y)
     empty = np.zeros((0, WINDOW, len(CSV_CHANNELS)), "float32")
@@ -164,17 +169,17 @@ def _read_csv(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:
     return (values[order, 6], values[order, :6]), [body[i][7].strip() for i in order]
 
 
-def _windows(t_ms: np.ndarray, values: np.ndarray, labels: np.ndarray, n_classes: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Resample one recording to RECORDING_RATE_HZ, then 50%-overlapping windows labelled by
-    their most frequent label."""
+def _windows(t_ms: np.ndarray, values: np.ndarray, labels: np.ndarray, n_classes: int,
+             stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resample one recording to RECORDING_RATE_HZ, then windows starting every ``stride`` steps,
+    each labelled by its most frequent label."""
     step = 1000.0 / RECORDING_RATE_HZ
     grid = np.arange(t_ms[0], t_ms[-1] + 1e-9, step)
     keep = np.concatenate([[True], np.diff(t_ms) > 0])  # np.interp needs increasing times
     t, v, lab = t_ms[keep], values[keep], labels[keep]
     signal = np.stack([np.interp(grid, t, v[:, c]) for c in range(v.shape[1])], axis=-1)
     nearest = lab[np.clip(np.searchsorted(t, grid), 0, len(t) - 1)]
-    starts = range(0, len(grid) - WINDOW + 1, WINDOW // 2)
+    starts = range(0, len(grid) - WINDOW + 1, stride)
     x = np.array([signal[s:s + WINDOW] for s in starts], dtype="float32").reshape(-1, WINDOW, v.shape[1])
     y = np.array([np.bincount(nearest[s:s + WINDOW], minlength=n_classes).argmax() for s in starts],
                  dtype=np.int64)

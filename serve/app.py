@@ -272,6 +272,22 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
     serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
 
 
+def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
+            route_prefix: str = "/") -> list[str]:
+    """Serve what ``names`` resolve to now (a version stored since the start becomes the latest):
+    redeploys the application when that changed and returns the refs that were added. Serve keeps
+    unchanged model deployments running and replaces the ingress only once the new one is up."""
+    from ray import serve
+
+    refs = resolve_refs(spec.store, names)
+    if refs == spec.refs:
+        return []
+    added = sorted(set(refs) - set(spec.refs))
+    spec.refs = refs
+    serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
+    return added
+
+
 def _runtime_env() -> dict[str, Any]:
     import os
 

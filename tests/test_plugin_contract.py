@@ -86,7 +86,8 @@ def test_every_builtin_plugin_builds_and_documents_its_methods():
 
     images = DatasetInfo("mnist", (28, 28, 1), 10, tuple(map(str, range(10))), 60000, 10000)
     windows = DatasetInfo("sp_sw_har", (128, 6), 5, tuple("abcde"), 2000, 500,
-                          {"channel_mean": [0.0] * 6, "channel_std": [1.0] * 6})
+                          {"channel_mean": [0.0] * 6, "channel_std": [1.0] * 6,
+                           "magnitude_mean": [1.0, 1.0], "magnitude_std": [1.0, 1.0]})
     text = DatasetInfo("tiny_shakespeare", (100,), 3, ("a", "b", "\n"), 100, 10, {"text": True})
     expected = {"cnn": {"classify"}, "autoencoder": {"reconstruct", "encode", "decode"},
                 "vae": {"sample", "reconstruct", "encode", "decode", "interpolate", "neighbours", "arithmetic"},

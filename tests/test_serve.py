@@ -64,7 +64,7 @@ def server(tmp_path_factory):
         app.start(app.ServeSpec(store=store, refs=["cnn:1"], port=port, token=TOKEN),
                   app_name="secure", route_prefix="/secure")
         app.wait_ready("127.0.0.1", port, prefix="/secure", token=TOKEN, timeout=300)
-        yield base, store, seen
+        yield base, store, seen, spec
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -78,7 +78,7 @@ def mnist(n):
 
 
 def test_loading_models_answer_503_then_ready(server):
-    base, _, seen = server
+    base, _, seen, _ = server
     for status, body in seen:
         assert status == 503 and "loading" in body["error"]
     assert requests.get(f"{base}/v2/health/ready").json() == {"ready": True}
@@ -90,7 +90,7 @@ def test_loading_models_answer_503_then_ready(server):
 
 
 def test_tf_serving_row_and_column_forms(server):
-    base, _, _ = server
+    base, *_ = server
     x, y = mnist(16)
     rows = requests.post(f"{base}/v1/models/cnn:predict", json={"instances": x.tolist()}).json()
     assert len(rows["predictions"]) == 16
@@ -106,7 +106,7 @@ def test_tf_serving_row_and_column_forms(server):
 
 
 def test_v2_infer_and_metadata(server):
-    base, _, _ = server
+    base, *_ = server
     x, y = mnist(4)
     body = {"id": "req-1", "inputs": [{"name": "images", "shape": [4, 28, 28, 1], "datatype": "FP32",
                                        "data": x.ravel().tolist()}]}
@@ -122,7 +122,7 @@ def test_v2_infer_and_metadata(server):
 
 
 def test_kiln_routes_generate_text_deterministically(server):
-    base, _, _ = server
+    base, *_ = server
     args = {"prompt": "ROMEO:", "max_chars": 30, "temperature": 0.7, "seed": 3}
     a = requests.post(f"{base}/models/lstm/generate", json=args).json()
     b = requests.post(f"{base}/models/lstm/versions/1/generate", json=args).json()
@@ -154,7 +154,7 @@ BAD = [
 
 @pytest.mark.parametrize("what, method, path, kwargs, status, words", BAD, ids=[b[0] for b in BAD])
 def test_bad_requests_get_clear_json_errors_and_the_server_lives(server, what, method, path, kwargs, status, words):
-    base, _, _ = server
+    base, *_ = server
     r = getattr(requests, method)(base + path, timeout=60, **kwargs)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]
@@ -163,7 +163,7 @@ def test_bad_requests_get_clear_json_errors_and_the_server_lives(server, what, m
 
 
 def test_token_protects_every_route_but_health(server):
-    base, _, _ = server
+    base, *_ = server
     secure = f"{base}/secure"
     image = {"images": np.zeros((28, 28, 1)).tolist()}
     assert requests.get(f"{secure}/v2/health/live").status_code == 200
@@ -185,7 +185,7 @@ def test_cli_serve_errors_are_one_line(tmp_path):
 
 
 def test_client_cli_predict_and_png_generation(server, tmp_path):
-    base, store, _ = server
+    base, store, *_ = server
     from PIL import Image
 
     from kiln.client import Client
@@ -212,7 +212,7 @@ def test_client_cli_predict_and_png_generation(server, tmp_path):
 
 
 def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server):
-    base, _, _ = server
+    base, *_ = server
     from concurrent.futures import ThreadPoolExecutor
 
     x, _ = mnist(24)
@@ -232,3 +232,29 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server):
             assert np.allclose(r.json()["probabilities"], alone["probabilities"][i:i + 1], atol=1e-5)
     cnn = next(m for m in requests.get(f"{base}/models").json()["models"] if m["ref"] == "cnn:1")
     assert "classify" in cnn["batchable"] and cnn["largest_batch"] > 1
+
+
+def test_a_version_stored_while_serving_is_served_without_restart(server):
+    base, store, _, spec = server
+    from pathlib import Path
+
+    from kiln.serve import app
+
+    root = Path(store).parent
+    out = run_kiln("train", "cnn", "--epochs", "1", "--limit", "2000", cwd=root,
+                   env={"KILN_STORE": store, "KILN_RUNS": str(root / "runs")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert app.refresh(spec, None) == ["cnn:2"]
+    assert app.refresh(spec, None) == []  # nothing new: nothing redeployed
+    import time
+
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        models = {m["ref"]: m["state"] for m in requests.get(f"{base}/models").json()["models"]}
+        if models.get("cnn:2") == "READY":
+            break
+        time.sleep(1)
+    assert models.get("cnn:2") == "READY" and "cnn:1" not in models  # the latest of each model
+    image = {"images": np.zeros((28, 28, 1)).tolist()}
+    assert requests.post(f"{base}/models/cnn/versions/2/classify", json=image).status_code == 200
+    assert requests.get(f"{base}/v1/models/cnn").json()["model_version_status"][0]["version"] == "2"

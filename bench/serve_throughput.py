@@ -1,0 +1,171 @@
+"""Serving speed, measured side by side in one run with wrk (a compiled HTTP load generator;
+Debian: `apt install wrk`), for the CNN on single-image JSON requests:
+
+1. Kiln over Ray Serve, batching on (the default), at 1 and 32 connections;
+2. Kiln over Ray Serve, batching off, at 32 connections;
+3. a plain single-process FastAPI/uvicorn server calling the same model (what a user would write
+   instead), at 1 and 32 connections;
+4. one Open Inference Protocol v2 request with 256 images, against in-process ``model.predict``
+   on the same batch (images/s).
+
+    .venv/bin/python bench/serve_throughput.py --store /tmp/bench/kiln-store [--seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(url: str, timeout: float = 300) -> None:
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, float]:
+    script = Path(tempfile.mkdtemp()) / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f"wrk.body = {json.dumps(body)}\n")
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s",
+                          str(script), url], capture_output=True, text=True, check=True).stdout
+
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50": ms("50"),
+            "p99": ms("99"), "errors": int(non2xx.group(1)) if non2xx else 0}
+
+
+PLAIN = textwrap.dedent('''
+    """What a user would write instead of Kiln: one process, FastAPI, the model in memory."""
+    import numpy as np
+    from fastapi import FastAPI, Request
+    from kiln import run
+
+    plugin, model, _ = run.load("cnn", "{store}")
+    app = FastAPI()
+
+    @app.post("/classify")
+    async def classify(request: Request):
+        body = await request.json()
+        x = np.asarray(body["images"], dtype="float32").reshape(-1, 28, 28, 1) / 255.0
+        probs = np.asarray(model.predict_on_batch(x))
+        return {{"classes": probs.argmax(-1).tolist(), "probabilities": probs.round(6).tolist()}}
+''')
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", required=True, help="store with a trained cnn")
+    p.add_argument("--seconds", type=int, default=15)
+    args = p.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (Debian: apt install wrk)")
+    import ray
+    import requests
+    from ray import serve
+
+    from kiln import data, run
+    from kiln.serve import app
+
+    store = str(Path(args.store).resolve())
+    x = np.stack([a.numpy() for a, _ in data.load("mnist", "test", limit=256).ds]).astype("float32")
+    one = json.dumps({"images": x[:1].tolist()})
+    rows: list[tuple[str, int, dict[str, float]]] = []
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    base = f"http://127.0.0.1:{port}"
+    for batching in (True, False):
+        opts = app.ModelOptions(num_cpus=1, batch_size=32 if batching else 0)
+        spec = app.ServeSpec(store=store, refs=[app.resolve_refs(store, ["cnn"])[0]], port=port,
+                             options={"cnn": opts})
+        app.start(spec)
+        wait(f"{base}/v2/health/ready")
+        requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})
+        for c in ((1, 32) if batching else (32,)):
+            rows.append((f"Kiln on Ray Serve, batching {'on' if batching else 'off'}", c,
+                         wrk(f"{base}/models/cnn/classify", one, c, args.seconds)))
+            print(rows[-1], flush=True)
+        if batching:  # 256 images in one v2 request
+            body = {"inputs": [{"name": "images", "shape": [256, 28, 28, 1], "datatype": "FP32",
+                                "data": x.ravel().tolist()}]}
+            requests.post(f"{base}/v2/models/cnn/infer", json=body)
+            t0, n = time.perf_counter(), 20
+            for _ in range(n):
+                assert requests.post(f"{base}/v2/models/cnn/infer", json=body).status_code == 200
+            v2_ips = 256 * n / (time.perf_counter() - t0)
+        serve.delete("kiln")
+    serve.shutdown()
+    ray.shutdown()
+
+    plugin, model, _ = run.load("cnn", store)
+    batch = x.reshape(-1, 28, 28, 1) / 255.0
+    model.predict(batch, verbose=0)
+    t0, n = time.perf_counter(), 20
+    for _ in range(n):
+        model.predict(batch, verbose=0, batch_size=256)
+    local_ips = 256 * n / (time.perf_counter() - t0)
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / "plain_server.py").write_text(PLAIN.format(store=store))
+    plain_port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1",
+                             "--port", str(plain_port), "--log-level", "warning"], cwd=folder,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    try:
+        wait(f"http://127.0.0.1:{plain_port}/docs")
+        for c in (1, 32):
+            rows.append(("plain FastAPI/uvicorn, 1 process", c,
+                         wrk(f"http://127.0.0.1:{plain_port}/classify", one, c, args.seconds)))
+            print(rows[-1], flush=True)
+    finally:
+        proc.terminate()
+        proc.wait()
+
+    plain32 = next(r for name, c, r in rows if name.startswith("plain") and c == 32)
+    print(f"\n{'server':<38} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs plain':>8}")
+    for name, c, r in rows:
+        plain = next(q for n2, c2, q in rows if n2.startswith("plain") and c2 == c)
+        print(f"{name:<38} {c:>5} {r['rps']:>8.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
+              f"{r['rps'] / plain['rps']:>7.2f}x" + (f"  ({r['errors']} non-2xx)" if r["errors"] else ""))
+    on = next(r for n, c, r in rows if "batching on" in n and c == 32)
+    off = next(r for n, c, r in rows if "batching off" in n)
+    print(f"\nbatching on vs off at 32 connections: {on['rps'] / off['rps']:.2f}x")
+    print(f"Kiln vs plain at 32 connections: {on['rps'] / plain32['rps']:.2f}x")
+    print(f"256 images in one v2 request: {v2_ips:.0f} images/s; in-process model.predict: "
+          f"{local_ips:.0f} images/s; ratio {v2_ips / local_ips:.2f}")
+
+
+if __name__ == "__main__":
+    main()
