@@ -23,8 +23,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from kiln import KilnError, Plugin, Tensor, inference, param
+from kiln import KilnError, Plugin, param
 from kiln.images import confusion, grid
+from kiln.plugins.cnn import CNN
 
 # keras.applications networks Kiln can feed, and how each expects its 0-255 RGB input scaled
 # ("tf": to [-1, 1]; "raw": as is, the network rescales itself; "torch": ImageNet mean/std).
@@ -232,16 +233,5 @@ class Transfer(Plugin):
                      colors=["green" if a == b else "red" for a, b in zip(pred[first], y[first])],
                      title="test images with predicted class (red: wrong)")]
 
-    @inference(images=Tensor(shape=(None, "input"), min=0, max=255,
-                             description="images, pixel values 0-255"),
-               outputs={"classes": "predicted class index per image",
-                        "labels": "predicted class name per image",
-                        "probabilities": "softmax probabilities per image"})
-    def classify(self, model, images):
-        """Classify images with the transferred features and the new head."""
-        x, _ = self.preprocess(images, None)
-        probs = np.asarray(model.predict_on_batch(x))
-        names = self.info.class_names or tuple(map(str, range(self.info.num_classes)))
-        classes = probs.argmax(axis=-1)
-        return {"classes": classes.tolist(), "labels": [names[c] for c in classes],
-                "probabilities": probs.round(6).tolist()}
+    # the same inputs, outputs and code as the cnn's classify (self.preprocess scales the pixels)
+    classify = CNN.classify

