@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from kiln.plugin import DatasetInfo, KilnError
 from kiln.spec import TrainSpec
+from kiln.trainer import say
 
 
 def check_address(address: str) -> None:
@@ -107,14 +108,22 @@ def _worker(config: dict[str, Any]) -> None:
     _quiet_worker_logs()
     # TensorflowTrainer has set TF_CONFIG for this worker; the strategy must exist before any op.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    train_loop(spec, DatasetInfo.from_dict(config["info"]), strategy, RayContext())
+    ctx = RayContext()
+    import ray
+
+    say(f"worker {ctx.rank}/{ctx.world_size} on node {ray.util.get_node_ip_address()}, "
+        f"GPUs {ray.get_gpu_ids() or 'none'}")
+    train_loop(spec, DatasetInfo.from_dict(config["info"]), strategy, ctx)
 
 
 def fit(spec: TrainSpec, info: DatasetInfo) -> Path:
-    """Train on ``spec.workers`` Ray Train workers; returns the run folder holding checkpoints."""
+    """Train on ``spec.workers`` Ray Train workers (elastic up to ``spec.max_workers``); returns
+    the run folder holding checkpoints. A failed worker or lost node restarts the group from the
+    last checkpoint, up to ``spec.max_failures`` times."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
+    joined = bool(spec.address or os.environ.get("RAY_ADDRESS"))  # else a cluster on this machine
     connect(spec.address)
     import ray
 
@@ -122,17 +131,22 @@ def fit(spec: TrainSpec, info: DatasetInfo) -> Path:
     need_cpu = spec.workers * spec.cpus_per_worker
     need_gpu = spec.workers * spec.gpus_per_worker
     if resources.get("CPU", 0) < need_cpu or resources.get("GPU", 0) < need_gpu:
-        raise KilnError(f"{spec.workers} workers need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the "
-                        f"Ray cluster has {resources.get('CPU', 0):g} CPUs and "
-                        f"{resources.get('GPU', 0):g} GPUs; lower --workers/--cpus-per-worker/"
-                        "--gpus-per-worker or add nodes")
+        have = f"{resources.get('CPU', 0):g} CPUs and {resources.get('GPU', 0):g} GPUs"
+        if not joined:
+            raise KilnError(f"{spec.workers} workers need {need_cpu:g} CPUs and {need_gpu:g} GPUs but "
+                            f"the Ray cluster has {have}; lower --workers/--cpus-per-worker/"
+                            "--gpus-per-worker or add nodes")
+        # A cluster with an autoscaler (ray up, KubeRay) adds nodes when Ray Train asks for them.
+        say(f"{spec.workers} workers need {need_cpu:g} CPUs and {need_gpu:g} GPUs; the cluster has "
+            f"{have} now: waiting for it to scale up")
     per_worker: dict[str, float] = {"CPU": spec.cpus_per_worker}
     if spec.gpus_per_worker:
         per_worker["GPU"] = spec.gpus_per_worker
     trainer = TensorflowTrainer(
         _worker,
         train_loop_config={"spec": spec.to_dict(), "info": info.to_dict()},
-        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.gpus_per_worker > 0,
+        scaling_config=ScalingConfig(num_workers=(spec.workers, spec.max_workers) if spec.elastic
+                                     else spec.workers, use_gpu=spec.gpus_per_worker > 0,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
             name=spec.run, storage_path=spec.runs_dir,

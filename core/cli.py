@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -168,6 +169,165 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("[kiln] server stopped", flush=True)
 
 
+def _local_path(value: str) -> str:
+    """A store or runs folder as the job sees it: absolute (relative to where you submit), file://
+    URIs as paths. The folder must be one the cluster's nodes can reach (shared or local head)."""
+    if "://" in value:
+        scheme, _, rest = value.partition("://")
+        if scheme != "file":
+            raise KilnError(f"{value!r}: only folders and file:// URIs are supported as a store; mount "
+                            f"the {scheme} bucket on the cluster (e.g. with a CSI driver or FUSE) and "
+                            "pass that folder")
+        value = rest
+    return str(Path(value).expanduser().resolve())
+
+
+def _strip(argv: list[str], *flags: str) -> list[str]:
+    """argv without ``--flag VALUE`` / ``--flag=VALUE`` for the given flags."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not any(a.startswith(f + "=") for f in flags):
+            out.append(a)
+    return out
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from kiln import data, run
+    from kiln.cluster import jobs
+
+    if not args.train_args or args.train_args[0] != "train":
+        raise KilnError("kiln submit runs a training job: `kiln submit [--address URL] [--follow] train "
+                        "PLUGIN [kiln train options]`")
+    train_args = args.train_args[1:]
+    ns = parser().parse_args(["train", *train_args])  # bad flags fail here, before submitting
+    if not ns.plugin and not ns.resume:
+        raise KilnError("name a plugin to train (see `kiln plugins`), or --resume RUN")
+    workers, _ = run.parse_workers(ns.workers)
+    # Named here (flag or environment): made absolute here. Else the cluster's own $KILN_STORE.
+    store = getattr(ns, "store", None) or args.store or os.environ.get("KILN_STORE")
+    store = _local_path(store) if store else None
+    runs_dir = ns.runs_dir or os.environ.get("KILN_RUNS")
+    runs_dir = _local_path(runs_dir) if runs_dir else None
+    plugin_path = getattr(ns, "plugin_path", None) or args.plugin_path
+    rest = _strip(train_args, "--store", "--runs-dir", "--plugin-path", "--dataset")
+    if ns.dataset:
+        rest += ["--dataset", _local_path(ns.dataset) if data.is_file_dataset(ns.dataset) else ns.dataset]
+    job_id = jobs.submit(rest, address=args.address, store=store, runs_dir=runs_dir,
+                         plugin_path=plugin_path, workers=workers, gpus_per_worker=ns.gpus_per_worker,
+                         cpus_per_worker=ns.cpus_per_worker, resume=bool(ns.resume or ns.run),
+                         env=_overrides(args.env), job_id=args.job_id)
+    address = jobs.dashboard_address(args.address)
+    print(job_id)
+    print(f"[kiln] submitted to {address}; the model goes to "
+          f"{store or 'the store $KILN_STORE names on the cluster'}", file=sys.stderr)
+    if not args.follow:
+        print(f"[kiln] follow it with `kiln jobs logs {job_id} --follow`", file=sys.stderr)
+        return 0
+    return _follow(args.address, job_id)
+
+
+def _follow(address: str | None, job_id: str) -> int:
+    from kiln.cluster import jobs
+
+    seen: list[str] = []
+
+    def out(chunk: str) -> None:
+        seen.append(chunk)
+        sys.stdout.write(chunk if chunk.endswith("\n") else chunk + "\n")
+        sys.stdout.flush()
+
+    try:
+        job = jobs.follow(address, job_id, out)
+    except KeyboardInterrupt:
+        raise KilnError(f"stopped following; job {job_id} keeps running (`kiln jobs stop {job_id}` "
+                        "stops it)") from None
+    status = jobs.status_text(job)
+    if status != "SUCCEEDED":
+        raise KilnError(f"job {job_id} {status}: {jobs.failure(job, ''.join(seen))}")
+    print(f"[kiln] job {job_id} SUCCEEDED", file=sys.stderr)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    import datetime
+
+    from kiln.cluster import jobs
+
+    action = args.action or "list"
+    if action == "list":
+        found = jobs.list_jobs(args.address)
+        if not found:
+            print(f"no jobs on {jobs.dashboard_address(args.address)}; submit one with `kiln submit train cnn`")
+            return 0
+        rows = [("ID", "STATUS", "STARTED", "SECONDS", "ENTRYPOINT")]
+        for j in found:
+            start = datetime.datetime.fromtimestamp(j.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S") \
+                if j.start_time else "-"
+            end = j.end_time or (time.time() * 1000 if j.start_time else None)
+            seconds = f"{(end - j.start_time) / 1000:.0f}" if j.start_time and end else "-"
+            rows.append((j.submission_id or j.job_id or "-", jobs.status_text(j), start, seconds,
+                         j.entrypoint.replace("python -m kiln.cli", "kiln")))
+        for line in jobs.iter_rows(rows):
+            print(line)
+        return 0
+    if not args.id:
+        raise KilnError(f"`kiln jobs {action}` needs a job id (see `kiln jobs`)")
+    if action == "logs":
+        if args.follow:
+            return _follow(args.address, args.id)
+        text = jobs.logs(args.address, args.id)
+        sys.stdout.write(text)
+        job = jobs.info(args.address, args.id)
+        print(f"[kiln] job {args.id} {jobs.status_text(job)}", file=sys.stderr)
+        return 0
+    status = jobs.stop(args.address, args.id)
+    print(f"[kiln] job {args.id} {status}")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from kiln.cluster import jobs
+
+    if args.action == "up":
+        gcs, dashboard = jobs.cluster_up(port=args.port, dashboard_port=args.dashboard_port,
+                                         dashboard_host=args.dashboard_host, num_cpus=args.num_cpus,
+                                         num_gpus=args.num_gpus)
+        print(f"[kiln] Ray head on {gcs}; jobs and dashboard at {dashboard} (bound to "
+              f"{args.dashboard_host})")
+        print(f"[kiln] token authentication: {os.environ.get('RAY_AUTH_MODE', 'token')}; "
+              "`kiln submit train cnn` sends the token from ~/.ray/auth_token")
+        print("[kiln] `kiln cluster status` shows it, `kiln cluster down` stops it")
+        return 0
+    if args.action == "down":
+        jobs.cluster_down()
+        print("[kiln] Ray stopped on this machine")
+        return 0
+    found = jobs.nodes(args.address)
+    rows = [("NODE", "ADDRESS", "ROLE", "STATE", "CPUS", "GPUS")]
+    cpus = gpus = 0.0
+    for n in found:
+        res = n.get("resources_total") or {}
+        if n.get("state") == "ALIVE":
+            cpus += res.get("CPU", 0)
+            gpus += res.get("GPU", 0)
+        rows.append((str(n.get("node_id", "-"))[:12], str(n.get("node_ip", "-")),
+                     "head" if n.get("is_head_node") else "worker", str(n.get("state", "-")),
+                     f"{res.get('CPU', 0):g}", f"{res.get('GPU', 0):g}"))
+    for line in jobs.iter_rows(rows):
+        print(line)
+    alive = sum(1 for n in found if n.get("state") == "ALIVE")
+    print(f"{alive} alive node(s): {cpus:g} CPUs, {gpus:g} GPUs")
+    running = [j for j in jobs.list_jobs(args.address) if jobs.status_text(j) in ("PENDING", "RUNNING")]
+    print(f"{len(running)} job(s) running" + "".join(
+        f"\n  {j.submission_id}  {jobs.status_text(j)}  {j.entrypoint.replace('python -m kiln.cli', 'kiln')}"
+        for j in running))
+    return 0
+
+
 def _value(text: str) -> object:
     """A --set value for a server call: a JSON literal (7, 0.5, true, [1, 2]) or else the string."""
     import json
@@ -261,7 +421,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("plugin", nargs="?", help="plugin name (see `kiln plugins`)")
     s.add_argument("--epochs", type=int, default=None, help="epochs (default: the plugin's)")
     s.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the plugin's)")
-    s.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 trains in-process (default)")
+    s.add_argument("--workers", default="0", metavar="N|MIN-MAX",
+                   help="Ray Train workers; MIN-MAX scales elastically between the two; 0 trains "
+                        "in-process (default)")
     s.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray gives each worker")
     s.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray gives each worker")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -312,6 +474,37 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--build-config", default=None, metavar="FILE.yaml",
                    help="write a Ray Serve config for `serve deploy` on a cluster instead of serving")
     s.set_defaults(fn=cmd_serve)
+
+    jobs_url = "Ray head's jobs API (default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
+    s = sub.add_parser("submit", parents=[common], help="run `kiln train ...` as a job on a Ray cluster",
+                       description="Submit a training job through the Ray Jobs API: `kiln submit "
+                                   "[options] train PLUGIN [kiln train options]`. The job carries "
+                                   "Kiln's code; data and stores stay on the cluster.")
+    s.add_argument("--address", default=None, help=jobs_url)
+    s.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job, e.g. KILN_DATA_DIR=/data (repeatable)")
+    s.add_argument("--job-id", default=None, help="job id (default kiln-PLUGIN-TIME-XXXX; also the run name)")
+    s.add_argument("train_args", nargs=argparse.REMAINDER, metavar="train PLUGIN ...")
+    s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("jobs", help="list Kiln's jobs on a Ray cluster, show their logs, stop them")
+    s.add_argument("action", nargs="?", choices=["list", "logs", "stop"], default="list")
+    s.add_argument("id", nargs="?", help="job id (for logs and stop)")
+    s.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    s.add_argument("--address", default=None, help=jobs_url)
+    s.set_defaults(fn=cmd_jobs)
+
+    s = sub.add_parser("cluster", help="start, inspect or stop a Ray head on this machine")
+    s.add_argument("action", choices=["up", "down", "status"])
+    s.add_argument("--address", default=None, help="status: " + jobs_url)
+    s.add_argument("--port", type=int, default=6379, help="up: the head's GCS port")
+    s.add_argument("--dashboard-port", type=int, default=8265, help="up: dashboard and jobs API port")
+    s.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="up: address the jobs API binds (default loopback; see README before widening)")
+    s.add_argument("--num-cpus", type=int, default=None, help="up: CPUs the head offers (default all)")
+    s.add_argument("--num-gpus", type=int, default=None, help="up: GPUs the head offers (default all)")
+    s.set_defaults(fn=cmd_cluster)
 
     url = os.environ.get("KILN_URL", "http://127.0.0.1:8000")
     s = sub.add_parser("predict", parents=[common], help="classify an image file with a served model")

@@ -29,8 +29,20 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get("KILN_RUNS", "kiln-runs")).expanduser()
 
 
+def parse_workers(text: str | int) -> tuple[int, int]:
+    """--workers N (fixed) or MIN-MAX (elastic: Ray Train runs with as many as fit) -> (min, max)."""
+    lo, sep, hi = str(text).strip().partition("-")
+    if not lo.isdigit() or (sep and not hi.isdigit()):
+        raise KilnError(f"--workers takes N or MIN-MAX (e.g. 2 or 1-4), got {text!r}")
+    low, high = int(lo), int(hi) if sep else int(lo)
+    if sep and not 1 <= low <= high:
+        raise KilnError(f"--workers {text}: need 1 <= MIN <= MAX")
+    return low, high
+
+
 def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
-         batch_size: int | None = None, overrides: dict[str, Any] | None = None, workers: int = 0,
+         batch_size: int | None = None, overrides: dict[str, Any] | None = None,
+         workers: int | str = 0,
          gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, seed: int = 0,
          name: str | None = None, run: str | None = None, store: str | Path | None = None,
          runs_dir: str | Path | None = None, limit: int | None = None,
@@ -40,6 +52,7 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
         plugin_path = str(Path(plugin_path).resolve())
         registry.load_file(plugin_path)
     cls = registry.get(plugin)
+    workers, max_workers = parse_workers(workers)
     make_config(cls.Config, overrides)  # unknown keys / bad values fail here, before any work
     dataset = dataset or cls.dataset
     if data.is_file_dataset(dataset):
@@ -49,6 +62,12 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
                              ("--max-failures", max_failures, 0)):
         if value is not None and value < low:
             raise KilnError(f"{flag} must be >= {low}, got {value}")
+    batch = batch_size or cls.batch_size
+    if workers and max_workers == workers and batch % workers:
+        raise KilnError(f"--batch-size {batch} must be divisible by --workers {workers}: each worker "
+                        f"takes an equal share (try {batch - batch % workers or workers})")
+    if batch < max_workers:
+        raise KilnError(f"--batch-size {batch} is smaller than the {max_workers} workers")
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
         raise KilnError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
     if address:
@@ -59,10 +78,12 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
     run = run or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     store_mod.check_name(run)
     return TrainSpec(plugin=plugin, dataset=dataset, epochs=epochs or cls.epochs,
-                     batch_size=batch_size or cls.batch_size, run=run, name=name,
+                     batch_size=batch, run=run, name=name,
                      store=str(Path(store or store_mod.default_root()).resolve()),
                      runs_dir=str(Path(runs_dir or default_runs_dir()).resolve()),
-                     overrides=dict(overrides or {}), workers=workers, gpus_per_worker=gpus_per_worker,
+                     overrides=dict(overrides or {}), workers=workers,
+                     max_workers=max_workers if max_workers > workers else 0,
+                     gpus_per_worker=gpus_per_worker,
                      cpus_per_worker=cpus_per_worker, seed=seed, limit=limit, plugin_path=plugin_path,
                      max_failures=max_failures, address=address)
 
@@ -106,7 +127,7 @@ def train(spec: TrainSpec) -> store_mod.Version:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
     say(f"run '{spec.run}': {spec.plugin} on {spec.dataset}, {spec.epochs} epochs, "
-        f"{'in-process' if spec.workers == 0 else f'{spec.workers} Ray Train workers'}; "
+        f"{_where(spec)}; "
         f"checkpoints in {run_dir}")
     if spec.workers == 0:
         import tensorflow as tf
@@ -121,6 +142,13 @@ def train(spec: TrainSpec) -> store_mod.Version:
 
         final = fit(spec, info)
     return finalize(spec, info, final)
+
+
+def _where(spec: TrainSpec) -> str:
+    if spec.workers:
+        return f"{spec.workers_text} Ray Train workers"
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")  # set by Ray for a job that reserved GPUs
+    return "in-process" + (f" on GPUs {gpus}" if gpus else "")
 
 
 def make_plugin_for(spec: TrainSpec, info: DatasetInfo) -> Plugin:
@@ -169,10 +197,11 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
             "plugin": spec.plugin, "plugin_path": spec.plugin_path,
             "config": _plain(vars(plugin.config)), "dataset": info.to_dict(),
             "metrics": metrics, "headline": cls.headline, "history": state["history"],
+            "resumed": state.get("resumed", []),
             "judged_by": judged_by,
             "methods": {k: m.describe(info) for k, m in cls.methods().items()},
             "train": {k: getattr(spec, k) for k in ("epochs", "batch_size", "workers",
-                                                     "gpus_per_worker", "seed", "limit", "overrides")},
+                                                     "max_workers", "gpus_per_worker", "seed", "limit", "overrides")},
             "run": spec.run, "kiln_version": __version__,
         }
 

@@ -22,6 +22,7 @@ class TrainSpec:
     runs_dir: str
     overrides: dict[str, Any] = field(default_factory=dict)
     workers: int = 0
+    max_workers: int = 0  # > workers: elastic, Ray Train runs between workers and max_workers
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     seed: int = 0
@@ -39,6 +40,15 @@ class TrainSpec:
     def progress_dir(self) -> Path:
         """Pictures plugins draw while training (copied into the stored version's artifacts)."""
         return self.run_dir / "progress"
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_workers > self.workers
+
+    @property
+    def workers_text(self) -> str:
+        """'2' or '1-4' (elastic), as --workers takes it."""
+        return f"{self.workers}-{self.max_workers}" if self.elastic else str(self.workers)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

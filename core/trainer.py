@@ -132,12 +132,18 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
         plugin.progress_dir = spec.progress_dir
         plugin.progress_dir.mkdir(parents=True, exist_ok=True)
     n_rep = strategy.num_replicas_in_sync
-    if spec.batch_size % n_rep:
-        raise KilnError(f"--batch-size {spec.batch_size} must be divisible by the {n_rep} replicas")
+    # An elastic run may restart with a worker count that does not divide --batch-size: the
+    # global batch is then rounded down to a multiple of it (fixed sizes are checked by run.plan).
+    per_replica = spec.batch_size // n_rep
+    global_batch = per_replica * n_rep
+    if per_replica < 1:
+        raise KilnError(f"--batch-size {spec.batch_size} is smaller than the {n_rep} replicas")
+    if global_batch != spec.batch_size and ctx.rank == 0:
+        say(f"global batch {global_batch}: --batch-size {spec.batch_size} rounded down to a multiple "
+            f"of {n_rep} replicas")
     per_class = plugin.train_per_class()
     train_size = data.split_size(info, "train", spec.limit, per_class)
-    per_worker_batch = spec.batch_size // ctx.world_size
-    steps = (train_size // ctx.world_size) // per_worker_batch
+    steps = (train_size // ctx.world_size) // (global_batch // ctx.world_size)
     if steps < 1:
         raise KilnError(f"{train_size} training examples cannot fill one batch of {spec.batch_size} "
                         f"per step; lower --batch-size")
@@ -145,7 +151,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
     def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         shard = (input_context.input_pipeline_id, input_context.num_input_pipelines)
         split = data.load(spec.dataset, "train", shard=shard, limit=spec.limit, per_class=per_class)
-        batch = input_context.get_per_replica_batch_size(spec.batch_size)
+        batch = input_context.get_per_replica_batch_size(global_batch)
         ds = split.ds.shuffle(min(split.size, 20000), seed=spec.seed + shard[0])
         ds = ds.batch(batch, drop_remainder=True).repeat()
         ds = ds.map(plugin.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
@@ -155,13 +161,15 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
         model = build_model(plugin)
 
     history: list[dict[str, float]] = []
+    resumed: list[dict[str, Any]] = []  # each restart: the epoch it resumed from, on how many workers
     start = 0
     for restore in ctx.restore_dir():
         if restore is not None:
             state = restore_checkpoint(model, restore)
             start, history = state["epoch"], state["history"]
+            resumed = state.get("resumed", []) + [{"epoch": start, "workers": ctx.world_size}]
             if ctx.rank == 0:
-                say(f"resuming from checkpoint at epoch {start} ({restore})")
+                say(f"resuming from checkpoint at epoch {start} on {ctx.world_size} worker(s) ({restore})")
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
 
@@ -184,18 +192,20 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
             done += n
         metrics = {k: float(strategy.reduce("SUM", v, axis=None)) / n_rep for k, v in logs.items()}
         seconds = time.perf_counter() - t0
-        metrics.update(epoch=epoch, examples_per_s=steps * spec.batch_size / seconds, seconds=seconds)
+        metrics.update(epoch=epoch, examples_per_s=steps * global_batch / seconds, seconds=seconds,
+                       workers=ctx.world_size)
         history.append(metrics)
         if ctx.rank == 0:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                              if k not in ("epoch", "examples_per_s", "seconds"))
+                              if k not in ("epoch", "examples_per_s", "seconds", "workers"))
             say(f"epoch {epoch}/{spec.epochs}  {shown}  "
                 f"{metrics['examples_per_s']:.0f} examples/s  {seconds:.1f}s")
         plugin.on_epoch_end(model, epoch, metrics, ctx.rank)
         tmp = Path(tempfile.mkdtemp(prefix="kiln-ckpt-"))
         try:
             if ctx.rank == 0:
-                save_checkpoint(model, tmp, {"epoch": epoch, "history": history, "spec": spec.to_dict()})
+                save_checkpoint(model, tmp, {"epoch": epoch, "history": history, "resumed": resumed,
+                                             "spec": spec.to_dict()})
             ctx.report(metrics, tmp if ctx.rank == 0 else None)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -34,7 +34,8 @@ def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,
 
 def ray_processes() -> list[str]:
     out = subprocess.run(["pgrep", "-af", "raylet|gcs_server|ray::"], capture_output=True, text=True)
-    return [line for line in out.stdout.splitlines() if "pgrep" not in line]
+    # a <defunct> entry is a process that has exited and waits for its parent to reap it
+    return [line for line in out.stdout.splitlines() if "pgrep" not in line and "<defunct>" not in line]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -73,6 +73,12 @@ def test_har_reload_classifies_raw_windows_identically_and_validates(store):
     bad[0, 3, 2] = np.nan
     with pytest.raises(KilnError, match="NaN"):
         a.infer(model_a, "classify", {"windows": bad})
+    # test windows kept with the model (the gallery's activity picker): a few of each activity
+    ex = a.infer(model_a, "examples", {})
+    assert sorted(set(ex["labels"])) == sorted(a.info.class_names) and len(ex["channels"]) == 6
+    assert np.asarray(ex["windows"]).shape == (len(ex["labels"]), 128, 6)
+    right = a.infer(model_a, "classify", {"windows": ex["windows"]})["labels"]
+    assert np.mean([p == t for p, t in zip(right, ex["labels"])]) > 0.5
 
 
 def write_uci(root, seed=0):
@@ -246,8 +252,8 @@ def test_transfer_bad_base_is_one_line(workdir, sets, msg):
 
 @pytest.mark.ray
 def test_sequence_and_transfer_plugins_keep_two_workers_identical(tmp_path, monkeypatch):
-    from kiln import run
-    from kiln.cluster.train import local_cluster
+    from kiln import data, run
+    from kiln.cluster.train import fit, local_cluster
 
     probe = tmp_path / "probe"
     probe.mkdir()
@@ -261,7 +267,8 @@ def test_sequence_and_transfer_plugins_keep_two_workers_identical(tmp_path, monk
                               overrides={"labels_per_class": "16", "head_epochs": "1"}))]
     with local_cluster(num_cpus=2):
         for name, kw in jobs:
-            run.train(run.plan(f"dump_{name}", workers=2, **common, **kw))
+            spec = run.plan(f"dump_{name}", workers=2, **common, **kw)
+            fit(spec, data.prepare(spec.dataset))  # training only: evaluation is tested elsewhere
     for name, _ in jobs:
         with np.load(probe / f"dump_{name}-rank0-epoch2.npz") as f0, \
                 np.load(probe / f"dump_{name}-rank1-epoch2.npz") as f1:

@@ -1,0 +1,338 @@
+"""Ray Jobs: run ``kiln train`` on a Ray cluster, follow it, list and stop jobs; start and stop a
+local head to try it out.
+
+A job carries Kiln's own code (the installed ``kiln`` package and its entry points, plus a
+``--plugin-path`` file) as its ``working_dir``: a few hundred kB. Data, checkpoints and stores
+never go into it; they are paths on the cluster (``--store``, ``--runs-dir``, ``KILN_DATA_DIR``).
+
+Every call talks to the head's dashboard address (``http://HEAD:8265``) and sends Ray's
+authentication token when one is configured (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+~/.ray/auth_token), so a cluster started with token authentication accepts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.metadata
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
+
+from kiln.plugin import KilnError
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+_ERROR_LINE = re.compile(r"kiln: error: .*")
+
+
+def dashboard_address(address: str | None) -> str:
+    """``--address``, else $RAY_API_SERVER_ADDRESS, else the local head; ``host:port`` gets http://."""
+    address = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS).strip()
+    if "://" not in address:
+        address = f"http://{address}"
+    url = urlparse(address)
+    if url.scheme not in ("http", "https") or not url.hostname or url.port is None and ":" in url.netloc:
+        raise KilnError(f"bad jobs address {address!r}: use the head's dashboard, e.g. http://HEAD:8265")
+    return address.rstrip("/")
+
+
+def auth_token() -> str | None:
+    """Ray's token for clusters with token authentication, from where Ray itself looks for it."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _reachable(address: str) -> None:
+    """Fail in seconds when nothing listens (Ray's own client retries for a long time)."""
+    url = urlparse(address)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=3).close()
+    except OSError as e:
+        raise KilnError(f"cannot reach a Ray cluster's jobs API at {address}: {e.strerror or e}; "
+                        "start one with `kiln cluster up` or pass --address http://HEAD:8265") from None
+
+
+def client(address: str | None) -> Any:
+    """A JobSubmissionClient for the cluster at ``address``; KilnError if unreachable or refused."""
+    address = dashboard_address(address)
+    _reachable(address)
+    from ray.job_submission import JobSubmissionClient
+
+    # Ray's SDK logs each upload and websocket close at INFO; Kiln prints what matters itself.
+    for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    token = auth_token()
+    try:
+        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)
+    except Exception as e:  # ConnectionError, or an HTTP error for a non-Ray server
+        raise KilnError(f"no Ray jobs API at {address}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _call(what: str, fn: Callable[[], Any], job_id: str | None = None) -> Any:
+    """Run a JobSubmissionClient call; a missing job or a refused request becomes one line."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        text = str(e)
+        if job_id and ("404" in text or "does not exist" in text):
+            raise KilnError(f"no job '{job_id}' on this cluster; `kiln jobs` lists them") from None
+        if "401" in text or "403" in text or "nauthorized" in text or "orbidden" in text:
+            raise KilnError(f"the cluster refused to {what}: {_first_line(e)}; set RAY_AUTH_TOKEN to "
+                            "its token (`ray get-auth-token` on the head)") from None
+        raise KilnError(f"cannot {what}: {_first_line(e)}") from None
+
+
+# ----------------------------------------------------------------------------------- submit
+
+
+def stage(dest: Path, plugin_path: str | None = None) -> Path:
+    """Copy the installed ``kiln`` package (with its entry points) into ``dest``: the job's code.
+
+    The copy is what ``pip install`` puts into site-packages, so a cluster with Kiln's dependencies
+    but without Kiln itself runs the submitter's exact version, built-in plugins included.
+    """
+    import kiln
+
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
+    shutil.copytree(Path(kiln.__file__).parent, dest / "kiln", ignore=ignore)
+    for sub in ("plugins", "serve", "cluster"):
+        src = Path(importlib.import_module(f"kiln.{sub}").__path__[0])
+        target = dest / "kiln" / sub
+        if target.exists():  # a regular install nests subpackages already
+            continue
+        shutil.copytree(src, target, ignore=ignore)
+    dist = importlib.metadata.distribution("kiln")
+    info = dest / f"kiln-{dist.version}.dist-info"
+    info.mkdir()
+    for name in ("METADATA", "entry_points.txt"):
+        text = dist.read_text(name)
+        if text is not None:
+            (info / name).write_text(text)
+    if plugin_path:
+        extra = dest / "kiln_job_plugins"
+        extra.mkdir()
+        shutil.copy2(plugin_path, extra / Path(plugin_path).name)
+    return dest
+
+
+def job_id_for(train_args: list[str]) -> str:
+    plugin = next((a for a in train_args if not a.startswith("-")), "resume")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "-", plugin)[:32]
+    return f"kiln-{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def entrypoint(train_args: list[str], *, store: str | None, runs_dir: str | None, run: str | None,
+               plugin_path: str | None) -> str:
+    """The job's shell command: the same ``kiln train`` a user types, with cluster-side paths
+    (without a store or runs folder, the cluster's $KILN_STORE and $KILN_RUNS apply)."""
+    cmd = ["python", "-m", "kiln.cli"]
+    if store:
+        cmd += ["--store", store]
+    if plugin_path:
+        cmd += ["--plugin-path", f"kiln_job_plugins/{Path(plugin_path).name}"]
+    cmd += ["train", *train_args]
+    if runs_dir:
+        cmd += ["--runs-dir", runs_dir]
+    if run:
+        cmd += ["--run", run]
+    return shlex.join(cmd)
+
+
+def submit(train_args: list[str], *, address: str | None, store: str | None, runs_dir: str | None,
+           plugin_path: str | None = None, workers: int = 0, gpus_per_worker: float = 0.0,
+           cpus_per_worker: float = 1.0, resume: bool = False, env: dict[str, str] | None = None,
+           job_id: str | None = None) -> str:
+    """Submit ``kiln train <train_args>`` as a Ray job; returns its id (also the run name).
+
+    With ``workers == 0`` the job's own process trains, so it reserves the CPUs and GPUs (the
+    entrypoint resources); with Ray Train workers the entrypoint only coordinates and reserves
+    nothing, and the workers ask for ``gpus_per_worker`` through their ScalingConfig.
+    """
+    c = client(address)
+    job_id = job_id or job_id_for(train_args)
+    with tempfile.TemporaryDirectory(prefix="kiln-job-") as tmp:
+        working_dir = stage(Path(tmp), plugin_path)
+        size = sum(p.stat().st_size for p in working_dir.rglob("*") if p.is_file())
+        runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": ["__pycache__"]}
+        passed = {k: v for k, v in (env or {}).items()}
+        if passed:
+            runtime_env["env_vars"] = passed
+        kwargs: dict[str, Any] = {}
+        if workers == 0:
+            kwargs = {"entrypoint_num_cpus": cpus_per_worker, "entrypoint_num_gpus": gpus_per_worker}
+        _call("submit the job", lambda: c.submit_job(
+            entrypoint=entrypoint(train_args, store=store, runs_dir=runs_dir,
+                                  run=None if resume else job_id, plugin_path=plugin_path),
+            submission_id=job_id, runtime_env=runtime_env,
+            metadata={"kiln": "train", "store": store or "$KILN_STORE", "code_bytes": str(size)},
+            **kwargs))
+    return job_id
+
+
+# ------------------------------------------------------------------------------------- jobs
+
+
+def list_jobs(address: str | None) -> list[Any]:
+    c = client(address)
+    jobs = _call("list jobs", c.list_jobs)
+    return sorted(jobs, key=lambda j: j.start_time or 0)
+
+
+def info(address: str | None, job_id: str) -> Any:
+    c = client(address)
+    return _call("read the job", lambda: c.get_job_info(job_id), job_id)
+
+
+def logs(address: str | None, job_id: str) -> str:
+    c = client(address)
+    return _call("read the job's logs", lambda: c.get_job_logs(job_id), job_id)
+
+
+def follow(address: str | None, job_id: str, out: Callable[[str], None]) -> Any:
+    """Stream a job's logs to ``out`` until it ends; returns its final JobInfo."""
+    c = client(address)
+    _call("read the job", lambda: c.get_job_info(job_id), job_id)
+
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            out(chunk)
+
+    asyncio.run(tail())
+    for _ in range(50):  # the log stream closes a moment before the status is final
+        job = _call("read the job", lambda: c.get_job_info(job_id), job_id)
+        if str(job.status) in TERMINAL or getattr(job.status, "value", None) in TERMINAL:
+            return job
+        time.sleep(0.2)
+    return job
+
+
+def status_text(job: Any) -> str:
+    return getattr(job.status, "value", str(job.status))
+
+
+def failure(job: Any, log_text: str) -> str:
+    """Why a job failed, in one line: Kiln's own error line if it printed one, else Ray's."""
+    found = _ERROR_LINE.findall(log_text)
+    if found:
+        return found[-1].removeprefix("kiln: error: ")
+    lines = [line for line in (job.message or "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"job {status_text(job)}"
+
+
+def stop(address: str | None, job_id: str, timeout: float = 30) -> str:
+    """Stop a job and wait until it has stopped; returns its final status."""
+    c = client(address)
+    job = _call("read the job", lambda: c.get_job_info(job_id), job_id)
+    if status_text(job) in TERMINAL:
+        return status_text(job)
+    _call("stop the job", lambda: c.stop_job(job_id), job_id)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = _call("read the job", lambda: c.get_job_info(job_id), job_id)
+        if status_text(job) in TERMINAL:
+            break
+        time.sleep(0.5)
+    return status_text(job)
+
+
+# ---------------------------------------------------------------------------------- cluster
+
+
+def _ray(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The ``ray`` command of this Python environment (the one Kiln is installed in)."""
+    exe = Path(sys.executable).parent / "ray"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env)
+
+
+def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: str = "127.0.0.1",
+               num_cpus: int | None = None, num_gpus: int | None = None) -> tuple[str, str]:
+    """Start a Ray head on this machine (``ray start --head``) with token authentication and
+    Kiln's Python first on PATH, so jobs run with the same interpreter; returns (gcs, dashboard)."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("RAY_AUTH_MODE", "token")
+    from kiln import data
+
+    from kiln import run, store
+
+    # Jobs on this machine read the same raw dataset files, and store models and checkpoints where
+    # `kiln models` and `kiln train --resume` run here look (not in the job's temporary folder).
+    if data.data_dir() is not None:
+        env.setdefault("KILN_DATA_DIR", str(data.data_dir()))
+    env["KILN_STORE"] = str(store.default_root().resolve())
+    env["KILN_RUNS"] = str(run.default_runs_dir().resolve())
+    if env["RAY_AUTH_MODE"] == "token" and not auth_token():
+        made = _ray("get-auth-token", "--generate", env=env)
+        if made.returncode != 0:
+            raise KilnError(f"cannot create Ray's auth token: {made.stderr.strip().splitlines()[-1:]}")
+    args = ["start", "--head", f"--port={port}", f"--dashboard-host={dashboard_host}",
+            f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
+    if num_cpus is not None:
+        args.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        args.append(f"--num-gpus={num_gpus}")
+    out = _ray(*args, env=env)
+    if out.returncode != 0:
+        text = (out.stderr + out.stdout).strip().splitlines()
+        reason = next((line for line in text if "already" in line.lower() or "Error" in line),
+                      text[-1] if text else "ray start failed")
+        raise KilnError(f"cannot start a Ray head: {reason.strip()}; `kiln cluster down` stops one "
+                        "that is running")
+    host = "127.0.0.1" if dashboard_host in ("127.0.0.1", "0.0.0.0") else dashboard_host
+    return f"127.0.0.1:{port}", f"http://{host}:{dashboard_port}"
+
+
+def cluster_down() -> None:
+    out = _ray("stop")
+    if out.returncode != 0:
+        _ray("stop", "--force")
+
+
+def nodes(address: str | None) -> list[dict[str, Any]]:
+    """The cluster's nodes: id, address, head or not, state, resources."""
+    address = dashboard_address(address)
+    _reachable(address)
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    token = auth_token()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        found = StateApiClient(address=address, headers=headers).list(
+            StateResource.NODES, options=ListApiOptions(detail=True), raise_on_missing_output=False)
+    except Exception as e:
+        raise KilnError(f"cannot list the nodes at {address}: {_first_line(e)}") from None
+    return [n if isinstance(n, dict) else vars(n) for n in found]
+
+
+def iter_rows(rows: list[tuple[str, ...]]) -> Iterator[str]:
+    """Rows as aligned text columns (the last column is not padded)."""
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        yield "  ".join(f"{c:<{w}}" for c, w in zip(r, width)) + "  " + r[-1]

@@ -1,0 +1,140 @@
+"""Ray Jobs, as a user runs them: `kiln cluster up` starts a real head (`ray start --head`) on
+loopback with two logical GPUs; `kiln submit` sends real training jobs through the Jobs API, and
+`kiln jobs` lists, follows and stops them. Models trained by jobs land in the named store."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from conftest import TEST_PLUGINS, run_kiln
+from test_ray_train import assert_same_weights, weights
+from test_serve import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A head started in its own folder: jobs that name no store use its ./kiln-store."""
+    home = tmp_path_factory.mktemp("head")
+    gcs, dash = free_port(), free_port()
+    out = run_kiln("cluster", "up", "--port", str(gcs), "--dashboard-port", str(dash),
+                   "--num-cpus", "2", "--num-gpus", "2", cwd=home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"http://127.0.0.1:{dash}" in out.stdout
+    try:
+        yield f"http://127.0.0.1:{dash}", dash, home
+    finally:
+        down = run_kiln("cluster", "down")
+        assert down.returncode == 0, down.stderr
+
+
+def test_the_head_serves_jobs_on_loopback_only_and_reports_its_resources(head):
+    address, port, _ = head
+    listening = {c.laddr.ip for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}, listening
+    out = run_kiln("cluster", "status", "--address", address)
+    assert out.returncode == 0, out.stderr
+    assert "head" in out.stdout and "ALIVE" in out.stdout
+    assert "1 alive node(s): 2 CPUs, 2 GPUs" in out.stdout
+
+
+def test_a_submitted_job_trains_on_ray_train_workers_and_stores_the_model(head, tmp_path):
+    """The job ships a plugin file (--plugin-path) and an environment variable (--env) with Kiln's
+    code; its 2 Ray Train workers get one (logical) GPU each; the model lands in the store."""
+    address, _, _ = head
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    out = run_kiln("submit", "--address", address, "--follow", "--env", f"KILN_PROBE_DIR={probe}",
+                   "--plugin-path", str(TEST_PLUGINS / "probe.py"), "train", "probe", "--epochs", "2",
+                   "--limit", "2000", "--workers", "2", "--gpus-per-worker", "1", "--store", "models",
+                   cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    job_id = out.stdout.splitlines()[0].strip()
+    assert job_id.startswith("kiln-probe-"), out.stdout[:500]
+    assert "[kiln] epoch 2/2" in out.stdout and f"job {job_id} SUCCEEDED" in out.stderr
+    # the shipped plugin ran in both workers, which end every epoch with identical weights
+    assert_same_weights(probe, 1)
+    assert_same_weights(probe, 2)
+    first, second = weights(probe / "rank0-epoch1.npz"), weights(probe / "rank0-epoch2.npz")
+    assert any(not np.array_equal(x, y) for x, y in zip(first, second))  # and they did train
+    assert out.stdout.count("[kiln] epoch 2/2") == 1  # rank 0 reports, once
+    # --gpus-per-worker reached Ray Train's ScalingConfig: the two workers got GPUs 0 and 1
+    assert "GPUs [0]" in out.stdout and "GPUs [1]" in out.stdout, out.stdout[-3000:]
+    # the model is in the store named at submission (relative to where you submit)
+    models = run_kiln("models", "--store", str(tmp_path / "models"))
+    assert models.returncode == 0 and "probe" in models.stdout, models.stdout
+    manifest = json.loads((tmp_path / "models" / "probe" / "1" / "manifest.json").read_text())
+    assert manifest["run"] == job_id and manifest["train"]["workers"] == 2
+    assert manifest["metrics"]["accuracy"] > 0.5
+    listing = run_kiln("jobs", "list", "--address", address)
+    assert listing.returncode == 0
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(job_id))
+    assert "SUCCEEDED" in row and "kiln --store" in row
+
+
+def test_a_job_with_an_unknown_plugin_fails_with_the_plugin_error_in_its_logs(head, tmp_path):
+    address, _, _ = head
+    out = run_kiln("submit", "--address", address, "train", "nope", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip()
+    follow = run_kiln("jobs", "logs", job_id, "--follow", "--address", address)
+    assert follow.returncode != 0
+    error = follow.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"kiln: error: job {job_id} FAILED: unknown plugin 'nope'")
+    logs = run_kiln("jobs", "logs", job_id, "--address", address)
+    assert logs.returncode == 0 and "kiln: error: unknown plugin 'nope'" in logs.stdout
+    assert f"job {job_id} FAILED" in logs.stderr
+
+
+def test_a_running_job_can_be_stopped(head, tmp_path):
+    """An in-process training job (no Ray Train workers) reserves --gpus-per-worker for its own
+    process; it is stopped mid-training and stores nothing."""
+    address, _, _ = head
+    out = run_kiln("submit", "--address", address, "train", "cnn", "--epochs", "200", "--limit", "1000",
+                   "--gpus-per-worker", "1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip()
+    from kiln.cluster import jobs
+
+    deadline = time.time() + 120
+    while "[kiln] epoch 1/200" not in jobs.logs(address, job_id) and time.time() < deadline:
+        time.sleep(0.5)
+    assert jobs.status_text(jobs.info(address, job_id)) == "RUNNING"
+    assert "in-process on GPUs " in jobs.logs(address, job_id)  # Ray gave the job a GPU of its own
+    stop = run_kiln("jobs", "stop", job_id, "--address", address)
+    assert stop.returncode == 0 and f"job {job_id} STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    assert not (head[2] / "kiln-store" / "cnn").exists()  # nothing half-stored
+    # without --store the job checkpointed into the head's ./kiln-runs, where --resume finds it
+    assert list((head[2] / "kiln-runs" / job_id).glob("checkpoint_*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["jobs", "logs", "no-such-job"], "no job 'no-such-job' on this cluster"),
+    (["jobs", "stop", "no-such-job"], "no job 'no-such-job' on this cluster"),
+    (["jobs", "logs"], "needs a job id"),
+    (["submit", "cnn"], "kiln submit runs a training job"),
+    (["submit", "--store", "s3://bucket/models", "train", "cnn"], "only folders and file:// URIs"),
+    (["submit", "train", "cnn", "--workers", "3-1"], "need 1 <= MIN <= MAX"),
+])
+def test_bad_job_requests_get_one_line(head, args, message):
+    address, _, _ = head
+    out = run_kiln(*args, "--address", address) if args[0] == "jobs" else \
+        run_kiln(args[0], "--address", address, *args[1:])
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["jobs", "logs", "x"], ["cluster", "status"],
+                                     ["submit", "train", "cnn"]])
+def test_an_unreachable_cluster_is_one_line(command):
+    port = free_port()  # nothing listens there
+    out = run_kiln(*command, "--address", f"http://127.0.0.1:{port}", timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "cannot reach a Ray cluster" in out.stderr, out.stderr

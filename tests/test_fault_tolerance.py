@@ -1,0 +1,122 @@
+"""Ray Train runs survive losing a node: `ray.cluster_utils.Cluster` simulates a head and two
+worker nodes on this machine; a node is killed mid-training and the run must finish every epoch,
+restarting from its last checkpoint (not from epoch 0), with fixed and elastic worker counts."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kiln import run
+from kiln.trainer import checkpoints
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    # After a node dies, an elastic run may first ask for the old worker count (the node is not
+    # yet marked dead) and waits this long before settling for fewer (default 60 s).
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+
+    # Fast node-death detection (Ray's default takes ~30 s to declare a node dead).
+    system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+              "health_check_failure_threshold": 3}
+    c = Cluster(initialize_head=True, connect=True,
+                head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": system})
+    # Logical GPUs: Ray schedules and assigns them; TensorFlow (CPU build) simply finds none.
+    nodes = [c.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    c.wait_for_nodes()
+    yield c, nodes
+    import ray
+
+    ray.shutdown()
+    c.shutdown()
+    mp.undo()
+
+
+def _train_while(spec, action) -> tuple[object, float]:
+    """Train ``spec`` in a thread; once its second checkpoint exists, call ``action``; returns the
+    stored version and the epoch of the newest checkpoint on disk when the node went away (Ray
+    Train may not have committed it yet: the run then resumes from the one before)."""
+    result: dict = {}
+
+    def last_epoch() -> int:
+        found = checkpoints(Path(spec.run_dir))
+        return json.loads((found[-1] / "state.json").read_text())["epoch"] if found else 0
+
+    def target() -> None:
+        try:
+            result["version"] = run.train(spec)
+        except BaseException as e:  # surfaced below with the test's assertion
+            result["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive() and last_epoch() < 2:
+        time.sleep(0.2)
+    at = last_epoch()
+    assert at < EPOCHS, "the run ended before a node could be removed; give it more epochs"
+    action()
+    thread.join(timeout=420)
+    assert not thread.is_alive(), "the run did not finish after the node was removed"
+    if "error" in result:
+        raise result["error"]
+    return result["version"], at
+
+
+def test_a_run_survives_losing_a_node_and_resumes_from_its_last_checkpoint(cluster, tmp_path, capfd):
+    """Fixed size: 2 workers; a node dies after epoch 2 and a replacement joins."""
+    c, nodes = cluster
+    spec = run.plan("cnn", workers=2, gpus_per_worker=1, epochs=EPOCHS, limit=3000, batch_size=64,
+                    store=tmp_path / "store", runs_dir=tmp_path / "runs", max_failures=2,
+                    address=c.address, run="node-loss")
+
+    def lose_a_node() -> None:
+        c.remove_node(nodes[1], allow_graceful=False)
+        nodes[1] = c.add_node(num_cpus=1, num_gpus=1)  # a replacement joins, as an autoscaler would
+
+    version, at = _train_while(spec, lose_a_node)
+    m = version.manifest
+    assert [h["epoch"] for h in m["history"]] == list(range(1, EPOCHS + 1))
+    assert len(m["resumed"]) == 1, m["resumed"]
+    resumed = m["resumed"][0]
+    assert 1 <= at - 1 <= resumed["epoch"] < EPOCHS and resumed["workers"] == 2  # not from epoch 0
+    assert m["metrics"]["accuracy"] > 0.8
+    log = capfd.readouterr().out
+    assert f"resuming from checkpoint at epoch {resumed['epoch']} on 2 worker(s)" in log
+    # --gpus-per-worker reached Ray Train: each worker was given one (logical) GPU of its own
+    gpus = [line.split("GPUs ")[-1].strip() for line in log.splitlines() if "[kiln] worker " in line]
+    assert len(gpus) >= 4 and "none" not in gpus, gpus  # 2 workers, started twice
+
+    # a finished run trains further when rerun by name (`kiln train --resume RUN --epochs N`)
+    more = run.resume_spec("node-loss", tmp_path / "runs", epochs=EPOCHS + 1)
+    assert (more.workers, more.gpus_per_worker) == (2, 1)
+    again = run.train(more)
+    assert [h["epoch"] for h in again.manifest["history"]] == list(range(1, EPOCHS + 2))
+    assert again.manifest["resumed"][-1] == {"epoch": EPOCHS, "workers": 2}
+    log = capfd.readouterr().out
+    assert f"resuming from checkpoint at epoch {EPOCHS}" in log and f"epoch 1/{EPOCHS + 1}" not in log
+
+
+def test_an_elastic_run_continues_on_fewer_workers(cluster, tmp_path, capfd):
+    c, nodes = cluster
+    spec = run.plan("cnn", workers="1-2", epochs=EPOCHS, limit=3000, batch_size=64,
+                    store=tmp_path / "store", runs_dir=tmp_path / "runs", address=c.address,
+                    run="elastic")
+    assert (spec.workers, spec.max_workers) == (1, 2)
+    version, at = _train_while(spec, lambda: c.remove_node(nodes[1], allow_graceful=False))
+    m = version.manifest
+    assert [h["epoch"] for h in m["history"]] == list(range(1, EPOCHS + 1))
+    assert m["history"][0]["workers"] == 2 and m["history"][-1]["workers"] == 1
+    assert [r["workers"] for r in m["resumed"]] == [1] and 1 <= at - 1 <= m["resumed"][0]["epoch"]
+    assert "on 1 worker(s)" in capfd.readouterr().out
