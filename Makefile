@@ -6,7 +6,14 @@ STAMP := $(VENV)/.kiln-installed
 .PHONY: setup demo test test-fast bench
 setup: $(STAMP)
 
+# The gallery's browser tests drive the system's Chromium (Debian's chromium + chromium-driver),
+# never a downloaded browser build.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 $(STAMP): pyproject.toml
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "install chromium and its chromedriver with your package manager"; exit 1; }; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"

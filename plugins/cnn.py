@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from kiln import KilnError, Plugin, Tensor, inference, param
+from kiln import KilnError, Plugin, Scalar, Tensor, inference, param
 from kiln.images import confusion, grid
 
 
@@ -106,3 +106,21 @@ class CNN(Plugin):
         classes = probs.argmax(axis=-1)
         return {"classes": classes.tolist(), "labels": [names[c] for c in classes],
                 "probabilities": probs.round(6).tolist()}
+
+    @inference(images=Tensor(shape=(None, "input"), min=0, max=255,
+                             description="images, pixel values 0-255"),
+               layer=Scalar(int, default=1, min=1, description="which convolution (1: the first)"),
+               outputs={"kernels": "that convolution's kernels, (filters, k, k), averaged over its "
+                                   "input channels",
+                        "maps": "the feature maps it makes of each image (after its ReLU), "
+                                "(n, H, W, filters)"})
+    def features(self, model, images, layer):
+        """What a convolution layer learned (its kernels) and sees (its feature maps)."""
+        if layer > len(self.config.filters):
+            raise KilnError(f"'layer' must be 1..{len(self.config.filters)}: this CNN has "
+                            f"{len(self.config.filters)} convolutions")
+        x, _ = self.preprocess(images, None)
+        conv = model.get_layer(f"conv{layer}")
+        kernels = np.asarray(conv.kernel).mean(axis=2).transpose(2, 0, 1)
+        maps = keras.Model(model.inputs, conv.output)(x, training=False)
+        return {"kernels": kernels.round(5).tolist(), "maps": np.asarray(maps).round(4).tolist()}

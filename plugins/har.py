@@ -27,6 +27,8 @@ from keras import layers, ops
 from kiln import KilnError, Plugin, Tensor, inference, param
 from kiln.images import confusion, traces
 
+EXAMPLES = 3  # test windows of each activity kept with the model, for `examples`
+
 
 @dataclass
 class HARConfig:
@@ -138,6 +140,34 @@ class HAR(Plugin):
                    rate_hz=self.info.extra.get("rate_hz", 50.0),
                    title="a test window of each activity (true → predicted)"),
         ]
+
+    def save_assets(self, model, test, out_dir: Path) -> None:
+        """A few test windows of each activity, for ``examples`` (what a demo can classify)."""
+        xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in test])
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        pick = [i for c in range(self.info.num_classes) for i in np.flatnonzero(y == c)[:EXAMPLES]]
+        np.savez_compressed(out_dir / "examples.npz", windows=x[pick], labels=y[pick])
+
+    def load_assets(self, directory: Path) -> None:
+        path = directory / "examples.npz"
+        if path.is_file():
+            with np.load(path) as f:
+                self.examples_bank = {k: f[k] for k in f.files}
+
+    @inference(outputs={"windows": "raw test windows (n, steps, channels), a few of each activity",
+                        "labels": "the true activity of each window", "channels": "channel names",
+                        "rate_hz": "samples per second"})
+    def examples(self, model):
+        """Test windows kept with the model, a few of each activity, to try classify on."""
+        bank = getattr(self, "examples_bank", None)
+        if bank is None:
+            raise KilnError("this model version keeps no example windows (it was stored before "
+                            "Kiln kept them); train it again to use examples")
+        names = self.info.class_names
+        return {"windows": bank["windows"].round(5).tolist(),
+                "labels": [names[int(c)] for c in bank["labels"]],
+                "channels": list(self.info.extra.get("channels", [str(i) for i in range(bank["windows"].shape[-1])])),
+                "rate_hz": float(self.info.extra.get("rate_hz", 50.0))}
 
     @inference(windows=Tensor(shape=(None, "input"),
                               description="raw sensor windows (n, steps, channels) in the dataset's "

@@ -215,6 +215,15 @@ class VAE(Digits):
             z_a, z_b = self.encode(model, np.stack([a, b]))["z_mean"]
         return self.decode(model, line(z_a, z_b, steps))
 
+    @inference(outputs={"z": "latent means of the test images kept with the model",
+                        "labels": "their labels"})
+    def latent_map(self, model):
+        """The test set in latent space (the points a latent-plane picture is drawn from)."""
+        if self.bank is None:
+            raise KilnError("this model version has no latent bank (it was stored before Kiln kept "
+                            "one); train it again to use latent_map")
+        return {"z": self.bank["z"].round(4).tolist(), "labels": self.bank["labels"].tolist()}
+
     @inference(image=IMAGE, k=Scalar(int, default=8, min=1, max=100),
                outputs={"images": "the k nearest test images, values in [0, 1], nearest first",
                         "labels": "their labels", "distances": "their latent distances to the query"})

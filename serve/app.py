@@ -144,7 +144,17 @@ class ModelServer:
                 "metrics": m.get("metrics", {}), "headline": m.get("headline"),
                 "methods": m.get("methods", {}), "load_seconds": round(self.load_seconds, 3),
                 "batchable": sorted(self.batchable) if self.batching else [],
-                "largest_batch": self.largest_batch}
+                "largest_batch": self.largest_batch,
+                "history": [{k: v for k, v in h.items() if isinstance(v, (int, float))}
+                            for h in m.get("history", [])],
+                "artifacts": [p.name for p in self.version.artifacts() if p.suffix == ".png"]}
+
+    def artifact(self, name: str) -> bytes:
+        """A stored picture of this version (one of describe()'s ``artifacts``)."""
+        found = {p.name: p for p in self.version.artifacts() if p.suffix == ".png"}
+        if name not in found:
+            raise KilnError(f"{self.ref} has no picture '{name}'; pictures: {', '.join(sorted(found)) or 'none'}")
+        return found[name].read_bytes()
 
     async def infer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
         arg = self.batchable.get(method)

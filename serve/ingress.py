@@ -24,16 +24,20 @@ import hmac
 import io
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from kiln.plugin import KilnError
 
 PREDICT_ORDER = ("classify", "reconstruct", "encode", "decode")
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+GALLERY = Path(__file__).resolve().parent / "gallery"   # the web page at /, static files only
+GALLERY_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                 ".css": "text/css; charset=utf-8"}
 
 api = FastAPI(title="Kiln", description="Kiln model server: Kiln, TF Serving REST and Open "
               "Inference Protocol v2 routes for every stored model it serves.")
@@ -177,6 +181,24 @@ def _ingress_class() -> Any:
             raise HTTPError(404, f"model {info['name']}:{info['version']} has no predict method "
                                  f"(one of {', '.join(PREDICT_ORDER)}); use POST /models/{info['name']}/<method>")
 
+        # -- the gallery (public: the page asks for the token and sends it with each call) ---
+        @api.get("/", include_in_schema=False)
+        async def gallery_page(self, request: Request) -> Response:
+            if not request.url.path.endswith("/"):  # /secure -> /secure/: the page's links are relative
+                return RedirectResponse(request.url.path + "/")
+            return self._static("index.html")
+
+        @api.get("/gallery/{name}", include_in_schema=False)
+        async def gallery_file(self, name: str) -> Response:
+            return self._static(name)
+
+        def _static(self, name: str) -> Response:
+            path = GALLERY / name
+            if "/" in name or path.suffix not in GALLERY_TYPES or not path.is_file():
+                raise HTTPError(404, f"no gallery file '{name}'")
+            return Response(path.read_bytes(), media_type=GALLERY_TYPES[path.suffix],
+                            headers={"Cache-Control": "no-cache"})
+
         # -- Kiln routes ------------------------------------------------------------------
         @api.get("/models")
         async def models(self, request: Request) -> dict[str, Any]:
@@ -190,6 +212,28 @@ def _ingress_class() -> Any:
                     entry.update(await self.handles[ref].describe.remote())
                 out.append(entry)
             return {"models": out}
+
+        @api.get("/models/{model}/artifacts/{name}", response_class=Response,
+                 responses={200: {"content": {"image/png": {}}}})
+        async def artifact_latest(self, model: str, name: str, request: Request) -> Response:
+            """A stored picture of the latest served version (names: GET /models, 'artifacts')."""
+            return await self._artifact(request, model, None, name)
+
+        @api.get("/models/{model}/versions/{version}/artifacts/{name}", response_class=Response,
+                 responses={200: {"content": {"image/png": {}}}})
+        async def artifact_version(self, model: str, version: str, name: str, request: Request) -> Response:
+            """A stored picture of one served version (sample grids, reconstructions, curves...)."""
+            return await self._artifact(request, model, version, name)
+
+        async def _artifact(self, request: Request, model: str, version: str | None, name: str) -> Response:
+            self._check_auth(request)
+            ref = self._ref(model, version)
+            self._ready(ref)
+            try:
+                data = await self.handles[ref].artifact.remote(name)
+            except KilnError as e:
+                raise HTTPError(404, str(e).splitlines()[-1].split("KilnError: ")[-1]) from None
+            return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
         @api.post("/models/{model}/{method}")
         async def call_latest(self, model: str, method: str, request: Request) -> Any:

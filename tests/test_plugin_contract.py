@@ -67,10 +67,27 @@ def test_scalar_schema():
 
 def test_plugin_declares_inference_methods():
     methods = CNN.methods()
-    assert list(methods) == ["classify"]
+    assert list(methods) == ["classify", "features"]
     desc = methods["classify"].describe(DatasetInfo("mnist", (28, 28, 1), 10))
     assert desc["inputs"]["images"]["x-shape"] == [None, 28, 28, 1]
     assert "probabilities" in desc["outputs"]
+
+
+def test_cnn_features_are_its_first_convolution():
+    """The gallery's 'inside the CNN' view: kernels and ReLU feature maps of a chosen layer."""
+    from kiln.trainer import build_model
+
+    plugin = CNN()
+    plugin.setup(DatasetInfo("mnist", (28, 28, 1), 10, tuple(map(str, range(10)))))
+    model = build_model(plugin)
+    image = np.random.default_rng(0).integers(0, 256, (1, 28, 28, 1)).astype("float32")
+    out = plugin.infer(model, "features", {"images": image})
+    kernels, maps = np.asarray(out["kernels"]), np.asarray(out["maps"])
+    assert kernels.shape == (32, 3, 3) and maps.shape == (1, 26, 26, 32) and maps.min() >= 0
+    np.testing.assert_allclose(kernels, np.asarray(model.get_layer("conv1").kernel)[:, :, 0].transpose(2, 0, 1), atol=1e-5)
+    assert np.asarray(plugin.infer(model, "features", {"images": image, "layer": 2})["maps"]).shape == (1, 11, 11, 64)
+    with pytest.raises(KilnError, match="'layer' must be 1..2"):
+        plugin.infer(model, "features", {"images": image, "layer": 3})
 
 
 def test_optional_tensor_passes_none_and_required_one_says_what_is_missing():
@@ -89,10 +106,11 @@ def test_every_builtin_plugin_builds_and_documents_its_methods():
                           {"channel_mean": [0.0] * 6, "channel_std": [1.0] * 6,
                            "magnitude_mean": [1.0, 1.0], "magnitude_std": [1.0, 1.0]})
     text = DatasetInfo("tiny_shakespeare", (100,), 3, ("a", "b", "\n"), 100, 10, {"text": True})
-    expected = {"cnn": {"classify"}, "autoencoder": {"reconstruct", "encode", "decode"},
-                "vae": {"sample", "reconstruct", "encode", "decode", "interpolate", "neighbours", "arithmetic"},
+    expected = {"cnn": {"classify", "features"}, "autoencoder": {"reconstruct", "encode", "decode"},
+                "vae": {"sample", "reconstruct", "encode", "decode", "interpolate", "neighbours",
+                        "arithmetic", "latent_map"},
                 "dcgan": {"sample", "interpolate"}, "cgan": {"sample", "interpolate"},
-                "har": {"classify"}, "lstm": {"generate", "score"}, "transfer": {"classify"}}
+                "har": {"classify", "examples"}, "lstm": {"generate", "score"}, "transfer": {"classify"}}
     assert set(expected) == {e.name for e in registry.entries() if e.source.startswith("kiln.plugins.")}
     for name, methods in expected.items():
         cls = registry.get(name)
@@ -104,5 +122,5 @@ def test_every_builtin_plugin_builds_and_documents_its_methods():
         assert build_model(plugin).count_params() > 0
         for m in cls.methods().values():
             assert m.doc and m.outputs, f"{name}.{m.name} needs a docstring and described outputs"
-            assert m.describe(info)["inputs"]
+            assert isinstance(m.describe(info)["inputs"], dict)  # {} for methods without arguments
     assert registry.get("cgan").condition == "digit" and registry.get("dcgan").judged_by == "cnn"

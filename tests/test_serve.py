@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import run_kiln
+from conftest import ROOT, run_kiln
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "s3cret-token"
@@ -24,13 +24,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """cnn, autoencoder and lstm trained briefly, served by app "kiln" at / and, with a token, by app
+    """cnn, autoencoder, lstm, cgan and vae trained briefly, served by app "kiln" at / and, with a token, by app
     "secure" at /secure; yields (base URL, store, what was seen while the models loaded)."""
     root = tmp_path_factory.mktemp("serve")
     env = {"KILN_STORE": str(root / "store"), "KILN_RUNS": str(root / "runs")}
     for args in (("cnn", "--epochs", "1", "--limit", "6000"),
                  ("autoencoder", "--epochs", "1", "--limit", "2000"),
-                 ("lstm", "--epochs", "1", "--limit", "300", "--set", "units=32")):
+                 ("lstm", "--epochs", "1", "--limit", "300", "--set", "units=32"),
+                 ("cgan", "--epochs", "1", "--limit", "2560", "--set", "sample_every=0"),
+                 ("vae", "--epochs", "1", "--limit", "3000")):
         out = run_kiln("train", *args, cwd=root, env=env)
         assert out.returncode == 0, out.stderr[-2000:]
 
@@ -84,7 +86,7 @@ def test_loading_models_answer_503_then_ready(server):
     assert requests.get(f"{base}/v2/health/ready").json() == {"ready": True}
     assert requests.get(f"{base}/v2/health/live").json() == {"live": True}
     models = requests.get(f"{base}/models").json()["models"]
-    assert {m["ref"] for m in models} == {"autoencoder:1", "cnn:1", "lstm:1"} and all(m["state"] == "READY" for m in models)
+    assert {m["ref"] for m in models} == {"autoencoder:1", "cgan:1", "cnn:1", "lstm:1", "vae:1"} and all(m["state"] == "READY" for m in models)
     cnn = next(m for m in models if m["ref"] == "cnn:1")
     assert cnn["methods"]["classify"]["inputs"]["images"]["x-shape"] == [None, 28, 28, 1]
 
@@ -232,6 +234,180 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server):
             assert np.allclose(r.json()["probabilities"], alone["probabilities"][i:i + 1], atol=1e-5)
     cnn = next(m for m in requests.get(f"{base}/models").json()["models"] if m["ref"] == "cnn:1")
     assert "classify" in cnn["batchable"] and cnn["largest_batch"] > 1
+
+
+# --------------------------------------------------------------------------- the gallery, in a browser
+SHOTS = ROOT / "build" / "gallery-screenshots"   # written by every run, for review
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium from the system (Debian's chromium + chromium-driver, installed by
+    `make setup`), driven by Selenium; never a downloaded browser build."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "chromium and chromedriver are missing: run `make setup`"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1100,1400"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(browser, condition, timeout=60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout, poll_frequency=0.2).until(lambda d: condition(d))
+
+
+def console_errors(browser) -> list[str]:
+    return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def shoot(browser, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    el = browser.find_element(By.ID, name)
+    browser.execute_script("arguments[0].scrollIntoView()", el)
+    el.screenshot(str(SHOTS / f"{name}.png"))
+
+
+def draw(browser, strokes) -> None:
+    """Drag the mouse along each stroke, in pad pixels (the pad is 280x280)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    pad = browser.find_element(By.ID, "pad")
+    browser.execute_script("arguments[0].scrollIntoView()", pad)
+    for stroke in strokes:
+        chain = ActionChains(browser, duration=20)
+        x, y = stroke[0]
+        chain.move_to_element_with_offset(pad, x - 140, y - 140).click_and_hold()
+        for (x0, y0), (x1, y1) in zip(stroke, stroke[1:]):
+            chain.move_by_offset(x1 - x0, y1 - y0)
+        chain.release().perform()
+
+
+def test_gallery_classifies_a_drawn_digit_and_shows_the_filters(server, browser):
+    from selenium.webdriver.common.by import By
+
+    base = server[0]
+    browser.get(base + "/")
+    wait_for(browser, lambda d: d.find_element(By.ID, "bars") and "Loading" not in d.find_element(By.ID, "model-list").text)
+    # a "1": one vertical stroke, in several moves so the prediction updates while drawing
+    draw(browser, [[(140, 50), (140, 90), (140, 130), (140, 170), (140, 210), (140, 240)]])
+    wait_for(browser, lambda d: "%" in d.find_element(By.ID, "prediction").text)
+    bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+    assert len(bars) == 10
+    assert browser.find_element(By.ID, "prediction").text.startswith("1 ("), \
+        browser.find_element(By.ID, "prediction").text
+    shoot(browser, "classify")
+    # inside the CNN: fixed kernels computed in the page, learned kernels and maps from the API
+    browser.find_element(By.ID, "inside-run").click()
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#learned > div")) == 32)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#fixed figure")) == 4
+    shoot(browser, "inside")
+    # denoise: the autoencoder and the VAE reconstruct the noisy drawing
+    browser.find_element(By.ID, "denoise-run").click()
+    wait_for(browser, lambda d: d.execute_script(
+        "const c = document.getElementById('vae-out').getContext('2d').getImageData(0, 0, 112, 112).data;"
+        "return c.some((v, i) => i % 4 === 0 && v > 0);"))
+    shoot(browser, "denoise")
+    assert console_errors(browser) == []
+
+
+def test_gallery_latent_plane_generate_and_text(server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(server[0] + "/")
+    wait_for(browser, lambda d: "z = (0.00, 0.00)" in d.find_element(By.ID, "decoded-at").text)
+    plane = browser.find_element(By.ID, "plane")
+    plane.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)  # keyboard: move the point, decode it
+    wait_for(browser, lambda d: d.find_element(By.ID, "decoded-at").text.startswith("z = (0.") and
+             d.find_element(By.ID, "decoded-at").text != "z = (0.00, 0.00)")
+    shoot(browser, "latent")
+    # generate: a CGAN digit button and the class-to-class strip
+    browser.find_element(By.CSS_SELECTOR, "#digits button[aria-label='Generate the digit 7']").click()
+    wait_for(browser, lambda d: d.execute_script("const i = document.getElementById('cgan-out');"
+                                                 "return !i.hidden && i.complete && i.naturalWidth > 0;"))
+    browser.find_element(By.ID, "morph-run").click()
+    wait_for(browser, lambda d: d.execute_script("const i = document.getElementById('morph-out');"
+                                                 "return !i.hidden && i.complete && i.naturalWidth > 0;"))
+    shoot(browser, "generate")
+    # text: raise the temperature with the keyboard, ask for a continuation
+    slider = browser.find_element(By.ID, "temperature")
+    slider.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
+    assert browser.find_element(By.ID, "temperature-value").text == "1.1"
+    length = browser.find_element(By.ID, "length")
+    length.clear()
+    length.send_keys("80")
+    browser.find_element(By.ID, "text-run").click()
+    wait_for(browser, lambda d: len(d.find_element(By.ID, "text-out").text) > 40)
+    assert browser.find_element(By.ID, "text-out").text.startswith("ROMEO:")
+    shoot(browser, "text")
+    # sections whose model is not served say so, with the command that would serve them
+    assert "kiln train har" in browser.find_element(By.CSS_SELECTOR, "#activity .missing").text
+    assert "kiln train dcgan" in browser.find_element(By.CSS_SELECTOR, "#generate .missing").text
+    shoot(browser, "activity")
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#model-list .thumbs img[src^='blob:']")) >= 4)
+    shoot(browser, "models")
+    assert console_errors(browser) == []
+
+
+def test_gallery_fits_a_phone_and_every_control_has_a_label(server, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(390, 844)
+    try:
+        browser.get(server[0] + "/")
+        wait_for(browser, lambda d: "Loading" not in d.find_element(By.ID, "model-list").text)
+        browser.save_screenshot(str(SHOTS / "phone.png"))
+        wide = browser.execute_script("""
+            return [...document.querySelectorAll('body *')].filter(
+                (e) => e.getBoundingClientRect().right > window.innerWidth + 1
+            ).map((e) => e.tagName + '#' + e.id + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right));""")
+        assert wide == [], f"wider than a {browser.execute_script('return window.innerWidth')}px phone: {wide}"
+    finally:
+        browser.set_window_size(1100, 1400)
+    unlabelled = browser.execute_script("""
+        return [...document.querySelectorAll('input, select')].filter(
+            (e) => !document.querySelector(`label[for="${e.id}"]`) && !e.getAttribute('aria-label')
+        ).map((e) => e.id);""")
+    assert unlabelled == []
+    assert browser.execute_script(
+        "return [...document.querySelectorAll('button')].every((b) => b.textContent.trim() || b.getAttribute('aria-label'))")
+    # everything the page loads comes from this server
+    sources = browser.execute_script("return performance.getEntriesByType('resource').map((r) => r.name)")
+    assert sources and all(s.startswith(server[0]) or s.startswith("blob:") for s in sources), sources
+
+
+def test_gallery_asks_for_the_token_and_keeps_it_in_the_tab(server, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server[0] + "/secure")   # redirected to /secure/, the page of the app with a token
+    form = wait_for(browser, lambda d: d.find_element(By.ID, "auth").is_displayed() and d.find_element(By.ID, "auth"))
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    form.submit()
+    wait_for(browser, lambda d: "cnn v1" in d.find_element(By.ID, "model-list").text)
+    draw(browser, [[(140, 50), (140, 130), (140, 240)]])
+    wait_for(browser, lambda d: "%" in d.find_element(By.ID, "prediction").text)
+    stored = browser.execute_script("return [localStorage.length, sessionStorage.length, document.cookie]")
+    assert stored == [0, 0, ""]
+    # the page's only 401 is the one that asked for the token
+    errors = console_errors(browser)
+    assert len(errors) <= 1 and all("401" in e for e in errors), errors
 
 
 def test_a_version_stored_while_serving_is_served_without_restart(server):

@@ -96,6 +96,11 @@ def test_neighbours_arithmetic_and_latent_interpolation(vae):
     np.testing.assert_allclose(near["images"][0], x[0] / 255.0, atol=1e-6)
     assert near["distances"][0] == pytest.approx(0.0, abs=1e-5) and near["labels"][0] == int(test[0][1])
     assert near["distances"] == sorted(near["distances"]) and near["images"].shape == (5, 28, 28, 1)
+    # the latent map (the gallery's clickable plane) is the bank's codes, with their labels
+    plane = plugin.infer(model, "latent_map", {})
+    assert np.asarray(plane["z"]).shape == (len(plugin.bank["labels"]), 2) == (len(plane["labels"]), 2)
+    z0 = plugin.infer(model, "encode", {"images": x[:1]})["z_mean"][0]
+    np.testing.assert_allclose(plane["z"][0], z0, atol=1e-3)  # the bank starts with the first test image
     # a - a + c = c: the arithmetic decodes c's latent mean, which is c's reconstruction
     same = plugin.infer(model, "arithmetic", {"a": x[1], "b": x[1], "c": x[2]})["images"]
     np.testing.assert_allclose(same, plugin.infer(model, "reconstruct", {"images": x[2:3]})["images"], atol=1e-5)
