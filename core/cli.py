@@ -355,23 +355,30 @@ def _load_image(path: str, shape: list) -> object:
     return x.reshape(shape[1:]) if len(shape) > 3 else x
 
 
+def _served(client: object, ref: str, url: str) -> dict:
+    """The served, ready model that ``ref`` (NAME[:VERSION]) names, as GET /models describes it."""
+    served = {m["ref"].split(":")[0]: m for m in client.models()}  # type: ignore[attr-defined]
+    name = ref.partition(":")[0]
+    if name not in served or "methods" not in served[name]:
+        raise KilnError(f"model '{name}' is not served (ready) at {url}; served: "
+                        f"{', '.join(sorted(served)) or 'none'}")
+    return served[name]
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from kiln.client import Client
 
     client = Client(args.url)
-    served = {m["ref"].split(":")[0]: m for m in client.models()}
-    name = args.model.partition(":")[0]
-    if name not in served or "methods" not in served[name]:
-        raise KilnError(f"model '{name}' is not served (ready) at {args.url}; served: "
-                        f"{', '.join(sorted(served)) or 'none'}")
-    methods = served[name]["methods"]
+    model = _served(client, args.model, args.url)
+    methods = model["methods"]
     if "classify" not in methods:
-        raise KilnError(f"model '{name}' has no classify method; its methods: {', '.join(sorted(methods))}")
+        raise KilnError(f"model '{model['name']}' has no classify method; its methods: "
+                        f"{', '.join(sorted(methods))}")
     arg, schema = next(iter(methods["classify"]["inputs"].items()))
     out = client.call(args.model, "classify", **{arg: _load_image(args.image, schema["x-shape"])})
     probs = out["probabilities"][0]
     top = sorted(range(len(probs)), key=lambda i: -probs[i])[:3]
-    names = served[name].get("class_names") or None
+    names = model.get("class_names") or None
     print(f"{out['labels'][0]}  (" + ", ".join(f"{i if names is None else names[i]}: {probs[i]:.3f}" for i in top) + ")")
     return 0
 
@@ -380,15 +387,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kiln.client import Client
 
     client = Client(args.url)
-    served = {m["ref"].split(":")[0]: m for m in client.models()}
-    name = args.model.partition(":")[0]
-    if name not in served or "methods" not in served[name]:
-        raise KilnError(f"model '{name}' is not served (ready) at {args.url}; served: "
-                        f"{', '.join(sorted(served)) or 'none'}")
-    methods = served[name]["methods"]
+    model = _served(client, args.model, args.url)
+    methods = model["methods"]
     method = args.method or next((m for m in ("sample", "generate") if m in methods), None)
     if method is None or method not in methods:
-        raise KilnError(f"model '{name}' has no {args.method or 'sample or generate'} method; its "
+        raise KilnError(f"model '{model['name']}' has no {args.method or 'sample or generate'} method; its "
                         f"methods: {', '.join(sorted(methods))}")
     call = {k: _value(v) for k, v in _overrides(args.set).items()}
     if args.n is not None:
