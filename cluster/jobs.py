@@ -283,7 +283,7 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
     # `kiln models` and `kiln train --resume` run here look (not in the job's temporary folder).
     if data.data_dir() is not None:
         env.setdefault("KILN_DATA_DIR", str(data.data_dir()))
-    env["KILN_STORE"] = str(store.default_root().resolve())
+    env["KILN_STORE"] = store.resolve_root(None)
     env["KILN_RUNS"] = str(run.default_runs_dir().resolve())
     if env["RAY_AUTH_MODE"] == "token" and not auth_token():
         made = _ray("get-auth-token", "--generate", env=env)

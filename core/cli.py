@@ -70,7 +70,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     versions = Store(args.store).list()
     if not versions:
-        print(f"no models in {Store(args.store).root} yet; train one with `kiln train cnn`")
+        print(f"no models in {Store(args.store).spec} yet; train one with `kiln train cnn`")
         return 0
     rows = [("NAME", "VERSION", "PLUGIN", "DATASET", "METRICS", "CREATED")]
     for v in versions:
@@ -121,8 +121,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from kiln.serve import app
 
-    if args.max_body_mb <= 0 or args.cpus_per_replica < 0 or args.gpus_per_replica < 0 or args.replicas < 1:
-        raise KilnError("--max-body-mb and --replicas must be positive, --cpus/--gpus-per-replica >= 0")
+    lo, sep, hi = args.replicas.partition("-")
+    if not lo.isdigit() or (sep and not hi.isdigit()) or int(lo) < 1 or (sep and int(hi) < int(lo)):
+        raise KilnError(f"--replicas takes N or MIN-MAX (autoscaling), N >= 1; got {args.replicas!r}")
+    autoscaling = {"min_replicas": int(lo), "max_replicas": int(hi),
+                   "target_ongoing_requests": args.target_ongoing_requests} if sep else None
+    if args.max_body_mb <= 0 or args.cpus_per_replica < 0 or args.gpus_per_replica < 0 \
+            or args.target_ongoing_requests <= 0:
+        raise KilnError("--max-body-mb and --target-ongoing-requests must be positive, "
+                        "--cpus/--gpus-per-replica >= 0")
     if not 0 < args.port < 65536:
         raise KilnError(f"--port must be 1-65535, got {args.port}")
     if args.address:
@@ -134,11 +141,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.batch_size < 0 or args.batch_wait_ms < 0 or args.poll_seconds < 0:
         raise KilnError("--batch-size, --batch-wait-ms and --poll-seconds must be >= 0")
     opts = app.ModelOptions(num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica,
-                            num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
+                            num_replicas=int(lo), autoscaling_config=autoscaling,
+                            max_ongoing_requests=args.max_ongoing_requests,
                             batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms)
     spec = app.ServeSpec(store=store, refs=refs, host=args.host, port=args.port,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                         options={r: opts for r in refs}, token=os.environ.get("KILN_API_TOKEN") or None)
+                         options={r: opts for r in refs}, token=os.environ.get("KILN_API_TOKEN") or None,
+                         access_log=args.access_log)
     if args.build_config:
         import yaml
 
@@ -169,16 +178,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("[kiln] server stopped", flush=True)
 
 
-def _local_path(value: str) -> str:
-    """A store or runs folder as the job sees it: absolute (relative to where you submit), file://
-    URIs as paths. The folder must be one the cluster's nodes can reach (shared or local head)."""
+def _local_path(value: str, uri_ok: bool = True) -> str:
+    """A store or runs folder as the job sees it: a URI as given (s3://, gs://, file://), a folder
+    made absolute where you submit (it must be one the cluster's nodes reach: shared, or a local
+    head)."""
     if "://" in value:
-        scheme, _, rest = value.partition("://")
-        if scheme != "file":
-            raise KilnError(f"{value!r}: only folders and file:// URIs are supported as a store; mount "
-                            f"the {scheme} bucket on the cluster (e.g. with a CSI driver or FUSE) and "
-                            "pass that folder")
-        value = rest
+        if not uri_ok:
+            raise KilnError(f"{value!r}: --runs-dir must be a folder the cluster's nodes share")
+        return value.rstrip("/")
     return str(Path(value).expanduser().resolve())
 
 
@@ -211,7 +218,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     store = getattr(ns, "store", None) or args.store or os.environ.get("KILN_STORE")
     store = _local_path(store) if store else None
     runs_dir = ns.runs_dir or os.environ.get("KILN_RUNS")
-    runs_dir = _local_path(runs_dir) if runs_dir else None
+    runs_dir = _local_path(runs_dir, uri_ok=False) if runs_dir else None
     plugin_path = getattr(ns, "plugin_path", None) or args.plugin_path
     rest = _strip(train_args, "--store", "--runs-dir", "--plugin-path", "--dataset")
     if ns.dataset:
@@ -463,7 +470,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local one)")
-    s.add_argument("--replicas", type=int, default=1, help="replicas per model")
+    s.add_argument("--replicas", default="1", metavar="N|MIN-MAX",
+                   help="replicas per model; MIN-MAX lets Ray Serve autoscale between the two")
+    s.add_argument("--target-ongoing-requests", type=float, default=2.0,
+                   help="with --replicas MIN-MAX: requests per replica that autoscaling aims at")
     s.add_argument("--cpus-per-replica", type=float, default=0.25)
     s.add_argument("--gpus-per-replica", type=float, default=0.0)
     s.add_argument("--max-ongoing-requests", type=int, default=16, help="per replica")
@@ -474,6 +484,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for models to load")
     s.add_argument("--poll-seconds", type=float, default=10.0,
                    help="look for new model versions in the store this often (0: never)")
+    s.add_argument("--access-log", action="store_true",
+                   help="log every request (Serve's access log; off by default: it costs time per request)")
     s.add_argument("--build-config", default=None, metavar="FILE.yaml",
                    help="write a Ray Serve config for `serve deploy` on a cluster instead of serving")
     s.set_defaults(fn=cmd_serve)

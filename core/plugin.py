@@ -321,7 +321,7 @@ class Plugin:
         self.progress_dir: Path | None = None
         #: the model store this plugin trains into or was loaded from (set before setup(), so a
         #: plugin that reuses a stored model, like transfer, can read it from there)
-        self.store: Path | None = None
+        self.store: str | Path | None = None
 
     # -- data ---------------------------------------------------------------------------
     def setup(self, info: DatasetInfo) -> None:

@@ -42,7 +42,7 @@ def classifier_for(plugin: Plugin, ref: str | None, store: str | Path | None) ->
     found = Store(store)
     if not found.versions(name):
         raise KilnError(f"the {what} of '{plugin.name}' is measured with a trained classifier, but "
-                        f"there is no model '{name}' in store {found.root}; train one with "
+                        f"there is no model '{name}' in store {found.spec}; train one with "
                         f"`kiln train cnn --dataset {plugin.info.name}` or pass --classifier NAME[:VERSION]")
     judge, model, version = run.load(ref, store)
     if "classify" not in judge.methods():

@@ -79,7 +79,7 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
     store_mod.check_name(run)
     return TrainSpec(plugin=plugin, dataset=dataset, epochs=epochs or cls.epochs,
                      batch_size=batch, run=run, name=name,
-                     store=str(Path(store or store_mod.default_root()).resolve()),
+                     store=store_mod.resolve_root(store),
                      runs_dir=str(Path(runs_dir or default_runs_dir()).resolve()),
                      overrides=dict(overrides or {}), workers=workers,
                      max_workers=max_workers if max_workers > workers else 0,
@@ -208,7 +208,8 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
     version = store_mod.Store(spec.store).save(spec.name, write)
     shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     say(f"test {shown}")
-    say(f"stored {version.ref} at {version.path}")
+    where = f"{spec.store}/{version.name}/{version.version}" if store_mod.is_uri(spec.store) else version.path
+    say(f"stored {version.ref} at {where}")
     return version
 
 
@@ -231,14 +232,15 @@ def load(ref: str, store: str | Path | None = None) -> tuple[Plugin, Any, store_
     Only weights are read from disk (no code or layer config is deserialised), so a stored model
     cannot run arbitrary code; the plugin's own build() defines the architecture.
     """
-    version = store_mod.Store(store).get(ref)
+    found = store_mod.Store(store)
+    version = found.get(ref)
     m = version.manifest
     try:
         if m.get("plugin_path") and m["plugin"] not in {e.name for e in registry.entries()}:
             registry.load_file(m["plugin_path"])
         cls = registry.get(m["plugin"])
         plugin = cls(make_config(cls.Config, m["config"]))
-        plugin.store = version.path.parent.parent
+        plugin.store = found.spec
         plugin.setup(DatasetInfo.from_dict(m["dataset"]))
     except (KeyError, TypeError) as e:
         raise KilnError(f"corrupt manifest {version.path / store_mod.MANIFEST}: {e}") from None

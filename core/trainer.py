@@ -68,7 +68,7 @@ def make_plugin(spec: TrainSpec, info: DatasetInfo) -> Plugin:
     if spec.plugin_path:
         registry.load_file(spec.plugin_path)
     plugin = registry.get(spec.plugin)(**spec.overrides)
-    plugin.store = Path(spec.store)
+    plugin.store = spec.store
     plugin.setup(info)
     return plugin
 

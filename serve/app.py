@@ -61,6 +61,7 @@ class ServeSpec:
     max_body_bytes: int = 16 * 1024 * 1024
     options: dict[str, ModelOptions] = field(default_factory=dict)
     token: str | None = None              # with a token, every route but health needs it
+    access_log: bool = False              # Serve's log line per request (costs time per request)
 
 
 def deployment_name(ref: str) -> str:
@@ -211,7 +212,7 @@ def resolve_refs(store: str, names: list[str] | None) -> list[str]:
     if not names:
         names = s.names()
         if not names:
-            raise KilnError(f"store {s.root} holds no models; train one first (`kiln train cnn`)")
+            raise KilnError(f"store {s.spec} holds no models; train one first (`kiln train cnn`)")
     refs = []
     for n in names:
         v = s.get(n)
@@ -219,18 +220,30 @@ def resolve_refs(store: str, names: list[str] | None) -> list[str]:
     return refs
 
 
+def logging_config(access_log: bool) -> dict[str, Any]:
+    """Serve's per-request access log lines cost time on every request (formatting, writing, and
+    forwarding to the driver): off unless asked for; warnings and errors are always logged."""
+    return {"enable_access_log": access_log, "log_level": "INFO" if access_log else "WARNING"}
+
+
 def build_app(spec: ServeSpec) -> Any:
     """The Serve application: the ingress bound to one deployment per model version."""
     from kiln.serve.ingress import KilnIngress
 
+    logs = logging_config(spec.access_log)
     models = {}
     for ref in spec.refs:
         opts = spec.options.get(ref) or spec.options.get(ref.split(":")[0]) or ModelOptions()
-        dep = serve.deployment(ModelServer, name=deployment_name(ref), **opts.deployment_options())
+        dep = serve.deployment(ModelServer, name=deployment_name(ref), logging_config=logs,
+                               **opts.deployment_options())
         models[ref] = dep.bind(spec.store, ref, opts.batch_size, opts.batch_wait_ms)
     ingress = serve.deployment(KilnIngress, name=INGRESS, ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=256)
-    return ingress.bind(models, spec.max_body_bytes, spec.token)
+                               max_ongoing_requests=256, logging_config=logs)
+    from kiln.store import Store
+
+    store = Store(spec.store)  # each method's argument schema, for the OpenAPI document
+    methods = {ref: store.get(ref).manifest.get("methods", {}) for ref in spec.refs}
+    return ingress.bind(models, spec.max_body_bytes, spec.token, methods)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -330,4 +343,6 @@ def wait_ready(host: str, port: int, timeout: float = 300, prefix: str = "",
 def store_path(store: str | Path | None) -> str:
     from kiln.store import Store
 
-    return str(Store(store).root.resolve())
+    from kiln.store import resolve_root
+
+    return resolve_root(store)

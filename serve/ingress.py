@@ -76,12 +76,16 @@ def _ingress_class() -> Any:
 
     @serve.ingress(api)
     class KilnIngress:
-        def __init__(self, models: dict[str, Any], max_body_bytes: int, token: str | None) -> None:
+        def __init__(self, models: dict[str, Any], max_body_bytes: int, token: str | None,
+                     methods: dict[str, dict[str, Any]] | None = None) -> None:
             self.handles = models                       # "name:version" -> DeploymentHandle
             self.max_body = max_body_bytes
             self.token = token
             self.described: dict[str, dict[str, Any]] = {}
             self._status: tuple[float, dict[str, str]] = (0.0, {})
+            # /openapi.json and /docs list every served method with its own argument schema
+            api.openapi_schema = None
+            api.openapi = lambda: openapi(methods or {})  # type: ignore[method-assign]
 
         # -- plumbing ---------------------------------------------------------------------
         def _check_auth(self, request: Request) -> None:
@@ -284,7 +288,9 @@ def _ingress_class() -> Any:
                 if set(data) != {arg}:
                     raise HTTPError(400, f"named inputs must be exactly {{'{arg}'}}; got {sorted(data)}")
                 data = data[arg]
-            if rows and isinstance(data, list) and data and isinstance(data[0], dict):
+            # {"images": ...} rows are named inputs; a bare {"b64": ...} row is the value itself
+            rows_as_list = data if rows and isinstance(data, list) else []
+            if any(isinstance(r, dict) and set(r) != {"b64"} for r in rows_as_list):
                 if any(set(r) != {arg} for r in data if isinstance(r, dict)):
                     raise HTTPError(400, f"each instance must have exactly the key '{arg}'")
                 data = [r[arg] if isinstance(r, dict) else r for r in data]
@@ -418,6 +424,66 @@ def _ingress_class() -> Any:
                     "id": body.get("id"), "outputs": outputs}
 
     return KilnIngress
+
+
+def openapi(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """FastAPI's OpenAPI document plus one operation per served model method (latest and each
+    version), with the method's arguments as the request body's JSON schema."""
+    if api.openapi_schema is not None:
+        return api.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=api.title, version=api.version, description=api.description,
+                         routes=api.routes, servers=api.servers or None)
+    latest: dict[str, int] = {}
+    for ref in methods:
+        name, version = ref.split(":")
+        latest[name] = max(latest.get(name, 0), int(version))
+    for ref, ms in sorted(methods.items()):
+        name, version = ref.split(":")
+        for method, d in sorted(ms.items()):
+            op = _operation(name, version, method, d)
+            schema["paths"][f"/models/{name}/versions/{version}/{method}"] = {"post": op}
+            if int(version) == latest[name]:
+                schema["paths"][f"/models/{name}/{method}"] = {
+                    "post": {**op, "operationId": f"{name}_{method}",
+                             "summary": f"{op['summary']} (latest version, {version})"}}
+    api.openapi_schema = schema
+    return schema
+
+
+def _operation(name: str, version: str, method: str, d: dict[str, Any]) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    for arg, s in d.get("inputs", {}).items():
+        if s.get("type") == "array":  # JSON Schema bounds are for numbers: keep them as x- keys
+            prop = {"type": "array", "items": {}, "description": s.get("description") or "",
+                    "x-shape": s.get("x-shape"), "x-dtype": s.get("x-dtype"),
+                    "x-minimum": s.get("minimum"), "x-maximum": s.get("maximum")}
+        else:
+            prop = dict(s)
+        props[arg] = {k: v for k, v in prop.items() if v is not None}
+    required = [a for a, s in d.get("inputs", {}).items() if s.get("default") is None and not s.get("x-optional")]
+    outputs = d.get("outputs", {})
+    if "images" in outputs:
+        props["format"] = {"type": "string", "enum": ["json", "png"], "default": "json",
+                           "description": "png: the images output as one PNG grid"}
+    content: dict[str, Any] = {"application/json": {"schema": {
+        "type": "object", "properties": {k: {"description": v} for k, v in outputs.items()}}}}
+    if "images" in outputs:
+        content["image/png"] = {}
+    error = {"content": {"application/json": {"schema": {
+        "type": "object", "properties": {"error": {"type": "string"}}}}}}
+    return {
+        "tags": [name], "summary": f"{name} v{version} {method}: {d.get('doc', '')}",
+        "operationId": f"{name}_v{version}_{method}",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "properties": props, "required": required, "additionalProperties": False}}}},
+        "responses": {"200": {"description": "; ".join(f"{k}: {v}" for k, v in outputs.items()),
+                              "content": content},
+                      "400": {"description": "bad arguments", **error},
+                      "404": {"description": "unknown model, version or method", **error},
+                      "503": {"description": "the model is still loading", **error}},
+    }
 
 
 def _no_constant(name: str) -> Any:

@@ -53,8 +53,8 @@ def test_a_submitted_job_trains_on_ray_train_workers_and_stores_the_model(head, 
     probe.mkdir()
     out = run_kiln("submit", "--address", address, "--follow", "--env", f"KILN_PROBE_DIR={probe}",
                    "--plugin-path", str(TEST_PLUGINS / "probe.py"), "train", "probe", "--epochs", "2",
-                   "--limit", "2000", "--workers", "2", "--gpus-per-worker", "1", "--store", "models",
-                   cwd=tmp_path)
+                   "--limit", "2000", "--workers", "2", "--gpus-per-worker", "1",
+                   "--store", f"file://{tmp_path}/bucket/kiln", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     job_id = out.stdout.splitlines()[0].strip()
     assert job_id.startswith("kiln-probe-"), out.stdout[:500]
@@ -67,12 +67,18 @@ def test_a_submitted_job_trains_on_ray_train_workers_and_stores_the_model(head, 
     assert out.stdout.count("[kiln] epoch 2/2") == 1  # rank 0 reports, once
     # --gpus-per-worker reached Ray Train's ScalingConfig: the two workers got GPUs 0 and 1
     assert "GPUs [0]" in out.stdout and "GPUs [1]" in out.stdout, out.stdout[-3000:]
-    # the model is in the store named at submission (relative to where you submit)
-    models = run_kiln("models", "--store", str(tmp_path / "models"))
+    # the model is in the store named at submission, here a URI (the code path of s3:// and gs://)
+    uri = f"file://{tmp_path}/bucket/kiln"
+    models = run_kiln("models", "--store", uri)
     assert models.returncode == 0 and "probe" in models.stdout, models.stdout
-    manifest = json.loads((tmp_path / "models" / "probe" / "1" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "bucket" / "kiln" / "probe" / "1" / "manifest.json").read_text())
     assert manifest["run"] == job_id and manifest["train"]["workers"] == 2
     assert manifest["metrics"]["accuracy"] > 0.5
+    pictures = run_kiln("samples", "probe", "--store", uri, "--out", str(tmp_path / "pictures"),
+                        env={"KILN_CACHE": str(tmp_path / "cache")})  # the version is downloaded
+    assert pictures.returncode == 0 and (tmp_path / "pictures" / "probe-1-confusion.png").is_file(), \
+        pictures.stdout + pictures.stderr
+    assert (tmp_path / "cache" / "stores").is_dir()
     listing = run_kiln("jobs", "list", "--address", address)
     assert listing.returncode == 0
     row = next(line for line in listing.stdout.splitlines() if line.startswith(job_id))
@@ -120,7 +126,7 @@ def test_a_running_job_can_be_stopped(head, tmp_path):
     (["jobs", "stop", "no-such-job"], "no job 'no-such-job' on this cluster"),
     (["jobs", "logs"], "needs a job id"),
     (["submit", "cnn"], "kiln submit runs a training job"),
-    (["submit", "--store", "s3://bucket/models", "train", "cnn"], "only folders and file:// URIs"),
+    (["submit", "train", "cnn", "--runs-dir", "s3://bucket/runs"], "--runs-dir must be a folder"),
     (["submit", "train", "cnn", "--workers", "3-1"], "need 1 <= MIN <= MAX"),
 ])
 def test_bad_job_requests_get_one_line(head, args, message):

@@ -25,7 +25,7 @@ def cluster():
     # After a node dies, an elastic run may first ask for the old worker count (the node is not
     # yet marked dead) and waits this long before settling for fewer (default 60 s).
     mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+    mp.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
 
     # Fast node-death detection (Ray's default takes ~30 s to declare a node dead).
     system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,

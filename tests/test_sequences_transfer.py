@@ -226,7 +226,7 @@ def test_transfer_from_a_keras_application_with_local_weights(tmp_path, workdir)
                                    pooling="avg").save_weights(weights)
     out = run_kiln("train", "transfer", "--set", "base=keras:MobileNetV2", "--set", f"weights={weights}",
                    "--set", "labels_per_class=4", "--set", "head_epochs=1", "--epochs", "2",
-                   "--batch-size", "8", cwd=workdir)
+                   "--batch-size", "8", "--limit", "2000", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fine-tuning the base's top 1 layer(s)" in out.stdout
     from kiln import run

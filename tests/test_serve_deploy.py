@@ -27,7 +27,7 @@ def test_build_config_deploys_on_a_ray_head(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     port, gcs, dash = free_port(), free_port(), free_port()
     config = tmp_path / "serve.yaml"
-    out = run_kiln("serve", "--model", "cnn", "--port", str(port), "--replicas", "1",
+    out = run_kiln("serve", "--model", "cnn", "--port", str(port), "--replicas", "1-2",
                    "--build-config", str(config), cwd=tmp_path, env=env)
     assert out.returncode == 0 and "serve deploy" in out.stdout, out.stderr
     doc = yaml.safe_load(config.read_text())
@@ -35,6 +35,9 @@ def test_build_config_deploys_on_a_ray_head(tmp_path):
     assert application["import_path"] == "kiln.serve.app:app_builder"
     assert application["args"]["models"] == ["cnn:1"] and Path(application["args"]["store"]).is_dir()
     assert application["deployments"][0]["name"] == "model-cnn-v1"
+    # --replicas MIN-MAX: Ray Serve autoscaling (validated for real when the head deploys it)
+    assert application["deployments"][0]["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2.0}
     assert doc["http_options"] == {"host": "127.0.0.1", "port": port}
 
     ray_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

@@ -56,3 +56,50 @@ def test_corrupt_manifest(tmp_path):
     (v.path / "manifest.json").write_text(json.dumps({"plugin": "cnn"}))
     with pytest.raises(KilnError, match="config missing"):
         s.get("m:1")
+
+
+# --------------------------------------------------------------------------- URI stores
+
+
+def test_a_uri_store_uploads_with_the_manifest_last_and_downloads_once(tmp_path, monkeypatch):
+    """file:// goes through the same pyarrow filesystem code as s3:// and gs://."""
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    remote = tmp_path / "bucket" / "kiln"
+    uri = f"file://{remote}"
+    s = Store(uri)
+    assert s.spec == uri and s.names() == [] and s.versions("m") == []
+
+    def write(tmp):
+        (tmp / "model.weights.h5").write_bytes(b"weights")
+        (tmp / "artifacts").mkdir()
+        (tmp / "artifacts" / "samples.png").write_bytes(b"png")
+        return {"plugin": "cnn", "config": {}}
+
+    assert [s.save("m", write).version for _ in range(2)] == [1, 2]
+    assert (remote / "m" / "2" / "manifest.json").is_file() and (remote / "m" / "2" / "artifacts" / "samples.png").is_file()
+    # another machine (a fresh cache) lists versions reading manifests only, then fetches one whole
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache2"))
+    other = Store(uri)
+    assert [(v.name, v.version) for v in other.list()] == [("m", 1), ("m", 2)]
+    assert not (other.root / "m" / "1" / "model.weights.h5").exists()  # listing downloads no weights
+    v1 = other.get("m:1")
+    assert v1.weights.read_bytes() == b"weights" and [a.name for a in v1.artifacts()] == ["samples.png"]
+    assert other.get("m").version == 2
+    # a crashed upload (files without a manifest) is invisible, and the next version skips it
+    (remote / "m" / "3").mkdir()
+    (remote / "m" / "3" / "model.weights.h5").write_bytes(b"partial")
+    assert other.versions("m") == [1, 2]
+
+    def crash(tmp):
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        other.save("m", crash)
+    assert other.versions("m") == [1, 2] and other.save("m", write).version == 4
+    with pytest.raises(KilnError, match=f"no model 'nope' in store {uri}"):
+        other.get("nope")
+
+
+def test_an_unknown_store_scheme_is_one_clear_error(tmp_path):
+    with pytest.raises(KilnError, match="cannot open the store nosuch://bucket"):
+        Store("nosuch://bucket/kiln").names()
