@@ -241,8 +241,6 @@ class Store:
         The folder becomes visible only once complete (atomic rename); on any error nothing stays.
         """
         check_name(name)
-        if self.uri is not None:
-            return self._upload(name, write)
         parent = self.root / name
         parent.mkdir(parents=True, exist_ok=True)
         tmp = parent / f".tmp-{uuid.uuid4().hex}"
@@ -250,6 +248,8 @@ class Store:
         try:
             manifest = write(tmp)
             manifest = {**manifest, "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if self.uri is not None:
+                return self._upload(name, tmp, manifest)
             for attempt in range(100):
                 version = (self.versions(name) or [0])[-1] + 1 + attempt
                 manifest["version"] = version
@@ -264,41 +264,31 @@ class Store:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-
-    def _upload(self, name: str, write: Callable[[Path], dict[str, Any]]) -> Version:
-        """save() for a URI store: written locally, uploaded, the manifest last (it makes the
-        version visible), then kept in the local cache."""
+    def _upload(self, name: str, tmp: Path, manifest: dict[str, Any]) -> Version:
+        """save() for a URI store: the written folder is uploaded, its manifest last (that makes
+        the version visible), then kept as the version's local copy."""
         from pyarrow import fs as pafs
 
         fs, base = self._fs()
-        parent = self.root / name
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        version = (self.versions(name) or [0])[-1] + 1
+        while fs.get_file_info(f"{base}/{name}/{version}").type != pafs.FileType.NotFound:
+            version += 1  # a crashed upload's leftovers (no manifest) or another writer
+        manifest["version"] = version
+        dest = f"{base}/{name}/{version}"
         try:
-            manifest = write(tmp)
-            manifest = {**manifest, "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            version = (self.versions(name) or [0])[-1] + 1
-            while fs.get_file_info(f"{base}/{name}/{version}").type != pafs.FileType.NotFound:
-                version += 1  # a crashed upload's leftovers (no manifest) or another writer
-            manifest["version"] = version
-            dest = f"{base}/{name}/{version}"
-            try:
-                fs.create_dir(dest, recursive=True)
-                pafs.copy_files(str(tmp), dest, source_filesystem=pafs.LocalFileSystem(),
-                                destination_filesystem=fs)
-                with fs.open_output_stream(f"{dest}/{MANIFEST}") as f:
-                    f.write(json.dumps(manifest, indent=2, default=_json_default).encode())
-            except OSError as e:
-                raise KilnError(f"cannot upload {name}:{version} to {self.uri}: {e}") from None
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
-            (tmp / ".complete").write_text("")
-            shutil.rmtree(parent / str(version), ignore_errors=True)
-            os.rename(tmp, parent / str(version))
-            return Version(name, version, parent / str(version), manifest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            fs.create_dir(dest, recursive=True)
+            pafs.copy_files(str(tmp), dest, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
+            with fs.open_output_stream(f"{dest}/{MANIFEST}") as f:
+                f.write(json.dumps(manifest, indent=2, default=_json_default).encode())
+        except OSError as e:
+            raise KilnError(f"cannot upload {name}:{version} to {self.uri}: {e}") from None
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        (tmp / ".complete").write_text("")
+        local = self.root / name / str(version)
+        shutil.rmtree(local, ignore_errors=True)
+        os.rename(tmp, local)
+        return Version(name, version, local, manifest)
 
 
 def _json_default(o: Any) -> Any:

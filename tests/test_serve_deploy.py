@@ -22,9 +22,10 @@ BIN = Path(sys.executable).parent
 
 
 def test_build_config_deploys_on_a_ray_head(tmp_path):
+    from kiln import run
+
     env = {"KILN_STORE": str(tmp_path / "store"), "KILN_RUNS": str(tmp_path / "runs")}
-    out = run_kiln("train", "cnn", "--epochs", "1", "--limit", "3000", cwd=tmp_path, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
+    run.train(run.plan("cnn", epochs=1, limit=3000, store=tmp_path / "store", runs_dir=tmp_path / "runs"))
     port, gcs, dash = free_port(), free_port(), free_port()
     config = tmp_path / "serve.yaml"
     out = run_kiln("serve", "--model", "cnn", "--port", str(port), "--replicas", "1-2",
