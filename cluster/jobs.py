@@ -59,6 +59,12 @@ def auth_token() -> str | None:
         return None
 
 
+def auth_headers() -> dict[str, str]:
+    """The Authorization header for Ray's token, where one is configured."""
+    token = auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _reachable(address: str) -> None:
     """Fail in seconds when nothing listens (Ray's own client retries for a long time)."""
     url = urlparse(address)
@@ -79,9 +85,8 @@ def client(address: str | None) -> Any:
     # Ray's SDK logs each upload and websocket close at INFO; Kiln prints what matters itself.
     for name in ("ray.dashboard.modules.job.sdk", "ray.dashboard.modules.dashboard_sdk"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    token = auth_token()
     try:
-        return JobSubmissionClient(address, headers={"Authorization": f"Bearer {token}"} if token else None)
+        return JobSubmissionClient(address, headers=auth_headers() or None)
     except Exception as e:  # ConnectionError, or an HTTP error for a non-Ray server
         raise KilnError(f"no Ray jobs API at {address}: {_first_line(e)}") from None
 
@@ -177,9 +182,8 @@ def submit(train_args: list[str], *, address: str | None, store: str | None, run
         working_dir = stage(Path(tmp), plugin_path)
         size = sum(p.stat().st_size for p in working_dir.rglob("*") if p.is_file())
         runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": ["__pycache__"]}
-        passed = {k: v for k, v in (env or {}).items()}
-        if passed:
-            runtime_env["env_vars"] = passed
+        if env:
+            runtime_env["env_vars"] = dict(env)
         kwargs: dict[str, Any] = {}
         if workers == 0:
             kwargs = {"entrypoint_num_cpus": cpus_per_worker, "entrypoint_num_gpus": gpus_per_worker}
@@ -223,7 +227,7 @@ def follow(address: str | None, job_id: str, out: Callable[[str], None]) -> Any:
     asyncio.run(tail())
     for _ in range(50):  # the log stream closes a moment before the status is final
         job = _call("read the job", lambda: c.get_job_info(job_id), job_id)
-        if str(job.status) in TERMINAL or getattr(job.status, "value", None) in TERMINAL:
+        if status_text(job) in TERMINAL:
             return job
         time.sleep(0.2)
     return job
@@ -231,6 +235,11 @@ def follow(address: str | None, job_id: str, out: Callable[[str], None]) -> Any:
 
 def status_text(job: Any) -> str:
     return getattr(job.status, "value", str(job.status))
+
+
+def command(job: Any) -> str:
+    """A job's entrypoint as the user would type it (`kiln ...`)."""
+    return job.entrypoint.replace("python -m kiln.cli", "kiln")
 
 
 def failure(job: Any, log_text: str) -> str:
@@ -275,9 +284,7 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("RAY_AUTH_MODE", "token")
-    from kiln import data
-
-    from kiln import run, store
+    from kiln import data, run, store
 
     # Jobs on this machine read the same raw dataset files, and store models and checkpoints where
     # `kiln models` and `kiln train --resume` run here look (not in the job's temporary folder).
@@ -319,10 +326,7 @@ def nodes(address: str | None) -> list[dict[str, Any]]:
     from ray.util.state.api import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
-    token = auth_token()
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    headers = {"Content-Type": "application/json", **auth_headers()}
     try:
         found = StateApiClient(address=address, headers=headers).list(
             StateResource.NODES, options=ListApiOptions(detail=True), raise_on_missing_output=False)

@@ -121,11 +121,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from kiln.serve import app
 
-    lo, sep, hi = args.replicas.partition("-")
-    if not lo.isdigit() or (sep and not hi.isdigit()) or int(lo) < 1 or (sep and int(hi) < int(lo)):
-        raise KilnError(f"--replicas takes N or MIN-MAX (autoscaling), N >= 1; got {args.replicas!r}")
-    autoscaling = {"min_replicas": int(lo), "max_replicas": int(hi),
-                   "target_ongoing_requests": args.target_ongoing_requests} if sep else None
+    from kiln.run import parse_span
+
+    low, high = parse_span(args.replicas, "--replicas")
+    autoscaling = {"min_replicas": low, "max_replicas": high,
+                   "target_ongoing_requests": args.target_ongoing_requests} if "-" in args.replicas else None
     if args.max_body_mb <= 0 or args.cpus_per_replica < 0 or args.gpus_per_replica < 0 \
             or args.target_ongoing_requests <= 0:
         raise KilnError("--max-body-mb and --target-ongoing-requests must be positive, "
@@ -141,7 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.batch_size < 0 or args.batch_wait_ms < 0 or args.poll_seconds < 0:
         raise KilnError("--batch-size, --batch-wait-ms and --poll-seconds must be >= 0")
     opts = app.ModelOptions(num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica,
-                            num_replicas=int(lo), autoscaling_config=autoscaling,
+                            num_replicas=low, autoscaling_config=autoscaling,
                             max_ongoing_requests=args.max_ongoing_requests,
                             batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms)
     spec = app.ServeSpec(store=store, refs=refs, host=args.host, port=args.port,
@@ -178,14 +178,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("[kiln] server stopped", flush=True)
 
 
-def _local_path(value: str, uri_ok: bool = True) -> str:
-    """A store or runs folder as the job sees it: a URI as given (s3://, gs://, file://), a folder
-    made absolute where you submit (it must be one the cluster's nodes reach: shared, or a local
-    head)."""
-    if "://" in value:
-        if not uri_ok:
-            raise KilnError(f"{value!r}: --runs-dir must be a folder the cluster's nodes share")
-        return value.rstrip("/")
+def _local_path(value: str) -> str:
+    """A folder as the job sees it: made absolute where you submit (it must be one the cluster's
+    nodes reach: shared, or a local head)."""
     return str(Path(value).expanduser().resolve())
 
 
@@ -203,7 +198,7 @@ def _strip(argv: list[str], *flags: str) -> list[str]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from kiln import data, run
+    from kiln import data, run, store as store_mod
     from kiln.cluster import jobs
 
     if not args.train_args or args.train_args[0] != "train":
@@ -216,9 +211,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     workers, _ = run.parse_workers(ns.workers)
     # Named here (flag or environment): made absolute here. Else the cluster's own $KILN_STORE.
     store = getattr(ns, "store", None) or args.store or os.environ.get("KILN_STORE")
-    store = _local_path(store) if store else None
+    store = store_mod.resolve_root(store) if store else None  # a URI as given, a folder absolute
     runs_dir = ns.runs_dir or os.environ.get("KILN_RUNS")
-    runs_dir = _local_path(runs_dir, uri_ok=False) if runs_dir else None
+    if runs_dir and store_mod.is_uri(runs_dir):
+        raise KilnError(f"{runs_dir!r}: --runs-dir must be a folder the cluster's nodes share")
+    runs_dir = _local_path(runs_dir) if runs_dir else None
     plugin_path = getattr(ns, "plugin_path", None) or args.plugin_path
     rest = _strip(train_args, "--store", "--runs-dir", "--plugin-path", "--dataset")
     if ns.dataset:
@@ -277,7 +274,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             end = j.end_time or (time.time() * 1000 if j.start_time else None)
             seconds = f"{(end - j.start_time) / 1000:.0f}" if j.start_time and end else "-"
             rows.append((j.submission_id or j.job_id or "-", jobs.status_text(j), start, seconds,
-                         j.entrypoint.replace("python -m kiln.cli", "kiln")))
+                         jobs.command(j)))
         for line in jobs.iter_rows(rows):
             print(line)
         return 0
@@ -330,7 +327,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     print(f"{alive} alive node(s): {cpus:g} CPUs, {gpus:g} GPUs")
     running = [j for j in jobs.list_jobs(args.address) if jobs.status_text(j) in ("PENDING", "RUNNING")]
     print(f"{len(running)} job(s) running" + "".join(
-        f"\n  {j.submission_id}  {jobs.status_text(j)}  {j.entrypoint.replace('python -m kiln.cli', 'kiln')}"
+        f"\n  {j.submission_id}  {jobs.status_text(j)}  {jobs.command(j)}"
         for j in running))
     return 0
 

@@ -29,15 +29,20 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get("KILN_RUNS", "kiln-runs")).expanduser()
 
 
-def parse_workers(text: str | int) -> tuple[int, int]:
-    """--workers N (fixed) or MIN-MAX (elastic: Ray Train runs with as many as fit) -> (min, max)."""
+def parse_span(text: str | int, flag: str, least: int = 1) -> tuple[int, int]:
+    """``flag`` N (fixed, N >= least) or MIN-MAX (a range to scale in) -> (min, max)."""
     lo, sep, hi = str(text).strip().partition("-")
-    if not lo.isdigit() or (sep and not hi.isdigit()):
-        raise KilnError(f"--workers takes N or MIN-MAX (e.g. 2 or 1-4), got {text!r}")
+    if not lo.isdigit() or (sep and not hi.isdigit()) or (not sep and int(lo) < least):
+        raise KilnError(f"{flag} takes N or MIN-MAX (e.g. 2 or 1-4), N >= {least}; got {text!r}")
     low, high = int(lo), int(hi) if sep else int(lo)
     if sep and not 1 <= low <= high:
-        raise KilnError(f"--workers {text}: need 1 <= MIN <= MAX")
+        raise KilnError(f"{flag} takes N or MIN-MAX: need 1 <= MIN <= MAX, got {text!r}")
     return low, high
+
+
+def parse_workers(text: str | int) -> tuple[int, int]:
+    """--workers N (fixed; 0 trains in-process) or MIN-MAX (elastic Ray Train) -> (min, max)."""
+    return parse_span(text, "--workers", least=0)
 
 
 def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,

@@ -119,6 +119,8 @@ class ModelServer:
         t0 = time.perf_counter()
         self.plugin, self.model, self.version = run.load(ref, store)
         self.ref = self.version.ref
+        # a stored version never changes: its pictures are listed once, not on every GET /models
+        self.pictures = {p.name: p for p in self.version.artifacts() if p.suffix == ".png"}
         self.batching = batch_size > 1
         self.largest_batch = 0
         self._batch.set_max_batch_size(max(1, batch_size))
@@ -148,14 +150,14 @@ class ModelServer:
                 "largest_batch": self.largest_batch,
                 "history": [{k: v for k, v in h.items() if isinstance(v, (int, float))}
                             for h in m.get("history", [])],
-                "artifacts": [p.name for p in self.version.artifacts() if p.suffix == ".png"]}
+                "artifacts": sorted(self.pictures)}
 
     def artifact(self, name: str) -> bytes:
         """A stored picture of this version (one of describe()'s ``artifacts``)."""
-        found = {p.name: p for p in self.version.artifacts() if p.suffix == ".png"}
-        if name not in found:
-            raise KilnError(f"{self.ref} has no picture '{name}'; pictures: {', '.join(sorted(found)) or 'none'}")
-        return found[name].read_bytes()
+        if name not in self.pictures:
+            raise KilnError(f"{self.ref} has no picture '{name}'; pictures: "
+                            f"{', '.join(sorted(self.pictures)) or 'none'}")
+        return self.pictures[name].read_bytes()
 
     async def infer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
         arg = self.batchable.get(method)
