@@ -322,6 +322,9 @@ class Plugin:
         #: the model store this plugin trains into or was loaded from (set before setup(), so a
         #: plugin that reuses a stored model, like transfer, can read it from there)
         self.store: str | Path | None = None
+        #: optimizer steps the whole run will take (epochs x steps per epoch), set before build()
+        #: when training, so a learning-rate schedule can span the run; 0 when only loading
+        self.total_steps: int = 0
 
     # -- data ---------------------------------------------------------------------------
     def setup(self, info: DatasetInfo) -> None:

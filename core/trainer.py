@@ -157,6 +157,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
         ds = ds.map(plugin.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 
+    plugin.total_steps = spec.epochs * steps
     with strategy.scope():
         model = build_model(plugin)
 

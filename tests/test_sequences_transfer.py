@@ -111,7 +111,7 @@ def test_har_reads_the_uci_layout_and_trains_on_it(tmp_path, workdir):
     assert info.input_shape == (128, 9) and info.class_names == tuple(UCI_NAMES)
     assert (info.train_size, info.test_size) == (300, 120) and info.extra["rate_hz"] == 50.0
     assert set(info.extra["subjects"]["train"]).isdisjoint(info.extra["subjects"]["test"])
-    out = run_kiln("train", "har", "--dataset", str(folder), "--epochs", "8", cwd=workdir)
+    out = run_kiln("train", "har", "--dataset", str(folder), "--epochs", "16", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads((workdir / "store" / "har" / "1" / "manifest.json").read_text())
     assert m["dataset"]["input_shape"] == [128, 9]
