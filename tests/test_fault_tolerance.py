@@ -88,9 +88,12 @@ def test_a_run_survives_losing_a_node_and_resumes_from_its_last_checkpoint(clust
     version, at = _train_while(spec, lose_a_node)
     m = version.manifest
     assert [h["epoch"] for h in m["history"]] == list(range(1, EPOCHS + 1))
-    assert len(m["resumed"]) == 1, m["resumed"]
+    # one restart, or two when the first new worker group was placed on the dying node before Ray
+    # marked it dead (max_failures=2 allows for that); every restart resumes from a checkpoint
+    assert 1 <= len(m["resumed"]) <= 2, m["resumed"]
     resumed = m["resumed"][0]
-    assert 1 <= at - 1 <= resumed["epoch"] < EPOCHS and resumed["workers"] == 2  # not from epoch 0
+    assert 1 <= at - 1 <= resumed["epoch"] < EPOCHS, (at, m["resumed"])  # not from epoch 0
+    assert all(r["workers"] == 2 and r["epoch"] >= resumed["epoch"] for r in m["resumed"]), m["resumed"]
     assert m["metrics"]["accuracy"] > 0.8
     log = capfd.readouterr().out
     assert f"resuming from checkpoint at epoch {resumed['epoch']} on 2 worker(s)" in log
