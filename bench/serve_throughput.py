@@ -1,8 +1,10 @@
 """Serving speed, measured side by side in one run with wrk (a compiled HTTP load generator;
 Debian: `apt install wrk`), for the CNN on single-image JSON requests:
 
-1. Kiln over Ray Serve, batching on (the default), at 1 and 32 connections;
-2. Kiln over Ray Serve, batching off, at 32 connections;
+1. Kiln over Ray Serve as `kiln serve` runs it (HAProxy in front, gRPC between replicas),
+   batching on (the default), at 1 and 32 connections;
+2. the same, batching off, at 32 connections;
+2b. batching on behind Serve's default Python HTTP proxy, at 32 connections;
 3. a plain single-process FastAPI/uvicorn server calling the same model (what a user would write
    instead), at 1 and 32 connections;
 4. one Open Inference Protocol v2 request with 256 images, against in-process ``model.predict``
@@ -14,6 +16,7 @@ Debian: `apt install wrk`), for the CNN on single-image JSON requests:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -103,66 +106,79 @@ def main() -> None:
     one = json.dumps({"images": x[:1].tolist()})
     rows: list[tuple[str, int, dict[str, float]]] = []
 
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    base = f"http://127.0.0.1:{port}"
-    for batching in (True, False):
-        opts = app.ModelOptions(num_cpus=1, batch_size=32 if batching else 0)
-        spec = app.ServeSpec(store=store, refs=[app.resolve_refs(store, ["cnn"])[0]], port=port,
-                             options={"cnn": opts})
-        app.start(spec)
-        wait(f"{base}/v2/health/ready")
-        requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})
-        for c in ((1, 32) if batching else (32,)):
-            rows.append((f"Kiln on Ray Serve, batching {'on' if batching else 'off'}", c,
-                         wrk(f"{base}/models/cnn/classify", one, c, args.seconds)))
-            print(rows[-1], flush=True)
-        if batching:  # 256 images in one v2 request
-            body = {"inputs": [{"name": "images", "shape": [256, 28, 28, 1], "datatype": "FP32",
-                                "data": x.ravel().tolist()}]}
-            requests.post(f"{base}/v2/models/cnn/infer", json=body)
-            t0, n = time.perf_counter(), 20
-            for _ in range(n):
-                assert requests.post(f"{base}/v2/models/cnn/infer", json=body).status_code == 200
-            v2_ips = 256 * n / (time.perf_counter() - t0)
-        serve.delete("kiln")
-    serve.shutdown()
-    ray.shutdown()
-
-    plugin, model, _ = run.load("cnn", store)
-    batch = x.reshape(-1, 28, 28, 1) / 255.0
-    model.predict(batch, verbose=0)
-    t0, n = time.perf_counter(), 20
-    for _ in range(n):
-        model.predict(batch, verbose=0, batch_size=256)
-    local_ips = 256 * n / (time.perf_counter() - t0)
-
+    # the plain server runs (idle) beside Kiln and is measured right after Kiln at the same number
+    # of connections, so both see the same machine (this one's speed drifts by 2x over minutes)
     folder = Path(tempfile.mkdtemp())
     (folder / "plain_server.py").write_text(PLAIN.format(store=store))
     plain_port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1",
                              "--port", str(plain_port), "--log-level", "warning"], cwd=folder,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    try:
-        wait(f"http://127.0.0.1:{plain_port}/docs")
-        for c in (1, 32):
-            rows.append(("plain FastAPI/uvicorn, 1 process", c,
-                         wrk(f"http://127.0.0.1:{plain_port}/classify", one, c, args.seconds)))
-            print(rows[-1], flush=True)
-    finally:
-        proc.terminate()
-        proc.wait()
+    atexit.register(proc.terminate)
+    wait(f"http://127.0.0.1:{plain_port}/docs")
+    plain_url = f"http://127.0.0.1:{plain_port}/classify"
+    wrk(plain_url, one, 1, 2)  # warm-up
+    # Serve's data path as `kiln serve` starts it (HAProxy, gRPC between replicas), then Serve's
+    # default (its Python HTTP proxy), each in a fresh local Ray
+    paths = (("", {}), (", Python proxy", {"RAY_SERVE_ENABLE_HA_PROXY": "0",
+                                          "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}))
+    for label, env in paths:
+        os.environ.update(env)
+        app.init_ray(num_cpus=2)
+        for k in env:
+            del os.environ[k]
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        for batching in ((True, False) if not label else (True,)):
+            opts = app.ModelOptions(num_cpus=1, batch_size=32 if batching else 0)
+            spec = app.ServeSpec(store=store, refs=[app.resolve_refs(store, ["cnn"])[0]], port=port,
+                                 options={"cnn": opts})
+            app.start(spec)
+            wait(f"{base}/v2/health/ready")
+            requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})
+            for c in ((1, 32) if batching and not label else (32,)):
+                rows.append((f"Kiln, batching {'on' if batching else 'off'}{label}", c,
+                             wrk(f"{base}/models/cnn/classify", one, c, args.seconds)))
+                print(rows[-1], flush=True)
+                if batching and not label:
+                    rows.append(("plain FastAPI/uvicorn, 1 process", c, wrk(plain_url, one, c, args.seconds)))
+                    print(rows[-1], flush=True)
+            if batching and not label:  # 256 images in one v2 request
+                body = {"inputs": [{"name": "images", "shape": [256, 28, 28, 1], "datatype": "FP32",
+                                    "data": x.ravel().tolist()}]}
+                requests.post(f"{base}/v2/models/cnn/infer", json=body)
+                t0, n = time.perf_counter(), 20
+                for _ in range(n):
+                    assert requests.post(f"{base}/v2/models/cnn/infer", json=body).status_code == 200
+                v2_ips = 256 * n / (time.perf_counter() - t0)
+                # in-process model.predict on the same batch, right after (Serve idle meanwhile)
+                plugin, model, _ = run.load("cnn", store)
+                batch = x.reshape(-1, 28, 28, 1) / 255.0
+                model.predict(batch, verbose=0)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    model.predict(batch, verbose=0, batch_size=256)
+                local_ips = 256 * n / (time.perf_counter() - t0)
+            serve.delete("kiln")
+        serve.shutdown()
+        ray.shutdown()
+
+    proc.terminate()
+    proc.wait()
+
 
     plain32 = next(r for name, c, r in rows if name.startswith("plain") and c == 32)
-    print(f"\n{'server':<38} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs plain':>8}")
+    print(f"\n{'server':<40} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs plain':>8}")
     for name, c, r in rows:
         plain = next(q for n2, c2, q in rows if n2.startswith("plain") and c2 == c)
-        print(f"{name:<38} {c:>5} {r['rps']:>8.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
+        print(f"{name:<40} {c:>5} {r['rps']:>8.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
               f"{r['rps'] / plain['rps']:>7.2f}x" + (f"  ({r['errors']} non-2xx)" if r["errors"] else ""))
-    on = next(r for n, c, r in rows if "batching on" in n and c == 32)
-    off = next(r for n, c, r in rows if "batching off" in n)
+    on = next(r for n, c, r in rows if n == "Kiln, batching on" and c == 32)
+    off = next(r for n, c, r in rows if n == "Kiln, batching off")
+    py = next(r for n, c, r in rows if "Python proxy" in n)
     print(f"\nbatching on vs off at 32 connections: {on['rps'] / off['rps']:.2f}x")
     print(f"Kiln vs plain at 32 connections: {on['rps'] / plain32['rps']:.2f}x")
+    print(f"HAProxy vs Serve's Python proxy at 32 connections: {on['rps'] / py['rps']:.2f}x")
     print(f"256 images in one v2 request: {v2_ips:.0f} images/s; in-process model.predict: "
           f"{local_ips:.0f} images/s; ratio {v2_ips / local_ips:.2f}")
 

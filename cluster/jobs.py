@@ -292,6 +292,10 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
         env.setdefault("KILN_DATA_DIR", str(data.data_dir()))
     env["KILN_STORE"] = store.resolve_root(None)
     env["KILN_RUNS"] = str(run.default_runs_dir().resolve())
+    from kiln.serve.app import data_path_env
+
+    for k, v in data_path_env().items():  # `kiln serve --address` here gets Serve's fast data path
+        env.setdefault(k, v)
     if env["RAY_AUTH_MODE"] == "token" and not auth_token():
         made = _ray("get-auth-token", "--generate", env=env)
         if made.returncode != 0:

@@ -32,17 +32,20 @@ def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def ray_processes() -> list[str]:
-    out = subprocess.run(["pgrep", "-af", "raylet|gcs_server|ray::"], capture_output=True, text=True)
+def ray_processes() -> dict[str, str]:
+    """Running Ray processes (and Serve's HAProxy), pid -> command line. Compare pids: an actor's
+    title changes with the task it runs (``ray::ServeController.listen_for_change``)."""
+    out = subprocess.run(["pgrep", "-af", "raylet|gcs_server|ray::|haproxy"], capture_output=True, text=True)
     # a <defunct> entry is a process that has exited and waits for its parent to reap it
-    return [line for line in out.stdout.splitlines() if "pgrep" not in line and "<defunct>" not in line]
+    return {line.split()[0]: line for line in out.stdout.splitlines()
+            if "pgrep" not in line and "<defunct>" not in line}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_ray_left_behind():
     before = set(ray_processes())
     yield
-    left = [p for p in ray_processes() if p not in before]
+    left = [line for pid, line in ray_processes().items() if pid not in before]
     if left:
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
                        capture_output=True)

@@ -45,7 +45,7 @@ def server(tmp_path_factory):
     store = str(root / "store")
     spec = app.ServeSpec(store=store, refs=app.resolve_refs(store, None), port=port,
                          max_body_bytes=1024 * 1024)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    app.init_ray(num_cpus=2)  # as `kiln serve` starts it: HAProxy in front, gRPC between replicas
     try:
         app.start(spec)
         base = f"http://127.0.0.1:{port}"
@@ -260,7 +260,8 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server, tmp_path):
     deadline = time.time() + 30
     while set(ray_processes()) - before and time.time() < deadline:
         time.sleep(0.5)
-    assert not set(ray_processes()) - before
+    left = {pid: line for pid, line in ray_processes().items() if pid not in before}
+    assert not left, list(left.values())
 
 
 def test_client_cli_predict_and_png_generation(server, tmp_path):
