@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait(url: str, timeout: float = 300) -> None:
@@ -110,7 +103,7 @@ def main() -> None:
     # of connections, so both see the same machine (this one's speed drifts by 2x over minutes)
     folder = Path(tempfile.mkdtemp())
     (folder / "plain_server.py").write_text(PLAIN.format(store=store))
-    plain_port = free_port()
+    plain_port = app.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1",
                              "--port", str(plain_port), "--log-level", "warning"], cwd=folder,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -127,7 +120,7 @@ def main() -> None:
         app.init_ray(num_cpus=2)
         for k in env:
             del os.environ[k]
-        port = free_port()
+        port = app.free_port()
         base = f"http://127.0.0.1:{port}"
         for batching in ((True, False) if not label else (True,)):
             opts = app.ModelOptions(num_cpus=1, batch_size=32 if batching else 0)

@@ -119,9 +119,9 @@ def cmd_samples(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from kiln.serve import app
-
     from kiln.run import parse_span
+    from kiln.serve import app
+    from kiln.store import resolve_root
 
     low, high = parse_span(args.replicas, "--replicas")
     autoscaling = {"min_replicas": low, "max_replicas": high,
@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from kiln.cluster.train import check_address
 
         check_address(args.address)
-    store = app.store_path(args.store)
+    store = resolve_root(args.store)
     refs = app.resolve_refs(store, args.model)
     if args.batch_size < 0 or args.batch_wait_ms < 0 or args.poll_seconds < 0:
         raise KilnError("--batch-size, --batch-wait-ms and --poll-seconds must be >= 0")

