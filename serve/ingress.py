@@ -19,6 +19,7 @@ method, 413 body too large, 415 not JSON, 503 model still loading.
 # No `from __future__ import annotations` here: FastAPI reads these route signatures' types at
 # run time (a string annotation `Request` inside the Serve class view is not resolved).
 
+import asyncio
 import base64
 import hmac
 import io
@@ -203,11 +204,13 @@ def _ingress_class() -> Any:
                 @serve.batch(max_batch_size=size, batch_wait_timeout_s=wait_ms / 1000.0,
                              max_concurrent_batches=4)  # the next batch goes while one runs
                 async def run(items: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+                    # one call per method in the batch, all in flight at once
+                    groups = {m: [k for k, (m2, _) in enumerate(items) if m2 == m] for m, _ in items}
+                    done = await asyncio.gather(*(handle.infer_many.remote(m, [items[k][1] for k in ks])
+                                                  for m, ks in groups.items()))
                     out: list[dict[str, Any]] = [{} for _ in items]
-                    for method in {m for m, _ in items}:
-                        mine = [k for k, (m, _) in enumerate(items) if m == method]
-                        done = await handle.infer_many.remote(method, [items[k][1] for k in mine])
-                        for k, result in zip(mine, done):
+                    for ks, results in zip(groups.values(), done):
+                        for k, result in zip(ks, results):
                             out[k] = result
                     return out
 

@@ -307,6 +307,33 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server):
     assert "classify" in cnn["batchable"] and cnn["largest_batch"] > 1
 
 
+def test_a_batch_of_two_methods_answers_each_request_with_its_own_method(server):
+    """vae's encode and reconstruct are both batchable: requests for both that arrive together
+    share a batch, and each gets what it would get alone."""
+    base, *_ = server
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, _ = mnist(16)
+    alone = {m: requests.post(f"{base}/models/vae/{m}", json={"images": x.tolist()}).json()
+             for m in ("encode", "reconstruct")}
+
+    def one(i):
+        method = ("encode", "reconstruct")[i % 2]
+        return method, requests.post(f"{base}/models/vae/{method}", json={"images": x[i:i + 1].tolist()},
+                                     timeout=60)
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(one, range(16)))
+    for i, (method, r) in enumerate(replies):
+        assert r.status_code == 200, r.text
+        got, want = r.json(), alone[method]
+        assert set(got) == set(want)
+        for k in got:
+            assert np.allclose(got[k], want[k][i:i + 1], atol=1e-4), (method, k)
+    vae = next(m for m in requests.get(f"{base}/models").json()["models"] if m["ref"] == "vae:1")
+    assert {"encode", "reconstruct"} <= set(vae["batchable"]) and vae["largest_batch"] > 1
+
+
 # --------------------------------------------------------------------------- the gallery, in a browser
 SHOTS = ROOT / "build" / "gallery-screenshots"   # written by every run, for review
 
