@@ -3,14 +3,16 @@ Debian: `apt install wrk`), for the CNN on single-image JSON requests:
 
 1. Kiln over Ray Serve as `kiln serve` runs it (HAProxy in front, gRPC between replicas),
    batching on (the default), at 1 and 32 connections;
-2. the same, batching off, at 32 connections;
-2b. batching on behind Serve's default Python HTTP proxy, at 32 connections;
-2c. the floor under any Serve ingress: a FastAPI ingress deployment on the same data path whose
-   route reads the body and returns a constant (no model, no parsing), at 32 connections;
-3. a plain single-process FastAPI/uvicorn server calling the same model (what a user would write
-   instead), at 1 and 32 connections;
+2. a plain single-process FastAPI/uvicorn server calling the same model (what a user would write
+   instead), at 1 and 32 connections, each right after Kiln's;
+3. GET /v2/health/live at 1 connection, alone and while /v2/health/ready is probed twice a
+   second (readiness probes must not stall other requests);
 4. one Open Inference Protocol v2 request with 256 images, against in-process ``model.predict``
-   on the same batch (images/s).
+   on the same batch (images/s);
+5. Kiln with batching off, at 32 connections;
+6. the floor under any Serve ingress: a FastAPI ingress deployment on the same data path whose
+   route reads the body and returns a constant (no model, no parsing), at 32 connections;
+7. Kiln, batching on, behind Serve's default Python HTTP proxy, at 32 connections.
 
     .venv/bin/python bench/serve_throughput.py --store /tmp/bench/kiln-store [--seconds 15]
 """
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -47,10 +50,11 @@ def wait(url: str, timeout: float = 300) -> None:
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
-def wrk(url: str, body: str, connections: int, seconds: int) -> dict[str, float]:
+def wrk(url: str, body: str | None, connections: int, seconds: int) -> dict[str, float]:
+    """POST ``body`` as JSON (GET when None) over ``connections`` for ``seconds``."""
     script = Path(tempfile.mkdtemp()) / "post.lua"
     script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                      f"wrk.body = {json.dumps(body)}\n")
+                      f"wrk.body = {json.dumps(body)}\n" if body is not None else "")
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s",
                           str(script), url], capture_output=True, text=True, check=True).stdout
 
@@ -159,6 +163,22 @@ def main() -> None:
                 if batching and not label:
                     rows.append(("plain FastAPI/uvicorn, 1 process", c, wrk(plain_url, one, c, args.seconds)))
                     print(rows[-1], flush=True)
+            if batching and not label:  # health probes must not stall other requests
+                live = f"{base}/v2/health/live"
+                rows.append(("GET /v2/health/live", 1, wrk(live, None, 1, 10)))
+                print(rows[-1], flush=True)
+                stop = threading.Event()
+
+                def probe() -> None:  # a load balancer asking for readiness twice a second
+                    while not stop.wait(0.5):
+                        requests.get(f"{base}/v2/health/ready", timeout=10)
+
+                prober = threading.Thread(target=probe)
+                prober.start()
+                rows.append(("GET /v2/health/live, /ready probed every 0.5 s", 1, wrk(live, None, 1, 10)))
+                print(rows[-1], flush=True)
+                stop.set()
+                prober.join()
             if batching and not label:  # 256 images in one v2 request
                 body = {"inputs": [{"name": "images", "shape": [256, 28, 28, 1], "datatype": "FP32",
                                     "data": x.ravel().tolist()}]}
@@ -191,11 +211,11 @@ def main() -> None:
 
 
     plain32 = next(r for name, c, r in rows if name.startswith("plain") and c == 32)
-    print(f"\n{'server':<40} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs plain':>8}")
+    print(f"\n{'server':<48} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs plain':>8}")
     for name, c, r in rows:
         plain = next(q for n2, c2, q in rows if n2.startswith("plain") and c2 == c)
-        print(f"{name:<40} {c:>5} {r['rps']:>8.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} "
-              f"{r['rps'] / plain['rps']:>7.2f}x")
+        ratio = "" if name.startswith("GET") else f"{r['rps'] / plain['rps']:>7.2f}x"
+        print(f"{name:<48} {c:>5} {r['rps']:>8.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} {ratio}")
     on = next(r for n, c, r in rows if n == "Kiln, batching on" and c == 32)
     off = next(r for n, c, r in rows if n == "Kiln, batching off")
     py = next(r for n, c, r in rows if "Python proxy" in n)
@@ -205,6 +225,9 @@ def main() -> None:
     floor = next(r for n, c, r in rows if "floor" in n)
     print(f"Serve's floor at 32 connections (an ingress doing nothing): {floor['rps']:.0f} req/s, "
           f"p99 {floor['p99']:.0f} ms")
+    calm, probed = (r for n, c, r in rows if n.startswith("GET"))
+    print(f"GET /v2/health/live p99 at 1 connection: {calm['p99']:.1f} ms alone, {probed['p99']:.1f} ms "
+          "while /v2/health/ready is probed every 0.5 s")
     print(f"256 images in one v2 request: {v2_ips:.0f} images/s; in-process model.predict: "
           f"{local_ips:.0f} images/s; ratio {v2_ips / local_ips:.2f}")
 
