@@ -126,6 +126,10 @@ def main() -> None:
     one = json.dumps({"images": x[:1].tolist()})
     rows: list[tuple[str, int, dict[str, float]]] = []
 
+    def measure(name: str, url: str, body: str | None, connections: int, seconds: int) -> None:
+        rows.append((name, connections, wrk(url, body, connections, seconds)))
+        print(rows[-1], flush=True)
+
     # the plain server runs (idle) beside Kiln and is measured right after Kiln at the same number
     # of connections, so both see the same machine (this one's speed drifts by 2x over minutes)
     folder = Path(tempfile.mkdtemp())
@@ -157,16 +161,14 @@ def main() -> None:
             wait(f"{base}/v2/health/ready")
             requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})
             for c in ((1, 32) if batching and not label else (32,)):
-                rows.append((f"Kiln, batching {'on' if batching else 'off'}{label}", c,
-                             wrk(f"{base}/models/cnn/classify", one, c, args.seconds)))
-                print(rows[-1], flush=True)
+                measure(f"Kiln, batching {'on' if batching else 'off'}{label}",
+                        f"{base}/models/cnn/classify", one, c, args.seconds)
                 if batching and not label:
-                    rows.append(("plain FastAPI/uvicorn, 1 process", c, wrk(plain_url, one, c, args.seconds)))
-                    print(rows[-1], flush=True)
-            if batching and not label:  # health probes must not stall other requests
+                    measure("plain FastAPI/uvicorn, 1 process", plain_url, one, c, args.seconds)
+            if batching and not label:
+                # health probes must not stall other requests
                 live = f"{base}/v2/health/live"
-                rows.append(("GET /v2/health/live", 1, wrk(live, None, 1, 10)))
-                print(rows[-1], flush=True)
+                measure("GET /v2/health/live", live, None, 1, 10)
                 stop = threading.Event()
 
                 def probe() -> None:  # a load balancer asking for readiness twice a second
@@ -175,11 +177,10 @@ def main() -> None:
 
                 prober = threading.Thread(target=probe)
                 prober.start()
-                rows.append(("GET /v2/health/live, /ready probed every 0.5 s", 1, wrk(live, None, 1, 10)))
-                print(rows[-1], flush=True)
+                measure("GET /v2/health/live, /ready probed every 0.5 s", live, None, 1, 10)
                 stop.set()
                 prober.join()
-            if batching and not label:  # 256 images in one v2 request
+                # 256 images in one v2 request
                 body = {"inputs": [{"name": "images", "shape": [256, 28, 28, 1], "datatype": "FP32",
                                     "data": x.ravel().tolist()}]}
                 requests.post(f"{base}/v2/models/cnn/infer", json=body)
@@ -199,16 +200,14 @@ def main() -> None:
         if not label:
             serve.run(noop_app(), name="noop", route_prefix="/", blocking=False)
             wait(f"{base}/docs")
-            rows.append(("Serve ingress doing nothing (floor)", 32,
-                         wrk(f"{base}/models/cnn/classify", one, 32, args.seconds)))
-            print(rows[-1], flush=True)
+            measure("Serve ingress doing nothing (floor)", f"{base}/models/cnn/classify", one, 32,
+                    args.seconds)
             serve.delete("noop")
         serve.shutdown()
         ray.shutdown()
 
     proc.terminate()
     proc.wait()
-
 
     plain32 = next(r for name, c, r in rows if name.startswith("plain") and c == 32)
     print(f"\n{'server':<48} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs plain':>8}")

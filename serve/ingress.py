@@ -202,8 +202,6 @@ def _ingress_class() -> Any:
             """Requests for ``ref`` that arrive together (up to its batch size, within its wait)
             go to its replica as one ``infer_many`` call per method."""
             if ref not in self.batchers:
-                from ray import serve
-
                 size, wait_ms = self.batching[ref]
                 handle = self.handles[ref]
 
