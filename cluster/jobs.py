@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
+from kiln.logs import runtime_env as quiet_runtime_env
 from kiln.plugin import KilnError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -181,9 +182,9 @@ def submit(train_args: list[str], *, address: str | None, store: str | None, run
     with tempfile.TemporaryDirectory(prefix="kiln-job-") as tmp:
         working_dir = stage(Path(tmp), plugin_path)
         size = sum(p.stat().st_size for p in working_dir.rglob("*") if p.is_file())
-        runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": ["__pycache__"]}
-        if env:
-            runtime_env["env_vars"] = dict(env)
+        # the job's workers start as quietly as its driver (kiln.logs)
+        runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": ["__pycache__"],
+                                       **quiet_runtime_env(env)}
         kwargs: dict[str, Any] = {}
         if workers == 0:
             kwargs = {"entrypoint_num_cpus": cpus_per_worker, "entrypoint_num_gpus": gpus_per_worker}

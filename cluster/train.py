@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator
 
+from kiln import logs
 from kiln.plugin import DatasetInfo, KilnError
 from kiln.spec import TrainSpec
 from kiln.trainer import say
@@ -47,7 +48,8 @@ def connect(address: str | None) -> None:
     try:
         # ERROR: Ray's start-up warnings (e.g. about its default token auth) would otherwise be
         # mixed into Kiln's one-line errors; worker output still reaches the driver.
-        ray.init(address=address, logging_level=logging.ERROR)
+        ray.init(address=address, logging_level=logging.ERROR,
+                 runtime_env=None if logs.in_ray_job() else logs.runtime_env())
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KilnError(f"cannot reach a Ray cluster at {address!r}: {first}; check the address "
@@ -124,6 +126,10 @@ def fit(spec: TrainSpec, info: DatasetInfo) -> Path:
     from ray.train.tensorflow import TensorflowTrainer
 
     joined = bool(spec.address or os.environ.get("RAY_ADDRESS"))  # else a cluster on this machine
+    if not joined:
+        # One machine has no node to drain; Ray Train's preemption watcher (for spot nodes) would
+        # only print a core-worker ERROR about its restart policy in every run (ray#53727).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     connect(spec.address)
     import ray
 
@@ -179,7 +185,7 @@ def local_cluster(num_cpus: int | None = None, num_gpus: int | None = None) -> I
     import ray
 
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             logging_level=logging.WARNING)
+             logging_level=logging.WARNING, runtime_env=logs.runtime_env())
     try:
         yield
     finally:

@@ -35,7 +35,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     print(f"{'NAME':<{width[0]}}  {'DATASET':<{width[1]}}  {'METHODS':<{width[2]}}  DESCRIPTION")
     for r in rows:
         print(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]}")
-    if args.verbose:
+    if args.config:
         for e in registry.entries():
             if e.cls is not None:
                 print(f"\n{e.name} config (--set key=value):")
@@ -414,14 +414,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
     p.add_argument("--plugin-path", default=None, metavar="FILE.py",
                    help="also load the plugins defined in this Python file (for development)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show TensorFlow's and Ray's start-up notices (or set KILN_VERBOSE=1)")
     sub = p.add_subparsers(dest="command", required=True)
     # --store and --plugin-path work before or after the subcommand
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--store", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--plugin-path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     s = sub.add_parser("plugins", parents=[common], help="list registered plugins")
-    s.add_argument("-v", "--verbose", action="store_true", help="also list each plugin's config keys")
+    s.add_argument("-v", "--config", action="store_true", help="also list each plugin's config keys")
     s.set_defaults(fn=cmd_plugins)
 
     s = sub.add_parser("train", parents=[common], help="train a plugin and store the model as a new version")
@@ -538,9 +541,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from kiln import logs, settings
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = parser().parse_args(argv)
+    if args.verbose:
+        os.environ[settings.VERBOSE] = "1"  # also for the Ray processes this command starts
+    logs.quiet_process()
     try:
         if args.plugin_path:
             from kiln import registry

@@ -22,7 +22,9 @@ milliseconds instead of after minutes of download retries.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +88,15 @@ def is_file_dataset(name: str) -> bool:
     return kind(name) != "tfds" and name not in SENSOR_SETS
 
 
+def check_path(name: str) -> str:
+    """A dataset given by a path, made absolute; KilnError naming it when nothing is there."""
+    path = Path(name).expanduser().resolve()
+    if not path.exists():
+        raise KilnError(f"dataset file not found: {path} (give an existing .npz, .txt or folder, "
+                        "or a dataset name such as mnist)")
+    return str(path)
+
+
 def _manual_dir(name: str) -> Path | None:
     root = data_dir()
     if root is None or name not in RAW_FILES:
@@ -136,8 +147,10 @@ def _prepared(name: str) -> Any:
             config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual else None)
             # One download folder per dataset: tfds names extracted files after the source file
             # only, so a shared folder hands MNIST's train-images to Fashion-MNIST (same names).
-            builder.download_and_prepare(download_dir=str(cache_dir() / "downloads" / name),
-                                         download_config=config)
+            # tfds prints its own two lines about "Unknown size" downloads; Kiln's line says it
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare(download_dir=str(cache_dir() / "downloads" / name),
+                                             download_config=config)
             builder = _builder(name)
     return builder
 

@@ -52,33 +52,38 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
          name: str | None = None, run: str | None = None, store: str | Path | None = None,
          runs_dir: str | Path | None = None, limit: int | None = None,
          plugin_path: str | None = None, max_failures: int = 1, address: str | None = None) -> TrainSpec:
-    """Validate a training request and return its spec; raises KilnError naming what is wrong."""
-    if plugin_path:
-        plugin_path = str(Path(plugin_path).resolve())
-        registry.load_file(plugin_path)
-    cls = registry.get(plugin)
+    """Validate a training request and return its spec; raises KilnError naming what is wrong.
+
+    Everything that does not need the plugin's code is checked first, so a bad flag or a missing
+    file is one line in a fraction of a second, before the plugin (and TensorFlow) is imported."""
     workers, max_workers = parse_workers(workers)
-    make_config(cls.Config, overrides)  # unknown keys / bad values fail here, before any work
-    dataset = dataset or cls.dataset
-    if data.is_file_dataset(dataset):
-        dataset = str(Path(dataset).expanduser().resolve())
     for flag, value, low in (("--epochs", epochs, 1), ("--batch-size", batch_size, 1),
                              ("--workers", workers, 0), ("--limit", limit, 1),
                              ("--max-failures", max_failures, 0)):
         if value is not None and value < low:
             raise KilnError(f"{flag} must be >= {low}, got {value}")
+    if gpus_per_worker < 0 or cpus_per_worker <= 0:
+        raise KilnError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    if dataset and data.is_file_dataset(dataset):
+        dataset = data.check_path(dataset)
+    if address:
+        from kiln.cluster.train import check_address
+
+        check_address(address)
+    if plugin_path:
+        plugin_path = str(Path(plugin_path).resolve())
+        registry.load_file(plugin_path)
+    cls = registry.get(plugin)
+    make_config(cls.Config, overrides)  # unknown keys / bad values fail here, before any work
+    dataset = dataset or cls.dataset
+    if data.is_file_dataset(dataset):
+        dataset = data.check_path(dataset)
     batch = batch_size or cls.batch_size
     if workers and max_workers == workers and batch % workers:
         raise KilnError(f"--batch-size {batch} must be divisible by --workers {workers}: each worker "
                         f"takes an equal share (try {batch - batch % workers or workers})")
     if batch < max_workers:
         raise KilnError(f"--batch-size {batch} is smaller than the {max_workers} workers")
-    if gpus_per_worker < 0 or cpus_per_worker <= 0:
-        raise KilnError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
-    if address:
-        from kiln.cluster.train import check_address
-
-        check_address(address)
     name = store_mod.check_name(name or plugin)
     run = run or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     store_mod.check_name(run)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from kiln.logs import SETUP_HOOK, runtime_env as quiet_runtime_env
 from kiln.plugin import KilnError, Scalar, Tensor
 
 INGRESS = "KilnIngress"
@@ -278,6 +279,7 @@ def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
             "name": app_name, "route_prefix": "/", "import_path": "kiln.serve.app:app_builder",
             "args": {"store": spec.store, "models": list(spec.refs),
                      "max_body_mb": spec.max_body_bytes / (1024 * 1024)},
+            "runtime_env": {"worker_process_setup_hook": SETUP_HOOK},
             "deployments": deployments,
         }],
     }
@@ -387,7 +389,7 @@ def _runtime_env() -> dict[str, Any]:
     import os
 
     keep = {k: os.environ[k] for k in ("KILN_DATA_DIR", "KILN_TFDS_DIR") if k in os.environ}
-    return {"env_vars": keep} if keep else {}
+    return quiet_runtime_env(keep)
 
 
 def wait_ready(host: str, port: int, timeout: float = 300, prefix: str = "",

@@ -32,6 +32,17 @@ def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
+# What TensorFlow prints while it loads on AVX-512 CPUs; TF_ENABLE_ONEDNN_OPTS=1 forces it on any
+# x86-64 machine, so the tests that check Kiln's output is its own force it (machines differ).
+TF_NOTICES = ("oneDNN custom operations are on", "absl::InitializeLog()")
+NOISY_TF = {"TF_ENABLE_ONEDNN_OPTS": "1"}
+
+
+def assert_no_tf_notices(text: str) -> None:
+    noise = [line for line in text.splitlines() if any(n in line for n in TF_NOTICES)]
+    assert not noise, noise[:4]
+
+
 def ray_processes() -> dict[str, str]:
     """Running Ray processes (and Serve's HAProxy), pid -> command line. Compare pids: an actor's
     title changes with the task it runs (``ray::ServeController.listen_for_change``)."""

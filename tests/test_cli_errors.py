@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 
+import subprocess
+import sys
+
 import pytest
 
-from conftest import run_kiln
+from conftest import NOISY_TF, TF_NOTICES, run_kiln
 
 
 def one_line_error(out, *words):
@@ -31,6 +34,45 @@ def one_line_error(out, *words):
 def test_bad_input_is_one_clear_line(workdir, args, words):
     one_line_error(run_kiln(*args, cwd=workdir), *words)
     assert not (workdir / "store").exists() or not any((workdir / "store").rglob("manifest.json"))
+
+
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_an_error_after_tensorflow_loads_is_still_one_line(workdir, onednn):
+    """On AVX-512 CPUs TensorFlow prints oneDNN and absl notices while it loads (forced here with
+    TF_ENABLE_ONEDNN_OPTS=1); Kiln's error must still be the only line, with oneDNN on or off."""
+    out = run_kiln("train", "cnn", "--set", "colour=red", cwd=workdir, env={"TF_ENABLE_ONEDNN_OPTS": onednn})
+    one_line_error(out, "unknown config key 'colour'")
+
+
+def test_verbose_brings_tensorflows_notices_back(workdir):
+    """What plain `import tensorflow` prints here is what `kiln --verbose` (or KILN_VERBOSE=1)
+    shows, and what Kiln hides by default."""
+    raw = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True,
+                         env={**__import__("os").environ, **NOISY_TF, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=120)
+    notices = [n for n in TF_NOTICES if n in raw.stderr]
+    verbose = run_kiln("--verbose", "train", "cnn", "--set", "colour=red", cwd=workdir, env=NOISY_TF)
+    assert verbose.returncode == 2 and "unknown config key 'colour'" in verbose.stderr
+    assert all(n in verbose.stderr for n in notices), (notices, verbose.stderr[-2000:])
+    by_env = run_kiln("train", "cnn", "--set", "colour=red", cwd=workdir, env={**NOISY_TF, "KILN_VERBOSE": "1"})
+    assert all(n in by_env.stderr for n in notices), (notices, by_env.stderr[-2000:])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "cnn", "--epochs", "0"], ["--epochs must be >= 1"]),
+    (["train", "cnn", "--batch-size", "0"], ["--batch-size must be >= 1"]),
+    (["train", "cnn", "--dataset", "missing.npz"], ["dataset file not found", "missing.npz"]),
+    (["train", "cnn", "--workers", "two"], ["--workers takes N or MIN-MAX"]),
+    (["train", "nope"], ["unknown plugin 'nope'"]),
+])
+def test_flag_errors_come_before_the_plugin_and_tensorflow_load(workdir, args, words):
+    """An error that needs no plugin code is reported without importing the plugin (and with it
+    TensorFlow, seconds of start-up)."""
+    code = ("import sys\nfrom kiln import cli\nrc = cli.main(sys.argv[1:])\n"
+            "print(rc, 'tensorflow' in sys.modules, 'kiln.plugins.cnn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=workdir, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["2", "False", "False"], (out.stdout, out.stderr[-2000:])
+    assert len(out.stderr.strip().splitlines()) == 1 and all(w in out.stderr for w in words), out.stderr
 
 
 def test_corrupt_manifest_is_one_clear_line(workdir):

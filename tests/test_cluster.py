@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import TEST_PLUGINS, run_kiln
+from conftest import NOISY_TF, TEST_PLUGINS, assert_no_tf_notices, run_kiln
 from test_ray_train import assert_same_weights, weights
 from test_serve import free_port
 
@@ -24,7 +24,7 @@ def head(tmp_path_factory):
     home = tmp_path_factory.mktemp("head")
     gcs, dash = free_port(), free_port()
     out = run_kiln("cluster", "up", "--port", str(gcs), "--dashboard-port", str(dash),
-                   "--num-cpus", "2", "--num-gpus", "2", cwd=home)
+                   "--num-cpus", "2", "--num-gpus", "2", cwd=home, env=NOISY_TF)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"http://127.0.0.1:{dash}" in out.stdout
     try:
@@ -59,6 +59,7 @@ def test_a_submitted_job_trains_on_ray_train_workers_and_stores_the_model(head, 
     job_id = out.stdout.splitlines()[0].strip()
     assert job_id.startswith("kiln-probe-"), out.stdout[:500]
     assert "[kiln] epoch 2/2" in out.stdout and f"job {job_id} SUCCEEDED" in out.stderr
+    assert_no_tf_notices(out.stdout + out.stderr)  # the job's driver and workers: oneDNN forced on
     # the shipped plugin ran in both workers, which end every epoch with identical weights
     assert_same_weights(probe, 1)
     assert_same_weights(probe, 2)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TEST_PLUGINS, run_kiln
+from conftest import NOISY_TF, TEST_PLUGINS, assert_no_tf_notices, run_kiln
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -41,8 +41,10 @@ def test_logged_metrics_are_global_not_one_workers(workdir):
     probe.mkdir()
     out = run_kiln("--plugin-path", str(TEST_PLUGINS / "probe.py"), "train", "probe", "--workers", "2",
                    "--epochs", "1", "--dataset", str(workdir / "sorted.npz"), "--set", "learning_rate=0",
-                   "--set", "dropout=0", cwd=workdir, env={"KILN_PROBE_DIR": str(probe)})
+                   "--set", "dropout=0", cwd=workdir, env={"KILN_PROBE_DIR": str(probe), **NOISY_TF})
     assert out.returncode == 0, out.stderr[-4000:]
+    # the driver, the Train controller and both workers load TensorFlow: none of them is noisy
+    assert_no_tf_notices(out.stdout + out.stderr)
     manifest = json.loads((workdir / "store" / "probe" / "1" / "manifest.json").read_text())
     logged = manifest["history"][0]["loss"]
     run.registry.load_file(TEST_PLUGINS / "probe.py")

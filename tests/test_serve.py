@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, run_kiln
+from conftest import NOISY_TF, ROOT, assert_no_tf_notices, run_kiln
 from kiln.serve.app import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -233,7 +233,8 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server, tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", store, "--model", "cnn",
                              "--port", str(port), "--poll-seconds", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, **NOISY_TF})
     lines = []
     try:
         for line in proc.stdout:
@@ -250,6 +251,7 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130 and "[kiln] server stopped" in rest, rest[-2000:]
+    assert_no_tf_notices("".join(lines) + rest)  # the replicas load TensorFlow quietly too
     deadline = time.time() + 30
     while set(ray_processes()) - before and time.time() < deadline:
         time.sleep(0.5)
