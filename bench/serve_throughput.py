@@ -74,9 +74,9 @@ PLAIN = textwrap.dedent('''
     """What a user would write instead of Kiln: one process, FastAPI, the model in memory."""
     import numpy as np
     from fastapi import FastAPI, Request
-    from kiln import run
+    from kiln import models
 
-    plugin, model, _ = run.load("cnn", "{store}")
+    plugin, model, _ = models.load("cnn", "{store}")
     app = FastAPI()
 
     @app.post("/classify")
@@ -118,8 +118,8 @@ def main() -> None:
     import requests
     from ray import serve
 
-    from kiln import data, run
-    from kiln.serve import app
+    from kiln import data, models
+    from kiln.serve import app, runtime
 
     store = str(Path(args.store).resolve())
     x = np.stack([a.numpy() for a, _ in data.load("mnist", "test", limit=256).ds]).astype("float32")
@@ -134,7 +134,7 @@ def main() -> None:
     # of connections, so both see the same machine (this one's speed drifts by 2x over minutes)
     folder = Path(tempfile.mkdtemp())
     (folder / "plain_server.py").write_text(PLAIN.format(store=store))
-    plain_port = app.free_port()
+    plain_port = runtime.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1",
                              "--port", str(plain_port), "--log-level", "warning"], cwd=folder,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
@@ -148,10 +148,10 @@ def main() -> None:
                                           "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}))
     for label, env in paths:
         os.environ.update(env)
-        app.init_ray(num_cpus=2)
+        runtime.init_ray(num_cpus=2)
         for k in env:
             del os.environ[k]
-        port = app.free_port()
+        port = runtime.free_port()
         base = f"http://127.0.0.1:{port}"
         for batching in ((True, False) if not label else (True,)):
             opts = app.ModelOptions(num_cpus=1, batch_size=32 if batching else 0)
@@ -189,7 +189,7 @@ def main() -> None:
                     assert requests.post(f"{base}/v2/models/cnn/infer", json=body).status_code == 200
                 v2_ips = 256 * n / (time.perf_counter() - t0)
                 # in-process model.predict on the same batch, right after (Serve idle meanwhile)
-                plugin, model, _ = run.load("cnn", store)
+                plugin, model, _ = models.load("cnn", store)
                 batch = x.reshape(-1, 28, 28, 1) / 255.0
                 model.predict(batch, verbose=0)
                 t0 = time.perf_counter()

@@ -285,15 +285,15 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("RAY_AUTH_MODE", "token")
-    from kiln import data, run, store
+    from kiln import settings, store
 
     # Jobs on this machine read the same raw dataset files, and store models and checkpoints where
     # `kiln models` and `kiln train --resume` run here look (not in the job's temporary folder).
-    if data.data_dir() is not None:
-        env.setdefault("KILN_DATA_DIR", str(data.data_dir()))
+    if settings.data_dir() is not None:
+        env.setdefault("KILN_DATA_DIR", str(settings.data_dir()))
     env["KILN_STORE"] = store.resolve_root(None)
-    env["KILN_RUNS"] = str(run.default_runs_dir().resolve())
-    from kiln.serve.app import data_path_env
+    env["KILN_RUNS"] = str(settings.runs_dir().resolve())
+    from kiln.serve.runtime import data_path_env
 
     for k, v in data_path_env().items():  # `kiln serve --address` here gets Serve's fast data path
         env.setdefault(k, v)

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from kiln import logs
 from kiln.plugin import DatasetInfo, KilnError
 from kiln.spec import TrainSpec
-from kiln.trainer import say
+from kiln.logs import say
 
 
 def check_address(address: str) -> None:

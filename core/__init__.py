@@ -25,7 +25,8 @@ __all__ = ["DatasetInfo", "KilnError", "Method", "NoConfig", "Plugin", "Scalar",
 
 
 def replicas() -> int:
-    """Replicas training in sync (divide hand-written mean losses by it; see DESIGN.md section 3)."""
-    from kiln.trainer import replicas as _replicas
+    """Replicas training in sync: divide a hand-written mean loss by it (docs/design.md, "Losses
+    under distribution"); 1 outside a distribution strategy."""
+    import tensorflow as tf
 
-    return _replicas()
+    return tf.distribute.get_strategy().num_replicas_in_sync

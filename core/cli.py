@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from kiln import settings
 from kiln.plugin import KilnError
 
 
@@ -146,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms)
     spec = app.ServeSpec(store=store, refs=refs, host=args.host, port=args.port,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                         options={r: opts for r in refs}, token=os.environ.get("KILN_API_TOKEN") or None,
+                         options={r: opts for r in refs}, token=settings.api_token(),
                          access_log=args.access_log)
     if args.build_config:
         import yaml
@@ -210,9 +211,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise KilnError("name a plugin to train (see `kiln plugins`), or --resume RUN")
     workers, _ = run.parse_workers(ns.workers)
     # Named here (flag or environment): made absolute here. Else the cluster's own $KILN_STORE.
-    store = getattr(ns, "store", None) or args.store or os.environ.get("KILN_STORE")
+    store = getattr(ns, "store", None) or args.store or settings.store_named()
     store = store_mod.resolve_root(store) if store else None  # a URI as given, a folder absolute
-    runs_dir = ns.runs_dir or os.environ.get("KILN_RUNS")
+    runs_dir = ns.runs_dir or settings.runs_dir_named()
     if runs_dir and store_mod.is_uri(runs_dir):
         raise KilnError(f"{runs_dir!r}: --runs-dir must be a folder the cluster's nodes share")
     runs_dir = _local_path(runs_dir) if runs_dir else None
@@ -521,7 +522,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus", type=int, default=None, help="up: GPUs the head offers (default all)")
     s.set_defaults(fn=cmd_cluster)
 
-    url = os.environ.get("KILN_URL", "http://127.0.0.1:8000")
+    url = settings.url()
     s = sub.add_parser("predict", parents=[common], help="classify an image file with a served model")
     s.add_argument("model", metavar="NAME[:VERSION]")
     s.add_argument("--image", required=True, help="PNG or JPEG file (resized to the model's input)")
@@ -541,7 +542,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kiln import logs, settings
+    from kiln import logs
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = parser().parse_args(argv)

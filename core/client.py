@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 from typing import Any
 
 import numpy as np
 
+from kiln import settings
 from kiln.plugin import KilnError
 
 
@@ -23,7 +23,7 @@ class Client:
     def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None,
                  timeout: float = 120) -> None:
         self.url = url.rstrip("/")
-        self.token = token if token is not None else os.environ.get("KILN_API_TOKEN") or None
+        self.token = token if token is not None else settings.api_token()
         self.timeout = timeout
 
     def _request(self, method: str, path: str, body: Any = None, accept: str = "application/json") -> bytes:

@@ -15,7 +15,7 @@ with per-channel mean and standard deviation of the training split in ``DatasetI
 travel in the stored manifest, so serving needs no data.
 
 Offline: tfds reads a dataset's source files from its ``manual_dir`` and checks their sha256
-before trying the network (DESIGN.md section 8). Kiln points ``manual_dir`` at
+before trying the network (docs/design.md, "Data offline"). Kiln points ``manual_dir`` at
 ``$KILN_DATA_DIR/<dataset>`` and checks the expected files first, so a missing file fails in
 milliseconds instead of after minutes of download retries.
 """
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln import settings
 from kiln.plugin import DatasetInfo, KilnError
 
 # Raw files tfds needs for each dataset Kiln knows offline (names as in tfds' checksums).
@@ -48,20 +49,6 @@ SENSOR_SETS = ("uci_har", "sp_sw_har")
 TEXT_WINDOW = 100
 # The last tenth of a user's text file is its test split (nanoGPT's split of tiny Shakespeare).
 TEXT_TEST_FRACTION = 0.1
-
-
-def data_dir() -> Path | None:
-    """Where raw dataset files live: $KILN_DATA_DIR, else ../shared/data beside this repository."""
-    env = os.environ.get("KILN_DATA_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    here = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return here if here.is_dir() else None
-
-
-def cache_dir() -> Path:
-    """Where tfds keeps prepared datasets: $KILN_TFDS_DIR, else ~/.cache/kiln/tfds."""
-    return Path(os.environ.get("KILN_TFDS_DIR", "~/.cache/kiln/tfds")).expanduser()
 
 
 @dataclass
@@ -98,7 +85,7 @@ def check_path(name: str) -> str:
 
 
 def _manual_dir(name: str) -> Path | None:
-    root = data_dir()
+    root = settings.data_dir()
     if root is None or name not in RAW_FILES:
         return None  # tfds downloads, where a network exists
     folder = root / name
@@ -114,7 +101,7 @@ def _builder(name: str) -> Any:
     import tensorflow_datasets as tfds
 
     try:
-        return tfds.builder(name, data_dir=str(cache_dir()))
+        return tfds.builder(name, data_dir=str(settings.tfds_dir()))
     except tfds.core.registered.DatasetNotFoundError:
         raise KilnError(f"unknown dataset '{name}': use a tensorflow-datasets name such as "
                         f"{', '.join(sorted(RAW_FILES))}, or a path to an .npz file") from None
@@ -134,22 +121,22 @@ def _prepared(name: str) -> Any:
     """The tfds builder of ``name``, prepared from the raw files if it was not yet."""
     manual = _manual_dir(name)
     builder = _builder(name)
-    cache_dir().mkdir(parents=True, exist_ok=True)
+    settings.tfds_dir().mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
-    with FileLock(str(cache_dir() / f".{name}.lock")):
+    with FileLock(str(settings.tfds_dir() / f".{name}.lock")):
         if not Path(builder.data_path).joinpath("dataset_info.json").exists():
             import tensorflow_datasets as tfds
 
             tfds.disable_progress_bar()
             print(f"[kiln] preparing dataset '{name}' from {manual or 'the network'} into "
-                  f"{cache_dir()} (once per machine)", flush=True)
+                  f"{settings.tfds_dir()} (once per machine)", flush=True)
             config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual else None)
             # One download folder per dataset: tfds names extracted files after the source file
             # only, so a shared folder hands MNIST's train-images to Fashion-MNIST (same names).
             # tfds prints its own two lines about "Unknown size" downloads; Kiln's line says it
             with contextlib.redirect_stdout(io.StringIO()):
-                builder.download_and_prepare(download_dir=str(cache_dir() / "downloads" / name),
+                builder.download_and_prepare(download_dir=str(settings.tfds_dir() / "downloads" / name),
                                              download_config=config)
             builder = _builder(name)
     return builder
@@ -285,7 +272,7 @@ def _sensor_arrays(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
     from kiln import sensors
 
     if name in SENSOR_SETS:
-        root = data_dir()
+        root = settings.data_dir()
         if root is None:
             raise KilnError(f"dataset '{name}' is read from $KILN_DATA_DIR/{name}; set KILN_DATA_DIR "
                             "to the folder holding it, or pass the dataset's folder with --dataset PATH")

@@ -39,6 +39,12 @@ _PYTHON = re.compile(r"^\S[^:]*:\d+: \w*(Warning|Error)\b|^Traceback ")
 SETUP_HOOK = "kiln.logs.quiet_process"
 
 
+def say(message: str) -> None:
+    """One Kiln progress line on stdout (not print: Ray Train workers patch print into a logger)."""
+    sys.stdout.write(f"[kiln] {message}\n")
+    sys.stdout.flush()
+
+
 def filter_notices(text: str, min_level: int) -> str:
     """``text`` less absl records whose severity is below ``min_level`` (with their continuation
     lines) and, when any level is hidden, absl's pre-initialisation preamble."""

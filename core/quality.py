@@ -28,7 +28,7 @@ CHUNK = 500
 def classifier_for(plugin: Plugin, ref: str | None, store: str | Path | None) -> tuple[Plugin, Any, str]:
     """Load the classifier named by ``ref`` (default: the plugin's ``judged_by``) and check it
     can judge this plugin's samples; KilnError says what to train or pass instead."""
-    from kiln import run
+    from kiln import models
     from kiln.store import Store, parse_ref
 
     if "sample" not in plugin.methods():
@@ -44,7 +44,7 @@ def classifier_for(plugin: Plugin, ref: str | None, store: str | Path | None) ->
         raise KilnError(f"the {what} of '{plugin.name}' is measured with a trained classifier, but "
                         f"there is no model '{name}' in store {found.spec}; train one with "
                         f"`kiln train cnn --dataset {plugin.info.name}` or pass --classifier NAME[:VERSION]")
-    judge, model, version = run.load(ref, store)
+    judge, model, version = models.load(ref, store)
     if "classify" not in judge.methods():
         raise KilnError(f"model {version.ref} (plugin '{judge.name}') has no 'classify' method; "
                         "pass a classifier with --classifier NAME[:VERSION]")

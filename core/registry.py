@@ -104,6 +104,11 @@ def entries() -> list[Entry]:
     return [out[k] for k in sorted(out)]
 
 
+def has(name: str) -> bool:
+    """Whether a plugin is registered under ``name`` (without importing any plugin)."""
+    return name in _files or name in _eps()[0]
+
+
 def get(name: str) -> type[Plugin]:
     """The plugin class registered under ``name``; KilnError if unknown or broken."""
     if name in _files:

@@ -4,7 +4,7 @@ any work), train it in-process or on Ray Train, then evaluate and store the resu
     from kiln import run
     spec = run.plan("cnn", epochs=3, workers=2, overrides={"dropout": "0.3"})
     version = run.train(spec)            # a kiln.store.Version
-    plugin, model = run.load(version.ref)
+    plugin, model, version = kiln.models.load(version.ref)
 """
 
 from __future__ import annotations
@@ -16,17 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kiln import __version__, data, registry, store as store_mod
+from kiln import __version__, checkpoint, data, models, registry, settings, store as store_mod
 from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
 from kiln.spec import TrainSpec
-from kiln.trainer import say
+from kiln.logs import say
 
 RUN_FILE = "kiln-run.json"
-
-
-def default_runs_dir() -> Path:
-    """$KILN_RUNS, else ./kiln-runs: checkpoints of runs in progress."""
-    return Path(os.environ.get("KILN_RUNS", "kiln-runs")).expanduser()
 
 
 def parse_span(text: str | int, flag: str, least: int = 1) -> tuple[int, int]:
@@ -90,7 +85,7 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
     return TrainSpec(plugin=plugin, dataset=dataset, epochs=epochs or cls.epochs,
                      batch_size=batch, run=run, name=name,
                      store=store_mod.resolve_root(store),
-                     runs_dir=str(Path(runs_dir or default_runs_dir()).resolve()),
+                     runs_dir=str(Path(runs_dir or settings.runs_dir()).resolve()),
                      overrides=dict(overrides or {}), workers=workers,
                      max_workers=max_workers if max_workers > workers else 0,
                      gpus_per_worker=gpus_per_worker,
@@ -100,7 +95,7 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
 
 def resume_spec(run: str, runs_dir: str | Path | None = None, epochs: int | None = None) -> TrainSpec:
     """The spec a run was started with (for ``--resume RUN``), optionally with more epochs."""
-    path = Path(runs_dir or default_runs_dir()).resolve() / run / RUN_FILE
+    path = Path(runs_dir or settings.runs_dir()).resolve() / run / RUN_FILE
     if not path.is_file():
         raise KilnError(f"no run '{run}' in {path.parent.parent} (looked for {path})")
     spec = TrainSpec.from_dict(json.loads(path.read_text()))
@@ -111,8 +106,6 @@ def resume_spec(run: str, runs_dir: str | Path | None = None, epochs: int | None
 
 def _check_run(spec: TrainSpec, run_dir: Path) -> None:
     """A run name is reused only to resume the same training; refuse to mix different runs."""
-    from kiln.trainer import STATE, latest_checkpoint
-
     path = run_dir / RUN_FILE
     if path.is_file():
         old = json.loads(path.read_text())
@@ -120,9 +113,9 @@ def _check_run(spec: TrainSpec, run_dir: Path) -> None:
             if old.get(key) != getattr(spec, key):
                 raise KilnError(f"run '{spec.run}' was started with {key}={old.get(key)!r}, not "
                                 f"{getattr(spec, key)!r}; resume it unchanged or pick a new --run name")
-    last = latest_checkpoint(run_dir)
+    last = checkpoint.latest(run_dir)
     if last is not None:
-        done = json.loads((last / STATE).read_text())["epoch"]
+        done = checkpoint.state(last)["epoch"]
         if done >= spec.epochs:
             raise KilnError(f"run '{spec.run}' already finished {done}/{spec.epochs} epochs; pass "
                             f"--epochs N (N > {done}) to train it further, or a new --run name")
@@ -131,7 +124,7 @@ def _check_run(spec: TrainSpec, run_dir: Path) -> None:
 def train(spec: TrainSpec) -> store_mod.Version:
     """Train ``spec`` (in-process when workers == 0, else on Ray Train), then evaluate and store."""
     info = data.prepare(spec.dataset)
-    make_plugin_for(spec, info)  # a plugin rejecting this data fails here, not in every worker
+    plugin_for(spec, info)  # a plugin rejecting this data fails here, not in every worker
     run_dir = spec.run_dir
     _check_run(spec, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,24 +154,19 @@ def _where(spec: TrainSpec) -> str:
     return "in-process" + (f" on GPUs {gpus}" if gpus else "")
 
 
-def make_plugin_for(spec: TrainSpec, info: DatasetInfo) -> Plugin:
-    from kiln.trainer import make_plugin
-
-    return make_plugin(spec, info)
+def plugin_for(spec: TrainSpec, info: DatasetInfo) -> Plugin:
+    return models.make_plugin(spec.plugin, spec.overrides, info, store=spec.store,
+                              plugin_path=spec.plugin_path)
 
 
 def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Version:
     """Rebuild the model from the run's last checkpoint, evaluate it, draw samples, store it."""
-    from kiln.trainer import latest_checkpoint, restore_checkpoint
-
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise KilnError(f"run '{spec.run}' left no checkpoint in {run_dir}")
-    from kiln.trainer import build_model
-
-    plugin = make_plugin_for(spec, info)
-    model = build_model(plugin)
-    state = restore_checkpoint(model, ckpt, with_optimizers=False)
+    plugin = plugin_for(spec, info)
+    model = models.build(plugin)
+    state = checkpoint.restore(model, ckpt, with_optimizers=False)
     test = test_dataset(plugin, spec.dataset, spec.limit)  # re-iterable: each consumer reads it anew
     metrics = plugin.evaluate(model, test)
     cls = type(plugin)
@@ -195,7 +183,7 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
             judged_by = classifier[2]
 
     def write(tmp: Path) -> dict[str, Any]:
-        shutil.copy2(ckpt / "model.weights.h5", tmp / store_mod.WEIGHTS)
+        shutil.copy2(checkpoint.weights(ckpt), tmp / store_mod.WEIGHTS)
         artifacts = tmp / store_mod.ARTIFACTS
         artifacts.mkdir()
         plugin.samples(model, test, artifacts)
@@ -236,32 +224,6 @@ def test_dataset(plugin: Plugin, dataset: str, limit: int | None, batch: int = 2
         .prefetch(tf.data.AUTOTUNE)
 
 
-def load(ref: str, store: str | Path | None = None) -> tuple[Plugin, Any, store_mod.Version]:
-    """Rebuild a stored model through the registry from its manifest and load its weights.
-
-    Only weights are read from disk (no code or layer config is deserialised), so a stored model
-    cannot run arbitrary code; the plugin's own build() defines the architecture.
-    """
-    found = store_mod.Store(store)
-    version = found.get(ref)
-    m = version.manifest
-    try:
-        if m.get("plugin_path") and m["plugin"] not in {e.name for e in registry.entries()}:
-            registry.load_file(m["plugin_path"])
-        cls = registry.get(m["plugin"])
-        plugin = cls(make_config(cls.Config, m["config"]))
-        plugin.store = found.spec
-        plugin.setup(DatasetInfo.from_dict(m["dataset"]))
-    except (KeyError, TypeError) as e:
-        raise KilnError(f"corrupt manifest {version.path / store_mod.MANIFEST}: {e}") from None
-    from kiln.trainer import build_model
-
-    model = build_model(plugin)
-    model.load_weights(version.weights)
-    plugin.load_assets(version.assets)
-    return plugin, model, version
-
-
 def evaluate(ref: str, store: str | Path | None = None,
              classifier: str | None = None) -> tuple[store_mod.Version, dict[str, float]]:
     """Re-evaluate a stored model on its dataset's test split (same limit as when it was trained).
@@ -270,7 +232,7 @@ def evaluate(ref: str, store: str | Path | None = None,
     method when ``classifier`` is given, is also judged by that stored classifier (kiln.quality);
     a missing classifier is an error then, not a silently shorter report.
     """
-    plugin, model, version = load(ref, store)
+    plugin, model, version = models.load(ref, store)
     judge = None
     if classifier or plugin.judged_by:
         from kiln import quality

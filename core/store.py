@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from kiln import settings
 from kiln.plugin import KilnError
 
 WEIGHTS = "model.weights.h5"
@@ -44,7 +45,7 @@ def is_uri(root: str | Path) -> bool:
 
 def default_root() -> str | Path:
     """$KILN_STORE, else ./kiln-store."""
-    root = os.environ.get("KILN_STORE", "kiln-store")
+    root = settings.store()
     return root if is_uri(root) else Path(root).expanduser()
 
 
@@ -56,7 +57,7 @@ def resolve_root(root: str | Path | None) -> str:
 
 def cache_dir() -> Path:
     """Where versions of URI stores are downloaded: $KILN_CACHE/stores (default ~/.cache/kiln)."""
-    return Path(os.environ.get("KILN_CACHE", "~/.cache/kiln")).expanduser() / "stores"
+    return settings.cache_dir() / "stores"
 
 
 def check_name(name: str) -> str:

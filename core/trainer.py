@@ -2,7 +2,7 @@
 own, or a plugin's GAN/VAE step) under a ``tf.distribute`` strategy, in-process (the default
 strategy) or inside Ray Train workers (MultiWorkerMirroredStrategy).
 
-Why not ``model.fit``: Keras 3's fit breaks under MultiWorkerMirroredStrategy (DESIGN.md section 3:
+Why not ``model.fit``: Keras 3's fit breaks under MultiWorkerMirroredStrategy (docs/design.md:
 tensorflow/tensorflow#72388, keras-team/keras#20585). Owning the loop with public APIs
 (``strategy.run`` over ``distribute_datasets_from_function``) works for compiled models and custom
 steps alike, and is the same code for 1 process and N workers.
@@ -10,22 +10,17 @@ steps alike, and is the same code for 1 process and N workers.
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-import numpy as np
-
-from kiln import data, registry
-from kiln.plugin import DatasetInfo, KilnError, Plugin
+from kiln import checkpoint, data, models
+from kiln.logs import say
+from kiln.plugin import DatasetInfo, KilnError
 from kiln.spec import TrainSpec
 
-STATE = "state.json"
-OPTIMIZERS = "optimizers.npz"
 STEPS_PER_CALL = 50
 
 
@@ -40,19 +35,6 @@ class Context(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
 
 
-def say(message: str) -> None:
-    """One progress line on stdout (not print: Ray Train workers patch print into a logger)."""
-    sys.stdout.write(f"[kiln] {message}\n")
-    sys.stdout.flush()
-
-
-def replicas() -> int:
-    """Replicas training in sync; divide hand-written mean losses by this (DESIGN.md section 3)."""
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
 def setup_tensorflow(threads: int | None, gpus: bool) -> None:
     """Limit CPU threads per worker and stop TF from grabbing the whole GPU. Call before any op."""
     import tensorflow as tf
@@ -64,70 +46,14 @@ def setup_tensorflow(threads: int | None, gpus: bool) -> None:
         tf.config.experimental.set_memory_growth(gpu, True)
 
 
-def make_plugin(spec: TrainSpec, info: DatasetInfo) -> Plugin:
-    if spec.plugin_path:
-        registry.load_file(spec.plugin_path)
-    plugin = registry.get(spec.plugin)(**spec.overrides)
-    plugin.store = spec.store
-    plugin.setup(info)
-    return plugin
-
-
-def optimizers(model: Any) -> list[Any]:
-    """The model's optimizers: ``model.optimizer`` and any attribute holding one (GANs keep two)."""
-    import keras
-
-    found: dict[int, Any] = {}
-    opt = getattr(model, "optimizer", None)
-    if isinstance(opt, keras.optimizers.Optimizer):
-        found[id(opt)] = opt
-    for key in sorted(vars(model)):
-        value = vars(model)[key]
-        if isinstance(value, keras.optimizers.Optimizer):
-            found.setdefault(id(value), value)
-    return list(found.values())
-
-
-def build_model(plugin: Plugin) -> Any:
-    """Build and compile the plugin's model and create its optimizer state (call under a scope)."""
-    model = plugin.build()
-    if not model.built:
-        # keras-io style GANs/VAEs have no call(): their sub-models (already built) own every
-        # variable, so the model is complete; Keras only needs to be told before save_weights.
-        model.built = True
-    for opt in optimizers(model):
-        if not opt.built:  # a GAN's compile() builds each optimizer on its own sub-model
-            opt.build(model.trainable_variables)
-    return model
-
-
-def save_checkpoint(model: Any, directory: Path, state: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_weights(directory / "model.weights.h5")
-    arrays = {f"{i}/{j}": np.asarray(v.numpy()) for i, opt in enumerate(optimizers(model))
-              for j, v in enumerate(opt.variables)}
-    np.savez(directory / OPTIMIZERS, **arrays)
-    (directory / STATE).write_text(json.dumps(state, indent=2))
-
-
-def restore_checkpoint(model: Any, directory: Path, *, with_optimizers: bool = True) -> dict[str, Any]:
-    """Load weights (and optimizer state) saved by save_checkpoint; returns the saved state."""
-    model.load_weights(directory / "model.weights.h5")
-    if with_optimizers:
-        with np.load(directory / OPTIMIZERS) as f:
-            for i, opt in enumerate(optimizers(model)):
-                for j, v in enumerate(opt.variables):
-                    v.assign(f[f"{i}/{j}"])
-    return json.loads((directory / STATE).read_text())
-
-
 def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) -> None:
     """Train ``spec`` under ``strategy``; report metrics and a checkpoint after every epoch."""
     import keras
     import tensorflow as tf
 
     keras.utils.set_random_seed(spec.seed)
-    plugin = make_plugin(spec, info)
+    plugin = models.make_plugin(spec.plugin, spec.overrides, info, store=spec.store,
+                                plugin_path=spec.plugin_path)
     if ctx.rank == 0:
         plugin.progress_dir = spec.progress_dir
         plugin.progress_dir.mkdir(parents=True, exist_ok=True)
@@ -159,14 +85,14 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
 
     plugin.total_steps = spec.epochs * steps
     with strategy.scope():
-        model = build_model(plugin)
+        model = models.build(plugin)
 
     history: list[dict[str, float]] = []
     resumed: list[dict[str, Any]] = []  # each restart: the epoch it resumed from, on how many workers
     start = 0
     for restore in ctx.restore_dir():
         if restore is not None:
-            state = restore_checkpoint(model, restore)
+            state = checkpoint.restore(model, restore)
             start, history = state["epoch"], state["history"]
             resumed = state.get("resumed", []) + [{"epoch": start, "workers": ctx.world_size}]
             if ctx.rank == 0:
@@ -205,7 +131,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
         tmp = Path(tempfile.mkdtemp(prefix="kiln-ckpt-"))
         try:
             if ctx.rank == 0:
-                save_checkpoint(model, tmp, {"epoch": epoch, "history": history, "resumed": resumed,
+                checkpoint.save(model, tmp, {"epoch": epoch, "history": history, "resumed": resumed,
                                              "spec": spec.to_dict()})
             ctx.report(metrics, tmp if ctx.rank == 0 else None)
         finally:
@@ -222,31 +148,8 @@ class LocalContext:
         self.run_dir, self.keep = run_dir, keep
 
     def restore_dir(self) -> Iterator[Path | None]:
-        yield latest_checkpoint(self.run_dir)
+        yield checkpoint.latest(self.run_dir)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         assert checkpoint_dir is not None
-        target = self.run_dir / f"checkpoint_{int(metrics['epoch']):05d}"
-        tmp = self.run_dir / f".tmp-{target.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-        for old in checkpoints(self.run_dir)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run (Kiln's or Ray Train's folders), oldest first by epoch."""
-    found = []
-    for d in run_dir.glob("checkpoint_*"):
-        try:
-            found.append((json.loads((d / STATE).read_text())["epoch"], d.stat().st_mtime, d))
-        except (OSError, ValueError, KeyError):
-            continue
-    return [d for _, _, d in sorted(found)]
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = checkpoints(run_dir)
-    return found[-1] if found else None
+        checkpoint.keep(self.run_dir, checkpoint_dir, int(metrics["epoch"]), self.keep)

@@ -127,7 +127,7 @@ class GAN(keras.Model):
         with tf.GradientTape() as tape:
             real_logits = self.critic(real, classes, training=True)
             fake_logits = self.critic(fake, classes, training=True)
-            # Keras loss objects divide by the replica count themselves (DESIGN.md section 3).
+            # Keras loss objects divide by the replica count themselves (docs/design.md, "Losses under distribution").
             d_loss = self.loss_fn(ones, real_logits) + self.loss_fn(zeros, fake_logits)
         grads = tape.gradient(d_loss, self.discriminator.trainable_weights)
         self.d_optimizer.apply_gradients(zip(grads, self.discriminator.trainable_weights))
@@ -210,7 +210,7 @@ class GANPlugin(Digits):
         if rank == 0 and self.progress_dir is not None and every and epoch % every == 0:
             path = self.progress_picture(model, self.progress_dir / f"progress_epoch_{epoch:04d}.png",
                                          f"epoch {epoch}")
-            from kiln.trainer import say
+            from kiln.logs import say
 
             say(f"samples after epoch {epoch}: {path}")
 

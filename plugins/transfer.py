@@ -142,9 +142,9 @@ class Transfer(Plugin):
 
     # -- the base ---------------------------------------------------------------------------
     def _stored_base(self) -> tuple[keras.Model, list]:
-        from kiln import run
+        from kiln import models
 
-        base_plugin, base_model, _ = run.load(self.config.base, self.store)
+        base_plugin, base_model, _ = models.load(self.config.base, self.store)
         if not self.config.pretrained:
             base_model = base_plugin.build()  # same architecture, fresh random weights
         names = [layer.name for layer in base_model.layers]
@@ -200,7 +200,7 @@ class Transfer(Plugin):
         if self.config.pretrained and epoch == self.config.head_epochs and model.tuned:
             model.fine_tuning.assign(1.0)
             if rank == 0:
-                from kiln.trainer import say
+                from kiln.logs import say
 
                 say(f"head trained for {epoch} epochs; now fine-tuning the base's top "
                     f"{self.config.fine_tune_layers} layer(s) at learning rate {self.config.fine_tune_lr}")

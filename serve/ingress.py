@@ -1,6 +1,6 @@
 """Kiln's HTTP API, one FastAPI ingress in front of the model deployments (kiln.serve.app).
 
-Routes (DESIGN.md section 5):
+Routes (docs/design.md, "Data flow"; the README lists them):
 
 * Kiln: ``GET /models``; ``POST /models/{m}[/versions/{v}]/{method}`` with the method's arguments as
   a JSON object, answered with its outputs as a JSON object.
@@ -111,16 +111,14 @@ def _ingress_class() -> Any:
             stall the requests in flight. Not ``serve.status()``: it builds pydantic models of the
             whole Serve instance, 28 ms of this process's CPU per call, during which this event
             loop answered nothing; the controller's plain answer takes 6 ms, mostly waiting."""
-            from kiln.serve.app import deployment_name
-
             if time.monotonic() - self._status[0] > 0.5:
                 async with self._status_lock:  # probes arriving together share one call
                     if time.monotonic() - self._status[0] > 0.5:
                         details = await asyncio.to_thread(_serve_details)
                         deps = details.get("applications", {}).get(self.app_name, {}).get("deployments", {})
                         states = {}
-                        for ref in self.handles:
-                            d = deps.get(deployment_name(ref), {"status": "UNKNOWN"})
+                        for ref, handle in self.handles.items():
+                            d = deps.get(handle.deployment_name, {"status": "UNKNOWN"})
                             states[ref] = str(getattr(d["status"], "value", d["status"]))
                         self._status = (time.monotonic(), states)
             return self._status[1]

@@ -11,7 +11,7 @@ from kiln import KilnError, data
 
 
 def test_mnist_prepared_offline_from_raw_files():
-    assert data.data_dir() is not None, "set KILN_DATA_DIR or provide ../shared/data"
+    assert __import__("kiln.settings").settings.data_dir() is not None, "set KILN_DATA_DIR or provide ../shared/data"
     info = data.prepare("mnist")
     assert (info.train_size, info.test_size) == (60000, 10000)
     assert info.input_shape == (28, 28, 1) and info.num_classes == 10

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kiln import run
-from kiln.trainer import checkpoints
+from kiln.checkpoint import all_in as checkpoints
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 EPOCHS = 5

@@ -53,10 +53,10 @@ def test_autoencoder_removes_noise(store):
 
 def test_autoencoder_methods_agree_and_reload_is_identical(store):
     root, _, _ = store
-    from kiln import run
+    from kiln import models
 
-    plugin, model, _ = run.load("autoencoder", root / "store")
-    again, model2, _ = run.load("autoencoder:1", root / "store")
+    plugin, model, _ = models.load("autoencoder", root / "store")
+    again, model2, _ = models.load("autoencoder:1", root / "store")
     x = mnist_test(8)
     out = plugin.infer(model, "reconstruct", {"images": x, "gaussian_std": 0.4, "salt_pepper": 0.1, "seed": 5})
     out2 = again.infer(model2, "reconstruct", {"images": x, "gaussian_std": 0.4, "salt_pepper": 0.1, "seed": 5})
@@ -80,13 +80,13 @@ def test_autoencoder_methods_agree_and_reload_is_identical(store):
 
 def test_dcgan_progress_pictures_samples_and_reload(store):
     root, _, outputs = store
-    from kiln import run
+    from kiln import models
 
     assert "samples after epoch 1:" in outputs["dcgan"] and "samples after epoch 2:" in outputs["dcgan"]
     pictures = {p.name for p in (root / "store" / "dcgan" / "1" / "artifacts").iterdir()}
     assert {"samples.png", "interpolation.png", "progress_epoch_0001.png", "progress_epoch_0002.png"} <= pictures
-    plugin, model, _ = run.load("dcgan", root / "store")
-    again, model2, _ = run.load("dcgan:1", root / "store")
+    plugin, model, _ = models.load("dcgan", root / "store")
+    again, model2, _ = models.load("dcgan:1", root / "store")
     a = plugin.infer(model, "sample", {"n": 6, "seed": 11})
     b = again.infer(model2, "sample", {"n": 6, "seed": 11})
     np.testing.assert_allclose(a["images"], b["images"], atol=1e-6)
@@ -123,9 +123,9 @@ def test_cgan_is_judged_by_the_stored_cnn(store):
 
 def test_cgan_draws_the_requested_digit_and_morphs_between_classes(store):
     root, _, _ = store
-    from kiln import quality, run
+    from kiln import models, quality
 
-    plugin, model, _ = run.load("cgan", root / "store")
+    plugin, model, _ = models.load("cgan", root / "store")
     judge = quality.classifier_for(plugin, None, root / "store")
     sevens = plugin.infer(model, "sample", {"digit": 7, "n": 200, "seed": 1})["images"]
     classes = np.asarray(judge[0].infer(judge[1], "classify", {"images": sevens * 255})["classes"])

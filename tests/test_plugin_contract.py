@@ -75,7 +75,7 @@ def test_plugin_declares_inference_methods():
 
 def test_cnn_features_are_its_first_convolution():
     """The gallery's 'inside the CNN' view: kernels and ReLU feature maps of a chosen layer."""
-    from kiln.trainer import build_model
+    from kiln.models import build as build_model
 
     plugin = CNN()
     plugin.setup(DatasetInfo("mnist", (28, 28, 1), 10, tuple(map(str, range(10)))))
@@ -99,7 +99,7 @@ def test_optional_tensor_passes_none_and_required_one_says_what_is_missing():
 
 def test_every_builtin_plugin_builds_and_documents_its_methods():
     from kiln import registry
-    from kiln.trainer import build_model
+    from kiln.models import build as build_model
 
     images = DatasetInfo("mnist", (28, 28, 1), 10, tuple(map(str, range(10))), 60000, 10000)
     windows = DatasetInfo("sp_sw_har", (128, 6), 5, tuple("abcde"), 2000, 500,

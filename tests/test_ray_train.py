@@ -30,7 +30,7 @@ def assert_same_weights(probe, epoch, prefix=""):
 def test_logged_metrics_are_global_not_one_workers(workdir):
     """With learning rate 0 the weights never change, so each worker's loss is the mean loss of
     its shard. The shards hold different digits: the logged loss must be the mean of both."""
-    from kiln import data, run
+    from kiln import data, models, run
 
     train = data.load("mnist", "train", limit=6000)
     x = np.stack([a.numpy() for a, _ in train.ds])
@@ -48,7 +48,7 @@ def test_logged_metrics_are_global_not_one_workers(workdir):
     manifest = json.loads((workdir / "store" / "probe" / "1" / "manifest.json").read_text())
     logged = manifest["history"][0]["loss"]
     run.registry.load_file(TEST_PLUGINS / "probe.py")
-    plugin, model, _ = run.load("probe", workdir / "store")
+    plugin, model, _ = models.load("probe", workdir / "store")
     xs, ys = plugin.preprocess(x[order], y[order])
     import keras
 

@@ -52,9 +52,9 @@ def test_readme_plugin_example_trains_and_infers(workdir):
     assert out.returncode == 0, out.stderr[-3000:]
     import numpy as np
 
-    from kiln import data, run
+    from kiln import data, models
 
-    plugin, model, version = run.load("mlp", workdir / "store")
+    plugin, model, version = models.load("mlp", workdir / "store")
     assert version.manifest["metrics"]["accuracy"] > 0.85
     test = data.load("mnist", "test", limit=32)
     images = np.stack([x.numpy() for x, _ in test.ds])

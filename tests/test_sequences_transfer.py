@@ -57,11 +57,11 @@ def test_har_recognises_activities_of_unseen_subjects(store):
 
 
 def test_har_reload_classifies_raw_windows_identically_and_validates(store):
-    from kiln import data, run
+    from kiln import data, models
 
     windows = np.stack([x.numpy() for x, _ in data.load("sp_sw_har", "test", limit=16).ds])
-    a, model_a, _ = run.load("har", store / "store")
-    b, model_b, _ = run.load("har:1", store / "store")
+    a, model_a, _ = models.load("har", store / "store")
+    b, model_b, _ = models.load("har:1", store / "store")
     out = a.infer(model_a, "classify", {"windows": windows.tolist()})
     assert out == b.infer(model_b, "classify", {"windows": windows})
     assert set(out["labels"]) <= set(a.info.class_names) and len(out["labels"]) == 16
@@ -144,10 +144,10 @@ def test_lstm_learns_text_and_reports_bits(store):
 
 
 def test_lstm_generates_deterministically_and_scores(store):
-    from kiln import run
+    from kiln import models
 
-    a, model_a, _ = run.load("lstm", store / "store")
-    b, model_b, _ = run.load("lstm:1", store / "store")
+    a, model_a, _ = models.load("lstm", store / "store")
+    b, model_b, _ = models.load("lstm:1", store / "store")
     args = {"prompt": "KING:", "max_chars": 80, "temperature": 0.8, "seed": 7}
     first = a.infer(model_a, "generate", args)
     assert first == b.infer(model_b, "generate", args)  # reload + same seed: same text
@@ -171,9 +171,9 @@ def test_lstm_generates_deterministically_and_scores(store):
     ({}, "missing required argument 'prompt'"),
 ])
 def test_lstm_rejects_bad_prompts_clearly(store, args, msg):
-    from kiln import run
+    from kiln import models
 
-    plugin, model, _ = run.load("lstm", store / "store")
+    plugin, model, _ = models.load("lstm", store / "store")
     with pytest.raises(KilnError, match=msg):
         plugin.infer(model, "generate", args)
 
@@ -207,11 +207,11 @@ def test_transfer_beats_the_same_network_from_scratch(store):
 
 
 def test_transfer_reload_and_fine_tuning_phase(store):
-    from kiln import data, run
+    from kiln import data, models
 
     images = np.stack([x.numpy() for x, _ in data.load("fashion_mnist", "test", limit=8).ds])
-    a, model_a, _ = run.load("transfer", store / "store")
-    b, model_b, _ = run.load("transfer:1", store / "store")
+    a, model_a, _ = models.load("transfer", store / "store")
+    b, model_b, _ = models.load("transfer:1", store / "store")
     assert a.infer(model_a, "classify", {"images": images}) == b.infer(model_b, "classify", {"images": images})
     assert float(model_a.fine_tuning) == 1.0  # the run went past head_epochs into fine-tuning
     history = manifest(store, "transfer")["history"]
@@ -229,9 +229,9 @@ def test_transfer_from_a_keras_application_with_local_weights(tmp_path, workdir)
                    "--batch-size", "8", "--limit", "2000", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fine-tuning the base's top 1 layer(s)" in out.stdout
-    from kiln import run
+    from kiln import models
 
-    plugin, model, _ = run.load("transfer", workdir / "store")
+    plugin, model, _ = models.load("transfer", workdir / "store")
     probs = plugin.infer(model, "classify", {"images": np.zeros((2, 28, 28, 1))})["probabilities"]
     assert np.allclose(np.sum(probs, axis=1), 1, atol=1e-4)
 

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from conftest import NOISY_TF, ROOT, assert_no_tf_notices, run_kiln
-from kiln.serve.app import free_port
+from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "s3cret-token"
@@ -32,13 +32,13 @@ def server(tmp_path_factory):
     import ray
     from ray import serve
 
-    from kiln.serve import app
+    from kiln.serve import app, runtime
 
     port = free_port()
     store = str(root / "store")
     spec = app.ServeSpec(store=store, refs=app.resolve_refs(store, None), port=port,
                          max_body_bytes=1024 * 1024)
-    app.init_ray(num_cpus=2)  # as `kiln serve` starts it: HAProxy in front, gRPC between replicas
+    runtime.init_ray(num_cpus=2)  # as `kiln serve` starts it: HAProxy in front, gRPC between replicas
     try:
         app.start(spec)
         base = f"http://127.0.0.1:{port}"

@@ -53,13 +53,13 @@ def test_models_and_evaluate_agree_with_the_manifest(trained):
 
 def test_reload_gives_the_same_predictions(trained):
     root, env, _ = trained
-    from kiln import data, run
+    from kiln import data, models
 
-    plugin, model, version = run.load("cnn", root / "store")
+    plugin, model, version = models.load("cnn", root / "store")
     test = data.load("mnist", "test", limit=64)
     images = np.stack([x.numpy() for x, _ in test.ds])
     out = plugin.infer(model, "classify", {"images": images})
-    again = run.load("cnn:1", root / "store")
+    again = models.load("cnn:1", root / "store")
     out2 = again[0].infer(again[1], "classify", {"images": images})
     assert out["classes"] == out2["classes"]
     np.testing.assert_allclose(out["probabilities"], out2["probabilities"], atol=1e-6)

