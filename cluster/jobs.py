@@ -21,15 +21,15 @@ import re
 import secrets
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from urllib.parse import urlparse
 
+from kiln import net
 from kiln.logs import runtime_env as quiet_runtime_env
 from kiln.plugin import KilnError
 
@@ -69,12 +69,9 @@ def auth_headers() -> dict[str, str]:
 def _reachable(address: str) -> None:
     """Fail in seconds when nothing listens (Ray's own client retries for a long time)."""
     url = urlparse(address)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=3).close()
-    except OSError as e:
-        raise KilnError(f"cannot reach a Ray cluster's jobs API at {address}: {e.strerror or e}; "
-                        "start one with `kiln cluster up` or pass --address http://HEAD:8265") from None
+    net.reachable(url.hostname or "", url.port or (443 if url.scheme == "https" else 80),
+                  f"a Ray cluster's jobs API at {address}",
+                  "start one with `kiln cluster up` or pass --address http://HEAD:8265")
 
 
 def client(address: str | None) -> Any:
@@ -144,8 +141,7 @@ def stage(dest: Path, plugin_path: str | None = None) -> Path:
     return dest
 
 
-def job_id_for(train_args: list[str]) -> str:
-    plugin = next((a for a in train_args if not a.startswith("-")), "resume")
+def job_id_for(plugin: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "-", plugin)[:32]
     return f"kiln-{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -167,7 +163,7 @@ def entrypoint(train_args: list[str], *, store: str | None, runs_dir: str | None
     return shlex.join(cmd)
 
 
-def submit(train_args: list[str], *, address: str | None, store: str | None, runs_dir: str | None,
+def submit(train_args: list[str], *, plugin: str, address: str | None, store: str | None, runs_dir: str | None,
            plugin_path: str | None = None, workers: int = 0, gpus_per_worker: float = 0.0,
            cpus_per_worker: float = 1.0, resume: bool = False, env: dict[str, str] | None = None,
            job_id: str | None = None) -> str:
@@ -178,7 +174,7 @@ def submit(train_args: list[str], *, address: str | None, store: str | None, run
     nothing, and the workers ask for ``gpus_per_worker`` through their ScalingConfig.
     """
     c = client(address)
-    job_id = job_id or job_id_for(train_args)
+    job_id = job_id or job_id_for(plugin)
     with tempfile.TemporaryDirectory(prefix="kiln-job-") as tmp:
         working_dir = stage(Path(tmp), plugin_path)
         size = sum(p.stat().st_size for p in working_dir.rglob("*") if p.is_file())
@@ -338,10 +334,3 @@ def nodes(address: str | None) -> list[dict[str, Any]]:
     except Exception as e:
         raise KilnError(f"cannot list the nodes at {address}: {_first_line(e)}") from None
     return [n if isinstance(n, dict) else vars(n) for n in found]
-
-
-def iter_rows(rows: list[tuple[str, ...]]) -> Iterator[str]:
-    """Rows as aligned text columns (the last column is not padded)."""
-    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        yield "  ".join(f"{c:<{w}}" for c, w in zip(r, width)) + "  " + r[-1]

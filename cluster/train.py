@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,23 +18,6 @@ from kiln import logs
 from kiln.plugin import DatasetInfo, KilnError
 from kiln.spec import TrainSpec
 from kiln.logs import say
-
-
-def check_address(address: str) -> None:
-    """Fail in seconds, not minutes, when nothing listens at a Ray address (host:port or
-    ray://host:port); Ray itself retries an unreachable GCS for a long time."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise KilnError(f"bad Ray address {address!r}: use host:port (e.g. 127.0.0.1:6379), "
-                        "ray://host:10001 or 'auto'")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as e:
-        raise KilnError(f"cannot reach a Ray cluster at {address!r}: {e.strerror or e}; check the "
-                        "address or start one with `ray start --head`") from None
 
 
 def connect(address: str | None) -> None:

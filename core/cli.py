@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kiln import settings
+from kiln.logs import table
 from kiln.plugin import KilnError
 
 
@@ -32,10 +33,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             rows.append((e.name, "BROKEN", "-", f"{e.error} (from {e.source})"))
         else:
             rows.append((e.name, e.cls.dataset, ",".join(sorted(e.cls.methods())) or "-", e.cls.description))
-    width = [max(len(r[i]) for r in rows + [("NAME", "DATASET", "METHODS", "")]) for i in range(3)]
-    print(f"{'NAME':<{width[0]}}  {'DATASET':<{width[1]}}  {'METHODS':<{width[2]}}  DESCRIPTION")
-    for r in rows:
-        print(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]}")
+    for line in table([("NAME", "DATASET", "METHODS", "DESCRIPTION"), *rows]):
+        print(line)
     if args.config:
         for e in registry.entries():
             if e.cls is not None:
@@ -84,9 +83,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         keys = ([head] if head in metrics else []) + [k for k in metrics if k != head]
         rows.append((v.name, str(v.version), m["plugin"], Path(m["dataset"]["name"]).name,
                      " ".join(f"{k}={metrics[k]:.4f}" for k in keys[:3]), m.get("created", "-")))
-    width = [max(len(r[i]) for r in rows) for i in range(5)]
-    for r in rows:
-        print("  ".join(f"{c:<{w}}" for c, w in zip(r, width)) + "  " + r[5])
+    for line in table(rows):
+        print(line)
     return 0
 
 
@@ -120,35 +118,15 @@ def cmd_samples(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    from kiln.run import parse_span
     from kiln.serve import app
-    from kiln.store import resolve_root
 
-    low, high = parse_span(args.replicas, "--replicas")
-    autoscaling = {"min_replicas": low, "max_replicas": high,
-                   "target_ongoing_requests": args.target_ongoing_requests} if "-" in args.replicas else None
-    if args.max_body_mb <= 0 or args.cpus_per_replica < 0 or args.gpus_per_replica < 0 \
-            or args.target_ongoing_requests <= 0:
-        raise KilnError("--max-body-mb and --target-ongoing-requests must be positive, "
-                        "--cpus/--gpus-per-replica >= 0")
-    if not 0 < args.port < 65536:
-        raise KilnError(f"--port must be 1-65535, got {args.port}")
-    if args.address:
-        from kiln.cluster.train import check_address
-
-        check_address(args.address)
-    store = resolve_root(args.store)
-    refs = app.resolve_refs(store, args.model)
-    if args.batch_size < 0 or args.batch_wait_ms < 0 or args.poll_seconds < 0:
-        raise KilnError("--batch-size, --batch-wait-ms and --poll-seconds must be >= 0")
-    opts = app.ModelOptions(num_cpus=args.cpus_per_replica, num_gpus=args.gpus_per_replica,
-                            num_replicas=low, autoscaling_config=autoscaling,
-                            max_ongoing_requests=args.max_ongoing_requests,
-                            batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms)
-    spec = app.ServeSpec(store=store, refs=refs, host=args.host, port=args.port,
-                         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
-                         options={r: opts for r in refs}, token=settings.api_token(),
-                         access_log=args.access_log)
+    spec = app.plan(args.model, store=args.store, host=args.host, port=args.port, address=args.address,
+                    replicas=args.replicas, target_ongoing_requests=args.target_ongoing_requests,
+                    cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                    max_ongoing_requests=args.max_ongoing_requests, batch_size=args.batch_size,
+                    batch_wait_ms=args.batch_wait_ms, max_body_mb=args.max_body_mb,
+                    poll_seconds=args.poll_seconds, access_log=args.access_log)
+    refs, store = spec.refs, spec.store
     if args.build_config:
         import yaml
 
@@ -185,16 +163,21 @@ def _local_path(value: str) -> str:
     return str(Path(value).expanduser().resolve())
 
 
-def _strip(argv: list[str], *flags: str) -> list[str]:
-    """argv without ``--flag VALUE`` / ``--flag=VALUE`` for the given flags."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in flags:
-            skip = True
-        elif not any(a.startswith(f + "=") for f in flags):
-            out.append(a)
+def _train_argv(ns: argparse.Namespace, skip: tuple[str, ...]) -> list[str]:
+    """``kiln train`` arguments rebuilt from their parsed namespace (the flags were parsed once,
+    here): every value that differs from its default, except the ``skip`` destinations."""
+    train = parser().train_parser  # type: ignore[attr-defined]
+    out: list[str] = []
+    for action in train._actions:
+        if action.dest in ("help", *skip) or action.default is argparse.SUPPRESS:
+            continue
+        value = getattr(ns, action.dest, None)
+        if not action.option_strings:  # the plugin name
+            out += [value] if value else []
+        elif isinstance(value, list):
+            out += [x for v in value for x in (action.option_strings[-1], str(v))]
+        elif value is not None and value != action.default:
+            out += [action.option_strings[-1], str(value)]
     return out
 
 
@@ -218,10 +201,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise KilnError(f"{runs_dir!r}: --runs-dir must be a folder the cluster's nodes share")
     runs_dir = _local_path(runs_dir) if runs_dir else None
     plugin_path = getattr(ns, "plugin_path", None) or args.plugin_path
-    rest = _strip(train_args, "--store", "--runs-dir", "--plugin-path", "--dataset")
+    rest = _train_argv(ns, skip=("store", "runs_dir", "plugin_path", "dataset"))
     if ns.dataset:
         rest += ["--dataset", _local_path(ns.dataset) if data.is_file_dataset(ns.dataset) else ns.dataset]
-    job_id = jobs.submit(rest, address=args.address, store=store, runs_dir=runs_dir,
+    job_id = jobs.submit(rest, plugin=ns.plugin or "resume", address=args.address, store=store, runs_dir=runs_dir,
                          plugin_path=plugin_path, workers=workers, gpus_per_worker=ns.gpus_per_worker,
                          cpus_per_worker=ns.cpus_per_worker, resume=bool(ns.resume or ns.run),
                          env=_overrides(args.env), job_id=args.job_id)
@@ -276,7 +259,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             seconds = f"{(end - j.start_time) / 1000:.0f}" if j.start_time and end else "-"
             rows.append((j.submission_id or j.job_id or "-", jobs.status_text(j), start, seconds,
                          jobs.command(j)))
-        for line in jobs.iter_rows(rows):
+        for line in table(rows):
             print(line)
         return 0
     if not args.id:
@@ -322,7 +305,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         rows.append((str(n.get("node_id", "-"))[:12], str(n.get("node_ip", "-")),
                      "head" if n.get("is_head_node") else "worker", str(n.get("state", "-")),
                      f"{res.get('CPU', 0):g}", f"{res.get('GPU', 0):g}"))
-    for line in jobs.iter_rows(rows):
+    for line in table(rows):
         print(line)
     alive = sum(1 for n in found if n.get("state") == "ALIVE")
     print(f"{alive} alive node(s): {cpus:g} CPUs, {gpus:g} GPUs")
@@ -344,20 +327,14 @@ def _value(text: str) -> object:
 
 
 def _load_image(path: str, shape: list) -> object:
-    """An image file as pixel values 0-255 in the model's input shape (grayscale or RGB)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    """An image file as pixel values 0-255 in the model's input shape (its channels and size)."""
+    from kiln.images import decode
 
     try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise KilnError(f"cannot read image {path}: {e}") from None
-    h, w = shape[1], shape[2]
-    channels = shape[3] if len(shape) > 3 else 1
-    img = img.convert("L" if channels == 1 else "RGB").resize((w, h))
-    x = np.asarray(img, dtype="float32")
-    return x.reshape(shape[1:]) if len(shape) > 3 else x
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise KilnError(f"cannot read image {path}: {e.strerror or e}") from None
+    return decode(data, shape, source=f"image {path}")
 
 
 def _served(client: object, ref: str, url: str) -> dict:
@@ -449,6 +426,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local one)")
     s.add_argument("--max-failures", type=int, default=1, help="worker failures Ray Train may recover from")
     s.set_defaults(fn=cmd_train)
+    p.train_parser = s  # type: ignore[attr-defined]  # kiln submit rebuilds train arguments with it
 
     s = sub.add_parser("models", parents=[common], help="list the models in the store")
     s.set_defaults(fn=cmd_models)

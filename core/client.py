@@ -13,9 +13,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-import numpy as np
 
 from kiln import settings
+from kiln.values import plain
 from kiln.plugin import KilnError
 
 
@@ -27,7 +27,7 @@ class Client:
         self.timeout = timeout
 
     def _request(self, method: str, path: str, body: Any = None, accept: str = "application/json") -> bytes:
-        data = None if body is None else json.dumps(body, default=_plain).encode()
+        data = None if body is None else json.dumps(plain(body)).encode()
         headers = {"Accept": accept}
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -62,11 +62,3 @@ class Client:
     def png(self, model: str, method: str, **args: Any) -> bytes:
         """Call a method that returns images and get them as one PNG grid."""
         return self._request("POST", self._path(model, method), args, accept="image/png")
-
-
-def _plain(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"cannot send {type(o).__name__} as JSON")

@@ -128,3 +128,43 @@ def png_grid(images: np.ndarray, cols: int = 8, scale: int = 2) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+# A decoded picture this large would take gigabytes before any model saw it; the header is read
+# first, so the check costs nothing (a 12 KB PNG can declare 3000x3000 pixels).
+MAX_PIXELS = 4096 * 4096
+
+
+def decode(data: bytes, shape: Sequence[int | None], *, source: str = "image",
+           max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An encoded picture (PNG, JPEG, GIF, BMP...) as pixel values 0-255 in a model's input shape
+    ``(None, H, W[, C])``: converted to the channels it declares (1: grayscale, 3: RGB) and resized
+    to H x W. The one decoder of the CLI (``kiln predict --image``) and the server (``{"b64": ...}``).
+    KilnError names ``source`` when the bytes are not a picture or are too large to decode."""
+    import io
+
+    from PIL import Image
+
+    from kiln.plugin import KilnError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - whatever PIL says, the input is not a picture
+        raise KilnError(f"{source} is not a PNG, JPEG, GIF or BMP picture: {e}") from None
+    w0, h0 = img.size
+    if w0 * h0 > max_pixels:
+        raise KilnError(f"{source} is {w0}x{h0} pixels, over the limit of {max_pixels} pixels; "
+                        f"send it at most at the model's size")
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data
+        raise KilnError(f"{source} cannot be decoded: {e}") from None
+    h, w = int(shape[1] or h0), int(shape[2] or w0)
+    channels = shape[3] if len(shape) > 3 else None
+    img = img.convert("RGB" if channels == 3 else "L")
+    if img.size != (w, h):
+        img = img.resize((w, h))
+    x = np.asarray(img, dtype="float32")
+    if len(shape) > 3 and x.ndim == 2:
+        x = x[..., None]
+    return x

@@ -45,6 +45,12 @@ def say(message: str) -> None:
     sys.stdout.flush()
 
 
+def table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows (the first is the header) as aligned text columns; the last column is not padded."""
+    width = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join(f"{c:<{w}}" for c, w in zip(r, width)) + "  " + r[-1] for r in rows]
+
+
 def filter_notices(text: str, min_level: int) -> str:
     """``text`` less absl records whose severity is below ``min_level`` (with their continuation
     lines) and, when any level is hidden, absl's pre-initialisation preamble."""

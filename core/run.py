@@ -16,23 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kiln import __version__, checkpoint, data, models, registry, settings, store as store_mod
+from kiln import __version__, checkpoint, data, models, net, registry, settings, store as store_mod
 from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
-from kiln.spec import TrainSpec
+from kiln.spec import TrainSpec, parse_span
 from kiln.logs import say
+from kiln.values import plain
 
 RUN_FILE = "kiln-run.json"
-
-
-def parse_span(text: str | int, flag: str, least: int = 1) -> tuple[int, int]:
-    """``flag`` N (fixed, N >= least) or MIN-MAX (a range to scale in) -> (min, max)."""
-    lo, sep, hi = str(text).strip().partition("-")
-    if not lo.isdigit() or (sep and not hi.isdigit()) or (not sep and int(lo) < least):
-        raise KilnError(f"{flag} takes N or MIN-MAX (e.g. 2 or 1-4), N >= {least}; got {text!r}")
-    low, high = int(lo), int(hi) if sep else int(lo)
-    if sep and not 1 <= low <= high:
-        raise KilnError(f"{flag} takes N or MIN-MAX: need 1 <= MIN <= MAX, got {text!r}")
-    return low, high
 
 
 def parse_workers(text: str | int) -> tuple[int, int]:
@@ -62,9 +52,7 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
     if dataset and data.is_file_dataset(dataset):
         dataset = data.check_path(dataset)
     if address:
-        from kiln.cluster.train import check_address
-
-        check_address(address)
+        net.check_ray_address(address)
     if plugin_path:
         plugin_path = str(Path(plugin_path).resolve())
         registry.load_file(plugin_path)
@@ -193,7 +181,7 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
         plugin.save_assets(model, test, tmp / store_mod.ASSETS)
         return {
             "plugin": spec.plugin, "plugin_path": spec.plugin_path,
-            "config": _plain(vars(plugin.config)), "dataset": info.to_dict(),
+            "config": plain(vars(plugin.config)), "dataset": info.to_dict(),
             "metrics": metrics, "headline": cls.headline, "history": state["history"],
             "resumed": state.get("resumed", []),
             "judged_by": judged_by,
@@ -209,10 +197,6 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
     where = f"{spec.store}/{version.name}/{version.version}" if store_mod.is_uri(spec.store) else version.path
     say(f"stored {version.ref} at {where}")
     return version
-
-
-def _plain(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def test_dataset(plugin: Plugin, dataset: str, limit: int | None, batch: int = 256) -> Any:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.plugin import KilnError
+
 
 @dataclass
 class TrainSpec:
@@ -57,3 +59,14 @@ class TrainSpec:
     def from_dict(cls, d: dict[str, Any]) -> "TrainSpec":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_span(text: str | int, flag: str, least: int = 1) -> tuple[int, int]:
+    """``flag`` N (fixed, N >= least) or MIN-MAX (a range to scale in) -> (min, max)."""
+    lo, sep, hi = str(text).strip().partition("-")
+    if not lo.isdigit() or (sep and not hi.isdigit()) or (not sep and int(lo) < least):
+        raise KilnError(f"{flag} takes N or MIN-MAX (e.g. 2 or 1-4), N >= {least}; got {text!r}")
+    low, high = int(lo), int(hi) if sep else int(lo)
+    if sep and not 1 <= low <= high:
+        raise KilnError(f"{flag} takes N or MIN-MAX: need 1 <= MIN <= MAX, got {text!r}")
+    return low, high

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from kiln import settings
 from kiln.plugin import KilnError
+from kiln.values import plain
 
 WEIGHTS = "model.weights.h5"
 MANIFEST = "manifest.json"
@@ -103,71 +104,113 @@ class Version:
         return sorted(d.iterdir()) if d.is_dir() else []
 
 
-class Store:
-    """A model store rooted at a local folder, or at a URI (then ``root`` is its local cache)."""
+class _Folder:
+    """A store in a local (or mounted, shared) folder. A version is claimed by renaming its
+    complete folder into place: rename fails when another writer took the number first."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
-        root = root or default_root()
-        self.uri = str(root).rstrip("/") if is_uri(root) else None
-        if self.uri is None:
-            self.root = Path(root).expanduser()
-        else:
-            import hashlib
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.spec = str(root)
 
-            self.root = cache_dir() / hashlib.sha1(self.uri.encode()).hexdigest()[:16]
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
 
-    @property
-    def spec(self) -> str:
-        """The store as the user names it: the URI, or the folder."""
-        return self.uri or str(self.root)
+    def versions(self, name: str) -> list[int]:
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / MANIFEST).exists())
 
-    def __str__(self) -> str:
-        return self.spec
+    def local(self, name: str, version: int, whole: bool) -> Path:
+        return self.root / name / str(version)
 
-    # -- a URI store's filesystem (pyarrow, which Ray Train already depends on) -------------
-    def _fs(self) -> tuple[Any, str]:
-        if not hasattr(self, "_fs_cache"):
+    def publish(self, name: str, tmp: Path, manifest: dict[str, Any]) -> Path:
+        parent = self.root / name
+        for _ in range(1000):
+            version = (self.versions(name) or [0])[-1] + 1
+            while (parent / str(version)).exists():  # a folder that is no version: leave it be
+                version += 1
+            manifest["version"] = version
+            (tmp / MANIFEST).write_text(json.dumps(plain(manifest), indent=2))
             try:
-                from pyarrow import fs as pafs
+                os.rename(tmp, parent / str(version))  # fails if another writer took it first
+                return parent / str(version)
+            except OSError:
+                continue
+        raise KilnError(f"could not allocate a new version of '{name}' in {parent}")
 
-                self._fs_cache = pafs.FileSystem.from_uri(self.uri)
-            except Exception as e:  # unknown scheme, missing credentials, malformed URI
-                raise KilnError(f"cannot open the store {self.uri}: {e}") from None
-        return self._fs_cache
+
+class _Remote:
+    """A store at a URI that pyarrow's filesystems (and so Ray's storage) open: s3://, gs://,
+    file://. Versions are downloaded once into a local cache (they never change).
+
+    Object stores have no atomic rename, so a writer claims a version number first: it writes a
+    claim file into the version's folder and lists the folder's claims. It keeps the number only
+    if its own claim is the only one it sees; otherwise it withdraws and tries again after a
+    random pause. With read-after-write consistency (S3, GCS, local files) two writers cannot both
+    see only themselves, so no two writers ever share a number. Then it uploads, manifest last:
+    only a folder with a manifest is a version, so a crashed upload is never listed."""
+
+    def __init__(self, uri: str, cache: Path) -> None:
+        self.uri = self.spec = uri
+        self.root = cache
+        try:
+            from pyarrow import fs as pafs
+
+            self.fs, self.base = pafs.FileSystem.from_uri(uri)
+        except Exception as e:  # unknown scheme, missing credentials, malformed URI
+            self.error = KilnError(f"cannot open the store {uri}: {e}")
+            self.fs, self.base = None, ""
+
+    def _fs(self) -> Any:
+        if self.fs is None:
+            raise self.error
+        return self.fs
 
     def _list(self, path: str) -> list[Any]:
         from pyarrow import fs as pafs
 
-        fs, _ = self._fs()
         try:
-            return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            return self._fs().get_file_info(pafs.FileSelector(path, allow_not_found=True))
         except OSError as e:
             raise KilnError(f"cannot list the store {self.uri}: {e}") from None
 
-    def _remote_exists(self, path: str) -> bool:
+    def _is_file(self, path: str) -> bool:
         from pyarrow import fs as pafs
 
-        fs, _ = self._fs()
-        return fs.get_file_info(path).type == pafs.FileType.File
+        return self._fs().get_file_info(path).type == pafs.FileType.File
 
-    def _fetch(self, name: str, version: int, whole: bool) -> None:
-        """Download a version (or only its manifest) of a URI store into the local cache."""
+    def names(self) -> list[str]:
+        from pyarrow import fs as pafs
+
+        return sorted(i.base_name for i in self._list(self.base)
+                      if i.type == pafs.FileType.Directory and _NAME.match(i.base_name))
+
+    def versions(self, name: str) -> list[int]:
+        folders = sorted(int(i.base_name) for i in self._list(f"{self.base}/{name}") if i.base_name.isdigit())
+        return [v for v in folders if self._is_file(f"{self.base}/{name}/{v}/{MANIFEST}")]
+
+    def local(self, name: str, version: int, whole: bool) -> Path:
+        """Download a version (or only its manifest) into the local cache, once."""
         local = self.root / name / str(version)
         if (local / ".complete").exists() or (not whole and (local / MANIFEST).exists()):
-            return
+            return local
         from pyarrow import fs as pafs
 
-        fs, base = self._fs()
-        src = f"{base}/{name}/{version}"
+        src = f"{self.base}/{name}/{version}"
         tmp = self.root / name / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
         try:
             if whole:
-                pafs.copy_files(src, str(tmp), source_filesystem=fs,
+                pafs.copy_files(src, str(tmp), source_filesystem=self._fs(),
                                 destination_filesystem=pafs.LocalFileSystem())
+                for claim in tmp.glob(".claim-*"):
+                    claim.unlink()
                 (tmp / ".complete").write_text("")
             else:
-                with fs.open_input_stream(f"{src}/{MANIFEST}") as f:
+                with self._fs().open_input_stream(f"{src}/{MANIFEST}") as f:
                     (tmp / MANIFEST).write_bytes(f.read())
             shutil.rmtree(local, ignore_errors=True)
             try:
@@ -178,27 +221,75 @@ class Store:
             raise KilnError(f"cannot download {self.uri}/{name}/{version}: {e}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        return local
+
+    def _claim(self, name: str) -> int:
+        import random
+
+        fs, me = self._fs(), f".claim-{uuid.uuid4().hex}"
+        for _ in range(200):
+            version = (self.versions(name) or [0])[-1] + 1
+            while self._list(f"{self.base}/{name}/{version}"):  # claimed, or a crashed upload's
+                version += 1
+            folder = f"{self.base}/{name}/{version}"
+            fs.create_dir(folder, recursive=True)
+            with fs.open_output_stream(f"{folder}/{me}") as f:
+                f.write(b"")
+            claims = [i.base_name for i in self._list(folder) if i.base_name.startswith(".claim-")]
+            if claims == [me]:
+                return version
+            fs.delete_file(f"{folder}/{me}")  # another writer is here too: both step back
+            time.sleep(random.uniform(0.01, 0.2))
+        raise KilnError(f"could not claim a new version of '{name}' in {self.uri}: too many writers")
+
+    def publish(self, name: str, tmp: Path, manifest: dict[str, Any]) -> Path:
+        from pyarrow import fs as pafs
+
+        try:
+            version = self._claim(name)
+            manifest["version"] = version
+            dest = f"{self.base}/{name}/{version}"
+            pafs.copy_files(str(tmp), dest, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self._fs())
+            with self._fs().open_output_stream(f"{dest}/{MANIFEST}") as f:
+                f.write(json.dumps(plain(manifest), indent=2).encode())
+        except OSError as e:
+            raise KilnError(f"cannot upload {name} to {self.uri}: {e}") from None
+        (tmp / MANIFEST).write_text(json.dumps(plain(manifest), indent=2))
+        (tmp / ".complete").write_text("")
+        local = self.root / name / str(version)
+        shutil.rmtree(local, ignore_errors=True)
+        os.rename(tmp, local)  # the uploaded folder is also the version's local copy
+        return local
+
+
+class Store:
+    """A model store: a local folder or a URI, two backends behind the same methods."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        root = root or default_root()
+        if is_uri(root):
+            import hashlib
+
+            uri = str(root).rstrip("/")
+            self.backend: _Folder | _Remote = _Remote(uri, cache_dir() / hashlib.sha1(uri.encode()).hexdigest()[:16])
+        else:
+            self.backend = _Folder(Path(root).expanduser())
+        self.root = self.backend.root  # where versions are read from (a URI store's local cache)
+
+    @property
+    def spec(self) -> str:
+        """The store as the user names it: the URI, or the folder."""
+        return self.backend.spec
+
+    def __str__(self) -> str:
+        return self.spec
 
     def names(self) -> list[str]:
-        if self.uri is not None:
-            from pyarrow import fs as pafs
-
-            found = self._list(self._fs()[1])
-            return sorted(i.base_name for i in found
-                          if i.type == pafs.FileType.Directory and _NAME.match(i.base_name))
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name))
+        return self.backend.names()
 
     def versions(self, name: str) -> list[int]:
-        if self.uri is not None:
-            base = self._fs()[1]
-            folders = [i.base_name for i in self._list(f"{base}/{name}") if i.base_name.isdigit()]
-            return sorted(int(v) for v in folders if self._remote_exists(f"{base}/{name}/{v}/{MANIFEST}"))
-        d = self.root / name
-        if not d.is_dir():
-            return []
-        return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / MANIFEST).exists())
+        return self.backend.versions(name)
 
     def get(self, ref: str, whole: bool = True) -> Version:
         """The version named by 'name' (latest) or 'name:version'; KilnError if absent or corrupt.
@@ -214,9 +305,7 @@ class Store:
         elif version not in versions:
             raise KilnError(f"model '{name}' has no version {version} in {self.spec}; "
                             f"versions: {', '.join(map(str, versions))}")
-        if self.uri is not None:
-            self._fetch(name, version, whole)
-        path = self.root / name / str(version)
+        path = self.backend.local(name, version, whole)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
             if not isinstance(manifest, dict) or "plugin" not in manifest or "config" not in manifest:
@@ -239,7 +328,8 @@ class Store:
     def save(self, name: str, write: Callable[[Path], dict[str, Any]]) -> Version:
         """Write a new version: ``write(tmpdir)`` fills the folder and returns the manifest.
 
-        The folder becomes visible only once complete (atomic rename); on any error nothing stays.
+        The version becomes visible only once complete; on any error nothing stays. Concurrent
+        writers to one name get distinct versions on both backends.
         """
         check_name(name)
         parent = self.root / name
@@ -249,54 +339,8 @@ class Store:
         try:
             manifest = write(tmp)
             manifest = {**manifest, "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            if self.uri is not None:
-                return self._upload(name, tmp, manifest)
-            for attempt in range(100):
-                version = (self.versions(name) or [0])[-1] + 1 + attempt
-                manifest["version"] = version
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
-                try:
-                    os.rename(tmp, parent / str(version))  # fails if another writer took it
-                    return Version(name, version, parent / str(version), manifest)
-                except OSError:
-                    continue
-            raise KilnError(f"could not allocate a new version of '{name}' in {parent}")
+            path = self.backend.publish(name, tmp, manifest)
+            return Version(name, manifest["version"], path, manifest)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-
-    def _upload(self, name: str, tmp: Path, manifest: dict[str, Any]) -> Version:
-        """save() for a URI store: the written folder is uploaded, its manifest last (that makes
-        the version visible), then kept as the version's local copy."""
-        from pyarrow import fs as pafs
-
-        fs, base = self._fs()
-        version = (self.versions(name) or [0])[-1] + 1
-        while fs.get_file_info(f"{base}/{name}/{version}").type != pafs.FileType.NotFound:
-            version += 1  # a crashed upload's leftovers (no manifest) or another writer
-        manifest["version"] = version
-        dest = f"{base}/{name}/{version}"
-        try:
-            fs.create_dir(dest, recursive=True)
-            pafs.copy_files(str(tmp), dest, source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=fs)
-            with fs.open_output_stream(f"{dest}/{MANIFEST}") as f:
-                f.write(json.dumps(manifest, indent=2, default=_json_default).encode())
-        except OSError as e:
-            raise KilnError(f"cannot upload {name}:{version} to {self.uri}: {e}") from None
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
-        (tmp / ".complete").write_text("")
-        local = self.root / name / str(version)
-        shutil.rmtree(local, ignore_errors=True)
-        os.rename(tmp, local)
-        return Version(name, version, local, manifest)
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

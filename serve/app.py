@@ -7,9 +7,8 @@ model never queues behind a fast one. Idle cost stays low because a replica is a
 a CPU by default and ``autoscaling_config`` may scale a model to zero replicas. Multiplexing fits
 many models of one kind; that is not what a store of lecture models holds.
 
-A model replica loads weights from the store by path (``kiln.models.load``: the registry rebuilds the
-architecture, only weights are read), calls every inference method once with example inputs to
-warm up, and only then reports ready. Until then the ingress answers 503.
+The replica is ``kiln.serve.replica.ModelServer``, the HTTP API ``kiln.serve.ingress.KilnIngress``,
+the Ray underneath ``kiln.serve.runtime``.
 """
 
 from __future__ import annotations
@@ -19,13 +18,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from ray import serve
 
 from kiln import settings
 from kiln.logs import SETUP_HOOK
+from kiln.plugin import KilnError
+from kiln.serve.replica import ModelServer
 from kiln.serve.runtime import init_ray
-from kiln.plugin import KilnError, Scalar, Tensor
 
 INGRESS = "KilnIngress"
 
@@ -70,141 +69,38 @@ def deployment_name(ref: str) -> str:
     return "model-" + ref.replace(":", "-v")
 
 
-def jsonable(value: Any) -> Any:
-    """Method outputs as plain JSON values (arrays become nested lists)."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
+def plan(models: list[str] | None, *, store: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+         address: str | None = None, replicas: str = "1", target_ongoing_requests: float = 2.0,
+         cpus_per_replica: float = 0.25, gpus_per_replica: float = 0.0, max_ongoing_requests: int = 16,
+         batch_size: int = 32, batch_wait_ms: float = 2.0, max_body_mb: float = 16.0,
+         poll_seconds: float = 10.0, access_log: bool = False) -> ServeSpec:
+    """Validate a serving request and return its spec (as ``kiln.run.plan`` does for training);
+    raises KilnError naming what is wrong, before Ray starts."""
+    from kiln.spec import parse_span
+    from kiln.store import resolve_root
 
+    low, high = parse_span(replicas, "--replicas")
+    autoscaling = {"min_replicas": low, "max_replicas": high,
+                   "target_ongoing_requests": target_ongoing_requests} if "-" in str(replicas) else None
+    if max_body_mb <= 0 or cpus_per_replica < 0 or gpus_per_replica < 0 or target_ongoing_requests <= 0:
+        raise KilnError("--max-body-mb and --target-ongoing-requests must be positive, "
+                        "--cpus/--gpus-per-replica >= 0")
+    if not 0 < port < 65536:
+        raise KilnError(f"--port must be 1-65535, got {port}")
+    if batch_size < 0 or batch_wait_ms < 0 or poll_seconds < 0:
+        raise KilnError("--batch-size, --batch-wait-ms and --poll-seconds must be >= 0")
+    if address:
+        from kiln.net import check_ray_address
 
-def example_args(method: Any, info: Any) -> dict[str, Any] | None:
-    """Small valid arguments for a warm-up call, or None when they cannot be made up."""
-    args: dict[str, Any] = {}
-    for name, schema in method.inputs.items():
-        if isinstance(schema, Tensor):
-            if schema.optional:
-                continue
-            shape = [1 if s is None else s for s in schema.resolve(info)]
-            low = schema.min if schema.min is not None else 0.0
-            args[name] = np.full(shape, low, dtype=schema.dtype)
-        elif isinstance(schema, Scalar) and schema.default is None:
-            if schema.type is str and info.class_names:
-                args[name] = info.class_names[0]
-            elif schema.type is int and schema.min is not None:
-                args[name] = int(schema.min)
-            else:
-                return None
-    return args
-
-
-def _split_error(message: str) -> dict[str, Any]:
-    return {"__kiln_error__": message}
-
-
-class ModelServer:
-    """One stored model version behind a Serve deployment.
-
-    Batching: the ingress gathers requests for a method with a single array input (classify,
-    reconstruct, ...) that arrive together and sends them in one ``infer_many`` call: one hop
-    between the replicas per batch rather than per request. Here they are validated one by one,
-    concatenated along the batch axis, run as one model call, and split back per request. A bad
-    request fails alone; the others in its batch succeed.
-    """
-
-    def __init__(self, store: str, ref: str) -> None:
-        from kiln import models
-
-        t0 = time.perf_counter()
-        self.plugin, self.model, self.version = models.load(ref, store)
-        self.ref = self.version.ref
-        # a stored version never changes: its pictures are listed once, not on every GET /models
-        self.pictures = {p.name: p for p in self.version.artifacts() if p.suffix == ".png"}
-        self.largest_batch = 0
-        # methods whose only required input is one array with a leading batch axis
-        self.batchable = {}
-        for name, m in self.plugin.methods().items():
-            arrays = [k for k, v in m.inputs.items() if isinstance(v, Tensor) and v.shape and v.shape[0] is None]
-            if len(m.inputs) == 1 and len(arrays) == 1:
-                self.batchable[name] = arrays[0]
-        for method in self.plugin.methods().values():  # trace every path before taking traffic
-            args = example_args(method, self.plugin.info)
-            if args is not None:
-                try:
-                    self.plugin.infer(self.model, method.name, args)
-                except KilnError:
-                    pass
-        self.load_seconds = time.perf_counter() - t0
-
-    def describe(self) -> dict[str, Any]:
-        m = self.version.manifest
-        return {"name": self.version.name, "version": self.version.version, "plugin": m["plugin"],
-                "dataset": m["dataset"]["name"], "class_names": m["dataset"].get("class_names", []),
-                "metrics": m.get("metrics", {}), "headline": m.get("headline"),
-                "methods": m.get("methods", {}), "load_seconds": round(self.load_seconds, 3),
-                "batchable": sorted(self.batchable),
-                "largest_batch": self.largest_batch,
-                "history": [{k: v for k, v in h.items() if isinstance(v, (int, float))}
-                            for h in m.get("history", [])],
-                "artifacts": sorted(self.pictures)}
-
-    def artifact(self, name: str) -> bytes:
-        """A stored picture of this version (one of describe()'s ``artifacts``)."""
-        if name not in self.pictures:
-            raise KilnError(f"{self.ref} has no picture '{name}'; pictures: "
-                            f"{', '.join(sorted(self.pictures)) or 'none'}")
-        return self.pictures[name].read_bytes()
-
-    # async: Serve runs these on the replica's event loop, not through a thread pool
-    async def infer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
-        return jsonable(self.plugin.infer(self.model, method, args))
-
-    async def infer_many(self, method: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One batchable method on many requests' arguments, as one model call; each result is
-        the method's outputs or ``{"__kiln_error__": message}`` for a request that was bad."""
-        arg = self.batchable.get(method)
-        if arg is None or any(set(a) != {arg} for a in items):
-            return [await self._one(method, a) for a in items]
-        fn = self.plugin.methods()[method]
-        schema = fn.inputs[arg]
-        results: list[dict[str, Any]] = [{} for _ in items]
-        parts, owners = [], []
-        for k, a in enumerate(items):
-            try:
-                parts.append(schema.validate(arg, a[arg], self.plugin.info))
-                owners.append(k)
-            except KilnError as e:
-                results[k] = _split_error(str(e))
-        if parts:
-            sizes = [len(x) for x in parts]
-            try:
-                out = fn.fn(self.plugin, self.model, **{arg: np.concatenate(parts)})
-            except KilnError as e:
-                for k in owners:
-                    results[k] = _split_error(str(e))
-            else:
-                total, start = sum(sizes), 0
-                for k, n in zip(owners, sizes):
-                    results[k] = {name: jsonable(v[start:start + n]) if _rows(v, total) else jsonable(v)
-                                  for name, v in out.items()}
-                    start += n
-        self.largest_batch = max(self.largest_batch, len(items))
-        return results
-
-    async def _one(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await self.infer(method, args)
-        except KilnError as e:
-            return _split_error(str(e))
-
-
-def _rows(value: Any, total: int) -> bool:
-    return isinstance(value, (list, np.ndarray)) and len(value) == total
+        check_ray_address(address)
+    root = resolve_root(store)
+    refs = resolve_refs(root, models)
+    opts = ModelOptions(num_cpus=cpus_per_replica, num_gpus=gpus_per_replica, num_replicas=low,
+                        autoscaling_config=autoscaling, max_ongoing_requests=max_ongoing_requests,
+                        batch_size=batch_size, batch_wait_ms=batch_wait_ms)
+    return ServeSpec(store=root, refs=refs, host=host, port=port,
+                     max_body_bytes=int(max_body_mb * 1024 * 1024), options={r: opts for r in refs},
+                     token=settings.api_token(), access_log=access_log)
 
 
 def resolve_refs(store: str, names: list[str] | None) -> list[str]:
@@ -241,8 +137,7 @@ def build_app(spec: ServeSpec) -> Any:
                                **opts.deployment_options())
         models[ref] = dep.bind(spec.store, ref)
         batching[ref] = (opts.batch_size, opts.batch_wait_ms)
-    ingress = serve.deployment(KilnIngress, name=INGRESS, ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=256, logging_config=logs)
+    ingress = KilnIngress.options(name=INGRESS, logging_config=logs)
     from kiln.store import Store
 
     store = Store(spec.store)  # each method's argument schema, for the OpenAPI document

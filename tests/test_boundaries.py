@@ -15,12 +15,13 @@ PACKAGES = {"kiln": ROOT / "core", "kiln.plugins": ROOT / "plugins", "kiln.serve
             "kiln.cluster": ROOT / "cluster"}
 # lowest first; a module may import its own layer or lower ones
 LAYERS = [
-    {"kiln", "kiln.plugin", "kiln.settings", "kiln.spec", "kiln.images"},
-    {"kiln.logs", "kiln.store", "kiln.registry", "kiln.sensors", "kiln.checkpoint", "kiln.client"},
+    {"kiln", "kiln.plugin", "kiln.settings", "kiln.spec", "kiln.images", "kiln.values"},
+    {"kiln.logs", "kiln.store", "kiln.registry", "kiln.sensors", "kiln.checkpoint", "kiln.client", "kiln.net"},
     {"kiln.data", "kiln.models"},
     {"kiln.plugins", "kiln.plugins.*"},
     {"kiln.quality", "kiln.trainer"},
-    {"kiln.cluster", "kiln.cluster.train", "kiln.serve", "kiln.serve.runtime"},
+    {"kiln.cluster", "kiln.cluster.train", "kiln.serve", "kiln.serve.runtime", "kiln.serve.codecs",
+     "kiln.serve.replica"},
     {"kiln.run", "kiln.serve.app", "kiln.serve.ingress"},
     {"kiln.cluster.jobs"},
     {"kiln.cli"},
@@ -83,6 +84,19 @@ def test_no_upward_import_and_no_cycle():
         if m not in state:
             visit(m, [m])
     assert not cycles, cycles
+
+
+def test_serving_never_imports_training_code():
+    """The store is the only contract between training and serving (docs/design.md)."""
+    found = modules()
+    graph = {m: imports(m, p, set(found)) for m, p in found.items()}
+    for m in (m for m in graph if m.startswith("kiln.serve")):
+        seen, todo = set(), [m]
+        while todo:
+            for d in graph[todo.pop()] - seen:
+                seen.add(d)
+                todo.append(d)
+        assert not seen & {"kiln.run", "kiln.trainer", "kiln.cluster.train", "kiln.cluster.jobs"}, (m, sorted(seen))
 
 
 def test_core_and_plugins_import_without_ray():

@@ -41,7 +41,10 @@ def test_build_config_deploys_on_a_ray_head(tmp_path):
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2.0}
     assert doc["http_options"] == {"host": "127.0.0.1", "port": port}
 
-    ray_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication on both sides, as the README tells users to run a head: whether Ray
+    # turns it on by itself depends on whether ~/.ray/auth_token exists on this machine already.
+    ray_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, env=ray_env)
     start = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                             "--disable-usage-stats"], capture_output=True, text=True, env=ray_env)

@@ -103,3 +103,43 @@ def test_a_uri_store_uploads_with_the_manifest_last_and_downloads_once(tmp_path,
 def test_an_unknown_store_scheme_is_one_clear_error(tmp_path):
     with pytest.raises(KilnError, match="cannot open the store nosuch://bucket"):
         Store("nosuch://bucket/kiln").names()
+
+
+def _write_versions(root: str, writer: str, n: int, cache: str, start_at: float) -> list[int]:
+    import os
+    import time
+
+    os.environ["KILN_CACHE"] = cache
+    store = Store(root)
+    time.sleep(max(0.0, start_at - time.time()))  # both writers start together
+    made = []
+    for i in range(n):
+        def write(tmp, i=i):
+            (tmp / "model.weights.h5").write_text(f"{writer}-{i}")
+            return {"plugin": "p", "config": {}, "writer": writer, "i": i}
+        made.append(store.save("m", write).version)
+    return made
+
+
+@pytest.mark.parametrize("kind", ["folder", "uri"])
+def test_concurrent_writers_get_distinct_versions(tmp_path, kind):
+    """Two processes storing versions of one name at once (two `kiln train` runs ending together):
+    every save gets its own number, and each version holds exactly what its writer wrote."""
+    import multiprocessing
+    import time
+
+    root = str(tmp_path / "store") if kind == "folder" else f"file://{tmp_path}/bucket/kiln"
+    n = 12
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 3
+    with ctx.Pool(2) as pool:
+        results = pool.starmap(_write_versions, [(root, w, n, str(tmp_path / f"cache-{w}"), start_at)
+                                                 for w in ("a", "b")])
+    numbers = sorted(v for r in results for v in r)
+    assert numbers == list(range(1, 2 * n + 1)), results
+    reader = Store(root)
+    assert reader.versions("m") == numbers
+    for v in numbers:
+        version = reader.get(f"m:{v}")
+        assert version.weights.read_text() == f"{version.manifest['writer']}-{version.manifest['i']}"
+    assert {(reader.get(f"m:{v}").manifest["writer"]) for v in numbers} == {"a", "b"}

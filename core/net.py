@@ -1,0 +1,30 @@
+"""Reaching other processes: the one "is anything listening there" check before a slow client."""
+
+from __future__ import annotations
+
+import socket
+
+from kiln.plugin import KilnError
+
+
+def reachable(host: str, port: int, what: str, hint: str) -> None:
+    """KilnError within seconds when nothing listens at ``host:port``: Ray's own clients retry an
+    unreachable address for minutes. ``what`` names it ("a Ray cluster at 'x'"), ``hint`` the fix."""
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as e:
+        raise KilnError(f"cannot reach {what}: {e.strerror or e}; {hint}") from None
+
+
+def check_ray_address(address: str) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a Ray address (host:port or
+    ray://host:port); Ray itself retries an unreachable GCS for a long time."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise KilnError(f"bad Ray address {address!r}: use host:port (e.g. 127.0.0.1:6379), "
+                        "ray://host:10001 or 'auto'")
+    reachable(host, int(port), f"a Ray cluster at {address!r}",
+                  "check the address or start one with `ray start --head`")

@@ -1,0 +1,23 @@
+"""Plain JSON values: the one converter for everything Kiln writes as JSON (manifests, method
+outputs, client request bodies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy arrays and scalars, tuples, sets and paths turned into JSON values,
+    recursively; anything else that JSON cannot hold raises TypeError naming its type."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, tf tensors' .numpy() results
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,0 +1,88 @@
+"""The wire formats (kiln.serve.codecs) and the one picture decoder, without Ray: what standard
+clients send is read as they mean it, and what is wrong gets a status and a message."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kiln.serve import codecs
+from kiln.serve.codecs import ProtocolError
+
+INFO = {"name": "cnn", "version": 1, "plugin": "cnn",
+        "methods": {"classify": {"inputs": {"images": {"type": "array", "x-shape": [None, 4, 4, 3]}},
+                                 "outputs": {"labels": "", "probabilities": ""}},
+                    "features": {"inputs": {"images": {"type": "array"}, "layer": {"type": "integer"}},
+                                 "outputs": {"maps": ""}}}}
+
+
+def png(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array.astype("uint8")).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_an_rgb_picture_keeps_its_colours_for_an_rgb_model():
+    rgb = np.zeros((4, 4, 3))
+    rgb[..., 0] = 200  # red
+    rgb[0, 0] = (0, 0, 255)  # one blue pixel
+    data, rows = codecs.tf_predict_request({"instances": [{"b64": png(rgb)}]}, "images", [None, 4, 4, 3])
+    assert rows and np.asarray(data).shape == (1, 4, 4, 3)
+    np.testing.assert_array_equal(np.asarray(data[0]), rgb)
+
+
+def test_a_picture_is_converted_and_resized_to_the_models_input():
+    rgb = np.full((8, 8, 3), 255.0)
+    data, _ = codecs.tf_predict_request({"instances": [{"b64": png(rgb)}]}, "images", [None, 4, 4, 1])
+    assert np.asarray(data).shape == (1, 4, 4, 1) and np.allclose(data, 255)
+
+
+def test_a_picture_too_large_to_decode_is_refused_before_decoding():
+    big = Image.new("L", (5000, 5000))  # a few KB as PNG, 25 megapixels decoded
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    with pytest.raises(ProtocolError) as e:
+        codecs.decode_b64({"b64": base64.b64encode(buf.getvalue()).decode()}, [None, 28, 28, 1])
+    assert e.value.status == 400 and "5000x5000" in e.value.message
+
+
+@pytest.mark.parametrize("ctype", ["", "application/x-www-form-urlencoded", "text/plain", "application/json"])
+def test_a_json_body_is_json_whatever_the_header_says(ctype):
+    """tritonclient sends no Content-Type; `curl -d @body` sends a form type (TF Serving's docs)."""
+    assert codecs.parse_json(b'{"instances": [1, 2]}', ctype) == {"instances": [1, 2]}
+
+
+def test_a_body_that_is_not_json_is_415_unless_it_claimed_to_be_json():
+    with pytest.raises(ProtocolError) as e:
+        codecs.parse_json(b"images=1", "application/x-www-form-urlencoded")
+    assert e.value.status == 415 and "Content-Type: application/json" in e.value.message
+    with pytest.raises(ProtocolError) as e:
+        codecs.parse_json(b"{bad", "application/json")
+    assert e.value.status == 400 and "malformed JSON" in e.value.message
+
+
+def test_predict_method_and_v2_round_trip():
+    assert codecs.predict_method(INFO) == ("classify", "images")
+    x = codecs.v2_infer_request({"inputs": [{"name": "images", "shape": [1, 2], "datatype": "FP32",
+                                             "data": [1, 2]}]}, "images")
+    assert x.dtype == np.float32 and x.shape == (1, 2)
+    out = codecs.v2_infer_response({"labels": [3], "probabilities": [[0.5, 0.5]]}, "cnn", "1", "r1")
+    assert out["id"] == "r1" and out["outputs"][0] == {"name": "labels", "shape": [1], "datatype": "INT64", "data": [3]}
+    meta = codecs.v2_model_metadata("cnn", ["1"], INFO)
+    assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 4, 4, 3]}]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"inputs": [{"name": "images", "shape": [1], "data": [10 ** 400]}]}, "does not fill shape"),
+    ({"inputs": [{"name": "x", "shape": [1], "data": [1]}]}, "this model's input is 'images'"),
+    ({"inputs": [{"name": "images", "shape": [-1], "data": []}]}, "non-negative integers"),
+    ({"inputs": "nope"}, "'inputs' must be a list of one tensor"),
+])
+def test_v2_requests_that_cannot_be_read_say_why(body, words):
+    with pytest.raises(ProtocolError) as e:
+        codecs.v2_infer_request(body, "images")
+    assert e.value.status == 400 and words in e.value.message
