@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -136,6 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     print(f"[kiln] serving {', '.join(refs)} from {store}; loading...", flush=True)
     app.start(spec, address=args.address)
+    # SIGTERM (systemd, Docker, Kubernetes) stops the server as Ctrl-C does: after Ray's own
+    # handler is installed, which printed a stack dump and left Ray's agents running
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         models = app.wait_ready(args.host, args.port, timeout=args.ready_timeout, token=spec.token)
         base = f"http://{args.host}:{args.port}"
@@ -146,8 +150,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(args.poll_seconds or 3600)
             if args.poll_seconds:
-                for ref in app.refresh(spec, args.model):
+                added, problems = app.refresh(spec, args.model)
+                for line in problems:
+                    print(f"[kiln] {line}; still serving the version before it", flush=True)
+                for ref in added:
                     print(f"[kiln] new version in the store: now serving {ref}", flush=True)
+    except _Terminated:
+        return 0
     finally:
         import ray
         from ray import serve
@@ -155,6 +164,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
         print("[kiln] server stopped", flush=True)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop serving cleanly."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def _local_path(value: str) -> str:
@@ -339,7 +356,8 @@ def _load_image(path: str, shape: list) -> object:
 
 def _served(client: object, ref: str, url: str) -> dict:
     """The served, ready model that ``ref`` (NAME[:VERSION]) names, as GET /models describes it."""
-    served = {m["ref"].split(":")[0]: m for m in client.models()}  # type: ignore[attr-defined]
+    served = {m["ref"].split(":")[0]: m for m in client.models()  # type: ignore[attr-defined]
+              if m.get("state") == "READY"}
     name = ref.partition(":")[0]
     if name not in served or "methods" not in served[name]:
         raise KilnError(f"model '{name}' is not served (ready) at {url}; served: "

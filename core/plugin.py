@@ -203,21 +203,23 @@ class Tensor:
             raise KilnError(f"missing required argument '{name}' (an array of shape {self.resolve(info)})")
         try:
             arr = np.asarray(value, dtype=np.float64 if self.dtype.startswith("float") else None)
-        except (TypeError, ValueError):
-            raise KilnError(f"'{name}' must be a numeric array of shape {self.resolve(info)}") from None
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            raise KilnError(f"argument '{name}' must be a numeric array of shape {self.resolve(info)}") from None
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise KilnError(f"'{name}' must be a numeric array of shape {self.resolve(info)}")
+            raise KilnError(f"argument '{name}' must be a numeric array of shape {self.resolve(info)}")
         want = self.resolve(info)
         if arr.ndim == len(want) - 1 and want and want[0] is None:
             arr = arr[None]  # a single example without the batch axis
         if arr.ndim != len(want) or any(w is not None and w != g for w, g in zip(want, arr.shape)):
-            raise KilnError(f"'{name}' has shape {list(arr.shape)}; expected {want} (None = any size)")
+            raise KilnError(f"argument '{name}' has shape {list(arr.shape)}; expected {want} (None = any size)")
+        if arr.size == 0 and self.shape and self.shape[0] is None:
+            raise KilnError(f"argument '{name}' has shape {list(arr.shape)}: no items; send at least one")
         if arr.size and not np.all(np.isfinite(arr)):
-            raise KilnError(f"'{name}' contains NaN or infinite values")
+            raise KilnError(f"argument '{name}' contains NaN or infinite values")
         if self.min is not None and arr.size and arr.min() < self.min:
-            raise KilnError(f"'{name}' has values below {self.min} (allowed range [{self.min}, {self.max}])")
+            raise KilnError(f"argument '{name}' has values below {self.min} (allowed range [{self.min}, {self.max}])")
         if self.max is not None and arr.size and arr.max() > self.max:
-            raise KilnError(f"'{name}' has values above {self.max} (allowed range [{self.min}, {self.max}])")
+            raise KilnError(f"argument '{name}' has values above {self.max} (allowed range [{self.min}, {self.max}])")
         return arr.astype(self.dtype)
 
     def json_schema(self, info: DatasetInfo) -> dict[str, Any]:
@@ -243,9 +245,14 @@ class Scalar:
                 raise KilnError(f"missing required argument '{name}'")
             return self.default
         meta = {"min": self.min, "max": self.max, "choices": self.choices}
-        if self.type in (int, float) and isinstance(value, str):
-            raise KilnError(f"'{name}' must be a {self.type.__name__}, got the string {value!r}")
-        return _coerce(value, self.type, name, meta)
+        kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[self.type]
+        if (self.type in (int, float) and isinstance(value, str)) or isinstance(value, (list, dict)):
+            raise KilnError(f"argument '{name}' must be {kind}, got {type(value).__name__} {str(value)[:40]!r}")
+        try:
+            return _coerce(value, self.type, name, meta)
+        except (KilnError, OverflowError):  # the config wording, as an argument's
+            raise KilnError(f"bad value {str(value)[:40]!r} for argument '{name}': expected "
+                            + _describe(name, self.type, meta).split(": ", 1)[1]) from None
 
     def json_schema(self, info: DatasetInfo) -> dict[str, Any]:
         t = {int: "integer", float: "number", str: "string", bool: "boolean"}[self.type]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,9 @@ class ServeSpec:
     options: dict[str, ModelOptions] = field(default_factory=dict)
     token: str | None = None              # with a token, every route but health needs it
     access_log: bool = False              # Serve's log line per request (costs time per request)
+    # versions found in the store that cannot be served, with why (GET /models lists them); keyed
+    # by ref, with the folder's modification time so that a fixed folder is tried again
+    failed: dict[str, tuple[float, str]] = field(default_factory=dict)
 
 
 def deployment_name(ref: str) -> str:
@@ -94,18 +98,46 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
 
         check_ray_address(address)
     root = resolve_root(store)
-    refs = resolve_refs(root, models)
+    failed: dict[str, tuple[float, str]] = {}  # serving every model's latest: skip a broken one
+    refs = resolve_refs(root, models, None if models else failed)
     opts = ModelOptions(num_cpus=cpus_per_replica, num_gpus=gpus_per_replica, num_replicas=low,
                         autoscaling_config=autoscaling, max_ongoing_requests=max_ongoing_requests,
                         batch_size=batch_size, batch_wait_ms=batch_wait_ms)
     return ServeSpec(store=root, refs=refs, host=host, port=port,
                      max_body_bytes=int(max_body_mb * 1024 * 1024), options={r: opts for r in refs},
-                     token=settings.api_token(), access_log=access_log)
+                     token=settings.api_token(), access_log=access_log, failed=failed)
 
 
-def resolve_refs(store: str, names: list[str] | None) -> list[str]:
-    """The versions to serve: the named ones (``cnn`` = latest, ``vae:2``), else every model's latest."""
-    from kiln.store import Store
+def check_version(store: Any, ref: str) -> None:
+    """KilnError unless ``ref`` can be served: its manifest reads and its weights file opens.
+    Cheap (no TensorFlow), so a broken folder never reaches a replica; a version that still fails
+    to load there is caught when it is deployed (``refresh``)."""
+    version = store.get(ref)
+    try:
+        import h5py
+
+        with h5py.File(version.weights, "r"):
+            pass
+    except Exception as e:  # noqa: BLE001 - a missing, truncated or foreign file alike
+        raise KilnError(f"{ref}: its weights file {version.weights} does not open ({e})") from None
+
+
+def _mtime(store: Any, ref: str) -> float:
+    name, _, version = ref.partition(":")
+    try:
+        return max(p.stat().st_mtime for p in (store.root / name / version).iterdir())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def resolve_refs(store: str, names: list[str] | None,
+                 failed: dict[str, tuple[float, str]] | None = None) -> list[str]:
+    """The versions to serve: the named ones (``cnn`` = latest, ``vae:2``), else every model's latest.
+
+    With ``failed`` (the poll's memory), a version that cannot be served is recorded there and the
+    one before it is served instead; a version already recorded is tried again only once its
+    folder changed. Without it, a bad version is an error (a version named on the command line)."""
+    from kiln.store import Store, parse_ref
 
     s = Store(store)
     if not names:
@@ -114,8 +146,27 @@ def resolve_refs(store: str, names: list[str] | None) -> list[str]:
             raise KilnError(f"store {s.spec} holds no models; train one first (`kiln train cnn`)")
     refs = []
     for n in names:
-        v = s.get(n)
-        refs.append(v.ref)
+        name, pinned = parse_ref(n)
+        if failed is None or pinned is not None:
+            check = s.get(n)
+            refs.append(check.ref)
+            continue
+        for v in reversed(s.versions(name)):
+            ref = f"{name}:{v}"
+            seen = failed.get(ref)
+            if seen and seen[0] == _mtime(s, ref):
+                continue
+            try:
+                check_version(s, ref)
+            except KilnError as e:
+                failed[ref] = (_mtime(s, ref), str(e))
+                continue
+            failed.pop(ref, None)
+            refs.append(ref)
+            break
+    if not refs:
+        raise KilnError(f"nothing in store {s.spec} can be served: "
+                        + "; ".join(reason for _, reason in (failed or {}).values()))
     return refs
 
 
@@ -135,14 +186,26 @@ def build_app(spec: ServeSpec) -> Any:
         opts = spec.options.get(ref) or spec.options.get(ref.split(":")[0]) or ModelOptions()
         dep = serve.deployment(ModelServer, name=deployment_name(ref), logging_config=logs,
                                **opts.deployment_options())
-        models[ref] = dep.bind(spec.store, ref)
+        # A stored version never changes: pinning the deployment's version to it (and to its
+        # options) keeps its replicas running when the application is redeployed for another
+        # model. Without one, Serve draws a random version per serve.run and restarted every model
+        # (18.6 s without a cnn answer when cnn:2 was stored). Ray 2.60 takes it with _internal.
+        pinned = f"{ref}-{zlib.crc32(repr(sorted(opts.deployment_options().items())).encode()):08x}"
+        models[ref] = dep.options(version=pinned, _internal=True).bind(spec.store, ref)
         batching[ref] = (opts.batch_size, opts.batch_wait_ms)
-    ingress = KilnIngress.options(name=INGRESS, logging_config=logs)
     from kiln.store import Store
 
     store = Store(spec.store)  # each method's argument schema, for the OpenAPI document
-    methods = {ref: store.get(ref).manifest.get("methods", {}) for ref in spec.refs}
-    return ingress.bind(models, spec.max_body_bytes, spec.token, methods, batching)
+    config = {"deployments": {ref: deployment_name(ref) for ref in spec.refs},
+              "batching": {ref: list(b) for ref, b in batching.items()},
+              "methods": {ref: store.get(ref).manifest.get("methods", {}) for ref in spec.refs},
+              "failed": {ref: reason for ref, (_, reason) in spec.failed.items()}}
+    # Pinned like the models: what changes as versions come and go reaches the running ingress
+    # through user_config (reconfigure), without a new ingress replica.
+    pinned = f"ingress-{zlib.crc32(repr((spec.max_body_bytes, spec.token, spec.access_log)).encode()):08x}"
+    ingress = KilnIngress.options(name=INGRESS, logging_config=logs, user_config=config,
+                                  version=pinned, _internal=True)
+    return ingress.bind(models, spec.max_body_bytes, spec.token)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -192,19 +255,50 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
 
 
 def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
-            route_prefix: str = "/") -> list[str]:
-    """Serve what ``names`` resolve to now (a version stored since the start becomes the latest):
-    redeploys the application when that changed and returns the refs that were added. Serve keeps
-    unchanged model deployments running and replaces the ingress only once the new one is up."""
-    from ray import serve
-
-    refs = resolve_refs(spec.store, names)
-    if refs == spec.refs:
-        return []
-    added = sorted(set(refs) - set(spec.refs))
+            route_prefix: str = "/") -> tuple[list[str], list[str]]:
+    """Serve what ``names`` resolve to now (a version stored since the start becomes the latest);
+    returns (refs added, lines reporting versions that cannot be served). Never raises for what
+    is in the store: a version whose folder is unreadable, or whose replica fails to load, is
+    reported once (again only when its folder changes) and the version before it keeps serving.
+    Unchanged model deployments keep running (pinned versions); the ingress is replaced once
+    the new one is up, and switches to a new version only once it is ready."""
+    before_refs, before_failed = list(spec.refs), dict(spec.failed)
+    try:
+        refs = resolve_refs(spec.store, names, spec.failed)
+    except KilnError as e:
+        return [], [f"store poll: {e}"]
+    # a version being replaced keeps serving until its successor is ready
+    successor = {r.split(":")[0]: r for r in refs}
+    refs += [old for old in before_refs if old not in refs and old.split(":")[0] in successor
+             and not _healthy(app_name, successor[old.split(":")[0]])]
+    news = [f"cannot serve {ref}: {reason}" for ref, (_, reason) in spec.failed.items()
+            if before_failed.get(ref, (None,))[0] != spec.failed[ref][0]]
+    if sorted(refs) == sorted(before_refs) and spec.failed.keys() == before_failed.keys():
+        return [], news
     spec.refs = refs
-    serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
-    return added
+    try:
+        serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
+    except RuntimeError as e:  # a new version's replica failed to load: back to what served
+        added = sorted(set(refs) - set(before_refs))
+        for ref in added:
+            spec.failed[ref] = (_mtime_of(spec.store, ref), f"{ref} failed to load: {str(e).splitlines()[0]}")
+        spec.refs = before_refs
+        news += [f"cannot serve {ref}: {spec.failed[ref][1]}" for ref in added]
+        serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
+        return [], news
+    return sorted(set(refs) - set(before_refs)), news
+
+
+def _healthy(app_name: str, ref: str) -> bool:
+    app = serve.status().applications.get(app_name)
+    dep = app.deployments.get(deployment_name(ref)) if app else None
+    return bool(dep) and str(getattr(dep.status, "value", dep.status)) == "HEALTHY"
+
+
+def _mtime_of(store: str, ref: str) -> float:
+    from kiln.store import Store
+
+    return _mtime(Store(store), ref)
 
 
 def wait_ready(host: str, port: int, timeout: float = 300, prefix: str = "",

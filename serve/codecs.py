@@ -40,12 +40,26 @@ def parse_json(body: bytes, content_type: str) -> Any:
     # what orjson refuses, the standard parser either words clearly (NaN, a missing comma,
     # nesting too deep) or reads (integers over 64 bits)
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        value = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
         if not ctype.endswith("json"):
             raise ProtocolError(415, f"the body is not JSON ({f'Content-Type {ctype!r}' if ctype else 'no Content-Type'}); "
                                      "send a JSON body, with 'Content-Type: application/json'") from None
         raise ProtocolError(400, f"malformed JSON: {e}") from None
+    # valid JSON that orjson refused: what no argument can use, and what would fail later, deep in
+    # a method or while writing the answer (a 401-digit integer, 990 nested lists, a lone surrogate)
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError as e:
+        why = str(e)
+        if "64-bit" in why:
+            why = "an integer does not fit in 64 bits"
+        elif "ecursion" in why:
+            why = "values are nested too deeply (at most 254 levels)"
+        elif "surrogate" in why or "utf-8" in why.lower():
+            why = "a string holds a lone surrogate (\\ud800-\\udfff); send valid Unicode"
+        raise ProtocolError(400, f"cannot use this JSON: {why}") from None
+    return value
 
 
 def predict_method(info: dict[str, Any]) -> tuple[str, str]:
@@ -121,17 +135,82 @@ def tf_status(versions: list[tuple[str, bool]]) -> dict[str, Any]:
          "status": {"error_code": "OK", "error_message": ""}} for v, ready in versions]}
 
 
+TF_DTYPES = {"FP32": "DT_FLOAT", "INT64": "DT_INT64", "BYTES": "DT_STRING", "BOOL": "DT_BOOL"}
+
+
+def signatures(info: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """TF Serving signature names -> (method, its array argument): ``serving_default`` is the
+    predict method; every other method with exactly one required array is a signature of its name."""
+    out = {}
+    try:
+        out["serving_default"] = predict_method(info)
+    except ProtocolError:
+        pass
+    for name, m in info["methods"].items():
+        arrays = [k for k, s in m["inputs"].items() if s["type"] == "array" and not s.get("x-optional")]
+        required = [k for k, s in m["inputs"].items() if s.get("default") is None and not s.get("x-optional")]
+        if len(arrays) == 1 and required == arrays:
+            out[name] = (name, arrays[0])
+    return out
+
+
+def tf_signature(body: Any, info: dict[str, Any]) -> tuple[str, str]:
+    """The (method, argument) a :predict body's ``signature_name`` names (default serving_default)."""
+    known = signatures(info)
+    name = (body.get("signature_name") if isinstance(body, dict) else None) or "serving_default"
+    if name not in known:
+        if not known:
+            predict_method(info)  # raises the 404 that says why
+        raise ProtocolError(400, f"unknown signature_name {name!r}; this model's signatures: "
+                                 f"{', '.join(sorted(known))}")
+    return known[name]
+
+
+def _tensor_info(name: str, shape: list[Any], dtype: str) -> dict[str, Any]:
+    return {"name": name, "dtype": dtype, "tensor_shape": {
+        "dim": [{"size": str(-1 if s is None else s), "name": ""} for s in shape], "unknown_rank": False}}
+
+
 def tf_metadata(model: str, version: str, info: dict[str, Any]) -> dict[str, Any]:
-    method, _ = predict_method(info)
-    m = info["methods"][method]
-    return {"model_spec": {"name": model, "version": version, "signature_name": method},
-            "metadata": {"signature_def": {"signature_def": {"serving_default": {
-                "method_name": method, "inputs": m["inputs"], "outputs": m["outputs"]}}}}}
+    """``GET /v1/models/m[/versions/v]/metadata`` as TF Serving writes it: one signature_def per
+    signature, inputs and outputs with TF dtypes and shapes (-1: any size)."""
+    defs = {}
+    for sig, (method, arg) in signatures(info).items():
+        schema = info["methods"][method]["inputs"][arg]
+        specs = info.get("output_specs", {}).get(method, {})
+        defs[sig] = {"method_name": method,  # the Kiln method it calls
+                     "inputs": {arg: _tensor_info(arg, schema["x-shape"], "DT_FLOAT")},
+                     "outputs": {k: _tensor_info(k, specs.get(k, {}).get("shape", []),
+                                                 TF_DTYPES.get(specs.get(k, {}).get("datatype", ""), "DT_INVALID"))
+                                 for k in info["methods"][method]["outputs"]}}
+    if not defs:
+        predict_method(info)  # raises the 404 that says why
+    return {"model_spec": {"name": model, "version": version, "signature_name": ""},
+            "metadata": {"signature_def": {"signature_def": defs}}}
 
 
 # -- Open Inference Protocol v2 ----------------------------------------------------------------
 
-def v2_infer_request(body: Any, arg: str) -> np.ndarray:
+# the binary tensor data extension: numpy dtypes of the datatypes a tensor method can take or give
+V2_DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8", "INT8": "i1", "INT16": "<i2", "INT32": "<i4",
+             "INT64": "<i8", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "BOOL": "?"}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def v2_split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """A v2 body as (JSON header, binary tensor data); without the extension all of it is JSON."""
+    if header_length is None:
+        return body, b""
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise ProtocolError(400, f"{HEADER_LENGTH} {header_length!r} is not a length within the "
+                                 f"{len(body)}-byte body")
+    n = int(header_length)
+    return body[:n], body[n:]
+
+
+def v2_infer_request(body: Any, arg: str, binary: bytes = b"") -> np.ndarray:
+    """The predict method's array from a v2 request: JSON ``data``, or raw little-endian bytes
+    (``parameters.binary_data_size``, the binary tensor data extension tritonclient uses)."""
     inputs = body.get("inputs") if isinstance(body, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ProtocolError(400, f"'inputs' must be a list of one tensor "
@@ -139,33 +218,84 @@ def v2_infer_request(body: Any, arg: str) -> np.ndarray:
     t = inputs[0]
     if t.get("name") not in (arg, None):
         raise ProtocolError(400, f"input is named {t.get('name')!r}; this model's input is '{arg}'")
-    shape, flat = t.get("shape"), t.get("data")
+    shape = t.get("shape")
     if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
         raise ProtocolError(400, "'shape' must be a list of non-negative integers")
-    try:
-        array = np.asarray(flat, dtype="float64").reshape(shape)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ProtocolError(400, f"'data' does not fill shape {shape}: {e}") from None
+    size = (t.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        dtype = V2_DTYPES.get(str(t.get("datatype")))
+        if dtype is None:
+            raise ProtocolError(400, f"datatype {t.get('datatype')!r} is not a numeric tensor type "
+                                     f"({', '.join(V2_DTYPES)})")
+        if not isinstance(size, int) or size != len(binary):
+            raise ProtocolError(400, f"binary_data_size {size!r} does not match the {len(binary)} "
+                                     "bytes after the JSON header")
+        try:
+            array = np.frombuffer(binary, dtype=dtype).reshape(shape)
+        except ValueError as e:
+            raise ProtocolError(400, f"the binary data does not fill shape {shape}: {e}") from None
+    else:
+        try:
+            array = np.asarray(t.get("data"), dtype="float64").reshape(shape)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ProtocolError(400, f"'data' does not fill shape {shape}: {e}") from None
+    if array.size == 0:
+        raise ProtocolError(400, f"shape {shape} holds no values; send at least one item")
     return array.astype("float32")
 
 
 def v2_datatype(arr: np.ndarray) -> str:
-    return "BYTES" if arr.dtype.kind in "USO" else ("INT64" if arr.dtype.kind in "iu" else "FP32")
+    if arr.dtype.kind in "USO":
+        return "BYTES"
+    if arr.dtype.kind == "b":
+        return "BOOL"
+    return "INT64" if arr.dtype.kind in "iu" else "FP32"
 
 
-def v2_infer_response(out: dict[str, Any], model: str, version: str, request_id: Any) -> dict[str, Any]:
-    outputs = []
-    for name, value in out.items():
-        arr = np.asarray(value)
-        outputs.append({"name": name, "shape": list(arr.shape), "datatype": v2_datatype(arr),
-                        "data": arr.ravel().tolist()})
-    return {"model_name": model, "model_version": version, "id": request_id, "outputs": outputs}
+def _v2_bytes(arr: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":  # each element: 4-byte little-endian length, then its UTF-8 bytes
+        parts = [str(x).encode() for x in arr.ravel()]
+        return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+    return np.ascontiguousarray(arr, dtype=V2_DTYPES[datatype]).tobytes()
+
+
+def v2_infer_response(out: dict[str, Any], model: str, version: str, request_id: Any,
+                      body: Any = None) -> tuple[dict[str, Any], bytes]:
+    """The v2 answer (JSON header, binary tail): only the ``outputs`` the request names, each in
+    binary when it asks (``parameters.binary_data``, or ``binary_data_output`` for all)."""
+    body = body if isinstance(body, dict) else {}
+    wanted = body.get("outputs")
+    binary_all = bool((body.get("parameters") or {}).get("binary_data_output"))
+    if wanted is None:
+        chosen = {name: binary_all for name in out}
+    else:
+        if not isinstance(wanted, list) or not all(isinstance(w, dict) and isinstance(w.get("name"), str) for w in wanted):
+            raise ProtocolError(400, "'outputs' must be a list of {'name': ...}")
+        unknown = [w["name"] for w in wanted if w["name"] not in out]
+        if unknown:
+            raise ProtocolError(400, f"unknown output(s) {', '.join(unknown)}; this model's outputs: "
+                                     f"{', '.join(out)}")
+        chosen = {w["name"]: bool((w.get("parameters") or {}).get("binary_data", binary_all)) for w in wanted}
+    outputs, tail = [], []
+    for name, binary in chosen.items():
+        arr = np.asarray(out[name])
+        datatype = v2_datatype(arr)
+        entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype}
+        if binary:
+            raw = _v2_bytes(arr, datatype)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            tail.append(raw)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        outputs.append(entry)
+    return {"model_name": model, "model_version": version, "id": request_id, "outputs": outputs}, b"".join(tail)
 
 
 def v2_model_metadata(model: str, versions: list[str], info: dict[str, Any]) -> dict[str, Any]:
     method, arg = predict_method(info)
     schema = info["methods"][method]["inputs"][arg]
+    specs = info.get("output_specs", {}).get(method, {})
     return {"name": model, "versions": versions, "platform": f"kiln-{info['plugin']}",
             "inputs": [{"name": arg, "datatype": "FP32",
                         "shape": [-1 if s is None else s for s in schema["x-shape"]]}],
-            "outputs": [{"name": k} for k in info["methods"][method]["outputs"]]}
+            "outputs": [{"name": k, **specs.get(k, {})} for k in info["methods"][method]["outputs"]]}

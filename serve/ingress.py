@@ -21,11 +21,13 @@ wire formats are pure functions in ``kiln.serve.codecs``. Every error is a JSON 
 
 import asyncio
 import hmac
+import pickle
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from ray import serve
@@ -34,13 +36,18 @@ from kiln.plugin import KilnError
 from kiln.serve import codecs
 from kiln.serve.codecs import ProtocolError
 
-OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
+# Public with a token set: health probes, and the gallery's static files (no model data; the page
+# asks for the token and sends it with every call). Everything else needs the token, /openapi.json
+# and /docs included: they list every served model and argument.
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/")
 GALLERY = Path(__file__).resolve().parent / "gallery"   # the web page at /, static files only
 GALLERY_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8"}
 
+# FastAPI's own /openapi.json and /docs are replaced by the ingress's, which check the token
 api = FastAPI(title="Kiln", description="Kiln model server: Kiln, TF Serving REST and Open "
-              "Inference Protocol v2 routes for every stored model it serves.")
+              "Inference Protocol v2 routes for every stored model it serves.",
+              openapi_url=None, docs_url=None, redoc_url=None)
 
 
 @api.exception_handler(ProtocolError)
@@ -63,6 +70,27 @@ async def _not_found(request: Request, exc: Any) -> JSONResponse:
 async def _bad_method(request: Request, exc: Any) -> JSONResponse:
     return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}"},
                         status_code=405)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Anything else is Kiln's fault, not the client's: a JSON 500 that names the request, and
+    the traceback in the server's log under the same id."""
+    import logging
+    import uuid
+
+    rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+    logging.getLogger("ray.serve").error("kiln: request %s %s %s failed", rid, request.method,
+                                         request.url.path, exc_info=exc)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}) answering request {rid}; "
+                                  "the server's log has the details", "request_id": rid}, status_code=500)
+
+
+def _public(request: Request) -> bool:
+    path = request.scope.get("path", "")
+    root = request.scope.get("root_path", "")
+    rel = path[len(root):] if root and path.startswith(root) else path
+    return rel in OPEN_PATHS or rel == "" or rel.startswith("/gallery/")
 
 
 def _cause(e: BaseException) -> str:
@@ -143,29 +171,46 @@ def _serve_details() -> dict[str, Any]:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class KilnIngress:
-    def __init__(self, models: dict[str, Any], max_body_bytes: int, token: Optional[str],
-                 methods: Optional[dict[str, dict[str, Any]]] = None,
-                 batching: Optional[dict[str, tuple[int, float]]] = None) -> None:
-        self.handles = models                       # "name:version" -> DeploymentHandle
-        # "name:version" -> (most requests in one model call, ms a batch waits to fill)
-        self.batching = {r: b for r, b in (batching or {}).items() if b[0] > 1}
+    def __init__(self, models: dict[str, Any], max_body_bytes: int, token: Optional[str]) -> None:
+        # ``models`` (bound deployments) makes serve.run deploy them; which ones this ingress
+        # serves comes from reconfigure(), so that a new version or a failed one changes the
+        # running ingress in place instead of replacing it (a replaced ingress dropped requests)
+        self.handles: dict[str, Any] = {}           # "name:version" -> DeploymentHandle
+        self.failed: dict[str, str] = {}            # "name:version" -> why it cannot be served
+        self.batching: dict[str, tuple[int, float]] = {}
         self.batchers: dict[str, Any] = {}
+        self.methods: dict[str, dict[str, Any]] = {}
         self.max_body = max_body_bytes
         self.token = token
         self.described: dict[str, dict[str, Any]] = {}
         self._status: tuple[float, dict[str, str]] = (0.0, {})
         self._status_lock = asyncio.Lock()
         self.app_name = serve.get_replica_context().app_name
-        # /openapi.json and /docs list every served method with its own argument schema
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve calls this with the deployment's ``user_config`` at start and whenever it
+        changes: the served versions (ref -> deployment name), each one's batching and method
+        schemas, and the versions that cannot be served."""
+        served = config.get("deployments", {})
+        self.handles = {ref: self.handles.get(ref) or serve.get_deployment_handle(name, self.app_name)
+                        for ref, name in served.items()}
+        # (most requests in one model call, ms a batch waits to fill), for refs that batch
+        self.batching = {r: (int(b[0]), float(b[1])) for r, b in config.get("batching", {}).items() if b[0] > 1}
+        self.batchers = {r: b for r, b in self.batchers.items() if r in self.batching}
+        self.described = {r: d for r, d in self.described.items() if r in self.handles}
+        self.methods = config.get("methods", {})
+        self.failed = config.get("failed", {})
+        self._status = (0.0, {})
         api.openapi_schema = None
-        api.openapi = lambda: openapi(methods or {})  # type: ignore[method-assign]
 
     # -- plumbing -------------------------------------------------------------------------
     def _check_auth(self, request: Request) -> None:
-        if self.token is None or request.url.path.endswith(OPEN_PATHS):
+        """``Authorization: Bearer <KILN_API_TOKEN>`` on every route but the public ones; the
+        scheme name is case-insensitive (RFC 7235)."""
+        if self.token is None or _public(request):
             return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             raise ProtocolError(401, "missing or wrong token: send the header "
                                      "'Authorization: Bearer <KILN_API_TOKEN>'")
 
@@ -184,21 +229,31 @@ class KilnIngress:
                     states = {}
                     for ref, handle in self.handles.items():
                         d = deps.get(handle.deployment_name, {"status": "UNKNOWN"})
-                        states[ref] = str(getattr(d["status"], "value", d["status"]))
+                        status = str(getattr(d["status"], "value", d["status"]))
+                        # a redeployed application marks its deployments UPDATING for a while, even
+                        # one whose replicas keep running unchanged: a running replica answers
+                        running = any(str(getattr(r.get("state"), "value", r.get("state"))) == "RUNNING"
+                                      for r in d.get("replicas") or [])
+                        states[ref] = "HEALTHY" if running and status != "UNHEALTHY" else status
                     self._status = (time.monotonic(), states)
         return self._status[1]
 
     def _versions(self, model: str) -> list[str]:
         return sorted((r for r in self.handles if r.split(":")[0] == model), key=lambda r: int(r.split(":")[1]))
 
-    def _ref(self, model: str, version: Optional[str]) -> str:
+    async def _ref(self, model: str, version: Optional[str]) -> str:
         served = self._versions(model)
+        ref = f"{model}:{version}"
+        if ref in self.failed:
+            raise ProtocolError(503, f"{ref} cannot be served: {self.failed[ref]}")
         if not served:
             raise ProtocolError(404, f"model '{model}' is not served; served models: "
                                      f"{', '.join(sorted({r.split(':')[0] for r in self.handles}))}")
         if version is None:
-            return served[-1]
-        ref = f"{model}:{version}"
+            # the newest version that is ready: a new one takes over only once it answers
+            states = await self._states()
+            ready = [r for r in served if states.get(r) == "HEALTHY"]
+            return (ready or served)[-1]
         if ref not in served:
             raise ProtocolError(404, f"model '{model}' has no served version {version!r}; served "
                                      f"versions: {', '.join(r.split(':')[1] for r in served)}")
@@ -216,6 +271,9 @@ class KilnIngress:
         return self.described[ref]
 
     async def _json(self, request: Request) -> Any:
+        return codecs.parse_json(await self._body(request), request.headers.get("content-type", ""))
+
+    async def _body(self, request: Request) -> bytes:
         self._check_auth(request)
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > self.max_body:
@@ -225,7 +283,7 @@ class KilnIngress:
         if len(body) > self.max_body:
             raise ProtocolError(413, f"request body is over the limit of {self.max_body} bytes "
                                      "(kiln serve --max-body-mb)")
-        return codecs.parse_json(body, request.headers.get("content-type", ""))
+        return body
 
     async def _call(self, ref: str, method: str, args: dict[str, Any]) -> dict[str, Any]:
         info = await self._describe(ref)
@@ -233,22 +291,26 @@ class KilnIngress:
             raise ProtocolError(404, f"model {ref} has no method '{method}'; methods: "
                                      f"{', '.join(sorted(info['methods']))}")
         # numeric arrays travel to the replica as numpy (Ray pickles them cheaply; 2x faster on a
-        # 256-image request than lists); anything else is left for the replica to reject clearly
+        # 256-image request than lists); a list that is no numeric array is refused here, before
+        # it can join a batch
         for k, schema in info["methods"][method]["inputs"].items():
             if schema.get("type") == "array" and isinstance(args.get(k), list):
                 try:
                     args[k] = np.asarray(args[k], dtype="float32")
-                except (TypeError, ValueError):
-                    pass
+                except (TypeError, ValueError, OverflowError, RecursionError):
+                    raise ProtocolError(400, f"argument '{k}' must be a numeric array of shape "
+                                             f"{schema.get('x-shape')}") from None
         try:
             if ref in self.batching and method in info["batchable"] and len(args) == 1:
                 out = await self._batcher(ref)((method, args))
                 if "__kiln_error__" in out:
-                    raise ProtocolError(400, out["__kiln_error__"])
+                    raise ProtocolError(out.get("__kiln_status__", 400), out["__kiln_error__"])
                 return out
             return await self.handles[ref].infer.remote(method, args)
         except KilnError as e:
             raise ProtocolError(400, _cause(e)) from None
+        except (pickle.PicklingError, RecursionError):  # 990 nested lists cannot travel
+            raise ProtocolError(400, f"the arguments of {method} are nested too deeply to use") from None
 
     def _batcher(self, ref: str) -> Any:
         """Requests for ``ref`` that arrive together (up to its batch size, within its wait)
@@ -291,6 +353,21 @@ class KilnIngress:
         return Response(path.read_bytes(), media_type=GALLERY_TYPES[path.suffix],
                         headers={"Cache-Control": "no-cache"})
 
+    # -- the API's description: every served method with its own argument schema ------------
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(self, request: Request) -> Any:
+        self._check_auth(request)
+        return openapi(self.methods)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs_page(self, request: Request) -> Response:
+        """Swagger UI; its script and style come from FastAPI's default CDN (jsdelivr), which an
+        offline site cannot reach: /openapi.json is the same description as plain JSON."""
+        self._check_auth(request)
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="openapi.json", title="Kiln API")
+
     # -- Kiln routes ------------------------------------------------------------------------
     @api.get("/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -305,6 +382,8 @@ class KilnIngress:
                 if ref not in self.batching:
                     entry["batchable"] = []
             out.append(entry)
+        out += [{"ref": ref, "name": ref.split(":")[0], "version": int(ref.split(":")[1]), "state": "FAILED",
+                 "error": why} for ref, why in sorted(self.failed.items())]
         return {"models": out}
 
     @api.get("/models/{model}/artifacts/{name}", response_class=Response,
@@ -315,7 +394,7 @@ class KilnIngress:
         """A stored picture of a served version (sample grids, reconstructions, curves...; names:
         GET /models, 'artifacts'); the latest version without /versions/{version}."""
         self._check_auth(request)
-        ref = self._ref(model, version)
+        ref = await self._ref(model, version)
         await self._ready(ref)
         try:
             data = await self.handles[ref].artifact.remote(name)
@@ -327,7 +406,7 @@ class KilnIngress:
     @api.post("/models/{model}/versions/{version}/{method}")
     async def call(self, model: str, method: str, request: Request, version: Optional[str] = None) -> Any:
         body = await self._json(request)
-        ref = self._ref(model, version)
+        ref = await self._ref(model, version)
         if not isinstance(body, dict):
             raise ProtocolError(400, "the body must be a JSON object of the method's arguments")
         fmt = body.pop("format", None)
@@ -348,25 +427,34 @@ class KilnIngress:
     @api.post("/v1/models/{model}/versions/{version}:predict")
     async def tf_predict(self, model: str, request: Request, version: Optional[str] = None) -> Any:
         body = await self._json(request)
-        ref = self._ref(model, version)
+        ref = await self._ref(model, version)
         info = await self._describe(ref)
-        method, arg = codecs.predict_method(info)
+        method, arg = codecs.tf_signature(body, info)
         data, rows = codecs.tf_predict_request(body, arg, info["methods"][method]["inputs"][arg]["x-shape"])
         out = await self._call(ref, method, {arg: data})
         return codecs.tf_predict_response(out, rows, len(data) if isinstance(data, list) else 1)
+
+    @api.post("/v1/models/{model}:{verb}")
+    @api.post("/v1/models/{model}/versions/{version}:{verb}")
+    async def tf_other_verbs(self, model: str, verb: str, version: Optional[str] = None) -> Any:
+        raise ProtocolError(501, f"Kiln answers TF Serving's :predict, not :{verb} (its tf.Example "
+                                 f"API); use POST .../{model}:predict, or POST /models/{model}/<method>")
 
     @api.get("/v1/models/{model}")
     @api.get("/v1/models/{model}/versions/{version}")
     async def tf_status(self, model: str, request: Request, version: Optional[str] = None) -> Any:
         self._check_auth(request)
-        refs = [self._ref(model, version)] if version else (self._versions(model) or [self._ref(model, None)])
+        if ":" in model:  # GET .../m:predict
+            raise ProtocolError(405, f"{model.partition(':')[2]!r} takes POST with a JSON body, not GET")
+        refs = [await self._ref(model, version)] if version else (self._versions(model) or [await self._ref(model, None)])
         states = await self._states()
         return codecs.tf_status([(r.split(":")[1], states.get(r) == "HEALTHY") for r in refs])
 
     @api.get("/v1/models/{model}/metadata")
-    async def tf_metadata(self, model: str, request: Request) -> Any:
+    @api.get("/v1/models/{model}/versions/{version}/metadata")
+    async def tf_metadata(self, model: str, request: Request, version: Optional[str] = None) -> Any:
         self._check_auth(request)
-        ref = self._ref(model, None)
+        ref = await self._ref(model, version)
         return codecs.tf_metadata(model, ref.split(":")[1], await self._describe(ref))
 
     # -- Open Inference Protocol v2 ---------------------------------------------------------
@@ -394,7 +482,7 @@ class KilnIngress:
     @api.get("/v2/models/{model}/versions/{version}")
     async def v2_model(self, model: str, request: Request, version: Optional[str] = None) -> Any:
         self._check_auth(request)
-        ref = self._ref(model, version)
+        ref = await self._ref(model, version)
         return codecs.v2_model_metadata(model, [r.split(":")[1] for r in self._versions(model)],
                                         await self._describe(ref))
 
@@ -402,16 +490,23 @@ class KilnIngress:
     @api.get("/v2/models/{model}/versions/{version}/ready")
     async def v2_model_ready(self, model: str, request: Request, version: Optional[str] = None) -> Any:
         self._check_auth(request)
-        ref = self._ref(model, version)
+        ref = await self._ref(model, version)
         ready = (await self._states()).get(ref) == "HEALTHY"
         return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 503)
 
     @api.post("/v2/models/{model}/infer")
     @api.post("/v2/models/{model}/versions/{version}/infer")
     async def v2_infer(self, model: str, request: Request, version: Optional[str] = None) -> Any:
-        body = await self._json(request)
-        ref = self._ref(model, version)
+        raw = await self._body(request)
+        header, binary = codecs.v2_split(raw, request.headers.get(codecs.HEADER_LENGTH))
+        body = codecs.parse_json(header, "application/json" if binary else request.headers.get("content-type", ""))
+        ref = await self._ref(model, version)
         method, arg = codecs.predict_method(await self._describe(ref))
-        out = await self._call(ref, method, {arg: codecs.v2_infer_request(body, arg)})
-        return codecs.v2_infer_response(out, model, ref.split(":")[1],
-                                        body.get("id") if isinstance(body, dict) else None)
+        out = await self._call(ref, method, {arg: codecs.v2_infer_request(body, arg, binary)})
+        answer, tail = codecs.v2_infer_response(out, model, ref.split(":")[1],
+                                                body.get("id") if isinstance(body, dict) else None, body)
+        if not tail:
+            return answer
+        head = orjson.dumps(answer)
+        return Response(head + tail, media_type="application/octet-stream",
+                        headers={codecs.HEADER_LENGTH: str(len(head))})

@@ -5,6 +5,7 @@ inputs to warm up, and only then reports ready. Until then the ingress answers 5
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -34,8 +35,20 @@ def example_args(method: Any, info: Any) -> dict[str, Any] | None:
     return args
 
 
-def _split_error(message: str) -> dict[str, Any]:
-    return {"__kiln_error__": message}
+def _split_error(message: str, status: int = 400) -> dict[str, Any]:
+    return {"__kiln_error__": message, "__kiln_status__": status}
+
+
+def _failure(method: str, e: Exception) -> dict[str, Any]:
+    """One request's failure: its own input's fault (400) or the method's (500, logged)."""
+    if isinstance(e, KilnError):
+        return _split_error(str(e))
+    if isinstance(e, (OverflowError, RecursionError, UnicodeError)):
+        return _split_error(f"{method}: the arguments cannot be used ({type(e).__name__}: {e})")
+    import logging
+
+    logging.getLogger("ray.serve").exception("kiln: %s failed", method)
+    return _split_error(f"{method} failed inside the model server ({type(e).__name__}: {e})", 500)
 
 
 class ModelServer:
@@ -45,7 +58,7 @@ class ModelServer:
     reconstruct, ...) that arrive together and sends them in one ``infer_many`` call: one hop
     between the replicas per batch rather than per request. Here they are validated one by one,
     concatenated along the batch axis, run as one model call, and split back per request. A bad
-    request fails alone; the others in its batch succeed.
+    request fails alone, whatever it raises; the others in its batch succeed.
     """
 
     def __init__(self, store: str, ref: str) -> None:
@@ -63,14 +76,19 @@ class ModelServer:
             arrays = [k for k, v in m.inputs.items() if isinstance(v, Tensor) and v.shape and v.shape[0] is None]
             if len(m.inputs) == 1 and len(arrays) == 1:
                 self.batchable[name] = arrays[0]
-        for method in self.plugin.methods().values():  # trace every path before taking traffic
+        # trace every path before taking traffic; what each returns gives the outputs' datatypes
+        # and shapes for the protocols' metadata (the batch axis, of size 1 here, as -1)
+        self.output_specs: dict[str, dict[str, Any]] = {}
+        for method in self.plugin.methods().values():
             args = example_args(method, self.plugin.info)
             if args is not None:
                 try:
-                    self.plugin.infer(self.model, method.name, args)
+                    out = self.plugin.infer(self.model, method.name, args)
                 except KilnError:
-                    pass
+                    continue
+                self.output_specs[method.name] = {k: _spec(v) for k, v in out.items()}
         self.load_seconds = time.perf_counter() - t0
+        self.started = time.time()
 
     def describe(self) -> dict[str, Any]:
         m = self.version.manifest
@@ -78,6 +96,7 @@ class ModelServer:
                 "dataset": m["dataset"]["name"], "class_names": m["dataset"].get("class_names", []),
                 "metrics": m.get("metrics", {}), "headline": m.get("headline"),
                 "methods": m.get("methods", {}), "load_seconds": round(self.load_seconds, 3),
+                "started": round(self.started, 3), "output_specs": self.output_specs,
                 "batchable": sorted(self.batchable),
                 "largest_batch": self.largest_batch,
                 "history": [{k: v for k, v in h.items() if isinstance(v, (int, float))}
@@ -91,9 +110,14 @@ class ModelServer:
                             f"{', '.join(sorted(self.pictures)) or 'none'}")
         return self.pictures[name].read_bytes()
 
-    # async: Serve runs these on the replica's event loop, not through a thread pool
+    # The model runs in a worker thread: on the replica's event loop, a long request (scoring
+    # 100k characters) held up every other request and Serve's health check until Serve killed
+    # the replica. TensorFlow releases the GIL while it computes.
     async def infer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
-        return plain(self.plugin.infer(self.model, method, args))
+        try:
+            return plain(await asyncio.to_thread(self.plugin.infer, self.model, method, args))
+        except (OverflowError, RecursionError, UnicodeError) as e:  # the arguments' fault: a 400
+            raise KilnError(f"{method}: the arguments cannot be used ({type(e).__name__}: {e})") from None
 
     async def infer_many(self, method: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One batchable method on many requests' arguments, as one model call; each result is
@@ -109,15 +133,15 @@ class ModelServer:
             try:
                 parts.append(schema.validate(arg, a[arg], self.plugin.info))
                 owners.append(k)
-            except KilnError as e:
-                results[k] = _split_error(str(e))
+            except Exception as e:  # noqa: BLE001 - whatever one request holds, it fails alone
+                results[k] = _failure(method, e)
         if parts:
             sizes = [len(x) for x in parts]
             try:
-                out = fn.fn(self.plugin, self.model, **{arg: np.concatenate(parts)})
-            except KilnError as e:
+                out = await asyncio.to_thread(fn.fn, self.plugin, self.model, **{arg: np.concatenate(parts)})
+            except Exception:  # noqa: BLE001 - find the request at fault: each one alone
                 for k in owners:
-                    results[k] = _split_error(str(e))
+                    results[k] = await self._one(method, items[k])
             else:
                 total, start = sum(sizes), 0
                 for k, n in zip(owners, sizes):
@@ -130,8 +154,16 @@ class ModelServer:
     async def _one(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self.infer(method, args)
-        except KilnError as e:
-            return _split_error(str(e))
+        except Exception as e:  # noqa: BLE001 - this request's failure, never its neighbours'
+            return _failure(method, e)
+
+
+def _spec(value: Any) -> dict[str, Any]:
+    from kiln.serve.codecs import v2_datatype
+
+    arr = np.asarray(value)
+    shape = list(arr.shape)
+    return {"datatype": v2_datatype(arr), "shape": [-1, *shape[1:]] if shape[:1] == [1] else shape}
 
 
 def _rows(value: Any, total: int) -> bool:

@@ -70,8 +70,26 @@ def test_predict_method_and_v2_round_trip():
     x = codecs.v2_infer_request({"inputs": [{"name": "images", "shape": [1, 2], "datatype": "FP32",
                                              "data": [1, 2]}]}, "images")
     assert x.dtype == np.float32 and x.shape == (1, 2)
-    out = codecs.v2_infer_response({"labels": [3], "probabilities": [[0.5, 0.5]]}, "cnn", "1", "r1")
-    assert out["id"] == "r1" and out["outputs"][0] == {"name": "labels", "shape": [1], "datatype": "INT64", "data": [3]}
+    out, tail = codecs.v2_infer_response({"labels": [3], "probabilities": [[0.5, 0.5]]}, "cnn", "1", "r1")
+    assert tail == b"" and out["id"] == "r1"
+    assert out["outputs"][0] == {"name": "labels", "shape": [1], "datatype": "INT64", "data": [3]}
+
+
+def test_v2_binary_tensors_both_ways_and_the_outputs_filter():
+    """The binary tensor data extension, as tritonclient sends and reads it by default."""
+    x = np.arange(6, dtype="float32").reshape(1, 6)
+    body = {"inputs": [{"name": "images", "shape": [1, 6], "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes}}],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}
+    np.testing.assert_array_equal(codecs.v2_infer_request(body, "images", x.tobytes()), x)
+    out, tail = codecs.v2_infer_response({"labels": [3], "probabilities": [[0.25, 0.75]]}, "cnn", "1", None, body)
+    assert [o["name"] for o in out["outputs"]] == ["probabilities"]  # only what was asked for
+    assert out["outputs"][0]["parameters"] == {"binary_data_size": 8} and "data" not in out["outputs"][0]
+    np.testing.assert_array_equal(np.frombuffer(tail, "<f4"), [0.25, 0.75])
+    with pytest.raises(ProtocolError, match="unknown output"):
+        codecs.v2_infer_response({"labels": [3]}, "cnn", "1", None, {"outputs": [{"name": "nope"}]})
+    with pytest.raises(ProtocolError, match="binary_data_size"):
+        codecs.v2_infer_request(body, "images", x.tobytes()[:-4])
     meta = codecs.v2_model_metadata("cnn", ["1"], INFO)
     assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 4, 4, 3]}]
 

@@ -166,6 +166,18 @@ BAD = [
     ("content type", "post", "/models/cnn/classify", {"data": "images=1"}, 415, "Content-Type: application/json"),
     ("v2 bad shape", "post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "images", "shape": [2, 3], "datatype": "FP32", "data": [1]}]}}, 400, "does not fill shape"),
     ("no route", "get", "/nowhere", {}, 404, "no route"),
+    # found by trying hostile input (each was a plain-text 500 before)
+    ("401-digit integer", "post", "/models/cnn/classify", {"data": '{"images": 1' + "0" * 400 + "}", "headers": {"Content-Type": "application/json"}}, 400, "64 bits"),
+    ("990 nested lists", "post", "/models/lstm/generate", {"data": '{"prompt": ' + "[" * 990 + "]" * 990 + "}", "headers": {"Content-Type": "application/json"}}, 400, "nested too deeply"),
+    ("lone surrogate name", "post", "/models/cnn/classify", {"data": '{"\\ud800": 1}', "headers": {"Content-Type": "application/json"}}, 400, "lone surrogate"),
+    ("lone surrogate v2 id", "post", "/v2/models/cnn/infer", {"data": '{"id": "\\ud800", "inputs": []}', "headers": {"Content-Type": "application/json"}}, 400, "lone surrogate"),
+    ("v2 zero items", "post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "images", "shape": [0, 28, 28, 1], "datatype": "FP32", "data": []}]}}, 400, "holds no values"),
+    ("list as prompt", "post", "/models/lstm/generate", {"json": {"prompt": ["RO", "MEO"]}}, 400, "argument 'prompt' must be a string"),
+    ("argument wording", "post", "/models/lstm/generate", {"json": {"prompt": "A", "max_chars": 1.5}}, 400, "argument 'max_chars'"),
+    ("shape sent", "post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "images", "shape": [1, 27, 27, 1], "datatype": "FP32", "data": [0] * 729}]}}, 400, "has shape [1, 27, 27, 1]"),
+    ("unknown signature", "post", "/v1/models/cnn:predict", {"json": {"signature_name": "nope", "instances": [np.zeros((28, 28, 1)).tolist()]}}, 400, "serving_default"),
+    (":classify", "post", "/v1/models/cnn:classify", {"json": {"examples": []}}, 501, ":predict"),
+    ("GET :predict", "get", "/v1/models/cnn:predict", {}, 405, "POST"),
 ]
 
 
@@ -207,6 +219,87 @@ def test_token_protects_every_route_but_health(server):
     r = requests.post(f"{secure}/models/cnn/classify", json=image, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200
     assert requests.post(f"{base}/models/cnn/classify", json=image).status_code == 200  # no token: open
+    # the API's own description lists every model and argument: it needs the token too
+    for path in ("/openapi.json", "/docs", "/v2", "/v1/models/cnn/metadata"):
+        r = requests.get(f"{secure}{path}")
+        assert r.status_code == 401 and "Bearer" in r.json()["error"], (path, r.status_code)
+    assert "cnn_v1_classify" in str(requests.get(f"{secure}/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json())
+    # the scheme name is case-insensitive (RFC 7235); the gallery's static files are public
+    assert requests.get(f"{secure}/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+    assert requests.get(f"{secure}/").status_code == 200 and requests.get(f"{secure}/gallery/gallery.js").status_code == 200
+
+
+def test_the_official_triton_client_json_and_binary(server):
+    """tritonclient.http as its docs use it: it sends no Content-Type, and by default binary tensors
+    both ways (the binary data extension); Kiln answered every infer with 415 before."""
+    import tritonclient.http as httpclient
+
+    base, *_ = server
+    client = httpclient.InferenceServerClient(url=base.removeprefix("http://"))
+    assert client.is_server_live() and client.is_model_ready("cnn")
+    meta = client.get_model_metadata("cnn")
+    assert meta["inputs"][0]["shape"] == [-1, 28, 28, 1]
+    types = {o["name"]: o["datatype"] for o in meta["outputs"]}
+    assert types["probabilities"] == "FP32" and types["labels"] == "BYTES"  # labels are class names
+    images, labels = mnist(4)
+    expected = requests.post(f"{base}/models/cnn/classify", json={"images": images.tolist()}).json()
+    for binary in (True, False):
+        x = httpclient.InferInput("images", [4, 28, 28, 1], "FP32")
+        x.set_data_from_numpy(images.astype("float32"), binary_data=binary)
+        out = [httpclient.InferRequestedOutput("probabilities", binary_data=binary)]
+        result = client.infer("cnn", [x], outputs=out, request_id="r1")
+        probs = result.as_numpy("probabilities")
+        assert probs.shape == (4, 10) and result.as_numpy("labels") is None  # only what was asked
+        np.testing.assert_allclose(probs, expected["probabilities"], rtol=1e-5, atol=1e-6)
+    result = client.infer("cnn", [x])  # no outputs named: all of them, binary by default
+    assert [b.decode() for b in result.as_numpy("labels")] == [str(x) for x in expected["labels"]]
+
+
+def test_tf_servings_own_curl_command_and_metadata(server, tmp_path):
+    """TF Serving's REST docs: `curl -d @body -X POST .../v1/models/m:predict` (a form Content-Type)."""
+    import json
+    import subprocess
+
+    base, *_ = server
+    images, _ = mnist(2)
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"instances": images.tolist()}))
+    out = subprocess.run(["curl", "-s", "-d", f"@{body}", "-X", "POST", f"{base}/v1/models/cnn:predict"],
+                         capture_output=True, text=True, timeout=60)
+    predictions = json.loads(out.stdout)["predictions"]
+    assert len(predictions) == 2 and len(predictions[0]["probabilities"]) == 10, out.stdout[:500]
+    meta = requests.get(f"{base}/v1/models/cnn/versions/1/metadata").json()
+    sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert sig["inputs"]["images"]["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in sig["inputs"]["images"]["tensor_shape"]["dim"]] == ["-1", "28", "28", "1"]
+    assert sig["outputs"]["probabilities"]["dtype"] == "DT_FLOAT" and sig["outputs"]["labels"]["dtype"] == "DT_STRING"
+    # a signature per method: the features of the cnn by name
+    named = requests.post(f"{base}/v1/models/cnn:predict",
+                          json={"signature_name": "classify", "instances": images[:1].tolist()}).json()
+    assert len(named["predictions"]) == 1
+
+
+def test_a_poisoned_request_fails_alone_in_its_batch(server):
+    """A 401-digit integer inside an array once raised OverflowError in the batched model call:
+    all 60 valid requests batched with it got 500. Now it alone gets a 400."""
+    import concurrent.futures
+
+    base, *_ = server
+    good = {"images": np.zeros((28, 28, 1)).tolist()}
+    poison = '{"images": [[[' + "1" + "0" * 400 + ']]]}'
+
+    def send(k: int) -> tuple[int, int]:
+        if k % 16 == 7:
+            r = requests.post(f"{base}/models/cnn/classify", data=poison,
+                              headers={"Content-Type": "application/json"}, timeout=60)
+        else:
+            r = requests.post(f"{base}/models/cnn/classify", json=good, timeout=60)
+        return k, r.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        codes = dict(pool.map(send, range(64)))
+    assert all(c == 400 for k, c in codes.items() if k % 16 == 7), codes
+    assert all(c == 200 for k, c in codes.items() if k % 16 != 7), codes
 
 
 def test_cli_serve_errors_are_one_line(tmp_path):
@@ -218,9 +311,12 @@ def test_cli_serve_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "--replicas takes N or MIN-MAX" in out.stderr
 
 
-def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server, tmp_path):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_cli_serve_prints_routes_and_stops_cleanly(server, tmp_path, stop):
     """`kiln serve` as a user runs it (its own local Ray cluster): it prints each route once the
-    model is ready, answers, and Ctrl-C stops Serve and Ray, leaving no process behind."""
+    model is ready, answers, and Ctrl-C (SIGINT) or SIGTERM (what systemd, Docker and Kubernetes
+    send) stops Serve and Ray, leaving no process behind; SIGTERM once printed a Ray stack dump
+    and left Ray's agents running."""
     import signal
     import subprocess
     import sys
@@ -245,12 +341,13 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server, tmp_path):
         r = requests.post(f"http://127.0.0.1:{port}/models/cnn/classify",
                           json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=30)
         assert r.status_code == 200
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, stop))
         rest = proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130 and "[kiln] server stopped" in rest, rest[-2000:]
+    assert proc.returncode == (130 if stop == "SIGINT" else 0) and "[kiln] server stopped" in rest, rest[-2000:]
+    assert "SIGTERM received" not in rest and "Traceback" not in rest, rest[-2000:]
     assert_no_tf_notices("".join(lines) + rest)  # the replicas load TensorFlow quietly too
     deadline = time.time() + 30
     while set(ray_processes()) - before and time.time() < deadline:
@@ -530,8 +627,8 @@ def test_a_version_stored_while_serving_is_served_without_restart(server):
     from kiln import run
 
     run.train(run.plan("cnn", epochs=1, limit=2000, store=store, runs_dir=root / "runs"))
-    assert app.refresh(spec, None) == ["cnn:2"]
-    assert app.refresh(spec, None) == []  # nothing new: nothing redeployed
+    assert app.refresh(spec, None) == (["cnn:2"], [])
+    assert app.refresh(spec, None) == ([], [])  # nothing new: nothing redeployed
     import time
 
     deadline = time.time() + 240

@@ -1,0 +1,145 @@
+"""Faults under load against a real `kiln serve` on 127.0.0.1 (its own Ray): a corrupt folder in
+the store, a version with broken weights, and a new version stored while serving. None may take
+the server down, fail a request, or restart a model that did not change.
+
+Before: a garbage manifest made `kiln serve` exit within 4 s; broken weights took every model to
+503 and then the server down; storing cnn:2 restarted every model's replicas (18.6 s without a
+cnn answer)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from kiln.serve.runtime import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+IMAGE = {"images": np.zeros((28, 28, 1)).tolist()}
+
+
+class Load:
+    """Clients sending classify requests in a loop, bounded in count and time; every answer that
+    is not 200 is kept."""
+
+    def __init__(self, base: str, models: list[str], clients: int = 4, seconds: float = 240) -> None:
+        self.base, self.models, self.seconds = base, models, seconds
+        self.ok, self.failed = 0, []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(k,), daemon=True) for k in range(clients)]
+
+    def run(self, k: int) -> None:
+        session = requests.Session()
+        deadline = time.time() + self.seconds
+        for i in range(100_000):
+            if self.stop.is_set() or time.time() > deadline:
+                return
+            model = self.models[(i + k) % len(self.models)]
+            try:
+                r = session.post(f"{self.base}/models/{model}/classify", json=IMAGE, timeout=30)
+                if r.status_code == 200:
+                    self.ok += 1
+                else:
+                    self.failed.append((model, r.status_code, r.text[:200]))
+            except requests.RequestException as e:
+                self.failed.append((model, "exception", str(e)[:200]))
+            time.sleep(0.02)
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    from kiln import run
+
+    for name in ("cnn", "other"):
+        run.train(run.plan("cnn", name=name, epochs=1, limit=2000, store=root / "store", runs_dir=root / "runs"))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", str(root / "store"),
+                             "--port", str(port), "--poll-seconds", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any("[kiln] ready:" in line for line in lines):
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        time.sleep(0.5)
+    try:
+        yield base, root / "store", proc, lines
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def models(base: str) -> dict[str, dict]:
+    return {m["ref"]: m for m in requests.get(f"{base}/models", timeout=30).json()["models"]}
+
+
+def wait_for(check, seconds: float = 120) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_a_corrupt_folder_and_broken_weights_are_reported_and_skipped(served):
+    base, store, proc, lines = served
+    with Load(base, ["cnn", "other"]) as load:
+        bad = store / "cnn" / "99"
+        bad.mkdir()
+        (bad / "manifest.json").write_text("{garbage")
+        broken = store / "cnn" / "100"
+        shutil.copytree(store / "cnn" / "1", broken)
+        manifest = json.loads((broken / "manifest.json").read_text())
+        (broken / "manifest.json").write_text(json.dumps({**manifest, "version": 100}))
+        (broken / "model.weights.h5").write_bytes(b"not weights")
+        assert wait_for(lambda: {"cnn:99", "cnn:100"} <= set(models(base)))
+        time.sleep(4)  # several more polls
+    assert proc.poll() is None, "".join(lines)[-3000:]
+    listed = models(base)
+    assert listed["cnn:99"]["state"] == "FAILED" and "manifest" in listed["cnn:99"]["error"]
+    assert listed["cnn:100"]["state"] == "FAILED" and "weights" in listed["cnn:100"]["error"]
+    assert listed["cnn:1"]["state"] == "READY"  # still the latest that answers
+    assert requests.get(f"{base}/v2/models/cnn/versions/100/ready").status_code == 503
+    assert sum("cnn:99" in line for line in lines) == 1, lines[-20:]  # reported once, not every poll
+    assert load.ok > 50 and not load.failed, load.failed[:5]
+
+
+def test_a_version_stored_under_load_switches_without_a_failed_request(served):
+    base, store, proc, lines = served
+    started = models(base)["other:1"]["started"]
+    with Load(base, ["cnn", "other"]) as load:
+        tmp = store / "cnn" / ".incoming"
+        shutil.copytree(store / "cnn" / "1", tmp)
+        manifest = json.loads((tmp / "manifest.json").read_text())
+        (tmp / "manifest.json").write_text(json.dumps({**manifest, "version": 101}))
+        tmp.rename(store / "cnn" / "101")
+        assert wait_for(lambda: models(base).get("cnn:101", {}).get("state") == "READY", 180)
+        assert wait_for(lambda: requests.get(f"{base}/v1/models/cnn").json()["model_version_status"][-1]["version"] == "101")
+        time.sleep(3)
+    assert proc.poll() is None
+    assert models(base)["other:1"]["started"] == started  # the unchanged model was not restarted
+    assert load.ok > 50 and not load.failed, load.failed[:5]
