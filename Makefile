@@ -7,13 +7,13 @@ STAMP := $(VENV)/.kiln-installed
 setup: $(STAMP)
 
 # The gallery's browser tests drive the system's Chromium (Debian's chromium + chromium-driver),
-# never a downloaded browser build.
+# never a downloaded browser build; the serving tests run curl as TF Serving's docs do.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP): pyproject.toml
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v curl >/dev/null || { \
 	  command -v apt-get >/dev/null || { echo "install chromium and its chromedriver with your package manager"; exit 1; }; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver curl; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
