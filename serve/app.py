@@ -262,6 +262,8 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
     reported once (again only when its folder changes) and the version before it keeps serving.
     Unchanged model deployments keep running (pinned versions); the ingress is replaced once
     the new one is up, and switches to a new version only once it is ready."""
+    from kiln.store import Store
+
     before_refs, before_failed = list(spec.refs), dict(spec.failed)
     try:
         refs = resolve_refs(spec.store, names, spec.failed)
@@ -281,7 +283,7 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
     except RuntimeError as e:  # a new version's replica failed to load: back to what served
         added = sorted(set(refs) - set(before_refs))
         for ref in added:
-            spec.failed[ref] = (_mtime_of(spec.store, ref), f"{ref} failed to load: {str(e).splitlines()[0]}")
+            spec.failed[ref] = (_mtime(Store(spec.store), ref), f"{ref} failed to load: {str(e).splitlines()[0]}")
         spec.refs = before_refs
         news += [f"cannot serve {ref}: {spec.failed[ref][1]}" for ref in added]
         serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
@@ -293,12 +295,6 @@ def _healthy(app_name: str, ref: str) -> bool:
     app = serve.status().applications.get(app_name)
     dep = app.deployments.get(deployment_name(ref)) if app else None
     return bool(dep) and str(getattr(dep.status, "value", dep.status)) == "HEALTHY"
-
-
-def _mtime_of(store: str, ref: str) -> float:
-    from kiln.store import Store
-
-    return _mtime(Store(store), ref)
 
 
 def wait_ready(host: str, port: int, timeout: float = 300, prefix: str = "",
