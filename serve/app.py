@@ -131,12 +131,13 @@ def _mtime(store: Any, ref: str) -> float:
 
 
 def resolve_refs(store: str, names: list[str] | None,
-                 failed: dict[str, tuple[float, str]] | None = None) -> list[str]:
+                 failed: dict[str, tuple[float, str]] | None = None, served: tuple[str, ...] = ()) -> list[str]:
     """The versions to serve: the named ones (``cnn`` = latest, ``vae:2``), else every model's latest.
 
     With ``failed`` (the poll's memory), a version that cannot be served is recorded there and the
     one before it is served instead; a version already recorded is tried again only once its
-    folder changed. Without it, a bad version is an error (a version named on the command line)."""
+    folder changed; a version in ``served`` is known good (a stored version never changes) and
+    not checked again. Without ``failed``, a bad version is an error (one named on the command line)."""
     from kiln.store import Store, parse_ref
 
     s = Store(store)
@@ -153,13 +154,16 @@ def resolve_refs(store: str, names: list[str] | None,
             continue
         for v in reversed(s.versions(name)):
             ref = f"{name}:{v}"
-            seen = failed.get(ref)
-            if seen and seen[0] == _mtime(s, ref):
+            if ref in served:
+                refs.append(ref)
+                break
+            seen, mtime = failed.get(ref), _mtime(s, ref)
+            if seen and seen[0] == mtime:
                 continue
             try:
                 check_version(s, ref)
             except KilnError as e:
-                failed[ref] = (_mtime(s, ref), str(e))
+                failed[ref] = (mtime, str(e))
                 continue
             failed.pop(ref, None)
             refs.append(ref)
@@ -266,7 +270,7 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
 
     before_refs, before_failed = list(spec.refs), dict(spec.failed)
     try:
-        refs = resolve_refs(spec.store, names, spec.failed)
+        refs = resolve_refs(spec.store, names, spec.failed, served=tuple(before_refs))
     except KilnError as e:
         return [], [f"store poll: {e}"]
     # a version being replaced keeps serving until its successor is ready
