@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from kiln import run
-from kiln.checkpoint import all_in as checkpoints
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 EPOCHS = 5
@@ -43,15 +42,23 @@ def cluster():
     mp.undo()
 
 
-def _train_while(spec, action) -> tuple[object, float]:
-    """Train ``spec`` in a thread; once its second checkpoint exists, call ``action``; returns the
-    stored version and the epoch of the newest checkpoint on disk when the node went away (Ray
-    Train may not have committed it yet: the run then resumes from the one before)."""
-    result: dict = {}
+def _committed_epoch(run_dir: Path) -> int:
+    """The epoch of the newest checkpoint Ray Train has committed, 0 if none. A checkpoint folder
+    exists on disk before the controller registers it (it polls workers every couple of seconds,
+    slower on a loaded machine); a node lost in between restarts the group from the committed one,
+    so the node is taken away only once the checkpoint to resume from is committed."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        return json.loads((run_dir / latest["checkpoint_dir_name"] / "state.json").read_text())["epoch"]
+    except (OSError, ValueError, TypeError, KeyError):  # not written yet, or mid-write
+        return 0
 
-    def last_epoch() -> int:
-        found = checkpoints(Path(spec.run_dir))
-        return json.loads((found[-1] / "state.json").read_text())["epoch"] if found else 0
+
+def _train_while(spec, action) -> tuple[object, int]:
+    """Train ``spec`` in a thread; once Ray Train has committed its second checkpoint, call
+    ``action``; returns the stored version and the epoch of that committed checkpoint."""
+    result: dict = {}
 
     def target() -> None:
         try:
@@ -62,16 +69,27 @@ def _train_while(spec, action) -> tuple[object, float]:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     deadline = time.time() + 300
-    while time.time() < deadline and thread.is_alive() and last_epoch() < 2:
-        time.sleep(0.2)
-    at = last_epoch()
-    assert at < EPOCHS, "the run ended before a node could be removed; give it more epochs"
+    while time.time() < deadline and thread.is_alive() and _committed_epoch(Path(spec.run_dir)) < 2:
+        time.sleep(0.1)
+    at = _committed_epoch(Path(spec.run_dir))
+    assert 2 <= at < EPOCHS, f"the node was to be removed after a committed epoch 2 of {EPOCHS}, at {at}"
     action()
     thread.join(timeout=420)
     assert not thread.is_alive(), "the run did not finish after the node was removed"
     if "error" in result:
         raise result["error"]
     return result["version"], at
+
+
+def _wait_for_cpus(n: float) -> None:
+    """An elastic run starts on whatever is free when it starts: let a previous test's workers
+    and a replacement node settle first."""
+    import ray
+
+    deadline = time.time() + 60
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < n:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= n, ray.available_resources()
 
 
 def test_a_run_survives_losing_a_node_and_resumes_from_its_last_checkpoint(cluster, tmp_path, capfd):
@@ -92,14 +110,15 @@ def test_a_run_survives_losing_a_node_and_resumes_from_its_last_checkpoint(clust
     # marked it dead (max_failures=2 allows for that); every restart resumes from a checkpoint
     assert 1 <= len(m["resumed"]) <= 2, m["resumed"]
     resumed = m["resumed"][0]
-    assert 1 <= at - 1 <= resumed["epoch"] < EPOCHS, (at, m["resumed"])  # not from epoch 0
+    assert at <= resumed["epoch"] < EPOCHS, (at, m["resumed"])  # its last committed checkpoint
     assert all(r["workers"] == 2 and r["epoch"] >= resumed["epoch"] for r in m["resumed"]), m["resumed"]
     assert m["metrics"]["accuracy"] > 0.8
     log = capfd.readouterr().out
     assert f"resuming from checkpoint at epoch {resumed['epoch']} on 2 worker(s)" in log
     # --gpus-per-worker reached Ray Train: each worker was given one (logical) GPU of its own
     gpus = [line.split("GPUs ")[-1].strip() for line in log.splitlines() if "[kiln] worker " in line]
-    assert len(gpus) >= 4 and "none" not in gpus, gpus  # 2 workers, started twice
+    # 2 workers, started twice; the lost node's own lines may die with its log monitor
+    assert len(gpus) >= 2 and "none" not in gpus, gpus
 
     # a finished run trains further when rerun by name (`kiln train --resume RUN --epochs N`)
     more = run.resume_spec("node-loss", tmp_path / "runs", epochs=EPOCHS + 1)
@@ -117,9 +136,10 @@ def test_an_elastic_run_continues_on_fewer_workers(cluster, tmp_path, capfd):
                     store=tmp_path / "store", runs_dir=tmp_path / "runs", address=c.address,
                     run="elastic")
     assert (spec.workers, spec.max_workers) == (1, 2)
+    _wait_for_cpus(2)
     version, at = _train_while(spec, lambda: c.remove_node(nodes[1], allow_graceful=False))
     m = version.manifest
     assert [h["epoch"] for h in m["history"]] == list(range(1, EPOCHS + 1))
     assert m["history"][0]["workers"] == 2 and m["history"][-1]["workers"] == 1
-    assert [r["workers"] for r in m["resumed"]] == [1] and 1 <= at - 1 <= m["resumed"][0]["epoch"]
+    assert [r["workers"] for r in m["resumed"]] == [1] and at <= m["resumed"][0]["epoch"], (at, m["resumed"])
     assert "on 1 worker(s)" in capfd.readouterr().out
