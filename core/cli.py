@@ -126,6 +126,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
                     max_ongoing_requests=args.max_ongoing_requests, batch_size=args.batch_size,
                     batch_wait_ms=args.batch_wait_ms, max_body_mb=args.max_body_mb,
+                    max_items=args.max_items, max_chars=args.max_chars,
+                    max_response_mb=args.max_response_mb, body_timeout_s=args.body_timeout_s,
+                    client_timeout_s=args.client_timeout_s, max_connections=args.max_connections,
                     poll_seconds=args.poll_seconds, access_log=args.access_log)
     refs, store = spec.refs, spec.store
     if args.build_config:
@@ -477,7 +480,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32,
                    help="requests merged into one model call (0: no batching)")
     s.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
-    s.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413")
+    s.add_argument("--max-body-mb", type=float, default=16.0,
+                   help="larger request bodies get 413, chunked ones as soon as they pass it")
+    s.add_argument("--max-items", type=int, default=1024,
+                   help="images/windows per request and samples asked for (more: 400)")
+    s.add_argument("--max-chars", type=int, default=100_000, help="characters of a text argument (more: 400)")
+    s.add_argument("--max-response-mb", type=float, default=64.0,
+                   help="answers that would be larger get 400 before they are built")
+    s.add_argument("--body-timeout-s", type=float, default=60.0,
+                   help="a request body must arrive within this (else 408)")
+    s.add_argument("--client-timeout-s", type=int, default=60,
+                   help="HAProxy drops a client silent this long")
+    s.add_argument("--max-connections", type=int, default=4096, help="HAProxy's open connections at most")
     s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for models to load")
     s.add_argument("--poll-seconds", type=float, default=10.0,
                    help="look for new model versions in the store this often (0: never)")

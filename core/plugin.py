@@ -238,6 +238,7 @@ class Scalar:
     max: float | None = None
     choices: tuple | None = None
     description: str = ""
+    count: bool = False  # how many items the method makes (samples): the server bounds it
 
     def validate(self, name: str, value: Any, info: DatasetInfo) -> Any:
         if value is None:
@@ -257,7 +258,8 @@ class Scalar:
     def json_schema(self, info: DatasetInfo) -> dict[str, Any]:
         t = {int: "integer", float: "number", str: "string", bool: "boolean"}[self.type]
         return {"type": t, "default": self.default, "minimum": self.min, "maximum": self.max,
-                "enum": list(self.choices) if self.choices else None, "description": self.description}
+                "enum": list(self.choices) if self.choices else None, "description": self.description,
+                "x-count": self.count}
 
 
 Schema = Tensor | Scalar

@@ -63,7 +63,7 @@ class CGAN(GANPlugin):
                             + (f" (classes: {', '.join(names)})" if names else ""))
 
     @inference(digit=Scalar(int, min=0, description="the class to draw (0-9 for MNIST)"),
-               n=Scalar(int, default=16, min=1, max=1024), seed=Scalar(int, default=0, min=0),
+               n=Scalar(int, default=16, min=1, max=1024, count=True), seed=Scalar(int, default=0, min=0),
                outputs={"images": "n generated images of the class, values in [0, 1]",
                         "z": "the noise of each image"})
     def sample(self, model, digit, n, seed):

@@ -123,4 +123,4 @@ class CNN(Plugin):
         conv = model.get_layer(f"conv{layer}")
         kernels = np.asarray(conv.kernel).mean(axis=2).transpose(2, 0, 1)
         maps = keras.Model(model.inputs, conv.output)(x, training=False)
-        return {"kernels": kernels.round(5).tolist(), "maps": np.asarray(maps).round(4).tolist()}
+        return {"kernels": kernels.round(5), "maps": np.asarray(maps).round(4)}

@@ -233,7 +233,7 @@ class DCGAN(GANPlugin):
                  title="straight lines between random latent points (one per row)"),
         ]
 
-    @inference(n=Scalar(int, default=16, min=1, max=1024), seed=Scalar(int, default=0, min=0),
+    @inference(n=Scalar(int, default=16, min=1, max=1024, count=True), seed=Scalar(int, default=0, min=0),
                outputs={"images": "n generated images, values in [0, 1]",
                         "z": "the latent point of each image (for interpolate)"})
     def sample(self, model, n, seed):

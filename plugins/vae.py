@@ -172,7 +172,7 @@ class VAE(Digits):
                 self.bank = {k: f[k] for k in f.files}
 
     # -- inference -------------------------------------------------------------------------
-    @inference(n=Scalar(int, default=16, min=1, max=1024), seed=Scalar(int, default=0, min=0),
+    @inference(n=Scalar(int, default=16, min=1, max=1024, count=True), seed=Scalar(int, default=0, min=0),
                outputs={"images": "n generated images, values in [0, 1]"})
     def sample(self, model, n, seed):
         """Draw n images: decode z ~ N(0, I) (deterministic for a seed)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ray import serve
@@ -24,6 +24,7 @@ from ray import serve
 from kiln import settings
 from kiln.logs import SETUP_HOOK
 from kiln.plugin import KilnError
+from kiln.serve.codecs import Limits
 from kiln.serve.replica import ModelServer
 from kiln.serve.runtime import init_ray
 
@@ -60,7 +61,7 @@ class ServeSpec:
     refs: list[str]                       # resolved "name:version"
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: int = 16 * 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
     options: dict[str, ModelOptions] = field(default_factory=dict)
     token: str | None = None              # with a token, every route but health needs it
     access_log: bool = False              # Serve's log line per request (costs time per request)
@@ -77,6 +78,8 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
          address: str | None = None, replicas: str = "1", target_ongoing_requests: float = 2.0,
          cpus_per_replica: float = 0.25, gpus_per_replica: float = 0.0, max_ongoing_requests: int = 16,
          batch_size: int = 32, batch_wait_ms: float = 2.0, max_body_mb: float = 16.0,
+         max_items: int = 1024, max_chars: int = 100_000, max_response_mb: float = 64.0,
+         body_timeout_s: float = 60.0, client_timeout_s: int = 60, max_connections: int = 4096,
          poll_seconds: float = 10.0, access_log: bool = False) -> ServeSpec:
     """Validate a serving request and return its spec (as ``kiln.run.plan`` does for training);
     raises KilnError naming what is wrong, before Ray starts."""
@@ -89,6 +92,11 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
     if max_body_mb <= 0 or cpus_per_replica < 0 or gpus_per_replica < 0 or target_ongoing_requests <= 0:
         raise KilnError("--max-body-mb and --target-ongoing-requests must be positive, "
                         "--cpus/--gpus-per-replica >= 0")
+    for flag, value in (("--max-items", max_items), ("--max-chars", max_chars),
+                        ("--max-response-mb", max_response_mb), ("--body-timeout-s", body_timeout_s),
+                        ("--client-timeout-s", client_timeout_s), ("--max-connections", max_connections)):
+        if value <= 0:
+            raise KilnError(f"{flag} must be positive, got {value:g}")
     if not 0 < port < 65536:
         raise KilnError(f"--port must be 1-65535, got {port}")
     if batch_size < 0 or batch_wait_ms < 0 or poll_seconds < 0:
@@ -103,8 +111,12 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
     opts = ModelOptions(num_cpus=cpus_per_replica, num_gpus=gpus_per_replica, num_replicas=low,
                         autoscaling_config=autoscaling, max_ongoing_requests=max_ongoing_requests,
                         batch_size=batch_size, batch_wait_ms=batch_wait_ms)
-    return ServeSpec(store=root, refs=refs, host=host, port=port,
-                     max_body_bytes=int(max_body_mb * 1024 * 1024), options={r: opts for r in refs},
+    limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_items=max_items,
+                    max_chars=max_chars, max_response_bytes=int(max_response_mb * 1024 * 1024),
+                    body_timeout_s=body_timeout_s, client_timeout_s=client_timeout_s,
+                    max_connections=max_connections)
+    return ServeSpec(store=root, refs=refs, host=host, port=port, limits=limits,
+                     options={r: opts for r in refs},
                      token=settings.api_token(), access_log=access_log, failed=failed)
 
 
@@ -206,23 +218,23 @@ def build_app(spec: ServeSpec) -> Any:
               "failed": {ref: reason for ref, (_, reason) in spec.failed.items()}}
     # Pinned like the models: what changes as versions come and go reaches the running ingress
     # through user_config (reconfigure), without a new ingress replica.
-    pinned = f"ingress-{zlib.crc32(repr((spec.max_body_bytes, spec.token, spec.access_log)).encode()):08x}"
+    pinned = f"ingress-{zlib.crc32(repr((spec.limits, spec.token, spec.access_log)).encode()):08x}"
     ingress = KilnIngress.options(name=INGRESS, logging_config=logs, user_config=config,
                                   version=pinned, _internal=True)
-    return ingress.bind(models, spec.max_body_bytes, spec.token)
+    return ingress.bind(models, asdict(spec.limits), spec.token)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """Serve application builder for config files (``import_path: kiln.serve.app:app_builder``):
-    ``args`` holds ``store``, optional ``models`` and ``max_body_mb``. The token, if any, comes from
+    ``args`` holds ``store``, optional ``models`` and ``limits`` (``kiln.serve.codecs.Limits``'s
+    fields). The token, if any, comes from
     the cluster's KILN_API_TOKEN environment variable, never from the file."""
 
     store = args.get("store")
     if not store:
         raise KilnError("the Serve config's args need 'store': the model store's path on the cluster")
     refs = resolve_refs(store, args.get("models") or None)
-    return build_app(ServeSpec(store=store, refs=refs,
-                               max_body_bytes=int(float(args.get("max_body_mb", 16)) * 1024 * 1024),
+    return build_app(ServeSpec(store=store, refs=refs, limits=Limits(**args.get("limits", {})),
                                token=settings.api_token()))
 
 
@@ -239,8 +251,7 @@ def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
         "http_options": {"host": spec.host, "port": spec.port},
         "applications": [{
             "name": app_name, "route_prefix": "/", "import_path": "kiln.serve.app:app_builder",
-            "args": {"store": spec.store, "models": list(spec.refs),
-                     "max_body_mb": spec.max_body_bytes / (1024 * 1024)},
+            "args": {"store": spec.store, "models": list(spec.refs), "limits": asdict(spec.limits)},
             "runtime_env": {"worker_process_setup_hook": SETUP_HOOK},
             "deployments": deployments,
         }],
@@ -253,7 +264,8 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
     import ray
 
     if not ray.is_initialized():
-        init_ray(address)
+        init_ray(address, client_timeout_s=spec.limits.client_timeout_s,
+                 max_connections=spec.limits.max_connections)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,9 +20,72 @@ PREDICT_ORDER = ("classify", "reconstruct", "encode", "decode")
 class ProtocolError(Exception):
     """A request the protocol cannot accept: an HTTP status and a message for the client."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (``kiln serve`` flags): checked before any work, so
+    one request cannot stall every model or bloat the ingress. Each 4xx names its flag."""
+
+    max_body_bytes: int = 16 * 1024 * 1024      # --max-body-mb: request bodies, while read
+    max_items: int = 1024                       # --max-items: images/windows per call, samples asked
+    max_chars: int = 100_000                    # --max-chars: characters of a text argument
+    max_response_bytes: int = 64 * 1024 * 1024  # --max-response-mb: the answer's size
+    body_timeout_s: float = 60.0                # --body-timeout-s: to send the whole body
+    client_timeout_s: int = 60                  # --client-timeout-s: HAProxy's client inactivity
+    max_connections: int = 4096                 # --max-connections: HAProxy's maxconn
+
+    def check(self, args: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> None:
+        """ProtocolError 400 when an argument asks for more than the limits allow; ``inputs``
+        are the method's argument schemas as ``describe()`` gives them."""
+        for name, schema in inputs.items():
+            value = args.get(name)
+            if value is None:
+                continue
+            kind = schema.get("type")
+            if kind == "array":
+                n = _items(value, schema.get("x-shape") or [])
+                if n > self.max_items:
+                    raise ProtocolError(400, f"argument '{name}' holds {n} items, over the server's "
+                                             f"limit of {self.max_items} (kiln serve --max-items); "
+                                             "send them in several requests")
+            elif kind == "string" and isinstance(value, str) and len(value) > self.max_chars:
+                raise ProtocolError(400, f"argument '{name}' has {len(value)} characters, over the "
+                                         f"server's limit of {self.max_chars} (kiln serve --max-chars)")
+            elif schema.get("x-count") and isinstance(value, int) and value > self.max_items:
+                raise ProtocolError(400, f"argument '{name}' asks for {value} items, over the "
+                                         f"server's limit of {self.max_items} (kiln serve --max-items)")
+
+    def max_values(self) -> int:
+        """The most numbers an answer may hold: each takes at least 4 bytes in JSON ("0.0,") and
+        exactly 4 as v2 binary FP32, so more than this cannot fit in ``max_response_bytes``."""
+        return self.max_response_bytes // 4
+
+
+def _items(value: Any, shape: list[Any]) -> int:
+    """How many examples an array argument holds: its leading axis, or 1 for a single example
+    sent without the batch axis (as Tensor.validate accepts it)."""
+    if isinstance(value, np.ndarray):
+        depth, n = value.ndim, (len(value) if value.ndim else 1)
+    elif isinstance(value, list):
+        depth, n, inner = 0, len(value), value
+        while isinstance(inner, list):
+            depth += 1
+            inner = inner[0] if inner else None
+    else:
+        return 1
+    if shape and shape[0] is None and depth == len(shape) - 1:
+        return 1
+    return n
+
+
+def too_large(values: int, limits_bytes: int) -> str:
+    return (f"the answer would hold {values:,} numbers, at least {values * 4 / 1e6:.0f} MB, over the "
+            f"server's limit of {limits_bytes / 1e6:.0f} MB (kiln serve --max-response-mb); ask for "
+            "fewer items per request")
 
 
 def _no_constant(name: str) -> Any:

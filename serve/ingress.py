@@ -36,6 +36,9 @@ from kiln.plugin import KilnError
 from kiln.serve import codecs
 from kiln.serve.codecs import ProtocolError
 
+RETRIES = 3          # sends of a request whose replica died under it, after the first
+RETRY_AFTER_S = 2    # what a 503 tells the client to wait
+
 # Public with a token set: health probes, and the gallery's static files (no model data; the page
 # asks for the token and sends it with every call). Everything else needs the token, /openapi.json
 # and /docs included: they list every served model and argument.
@@ -52,7 +55,8 @@ api = FastAPI(title="Kiln", description="Kiln model server: Kiln, TF Serving RES
 
 @api.exception_handler(ProtocolError)
 async def _protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
-    return JSONResponse({"error": exc.message}, status_code=exc.status)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
 
 @api.exception_handler(KilnError)
@@ -91,6 +95,23 @@ def _public(request: Request) -> bool:
     root = request.scope.get("root_path", "")
     rel = path[len(root):] if root and path.startswith(root) else path
     return rel in OPEN_PATHS or rel == "" or rel.startswith("/gallery/")
+
+
+def _replica_gone(e: BaseException) -> bool:
+    """Whether a call failed because its replica died or became unreachable, not because of the
+    request: Ray's actor errors, also wrapped in a task error, and gRPC's UNAVAILABLE (the
+    ingress calls model replicas over gRPC)."""
+    from ray.exceptions import RayActorError
+
+    if isinstance(e, RayActorError) or isinstance(getattr(e, "cause", None), RayActorError):
+        return True
+    try:
+        import grpc
+
+        return isinstance(e, grpc.aio.AioRpcError) and e.code() in (
+            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED)
+    except ImportError:
+        return False
 
 
 def _cause(e: BaseException) -> str:
@@ -171,7 +192,7 @@ def _serve_details() -> dict[str, Any]:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class KilnIngress:
-    def __init__(self, models: dict[str, Any], max_body_bytes: int, token: Optional[str]) -> None:
+    def __init__(self, models: dict[str, Any], limits: dict[str, Any], token: Optional[str]) -> None:
         # ``models`` (bound deployments) makes serve.run deploy them; which ones this ingress
         # serves comes from reconfigure(), so that a new version or a failed one changes the
         # running ingress in place instead of replacing it (a replaced ingress dropped requests)
@@ -180,7 +201,8 @@ class KilnIngress:
         self.batching: dict[str, tuple[int, float]] = {}
         self.batchers: dict[str, Any] = {}
         self.methods: dict[str, dict[str, Any]] = {}
-        self.max_body = max_body_bytes
+        self.limits = codecs.Limits(**limits)
+        self.max_body = self.limits.max_body_bytes
         self.token = token
         self.described: dict[str, dict[str, Any]] = {}
         self._status: tuple[float, dict[str, str]] = (0.0, {})
@@ -275,15 +297,31 @@ class KilnIngress:
 
     async def _body(self, request: Request) -> bytes:
         self._check_auth(request)
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body:
-            raise ProtocolError(413, f"request body of {size} bytes is over the limit of "
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise ProtocolError(413, f"request body of {declared} bytes is over the limit of "
                                      f"{self.max_body} bytes (kiln serve --max-body-mb)")
-        body = await request.body()
-        if len(body) > self.max_body:
-            raise ProtocolError(413, f"request body is over the limit of {self.max_body} bytes "
-                                     "(kiln serve --max-body-mb)")
-        return body
+        # read as it arrives: a chunked body (no Content-Length) is refused at the limit, not
+        # after the ingress has held all of it; a body trickled in is refused at the deadline
+        chunks: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise ProtocolError(413, f"request body is over the limit of {self.max_body} "
+                                             "bytes (kiln serve --max-body-mb)")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError(408, f"the request body did not arrive within "
+                                     f"{self.limits.body_timeout_s:g} s ({size} bytes came; kiln "
+                                     "serve --body-timeout-s)") from None
+        return b"".join(chunks)
 
     async def _call(self, ref: str, method: str, args: dict[str, Any]) -> dict[str, Any]:
         info = await self._describe(ref)
@@ -300,17 +338,32 @@ class KilnIngress:
                 except (TypeError, ValueError, OverflowError, RecursionError):
                     raise ProtocolError(400, f"argument '{k}' must be a numeric array of shape "
                                              f"{schema.get('x-shape')}") from None
-        try:
-            if ref in self.batching and method in info["batchable"] and len(args) == 1:
-                out = await self._batcher(ref)((method, args))
-                if "__kiln_error__" in out:
-                    raise ProtocolError(out.get("__kiln_status__", 400), out["__kiln_error__"])
-                return out
-            return await self.handles[ref].infer.remote(method, args)
-        except KilnError as e:
-            raise ProtocolError(400, _cause(e)) from None
-        except (pickle.PicklingError, RecursionError):  # 990 nested lists cannot travel
-            raise ProtocolError(400, f"the arguments of {method} are nested too deeply to use") from None
+        self.limits.check(args, info["methods"][method]["inputs"])
+        # A replica that dies under a request (killed, out of memory, its node lost) fails the
+        # requests it holds; Serve routes the next call to a live replica, so the ingress sends
+        # the request again: with two replicas a death costs no request. Inference has no side
+        # effects, so a retry is safe. Without a live replica left: 503 with Retry-After.
+        for attempt in range(RETRIES + 1):
+            try:
+                if ref in self.batching and method in info["batchable"] and len(args) == 1:
+                    out = await self._batcher(ref)((method, args))
+                    if "__kiln_error__" in out:
+                        raise ProtocolError(out.get("__kiln_status__", 400), out["__kiln_error__"])
+                    return out
+                return await self.handles[ref].infer.remote(method, args, self.limits.max_values())
+            except KilnError as e:
+                raise ProtocolError(400, _cause(e)) from None
+            except (pickle.PicklingError, RecursionError):  # 990 nested lists cannot travel
+                raise ProtocolError(400, f"the arguments of {method} are nested too deeply to use") from None
+            except Exception as e:  # noqa: BLE001 - only a replica's death is retried
+                if not _replica_gone(e):
+                    raise
+                if attempt == RETRIES:
+                    raise ProtocolError(503, f"the replica serving {ref} stopped while answering "
+                                             f"({type(e).__name__}); Serve is starting another: "
+                                             "retry shortly", retry_after=RETRY_AFTER_S) from None
+                await asyncio.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _batcher(self, ref: str) -> Any:
         """Requests for ``ref`` that arrive together (up to its batch size, within its wait)
@@ -324,7 +377,8 @@ class KilnIngress:
             async def run(items: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
                 # one call per method in the batch, all in flight at once
                 groups = {m: [k for k, (m2, _) in enumerate(items) if m2 == m] for m, _ in items}
-                done = await asyncio.gather(*(handle.infer_many.remote(m, [items[k][1] for k in ks])
+                done = await asyncio.gather(*(handle.infer_many.remote(m, [items[k][1] for k in ks],
+                                                                       self.limits.max_values())
                                               for m, ks in groups.items()))
                 out: list[dict[str, Any]] = [{} for _ in items]
                 for ks, results in zip(groups.values(), done):
@@ -430,7 +484,11 @@ class KilnIngress:
         ref = await self._ref(model, version)
         info = await self._describe(ref)
         method, arg = codecs.tf_signature(body, info)
-        data, rows = codecs.tf_predict_request(body, arg, info["methods"][method]["inputs"][arg]["x-shape"])
+        schema = info["methods"][method]["inputs"][arg]
+        sent = body.get("instances", body.get("inputs")) if isinstance(body, dict) else None
+        # before any {"b64": ...} picture is decoded
+        self.limits.check({arg: sent.get(arg) if isinstance(sent, dict) else sent}, {arg: schema})
+        data, rows = codecs.tf_predict_request(body, arg, schema["x-shape"])
         out = await self._call(ref, method, {arg: data})
         return codecs.tf_predict_response(out, rows, len(data) if isinstance(data, list) else 1)
 

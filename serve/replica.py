@@ -39,12 +39,21 @@ def _split_error(message: str, status: int = 400) -> dict[str, Any]:
     return {"__kiln_error__": message, "__kiln_status__": status}
 
 
+# what a method raises on arguments it cannot use (a 401-digit integer, 990 nested lists, a lone
+# surrogate): the request's fault, a 400, not the model's
+BAD_ARGUMENTS = (OverflowError, RecursionError, UnicodeError)
+
+
+def _bad_arguments(method: str, e: Exception) -> KilnError:
+    return KilnError(f"{method}: the arguments cannot be used ({type(e).__name__}: {e})")
+
+
 def _failure(method: str, e: Exception) -> dict[str, Any]:
     """One request's failure: its own input's fault (400) or the method's (500, logged)."""
     if isinstance(e, KilnError):
         return _split_error(str(e))
-    if isinstance(e, (OverflowError, RecursionError, UnicodeError)):
-        return _split_error(f"{method}: the arguments cannot be used ({type(e).__name__}: {e})")
+    if isinstance(e, BAD_ARGUMENTS):
+        return _split_error(str(_bad_arguments(method, e)))
     import logging
 
     logging.getLogger("ray.serve").exception("kiln: %s failed", method)
@@ -113,18 +122,23 @@ class ModelServer:
     # The model runs in a worker thread: on the replica's event loop, a long request (scoring
     # 100k characters) held up every other request and Serve's health check until Serve killed
     # the replica. TensorFlow releases the GIL while it computes.
-    async def infer(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+    # ``max_values`` (the server's --max-response-mb) is checked before the outputs become lists:
+    # that conversion and their transfer cost more than the model call (141 MB of features).
+    async def infer(self, method: str, args: dict[str, Any], max_values: int | None = None) -> dict[str, Any]:
         try:
-            return plain(await asyncio.to_thread(self.plugin.infer, self.model, method, args))
-        except (OverflowError, RecursionError, UnicodeError) as e:  # the arguments' fault: a 400
-            raise KilnError(f"{method}: the arguments cannot be used ({type(e).__name__}: {e})") from None
+            out = await asyncio.to_thread(self.plugin.infer, self.model, method, args)
+        except BAD_ARGUMENTS as e:
+            raise _bad_arguments(method, e) from None
+        _check_size(out, max_values)
+        return plain(out)
 
-    async def infer_many(self, method: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def infer_many(self, method: str, items: list[dict[str, Any]],
+                         max_values: int | None = None) -> list[dict[str, Any]]:
         """One batchable method on many requests' arguments, as one model call; each result is
         the method's outputs or ``{"__kiln_error__": message}`` for a request that was bad."""
         arg = self.batchable.get(method)
         if arg is None or any(set(a) != {arg} for a in items):
-            return [await self._one(method, a) for a in items]
+            return [await self._one(method, a, max_values) for a in items]
         fn = self.plugin.methods()[method]
         schema = fn.inputs[arg]
         results: list[dict[str, Any]] = [{} for _ in items]
@@ -141,21 +155,35 @@ class ModelServer:
                 out = await asyncio.to_thread(fn.fn, self.plugin, self.model, **{arg: np.concatenate(parts)})
             except Exception:  # noqa: BLE001 - find the request at fault: each one alone
                 for k in owners:
-                    results[k] = await self._one(method, items[k])
+                    results[k] = await self._one(method, items[k], max_values)
             else:
                 total, start = sum(sizes), 0
                 for k, n in zip(owners, sizes):
-                    results[k] = {name: plain(v[start:start + n]) if _rows(v, total) else plain(v)
-                                  for name, v in out.items()}
+                    mine = {name: v[start:start + n] if _rows(v, total) else v for name, v in out.items()}
+                    try:
+                        _check_size(mine, max_values)
+                        results[k] = {name: plain(v) for name, v in mine.items()}
+                    except KilnError as e:
+                        results[k] = _split_error(str(e))
                     start += n
         self.largest_batch = max(self.largest_batch, len(items))
         return results
 
-    async def _one(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def _one(self, method: str, args: dict[str, Any], max_values: int | None) -> dict[str, Any]:
         try:
-            return await self.infer(method, args)
+            return await self.infer(method, args, max_values)
         except Exception as e:  # noqa: BLE001 - this request's failure, never its neighbours'
             return _failure(method, e)
+
+
+def _check_size(out: dict[str, Any], max_values: int | None) -> None:
+    if max_values is None:
+        return
+    values = sum(np.size(v) for v in out.values() if isinstance(v, (np.ndarray, list)))
+    if values > max_values:
+        from kiln.serve.codecs import too_large
+
+        raise KilnError(too_large(values, max_values * 4))
 
 
 def _spec(value: Any) -> dict[str, Any]:

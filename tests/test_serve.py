@@ -4,15 +4,25 @@ the server down, and token authentication (a second application with a token).""
 
 from __future__ import annotations
 
+import json
+import re
+import select
+import socket
+import time
+
 import numpy as np
 import pytest
 import requests
 
 from conftest import NOISY_TF, ROOT, assert_no_tf_notices, run_kiln
+from kiln.serve.codecs import Limits
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "s3cret-token"
+# small, so that the limit tests stay small; the CLI's defaults are larger (kiln serve --help)
+LIMITS = Limits(max_body_bytes=1024 * 1024, max_items=64, max_chars=20_000,
+                max_response_bytes=2 * 1024 * 1024, body_timeout_s=4)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +46,7 @@ def server(tmp_path_factory):
 
     port = free_port()
     store = str(root / "store")
-    spec = app.ServeSpec(store=store, refs=app.resolve_refs(store, None), port=port,
-                         max_body_bytes=1024 * 1024)
+    spec = app.ServeSpec(store=store, refs=app.resolve_refs(store, None), port=port, limits=LIMITS)
     runtime.init_ray(num_cpus=2)  # as `kiln serve` starts it: HAProxy in front, gRPC between replicas
     try:
         app.start(spec)
@@ -53,8 +62,6 @@ def server(tmp_path_factory):
             seen.append((r.status_code, r.json()))
             c = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=30)
             seen.append((c.status_code, c.json()))
-            import time
-
             time.sleep(0.2)
         app.start(app.ServeSpec(store=store, refs=["cnn:1"], port=port, token=TOKEN),
                   app_name="secure", route_prefix="/secure")
@@ -178,6 +185,12 @@ BAD = [
     ("unknown signature", "post", "/v1/models/cnn:predict", {"json": {"signature_name": "nope", "instances": [np.zeros((28, 28, 1)).tolist()]}}, 400, "serving_default"),
     (":classify", "post", "/v1/models/cnn:classify", {"json": {"examples": []}}, 501, ":predict"),
     ("GET :predict", "get", "/v1/models/cnn:predict", {}, 405, "POST"),
+    # per-request limits, each naming its flag (before: 500 images of features made 141 MB)
+    ("too many images", "post", "/models/cnn/classify", {"json": {"images": np.zeros((65, 28, 28, 1), "uint8").tolist()}}, 400, "limit of 64 (kiln serve --max-items)"),
+    ("too many b64 images", "post", "/v1/models/cnn:predict", {"json": {"instances": [{"b64": "x"}] * 65}}, 400, "--max-items"),
+    ("too many samples", "post", "/models/cgan/sample", {"json": {"digit": 1, "n": 65}}, 400, "asks for 65 items"),
+    ("too long a text", "post", "/models/lstm/score", {"json": {"text": "a" * 20_001}}, 400, "20001 characters, over the server's limit of 20000 (kiln serve --max-chars)"),
+    ("too large an answer", "post", "/models/cnn/features", {"json": {"images": np.zeros((40, 28, 28, 1), "uint8").tolist()}}, 400, "--max-response-mb"),
 ]
 
 
@@ -204,6 +217,70 @@ def test_bad_requests_get_clear_json_errors_and_the_server_lives(server, what, m
     assert words in r.json()["error"]
     ok = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=60)
     assert ok.status_code == 200 and len(ok.json()["probabilities"][0]) == 10
+
+
+def _raw(port: int, head: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(head)
+    return s
+
+
+def _answer(s: socket.socket) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            (re.search(rb"content-length: *(\d+)", data, re.I) or [b"", b"0"])[1]):
+        part = s.recv(65536)
+        if not part:
+            break
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_chunked_body_is_refused_at_the_limit_while_it_arrives(server):
+    """Before: a chunked 400 MB body with no Content-Length was read to the end (the ingress grew
+    to 1 GB) before its 413. Now the 413 comes once 1 MB (this server's limit) has arrived: the
+    client is still sending."""
+    base, *_ = server
+    port = int(base.rsplit(":", 1)[1])
+    s = _raw(port, b"POST /models/cnn/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"0," * 32768
+    sent, answered = 0, False
+    for _ in range(256):  # at most 16 MB
+        try:
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:  # the server closed the connection after answering
+            answered = True
+            break
+        sent += len(chunk)
+        if select.select([s], [], [], 0)[0]:
+            answered = True
+            break
+    assert answered and sent < 8 * 1024 * 1024, sent
+    status, body = _answer(s)
+    s.close()
+    assert status == 413 and "--max-body-mb" in body["error"]
+
+
+def test_a_trickled_body_gets_408_and_others_are_answered_meanwhile(server):
+    """Before: a body sent at 40 bytes/s got no answer after 100 s. Now the ingress gives a body
+    --body-timeout-s (4 s here) to arrive."""
+    base, *_ = server
+    port = int(base.rsplit(":", 1)[1])
+    s = _raw(port, b"POST /models/cnn/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: 5000\r\n\r\n{\"images\": [")
+    t0 = time.time()
+    for _ in range(20):  # a few bytes a second, for at most 10 s
+        if select.select([s], [], [], 0.5)[0]:
+            break
+        s.sendall(b"0,")
+        ok = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=30)
+        assert ok.status_code == 200
+    status, body = _answer(s)
+    s.close()
+    assert status == 408 and "--body-timeout-s" in body["error"], body
+    assert 3.5 < time.time() - t0 < 10
 
 
 def test_token_protects_every_route_but_health(server):
