@@ -13,6 +13,7 @@ authentication token when one is configured (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -297,8 +298,17 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
         made = _ray("get-auth-token", "--generate", env=env)
         if made.returncode != 0:
             raise KilnError(f"cannot create Ray's auth token: {made.stderr.strip().splitlines()[-1:]}")
+    # Its own temporary folder marks this head's processes, so that `kiln cluster down` stops it
+    # and no other Ray on the machine (`ray stop` stops them all). Its agents get free ports: on
+    # Ray's fixed defaults, another Ray's agent made every submission fail with "No available
+    # agent" while `ray start` reported success.
+    from kiln.serve.runtime import free_port
+
+    temp_dir = tempfile.mkdtemp(prefix=f"kiln-ray-{port}-")
     args = ["start", "--head", f"--port={port}", f"--dashboard-host={dashboard_host}",
-            f"--dashboard-port={dashboard_port}", "--disable-usage-stats"]
+            f"--dashboard-port={dashboard_port}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     if num_cpus is not None:
         args.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
@@ -311,13 +321,112 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
         raise KilnError(f"cannot start a Ray head: {reason.strip()}; `kiln cluster down` stops one "
                         "that is running")
     host = "127.0.0.1" if dashboard_host in ("127.0.0.1", "0.0.0.0") else dashboard_host
-    return f"127.0.0.1:{port}", f"http://{host}:{dashboard_port}"
+    gcs, dashboard = f"127.0.0.1:{port}", f"http://{host}:{dashboard_port}"
+    heads = _heads()
+    heads[str(port)] = {"temp_dir": temp_dir, "dashboard": dashboard}
+    _save_heads(heads)
+    try:
+        _probe_jobs(dashboard)
+    except KilnError:
+        cluster_down(port)
+        raise
+    return gcs, dashboard
 
 
-def cluster_down() -> None:
-    out = _ray("stop")
-    if out.returncode != 0:
-        _ray("stop", "--force")
+def _probe_jobs(dashboard: str, timeout: float = 90) -> None:
+    """KilnError unless the head's jobs API runs a job: the dashboard answering is not enough
+    (its agent may be missing), so a one-line job runs to its end."""
+    c = client(dashboard)
+    try:
+        job = c.submit_job(entrypoint="python -c \"print('kiln probe')\"",
+                           submission_id=f"kiln-probe-{secrets.token_hex(4)}")
+    except Exception as e:  # noqa: BLE001 - whatever the Jobs API says, the head cannot take jobs
+        raise KilnError(f"the Ray head started but its jobs API at {dashboard} refused a probe job: "
+                        f"{_first_line(e)}; it was stopped again") from None
+    deadline = time.time() + timeout
+    status = None
+    while time.time() < deadline:
+        status = str(c.get_job_status(job))
+        if status.endswith("SUCCEEDED"):
+            return
+        if status.endswith(("FAILED", "STOPPED")):
+            break
+        time.sleep(0.5)
+    raise KilnError(f"the Ray head started but a probe job on its jobs API at {dashboard} ended "
+                    f"{status}; it was stopped again")
+
+
+def _heads_file() -> Path:
+    from kiln import settings
+
+    return settings.cache_dir() / "heads.json"
+
+
+def _heads() -> dict[str, dict[str, str]]:
+    """The Ray heads `kiln cluster up` started on this machine, by GCS port."""
+    import json
+
+    try:
+        return json.loads(_heads_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_heads(heads: dict[str, dict[str, str]]) -> None:
+    import json
+
+    path = _heads_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(heads, indent=1))
+    tmp.replace(path)
+
+
+def cluster_down(port: int | None = None) -> list[str]:
+    """Stop the heads `kiln cluster up` started here (the one on ``port``, else all of them):
+    their processes are those whose command line names the head's own temporary folder, and
+    whatever they started (workers, job drivers). Other Ray instances on the machine go on.
+    Returns the GCS addresses stopped; KilnError when there is none to stop."""
+    import psutil
+
+    heads = _heads()
+    chosen = [str(port)] if port is not None else list(heads)
+    if port is not None and str(port) not in heads:
+        raise KilnError(f"no Ray head started by `kiln cluster up` on port {port} here; started: "
+                        f"{', '.join(heads) or 'none'} (`ray stop` stops every Ray on this machine)")
+    if not chosen:
+        raise KilnError("no Ray head started by `kiln cluster up` is running here (`ray stop` "
+                        "stops every Ray on this machine)")
+    stopped = []
+    for key in chosen:
+        marker = heads[key]["temp_dir"]
+        procs: dict[int, Any] = {}
+        for p in psutil.process_iter(["cmdline"]):
+            if any(marker in arg for arg in p.info["cmdline"] or []):
+                for q in [p, *_children(p)]:
+                    procs[q.pid] = q
+        for q in procs.values():
+            with contextlib.suppress(psutil.Error):
+                q.terminate()
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+        for q in alive:
+            with contextlib.suppress(psutil.Error):
+                q.kill()
+        psutil.wait_procs(alive, timeout=5)
+        shutil.rmtree(marker, ignore_errors=True)
+        del heads[key]
+        stopped.append(f"127.0.0.1:{key}")
+    _save_heads(heads)
+    return stopped
+
+
+def _children(p: Any) -> list[Any]:
+    import psutil
+
+    try:
+        return p.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def nodes(address: str | None) -> list[dict[str, Any]]:

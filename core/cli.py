@@ -150,9 +150,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for method in sorted(m.get("methods", {})):
                 print(f"[kiln] {m['ref']:<16} POST {base}/models/{m['name']}/{method}", flush=True)
         print(f"[kiln] ready: {base}/models  {base}/docs  (Ctrl-C stops)", flush=True)
+        next_poll, silent = time.monotonic() + args.poll_seconds, 0
+        import ray
+
+        gcs_host, _, gcs_port = ray.get_runtime_context().gcs_address.rpartition(":")
         while True:
-            time.sleep(args.poll_seconds or 3600)
-            if args.poll_seconds:
+            time.sleep(2)
+            # Ray dying under the server (stopped, killed, out of memory) left a process with
+            # nothing listening for over a minute, then a GCS error: say so and exit
+            silent = 0 if _listening(gcs_host, int(gcs_port)) else silent + 1
+            if silent >= 3:
+                print(f"[kiln] error: the Ray cluster under the server stopped (its GCS at "
+                      f"{gcs_host}:{gcs_port} does not answer); start `kiln serve` again",
+                      file=sys.stderr, flush=True)
+                os._exit(1)  # Ray's shutdown would wait on the dead cluster
+            if args.poll_seconds and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + args.poll_seconds
                 added, problems = app.refresh(spec, args.model)
                 for line in problems:
                     print(f"[kiln] {line}; still serving the version before it", flush=True)
@@ -167,6 +180,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
         print("[kiln] server stopped", flush=True)
+
+
+def _listening(host: str, port: int) -> bool:
+    from kiln.net import reachable
+    from kiln.plugin import KilnError
+
+    try:
+        reachable("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port, "the server", "")
+        return True
+    except KilnError:
+        return False
 
 
 class _Terminated(Exception):
@@ -301,7 +325,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from kiln.cluster import jobs
 
     if args.action == "up":
-        gcs, dashboard = jobs.cluster_up(port=args.port, dashboard_port=args.dashboard_port,
+        gcs, dashboard = jobs.cluster_up(port=args.port or 6379, dashboard_port=args.dashboard_port,
                                          dashboard_host=args.dashboard_host, num_cpus=args.num_cpus,
                                          num_gpus=args.num_gpus)
         print(f"[kiln] Ray head on {gcs}; jobs and dashboard at {dashboard} (bound to "
@@ -311,8 +335,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print("[kiln] `kiln cluster status` shows it, `kiln cluster down` stops it")
         return 0
     if args.action == "down":
-        jobs.cluster_down()
-        print("[kiln] Ray stopped on this machine")
+        for gcs in jobs.cluster_down(args.port):
+            print(f"[kiln] stopped the Ray head on {gcs}")
         return 0
     found = jobs.nodes(args.address)
     rows = [("NODE", "ADDRESS", "ROLE", "STATE", "CPUS", "GPUS")]
@@ -524,7 +548,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cluster", help="start, inspect or stop a Ray head on this machine")
     s.add_argument("action", choices=["up", "down", "status"])
     s.add_argument("--address", default=None, help="status: " + jobs_url)
-    s.add_argument("--port", type=int, default=6379, help="up: the head's GCS port")
+    s.add_argument("--port", type=int, default=None,
+                   help="up: the head's GCS port (default 6379); down: stop only this one "
+                        "(default: every head `kiln cluster up` started here, no other Ray)")
     s.add_argument("--dashboard-port", type=int, default=8265, help="up: dashboard and jobs API port")
     s.add_argument("--dashboard-host", default="127.0.0.1",
                    help="up: address the jobs API binds (default loopback; see README before widening)")

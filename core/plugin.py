@@ -318,6 +318,9 @@ class Plugin:
     judged_by: ClassVar[str | None] = None
     #: the ``sample`` argument that picks the class, for conditional generators (label accuracy)
     condition: ClassVar[str | None] = None
+    #: the inference method that TF Serving's ``:predict`` and v2's ``infer`` call (it must take
+    #: exactly one required array); None: the first of classify, reconstruct, encode, decode
+    predict: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         if config is None:

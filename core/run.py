@@ -186,6 +186,7 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
             "resumed": state.get("resumed", []),
             "judged_by": judged_by,
             "methods": {k: m.describe(info) for k, m in cls.methods().items()},
+            "predict": cls.predict,
             "train": {k: getattr(spec, k) for k in ("epochs", "batch_size", "workers",
                                                      "max_workers", "gpus_per_worker", "seed", "limit", "overrides")},
             "run": spec.run, "kiln_version": __version__,

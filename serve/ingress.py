@@ -205,6 +205,7 @@ class KilnIngress:
         self.max_body = self.limits.max_body_bytes
         self.token = token
         self.described: dict[str, dict[str, Any]] = {}
+        self.inflight: dict[str, int] = {}          # requests in flight per model ref
         self._status: tuple[float, dict[str, str]] = (0.0, {})
         self._status_lock = asyncio.Lock()
         self.app_name = serve.get_replica_context().app_name
@@ -328,6 +329,7 @@ class KilnIngress:
         if method not in info["methods"]:
             raise ProtocolError(404, f"model {ref} has no method '{method}'; methods: "
                                      f"{', '.join(sorted(info['methods']))}")
+        self.limits.check(args, info["methods"][method]["inputs"])
         # numeric arrays travel to the replica as numpy (Ray pickles them cheaply; 2x faster on a
         # 256-image request than lists); a list that is no numeric array is refused here, before
         # it can join a batch
@@ -338,14 +340,24 @@ class KilnIngress:
                 except (TypeError, ValueError, OverflowError, RecursionError):
                     raise ProtocolError(400, f"argument '{k}' must be a numeric array of shape "
                                              f"{schema.get('x-shape')}") from None
-        self.limits.check(args, info["methods"][method]["inputs"])
         # A replica that dies under a request (killed, out of memory, its node lost) fails the
         # requests it holds; Serve routes the next call to a live replica, so the ingress sends
         # the request again: with two replicas a death costs no request. Inference has no side
         # effects, so a retry is safe. Without a live replica left: 503 with Retry-After.
+        # A request alone in flight for its model goes straight to the replica: waiting for a
+        # batch to fill would only add --batch-wait-ms to every call of a lone client.
+        batch = (ref in self.batching and method in info["batchable"] and len(args) == 1
+                 and self.inflight.get(ref, 0) > 0)
+        self.inflight[ref] = self.inflight.get(ref, 0) + 1
+        try:
+            return await self._send(ref, method, args, batch)
+        finally:
+            self.inflight[ref] -= 1
+
+    async def _send(self, ref: str, method: str, args: dict[str, Any], batch: bool) -> dict[str, Any]:
         for attempt in range(RETRIES + 1):
             try:
-                if ref in self.batching and method in info["batchable"] and len(args) == 1:
+                if batch:
                     out = await self._batcher(ref)((method, args))
                     if "__kiln_error__" in out:
                         raise ProtocolError(out.get("__kiln_status__", 400), out["__kiln_error__"])

@@ -104,7 +104,7 @@ class ModelServer:
         return {"name": self.version.name, "version": self.version.version, "plugin": m["plugin"],
                 "dataset": m["dataset"]["name"], "class_names": m["dataset"].get("class_names", []),
                 "metrics": m.get("metrics", {}), "headline": m.get("headline"),
-                "methods": m.get("methods", {}), "load_seconds": round(self.load_seconds, 3),
+                "methods": m.get("methods", {}), "predict": m.get("predict"), "load_seconds": round(self.load_seconds, 3),
                 "started": round(self.started, 3), "output_specs": self.output_specs,
                 "batchable": sorted(self.batchable),
                 "largest_batch": self.largest_batch,

@@ -145,3 +145,53 @@ def test_an_unreachable_cluster_is_one_line(command):
     out = run_kiln(*command, "--address", f"http://127.0.0.1:{port}", timeout=60)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "cannot reach a Ray cluster" in out.stderr, out.stderr
+
+
+def test_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path):
+    """Before: `kiln cluster down` ran `ray stop`, which stopped every Ray on the machine (another
+    user's `kiln serve` with it); and `kiln cluster up` said the head was up while its jobs API
+    failed every submission ("No available agent": another Ray held the agent's fixed port).
+    Here a bystander Ray holds Ray's default ports; Kiln's head still takes jobs, and stopping
+    it leaves the bystander running."""
+    from kiln.cluster.jobs import _ray
+
+    import tempfile
+    from pathlib import Path
+
+    other = Path(tempfile.mkdtemp(prefix="other-ray-"))  # short: Ray's socket paths must fit 107 bytes
+    started = _ray("start", "--head", f"--port={free_port()}", "--include-dashboard=false",
+                   f"--temp-dir={other}", "--num-cpus=1", "--disable-usage-stats")
+    assert started.returncode == 0, started.stderr[-2000:]
+
+    def bystander() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline", "name"])
+                if p.info["name"] == "gcs_server" and any(str(other) in a for a in p.info["cmdline"] or [])]
+
+    try:
+        assert len(bystander()) == 1
+        gcs, dash = free_port(), free_port()
+        up = run_kiln("cluster", "up", "--port", str(gcs), "--dashboard-port", str(dash), "--num-cpus", "1",
+                      cwd=tmp_path)
+        assert up.returncode == 0, up.stderr[-2000:]
+        ran = run_kiln("submit", "--address", f"http://127.0.0.1:{dash}", "--follow", "train", "nope",
+                       cwd=tmp_path)  # the job runs (and fails on its unknown plugin): the API works
+        assert "No available agent" not in ran.stderr + ran.stdout and "unknown plugin 'nope'" in ran.stdout + ran.stderr, \
+            ran.stderr[-2000:]
+        down = run_kiln("cluster", "down", "--port", str(gcs))
+        assert down.returncode == 0 and f"stopped the Ray head on 127.0.0.1:{gcs}" in down.stdout, down.stderr
+        assert not [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port in (gcs, dash)]
+        assert len(bystander()) == 1 and bystander()[0].is_running()  # the other Ray goes on
+        again = run_kiln("cluster", "down", "--port", str(gcs))
+        assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+        assert "no Ray head started by `kiln cluster up` on port" in again.stderr
+    finally:
+        for p in psutil.process_iter(["cmdline"]):
+            if any(str(other) in a for a in p.info["cmdline"] or []):
+                for q in [p, *p.children(recursive=True)]:
+                    try:
+                        q.kill()
+                    except psutil.Error:
+                        pass
+        import shutil
+
+        shutil.rmtree(other, ignore_errors=True)

@@ -121,3 +121,17 @@ def test_limits_count_examples_not_rows_of_one_example():
         limits.check({"n": 4}, {"n": {"type": "integer", "x-count": True}})
     limits.check({"seed": 4}, {"seed": {"type": "integer"}})  # a plain integer is no count
     assert codecs.Limits(max_response_bytes=400).max_values() == 100
+
+
+def test_a_plugin_names_the_method_the_standard_protocols_call():
+    """Before: a third-party `regress` model got 404 on every TF Serving and v2 route."""
+    regress = {"name": "prices", "version": 1, "plugin": "prices",
+               "methods": {"regress": {"inputs": {"x": {"type": "array", "x-shape": [None, 8]}},
+                                       "outputs": {"y": ""}}}}
+    with pytest.raises(ProtocolError, match='predict = "METHOD"'):
+        codecs.predict_method(regress)
+    assert codecs.predict_method({**regress, "predict": "regress"}) == ("regress", "x")
+    assert codecs.signatures({**regress, "predict": "regress"})["serving_default"] == ("regress", "x")
+    with pytest.raises(ProtocolError, match="names 'nope' as its predict method"):
+        codecs.predict_method({**regress, "predict": "nope"})
+    assert codecs.predict_method(INFO) == ("classify", "images")  # the default order

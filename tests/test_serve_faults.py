@@ -166,3 +166,27 @@ def test_a_killed_replica_costs_no_request_when_another_answers(served):
         time.sleep(2)
     assert proc.poll() is None
     assert load.ok > before + 20 and not load.failed, load.failed[:5]
+
+
+def test_a_server_whose_ray_dies_says_so_and_exits(served):
+    """Before: with its Ray stopped under it (`ray stop` by someone else), `kiln serve` lived on
+    for 76 s with nothing listening and died of a Ray GCS error without a Kiln message. Last in
+    this module: it ends the server."""
+    import psutil
+
+    base, store, proc, lines = served
+    ray_processes = psutil.Process(proc.pid).children(recursive=True)  # GCS, raylet, workers, HAProxy
+    assert "gcs_server" in [p.name() for p in ray_processes]
+    for p in ray_processes:  # as `ray stop --force` does
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("kiln serve still runs 60 s after its Ray died: " + "".join(lines)[-2000:])
+    time.sleep(1)  # the reader thread takes the last lines
+    assert code == 1
+    assert any("[kiln] error: the Ray cluster under the server stopped" in line for line in lines[-3:]), lines[-5:]
