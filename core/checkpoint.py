@@ -18,6 +18,7 @@ import numpy as np
 WEIGHTS = "model.weights.h5"
 OPTIMIZERS = "optimizers.npz"
 STATE = "state.json"
+BEST = "best.npz"  # with --early-stop: the best epoch's weights so far (model.get_weights order)
 
 
 def optimizers(model: Any) -> list[Any]:
@@ -35,24 +36,37 @@ def optimizers(model: Any) -> list[Any]:
     return list(found.values())
 
 
-def save(model: Any, directory: Path, state: dict[str, Any]) -> None:
+def save(model: Any, directory: Path, state: dict[str, Any], best: list[np.ndarray] | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_weights(directory / WEIGHTS)
+    if best is not None:
+        np.savez(directory / BEST, *best)
     arrays = {f"{i}/{j}": np.asarray(v.numpy()) for i, opt in enumerate(optimizers(model))
               for j, v in enumerate(opt.variables)}
     np.savez(directory / OPTIMIZERS, **arrays)
     (directory / STATE).write_text(json.dumps(state, indent=2))
 
 
-def restore(model: Any, directory: Path, *, with_optimizers: bool = True) -> dict[str, Any]:
-    """Load weights (and optimizer state) written by save(); returns the saved state."""
+def restore(model: Any, directory: Path, *, with_optimizers: bool = True, best: bool = False) -> dict[str, Any]:
+    """Load weights (and optimizer state) written by save(); returns the saved state. With
+    ``best``, the best epoch's weights where the checkpoint holds them."""
     model.load_weights(directory / WEIGHTS)
+    if best and (directory / BEST).is_file():
+        model.set_weights(best_weights(directory))
     if with_optimizers:
         with np.load(directory / OPTIMIZERS) as f:
             for i, opt in enumerate(optimizers(model)):
                 for j, v in enumerate(opt.variables):
                     v.assign(f[f"{i}/{j}"])
     return state(directory)
+
+
+def best_weights(directory: Path) -> list[np.ndarray] | None:
+    """The best epoch's weights a checkpoint holds (--early-stop), else None."""
+    if not (directory / BEST).is_file():
+        return None
+    with np.load(directory / BEST) as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
 def state(directory: Path) -> dict[str, Any]:

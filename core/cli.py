@@ -58,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
                         seed=args.seed, name=args.name, run=args.run, store=args.store,
                         runs_dir=args.runs_dir, limit=args.limit, plugin_path=args.plugin_path,
-                        max_failures=args.max_failures, address=args.address)
+                        max_failures=args.max_failures, address=args.address,
+                        val_fraction=args.val_fraction, early_stop=args.early_stop)
     try:
         run.train(spec)
     except KeyboardInterrupt:
@@ -464,6 +465,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", default=None, help="tfds name or path to an .npz (default: the plugin's)")
     s.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="training data held out for validation (default: the plugin's, 0.1; 0: none)")
+    s.add_argument("--early-stop", default=None, metavar="METRIC[:PATIENCE]",
+                   help="stop when a validation metric stops improving (e.g. val_accuracy:3); "
+                        "the best epoch's weights are stored")
     s.add_argument("--name", default=None, help="model name in the store (default: the plugin name)")
     s.add_argument("--run", default=None, help="run name; rerunning an interrupted run resumes it")
     s.add_argument("--resume", default=None, metavar="RUN", help="resume run RUN with its original settings")

@@ -162,29 +162,93 @@ def _tfds_info(name: str, builder: Any) -> DatasetInfo:
 
 
 def load(name: str, split: str, *, shard: tuple[int, int] | None = None,
-         limit: int | None = None, per_class: int | None = None) -> Split:
-    """Raw examples of ``split`` ("train"/"test"). With ``shard=(index, count)`` only that worker's
-    even share is read; with ``limit`` only the first ``limit`` examples of the split; with
-    ``per_class`` only the first ``per_class`` examples of each class (a small labelled budget)."""
+         limit: int | None = None, per_class: int | None = None, val_fraction: float = 0.0,
+         seed: int = 0) -> Split:
+    """Raw examples of ``split``: "train", "val" or "test". "val" is held out of the training
+    data (``holdout``) and "train" is what is left of it. With ``shard=(index, count)`` only that
+    worker's even share is read; with ``limit`` only the first ``limit`` examples of the training
+    (or test) split are used; with ``per_class`` only the first ``per_class`` training examples
+    of each class (a small labelled budget)."""
     if kind(name) == "tfds":
         builder = _prepared(name)
         if not _is_text(builder):
-            if per_class:
-                return _from_arrays(*_tfds_arrays(builder, split, limit), shard, per_class)
-            return _tfds_load(builder, split, shard, limit)
+            expr = _tfds_expr(builder, split, limit, val_fraction)
+            if per_class and split == "train":
+                return _from_arrays(*_tfds_arrays(builder, expr), shard, per_class)
+            return _tfds_load(builder, expr, shard)
     arrays = _arrays(name)[0]
-    x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-    if limit:
-        x, y = x[:limit], y[:limit]
-    return _from_arrays(x, y, shard, per_class)
+    if split == "test":
+        x, y = arrays["x_test"], arrays["y_test"]
+        if limit:
+            x, y = x[:limit], y[:limit]
+        return _from_arrays(x, y, shard, None)
+    keep = holdout(name, limit, val_fraction, seed)[split]
+    return _from_arrays(arrays["x_train"][keep], arrays["y_train"][keep], shard,
+                        per_class if split == "train" else None)
 
 
-def _tfds_load(builder: Any, split: str, shard: tuple[int, int] | None, limit: int | None) -> Split:
+def _tfds_expr(builder: Any, split: str, limit: int | None, val_fraction: float) -> str:
+    """The tfds split expression of a Kiln split: a dataset's own validation split where it has
+    one, else the last ``val_fraction`` of its (limited) training split."""
+    if split == "test" or (split == "val" and "validation" in builder.info.splits):
+        own = "test" if split == "test" else "validation"
+        n = builder.info.splits[own].num_examples
+        return f"{own}[:{limit}]" if limit and limit < n else own
+    n = builder.info.splits["train"].num_examples
+    n = min(n, limit or n)
+    k = 0 if "validation" in builder.info.splits else _held(n, val_fraction)
+    return f"train[:{n - k}]" if split == "train" else f"train[{n - k}:{n}]"
+
+
+def _held(n: int, fraction: float) -> int:
+    return min(n - 1, max(1, round(n * fraction))) if fraction > 0 and n > 1 else 0
+
+
+def holdout(name: str, limit: int | None, fraction: float, seed: int = 0) -> dict[str, Any]:
+    """Which training examples of an in-memory dataset are held out for validation: ``train``
+    and ``val`` index arrays and ``how`` (for the manifest). Text holds out its last windows
+    (the text just before the test slice), sensor windows whole subjects (the last of them by
+    name), other arrays a seeded sample."""
+    arrays, info = _arrays(name)
+    n = len(arrays["x_train"]) if not limit else min(limit, len(arrays["x_train"]))
+    every = np.arange(n)
+    k = _held(n, fraction)
+    if k == 0:
+        return {"train": every, "val": every[:0], "how": "none"}
+    if info.extra.get("text"):
+        return {"train": every[:n - k], "val": every[n - k:], "how": f"the last {k} windows of the training text"}
+    if "subject_train" in arrays:
+        who = arrays["subject_train"][:n]
+        subjects = sorted(set(who.tolist()))
+        if len(subjects) < 2:
+            raise KilnError(f"{name}: the training split has {len(subjects)} subject; validation "
+                            "holds out whole subjects and needs 2 or more (or --val-fraction 0)")
+        held = subjects[-min(len(subjects) - 1, max(1, round(len(subjects) * fraction))):]
+        val = np.isin(who, held)
+        return {"train": every[~val], "val": every[val],
+                "how": f"subjects {', '.join(held)} of the training split"}
+    val = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    return {"train": np.setdiff1d(every, val), "val": val,
+            "how": f"a sample of {k} training examples (seed {seed})"}
+
+
+def validation(name: str, info: DatasetInfo, limit: int | None, fraction: float, seed: int = 0) -> dict[str, Any]:
+    """What a run holds out for validation, as the manifest records it."""
+    if fraction <= 0:
+        return {"fraction": 0.0, "examples": 0, "how": "none"}
+    if kind(name) == "tfds" and not info.extra.get("text"):
+        builder = _prepared(name)
+        expr = _tfds_expr(builder, "val", limit, fraction)
+        own = expr.startswith("validation")
+        return {"fraction": fraction, "examples": builder.info.splits[expr].num_examples,
+                "how": f"the dataset's own split {expr}" if own else f"the last examples of the training split ({expr})"}
+    held = holdout(name, limit, fraction, seed)
+    return {"fraction": fraction, "examples": len(held["val"]), "how": held["how"]}
+
+
+def _tfds_load(builder: Any, expr: str, shard: tuple[int, int] | None) -> Split:
     import tensorflow_datasets as tfds
 
-    if limit and limit >= builder.info.splits[split].num_examples:
-        limit = None
-    expr: Any = f"{split}[:{limit}]" if limit else split
     if shard is not None and shard[1] > 1:
         expr = tfds.even_splits(expr, n=shard[1])[shard[0]]
     size = builder.info.splits[expr].num_examples
@@ -192,10 +256,9 @@ def _tfds_load(builder: Any, split: str, shard: tuple[int, int] | None, limit: i
     return Split(ds, size)
 
 
-def _tfds_arrays(builder: Any, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _tfds_arrays(builder: Any, expr: str) -> tuple[np.ndarray, np.ndarray]:
     import tensorflow_datasets as tfds
 
-    expr = f"{split}[:{limit}]" if limit else split
     x, y = tfds.as_numpy(builder.as_dataset(split=expr, as_supervised=True, batch_size=-1))
     return x, y
 
@@ -213,12 +276,18 @@ def _from_arrays(x: np.ndarray, y: np.ndarray, shard: tuple[int, int] | None,
     return Split(tf.data.Dataset.from_tensor_slices((x, y)), len(x))
 
 
-def split_size(info: DatasetInfo, split: str, limit: int | None = None,
-               per_class: int | None = None) -> int:
-    """Examples a run reads from ``split``: after ``limit``, at most ``per_class`` per class."""
-    size = info.train_size if split == "train" else info.test_size
-    size = min(size, limit or size)
-    if per_class:
+def split_size(name: str, info: DatasetInfo, split: str, limit: int | None = None,
+               per_class: int | None = None, val_fraction: float = 0.0, seed: int = 0) -> int:
+    """Examples a run reads from ``split`` ("train", "val", "test"): after ``limit`` and the
+    validation hold-out, at most ``per_class`` per class."""
+    if split == "test":
+        size = min(info.test_size, limit or info.test_size)
+    elif kind(name) == "tfds" and not info.extra.get("text"):
+        builder = _prepared(name)
+        size = builder.info.splits[_tfds_expr(builder, split, limit, val_fraction)].num_examples
+    else:
+        size = len(holdout(name, limit, val_fraction, seed)[split])
+    if per_class and split == "train":
         size = min(size, per_class * max(1, info.num_classes))
     return size
 
@@ -283,6 +352,8 @@ def _sensor_arrays(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
     w = sensors.read(folder)
     arrays = {"x_train": w.x["train"], "y_train": w.y["train"],
               "x_test": w.x["test"], "y_test": w.y["test"]}
+    if w.who is not None:  # each training window's subject: validation holds out whole subjects
+        arrays["subject_train"] = w.who["train"]
     return arrays, _array_info(label, arrays, class_names=list(w.class_names),
                                channels=list(w.channels), rate_hz=w.rate_hz, layout=w.layout,
                                subjects=w.subjects)

@@ -321,6 +321,8 @@ class Plugin:
     #: the inference method that TF Serving's ``:predict`` and v2's ``infer`` call (it must take
     #: exactly one required array); None: the first of classify, reconstruct, encode, decode
     predict: ClassVar[str | None] = None
+    #: share of the training data held out for validation when the dataset has no validation split
+    val_fraction: ClassVar[float] = 0.1
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         if config is None:

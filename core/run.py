@@ -18,7 +18,7 @@ from typing import Any
 
 from kiln import __version__, checkpoint, data, models, net, registry, settings, store as store_mod
 from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
-from kiln.spec import TrainSpec, parse_span
+from kiln.spec import TrainSpec, parse_early_stop, parse_span
 from kiln.logs import say
 from kiln.values import plain
 
@@ -36,7 +36,8 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
          gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, seed: int = 0,
          name: str | None = None, run: str | None = None, store: str | Path | None = None,
          runs_dir: str | Path | None = None, limit: int | None = None,
-         plugin_path: str | None = None, max_failures: int = 1, address: str | None = None) -> TrainSpec:
+         plugin_path: str | None = None, max_failures: int = 1, address: str | None = None,
+         val_fraction: float | None = None, early_stop: str | None = None) -> TrainSpec:
     """Validate a training request and return its spec; raises KilnError naming what is wrong.
 
     Everything that does not need the plugin's code is checked first, so a bad flag or a missing
@@ -49,6 +50,12 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
             raise KilnError(f"{flag} must be >= {low}, got {value}")
     if gpus_per_worker < 0 or cpus_per_worker <= 0:
         raise KilnError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+    if val_fraction is not None and not 0 <= val_fraction < 1:
+        raise KilnError(f"--val-fraction must be in [0, 1), got {val_fraction:g}")
+    if early_stop:
+        parse_early_stop(early_stop)
+        if val_fraction == 0:
+            raise KilnError("--early-stop watches a validation metric; it needs --val-fraction above 0")
     if dataset and data.is_file_dataset(dataset):
         dataset = data.check_path(dataset)
     if address:
@@ -78,7 +85,9 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
                      max_workers=max_workers if max_workers > workers else 0,
                      gpus_per_worker=gpus_per_worker,
                      cpus_per_worker=cpus_per_worker, seed=seed, limit=limit, plugin_path=plugin_path,
-                     max_failures=max_failures, address=address)
+                     max_failures=max_failures, address=address,
+                     val_fraction=cls.val_fraction if val_fraction is None else val_fraction,
+                     early_stop=early_stop)
 
 
 def resume_spec(run: str, runs_dir: str | Path | None = None, epochs: int | None = None) -> TrainSpec:
@@ -97,7 +106,7 @@ def _check_run(spec: TrainSpec, run_dir: Path) -> None:
     path = run_dir / RUN_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        for key in ("plugin", "dataset", "overrides", "batch_size", "limit", "seed"):
+        for key in ("plugin", "dataset", "overrides", "batch_size", "limit", "seed", "val_fraction"):
             if old.get(key) != getattr(spec, key):
                 raise KilnError(f"run '{spec.run}' was started with {key}={old.get(key)!r}, not "
                                 f"{getattr(spec, key)!r}; resume it unchanged or pick a new --run name")
@@ -154,7 +163,8 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
         raise KilnError(f"run '{spec.run}' left no checkpoint in {run_dir}")
     plugin = plugin_for(spec, info)
     model = models.build(plugin)
-    state = checkpoint.restore(model, ckpt, with_optimizers=False)
+    # with --early-stop, the best epoch's weights (Keras' restore_best_weights)
+    state = checkpoint.restore(model, ckpt, with_optimizers=False, best=bool(spec.early_stop))
     test = test_dataset(plugin, spec.dataset, spec.limit)  # re-iterable: each consumer reads it anew
     metrics = plugin.evaluate(model, test)
     cls = type(plugin)
@@ -171,7 +181,7 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
             judged_by = classifier[2]
 
     def write(tmp: Path) -> dict[str, Any]:
-        shutil.copy2(checkpoint.weights(ckpt), tmp / store_mod.WEIGHTS)
+        model.save_weights(tmp / store_mod.WEIGHTS)
         artifacts = tmp / store_mod.ARTIFACTS
         artifacts.mkdir()
         plugin.samples(model, test, artifacts)
@@ -184,11 +194,14 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
             "config": plain(vars(plugin.config)), "dataset": info.to_dict(),
             "metrics": metrics, "headline": cls.headline, "history": state["history"],
             "resumed": state.get("resumed", []),
+            "validation": data.validation(spec.dataset, info, spec.limit, spec.val_fraction, spec.seed),
+            "early_stop": state.get("early_stop"),
             "judged_by": judged_by,
             "methods": {k: m.describe(info) for k, m in cls.methods().items()},
             "predict": cls.predict,
             "train": {k: getattr(spec, k) for k in ("epochs", "batch_size", "workers",
-                                                     "max_workers", "gpus_per_worker", "seed", "limit", "overrides")},
+                                                     "max_workers", "gpus_per_worker", "seed", "limit", "overrides",
+                                                     "val_fraction", "early_stop")},
             "run": spec.run, "kiln_version": __version__,
         }
 

@@ -54,6 +54,7 @@ class Windows:
     class_names: tuple[str, ...]
     rate_hz: float
     layout: str                       # "uci" or "recordings"
+    who: dict[str, np.ndarray] | None = None  # split -> (n,) the subject of each window
 
 
 def read(folder: Path) -> Windows:
@@ -84,7 +85,7 @@ def _read_uci(root: Path) -> Windows:
     else:
         class_names = ("WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING", "STANDING",
                        "LAYING")
-    xs, ys, subjects = {}, {}, {}
+    xs, ys, subjects, who = {}, {}, {}, {}
     for split in ("train", "test"):
         signals = root / split / "Inertial Signals"
         missing = [s for s in UCI_SIGNALS if not (signals / f"{s}_{split}.txt").is_file()]
@@ -108,7 +109,8 @@ def _read_uci(root: Path) -> Windows:
         xs[split] = np.stack(channels, axis=-1).astype("float32")
         ys[split] = y
         subjects[split] = sorted({f"{s}" for s in subj})
-    return Windows(xs, ys, subjects, UCI_SIGNALS, class_names, UCI_RATE_HZ, "uci")
+        who[split] = np.array([f"{s}" for s in subj])
+    return Windows(xs, ys, subjects, UCI_SIGNALS, class_names, UCI_RATE_HZ, "uci", who)
 
 
 def _matrix(path: Path) -> np.ndarray:
@@ -139,18 +141,21 @@ def _read_recordings(data: Path) -> Windows:
             recordings.append((d.name, signal, names))
     xs = {"train": [], "test": []}
     ys = {"train": [], "test": []}
+    who: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     for subject, (t, values), names in recordings:
         split = "test" if subject in test_subjects else "train"
         x, y = _windows(t, values, np.array([labels.index(n) for n in names]), len(labels),
                         TEST_STRIDE if split == "test" else TRAIN_STRIDE)
         xs[split].append(x)
         ys[split].append(y)
+        who[split].append(np.full(len(x), subject))
     empty = np.zeros((0, WINDOW, len(CSV_CHANNELS)), "float32")
     return Windows({s: np.concatenate(xs[s]) if xs[s] else empty for s in xs},
                    {s: np.concatenate(ys[s]) if ys[s] else np.zeros(0, np.int64) for s in ys},
                    {"train": sorted({r[0] for r in recordings} - test_subjects),
                     "test": sorted(test_subjects)},
-                   CSV_CHANNELS, tuple(labels), RECORDING_RATE_HZ, "recordings")
+                   CSV_CHANNELS, tuple(labels), RECORDING_RATE_HZ, "recordings",
+                   {s: np.concatenate(who[s]) if who[s] else np.zeros(0, str) for s in who})
 
 
 def _read_csv(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], list[str]]:

@@ -32,6 +32,8 @@ class TrainSpec:
     plugin_path: str | None = None
     max_failures: int = 1
     address: str | None = None
+    val_fraction: float = 0.0   # of the training data, held out for validation (0: none)
+    early_stop: str | None = None  # "val_METRIC:PATIENCE": stop when it stops improving
 
     @property
     def run_dir(self) -> Path:
@@ -70,3 +72,20 @@ def parse_span(text: str | int, flag: str, least: int = 1) -> tuple[int, int]:
     if sep and not 1 <= low <= high:
         raise KilnError(f"{flag} takes N or MIN-MAX: need 1 <= MIN <= MAX, got {text!r}")
     return low, high
+
+
+# metrics where higher is better (Keras' EarlyStopping "auto" mode reads names the same way)
+HIGHER_IS_BETTER = ("acc", "psnr", "auc", "precision", "recall", "f1", "d_real")
+
+
+def parse_early_stop(text: str) -> tuple[str, int, str]:
+    """``--early-stop METRIC[:PATIENCE]`` -> (val_METRIC, patience, "max" or "min")."""
+    metric, _, patience = str(text).strip().partition(":")
+    metric = metric.strip()
+    if not metric or not metric.replace("_", "").isalnum() or (patience and not patience.isdigit()) \
+            or (patience and int(patience) < 1):
+        raise KilnError(f"--early-stop takes METRIC[:PATIENCE], e.g. val_accuracy:3 or val_loss; "
+                        f"got {text!r}")
+    metric = metric if metric.startswith("val_") else f"val_{metric}"
+    mode = "max" if any(h in metric for h in HIGHER_IS_BETTER) else "min"
+    return metric, int(patience or 3), mode

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Protocol
 from kiln import checkpoint, data, models
 from kiln.logs import say
 from kiln.plugin import DatasetInfo, KilnError
-from kiln.spec import TrainSpec
+from kiln.spec import TrainSpec, parse_early_stop
 
 STEPS_PER_CALL = 50
 
@@ -68,19 +68,36 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
         say(f"global batch {global_batch}: --batch-size {spec.batch_size} rounded down to a multiple "
             f"of {n_rep} replicas")
     per_class = plugin.train_per_class()
-    train_size = data.split_size(info, "train", spec.limit, per_class)
+    held = dict(limit=spec.limit, val_fraction=spec.val_fraction, seed=spec.seed)
+    train_size = data.split_size(spec.dataset, info, "train", per_class=per_class, **held)
     steps = (train_size // ctx.world_size) // (global_batch // ctx.world_size)
     if steps < 1:
         raise KilnError(f"{train_size} training examples cannot fill one batch of {spec.batch_size} "
                         f"per step; lower --batch-size")
+    # Validation: the same number of whole batches on every worker, the same batches every epoch
+    val_size = data.split_size(spec.dataset, info, "val", **held) if spec.val_fraction else 0
+    val_per_replica = min(per_replica, val_size // n_rep) if val_size else 0
+    val_steps = (val_size // ctx.world_size) // max(1, val_per_replica * n_rep // ctx.world_size) if val_per_replica else 0
+    if spec.val_fraction and val_steps < 1:
+        raise KilnError(f"the validation split holds {val_size} examples, too few for {n_rep} replicas; "
+                        "raise --val-fraction or --limit, or pass --val-fraction 0")
+    watch = parse_early_stop(spec.early_stop) if spec.early_stop else None
 
     def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
         shard = (input_context.input_pipeline_id, input_context.num_input_pipelines)
-        split = data.load(spec.dataset, "train", shard=shard, limit=spec.limit, per_class=per_class)
+        split = data.load(spec.dataset, "train", shard=shard, per_class=per_class, **held)
         batch = input_context.get_per_replica_batch_size(global_batch)
         ds = split.ds.shuffle(min(split.size, 20000), seed=spec.seed + shard[0])
         ds = ds.batch(batch, drop_remainder=True).repeat()
         ds = ds.map(plugin.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def val_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        shard = (input_context.input_pipeline_id, input_context.num_input_pipelines)
+        split = data.load(spec.dataset, "val", shard=shard, **held)
+        batch = val_per_replica * n_rep // input_context.num_input_pipelines
+        ds = split.ds.batch(batch, drop_remainder=True).take(val_steps)
+        ds = ds.map(plugin.preprocess, num_parallel_calls=tf.data.AUTOTUNE).cache().repeat()
         return ds.prefetch(tf.data.AUTOTUNE)
 
     plugin.total_steps = spec.epochs * steps
@@ -90,15 +107,24 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
     history: list[dict[str, float]] = []
     resumed: list[dict[str, Any]] = []  # each restart: the epoch it resumed from, on how many workers
     start = 0
+    best: dict[str, Any] | None = None  # --early-stop: the best epoch so far, its value and weights
     for restore in ctx.restore_dir():
         if restore is not None:
             state = checkpoint.restore(model, restore)
             start, history = state["epoch"], state["history"]
             resumed = state.get("resumed", []) + [{"epoch": start, "workers": ctx.world_size}]
+            if state.get("early_stop") and watch:
+                best = {**state["early_stop"], "weights": checkpoint.best_weights(restore)}
             if ctx.rank == 0:
                 say(f"resuming from checkpoint at epoch {start} on {ctx.world_size} worker(s) ({restore})")
+    if best and best.get("stopped"):
+        if ctx.rank == 0:
+            say(f"this run stopped early at epoch {best['stopped']}: {best['metric']} had not improved "
+                f"on epoch {best['epoch']} for {watch[1] if watch else '?'} epochs")
+        return
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+    val_iterator = iter(strategy.distribute_datasets_from_function(val_fn)) if val_steps else None
 
     # Many steps per call keep Python out of the hot path; logs are reduced across workers once
     # per epoch (a collective per logged value per step would cost more than the step itself).
@@ -107,6 +133,13 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
         logs = strategy.run(model.train_step, args=(next(iterator),))
         for _ in tf.range(n - 1):
             logs = strategy.run(model.train_step, args=(next(iterator),))
+        return logs
+
+    @tf.function
+    def run_val(iterator: Any, n: Any) -> dict[str, Any]:
+        logs = strategy.run(model.test_step, args=(next(iterator),))
+        for _ in tf.range(n - 1):
+            logs = strategy.run(model.test_step, args=(next(iterator),))
         return logs
 
     for epoch in range(start + 1, spec.epochs + 1):
@@ -119,6 +152,12 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
             done += n
         metrics = {k: float(strategy.reduce("SUM", v, axis=None)) / n_rep for k, v in logs.items()}
         seconds = time.perf_counter() - t0
+        if val_iterator is not None:
+            # global, as the training metrics are: each replica's metric over its share, averaged
+            model.reset_metrics()
+            val_logs = run_val(val_iterator, tf.constant(val_steps))
+            metrics.update({f"val_{k}": float(strategy.reduce("SUM", v, axis=None)) / n_rep
+                            for k, v in val_logs.items()})
         metrics.update(epoch=epoch, examples_per_s=steps * global_batch / seconds, seconds=seconds,
                        workers=ctx.world_size)
         history.append(metrics)
@@ -127,15 +166,35 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
                               if k not in ("epoch", "examples_per_s", "seconds", "workers"))
             say(f"epoch {epoch}/{spec.epochs}  {shown}  "
                 f"{metrics['examples_per_s']:.0f} examples/s  {seconds:.1f}s")
+        stop = False
+        if watch:
+            name, patience, mode = watch
+            if name not in metrics:
+                raise KilnError(f"--early-stop {spec.early_stop}: this run reports no {name}; its "
+                                f"validation metrics: {', '.join(k for k in metrics if k.startswith('val_'))}")
+            value = metrics[name]
+            if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
+                best = {"metric": name, "mode": mode, "epoch": epoch, "value": value,
+                        "weights": model.get_weights()}
+            elif epoch - best["epoch"] >= patience:
+                stop = True
+                best["stopped"] = epoch
+                if ctx.rank == 0:
+                    say(f"early stop: {name} has not improved on epoch {best['epoch']} "
+                        f"({best['value']:.4f}) for {patience} epochs; keeping epoch {best['epoch']}'s weights")
         plugin.on_epoch_end(model, epoch, metrics, ctx.rank)
         tmp = Path(tempfile.mkdtemp(prefix="kiln-ckpt-"))
         try:
             if ctx.rank == 0:
-                checkpoint.save(model, tmp, {"epoch": epoch, "history": history, "resumed": resumed,
-                                             "spec": spec.to_dict()})
+                state = {"epoch": epoch, "history": history, "resumed": resumed, "spec": spec.to_dict()}
+                if best is not None:
+                    state["early_stop"] = {k: v for k, v in best.items() if k != "weights"}
+                checkpoint.save(model, tmp, state, best=best["weights"] if best else None)
             ctx.report(metrics, tmp if ctx.rank == 0 else None)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if stop:
+            break
 
 
 class LocalContext:

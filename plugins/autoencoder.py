@@ -99,6 +99,14 @@ class DenoisingAutoencoder(keras.Model):
         self.psnr_tracker.update_state(ops.mean(psnr(clean, output)))
         return {m.name: m.result() for m in self.metrics}
 
+    def test_step(self, data):  # validation: the same noise and loss, no update
+        clean = data[0] if isinstance(data, tuple) else data
+        noisy = corrupt(clean, self.gaussian_std, self.salt_pepper, self.seed_generator)
+        output = self.denoise(noisy, training=False)
+        self.loss_tracker.update_state(self.loss_fn(clean, output))
+        self.psnr_tracker.update_state(ops.mean(psnr(clean, output)))
+        return {m.name: m.result() for m in self.metrics}
+
 
 PIXELS = Tensor(shape=(None, 28, 28, 1), min=0, max=255, description="images, pixel values 0-255")
 

@@ -153,6 +153,22 @@ class GAN(keras.Model):
         self.d_fake_tracker.update_state(ops.mean(ops.sigmoid(fake_logits)))
         return {m.name: m.result() for m in self.metrics}
 
+    def test_step(self, data):
+        """Validation: both players' losses on held-out real images and samples of the averaged
+        generator (the one that draws), no update."""
+        real, labels = data if isinstance(data, tuple) else (data, None)
+        batch = ops.shape(real)[0]
+        classes = ops.one_hot(ops.cast(labels, "int32"), self.num_classes) if self.num_classes else None
+        ones, zeros = ops.ones((batch, 1)), ops.zeros((batch, 1))
+        z = keras.random.normal((batch, self.latent_dim), seed=self.seed_generator)
+        real_logits = self.critic(real, classes, training=False)
+        fake_logits = self.critic(self.generate(z, classes, training=False), classes, training=False)
+        self.d_loss_tracker.update_state(self.loss_fn(ones, real_logits) + self.loss_fn(zeros, fake_logits))
+        self.g_loss_tracker.update_state(self.loss_fn(ones, fake_logits))
+        self.d_real_tracker.update_state(ops.mean(ops.sigmoid(real_logits)))
+        self.d_fake_tracker.update_state(ops.mean(ops.sigmoid(fake_logits)))
+        return {m.name: m.result() for m in self.metrics}
+
 
 def latent(n: int, dim: int, seed: int) -> np.ndarray:
     """n latent points z ~ N(0, I), the same for the same seed."""

@@ -94,6 +94,13 @@ class TransferModel(keras.Model):
         self.accuracy.update_state(y, probs)
         return {m.name: m.result() for m in self.metrics}
 
+    def test_step(self, data):  # validation: loss and accuracy, no update
+        x, y = data
+        probs = self(x, training=False)
+        self.loss_tracker.update_state(self.loss_fn(y, probs))
+        self.accuracy.update_state(y, probs)
+        return {m.name: m.result() for m in self.metrics}
+
 
 class Transfer(Plugin):
     name = "transfer"

@@ -99,6 +99,16 @@ class VAEModel(keras.Model):
         self.kl_loss_tracker.update_state(kl)
         return {m.name: m.result() for m in self.metrics}
 
+    def test_step(self, data):  # validation: the same losses, no update
+        images = data[0] if isinstance(data, tuple) else data
+        z_mean, z_log_var, z = self.encoder(images, training=False)
+        rec, kl = vae_losses(images, self.decoder(z, training=False), z_mean, z_log_var)
+        rec, kl = ops.mean(rec), ops.mean(kl)
+        self.total_loss_tracker.update_state(rec + self.beta * kl)
+        self.reconstruction_loss_tracker.update_state(rec)
+        self.kl_loss_tracker.update_state(kl)
+        return {m.name: m.result() for m in self.metrics}
+
 
 BANK = "latent_bank.npz"
 IMAGE = Tensor(shape=(28, 28, 1), min=0, max=255, description="an image, pixels 0-255")

@@ -29,30 +29,37 @@ def assert_same_weights(probe, epoch, prefix=""):
 
 def test_logged_metrics_are_global_not_one_workers(workdir):
     """With learning rate 0 the weights never change, so each worker's loss is the mean loss of
-    its shard. The shards hold different digits: the logged loss must be the mean of both."""
+    its shard. The shards hold different digits: the logged loss must be the mean of both, for
+    the training and the validation metrics alike."""
     from kiln import data, models, run
 
     train = data.load("mnist", "train", limit=6000)
     x = np.stack([a.numpy() for a, _ in train.ds])
     y = np.array([int(b) for _, b in train.ds])
-    order = np.argsort(y, kind="stable")[:2048]  # shard 0: low digits, shard 1: higher digits
-    np.savez(workdir / "sorted.npz", x_train=x[order], y_train=y[order], x_test=x[:256], y_test=y[:256])
+    order = np.argsort(y, kind="stable")[:2560]  # shard 0: low digits, shard 1: higher digits
+    path = workdir / "sorted.npz"
+    np.savez(path, x_train=x[order], y_train=y[order], x_test=x[:256], y_test=y[:256])
     probe = workdir / "probe"
     probe.mkdir()
     out = run_kiln("--plugin-path", str(TEST_PLUGINS / "probe.py"), "train", "probe", "--workers", "2",
-                   "--epochs", "1", "--dataset", str(workdir / "sorted.npz"), "--set", "learning_rate=0",
-                   "--set", "dropout=0", cwd=workdir, env={"KILN_PROBE_DIR": str(probe), **NOISY_TF})
+                   "--epochs", "1", "--dataset", str(path), "--set", "learning_rate=0",
+                   "--set", "dropout=0", "--val-fraction", "0.2", cwd=workdir,
+                   env={"KILN_PROBE_DIR": str(probe), **NOISY_TF})
     assert out.returncode == 0, out.stderr[-4000:]
     # the driver, the Train controller and both workers load TensorFlow: none of them is noisy
     assert_no_tf_notices(out.stdout + out.stderr)
     manifest = json.loads((workdir / "store" / "probe" / "1" / "manifest.json").read_text())
-    logged = manifest["history"][0]["loss"]
     run.registry.load_file(TEST_PLUGINS / "probe.py")
     plugin, model, _ = models.load("probe", workdir / "store")
-    xs, ys = plugin.preprocess(x[order], y[order])
     import keras
 
-    per_example = keras.losses.sparse_categorical_crossentropy(ys, model.predict(xs, verbose=0)).numpy()
-    shard0, shard1 = per_example[:1024].mean(), per_example[1024:].mean()
-    assert abs(shard0 - shard1) > 0.05  # the shards really differ
-    assert logged == pytest.approx((shard0 + shard1) / 2, rel=1e-3)
+    held = data.holdout(str(path), None, 0.2)  # 2048 to train on, a seeded sample of 512 held out
+    assert (len(held["train"]), len(held["val"])) == (2048, 512)
+    assert manifest["validation"] == {"fraction": 0.2, "examples": 512, "how": held["how"]}
+    for key, keep in (("loss", held["train"]), ("val_loss", held["val"])):
+        xs, ys = plugin.preprocess(x[order][keep], y[order][keep])
+        per_example = keras.losses.sparse_categorical_crossentropy(ys, model.predict(xs, verbose=0)).numpy()
+        half = len(per_example) // 2
+        shard0, shard1 = per_example[:half].mean(), per_example[half:].mean()
+        assert abs(shard0 - shard1) > 0.05  # the shards really differ
+        assert manifest["history"][0][key] == pytest.approx((shard0 + shard1) / 2, rel=1e-3), key
