@@ -67,6 +67,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from kiln import run
+
+    if args.action == "compare":
+        if len(args.names) < 1:
+            raise KilnError("name the runs to compare: `kiln runs compare RUN [RUN ...]`")
+        path = run.compare(args.names, args.out, args.metric, args.runs_dir)
+        print(f"[kiln] wrote {path}")
+        return 0
+    if args.names:
+        raise KilnError(f"`kiln runs` takes no names; did you mean `kiln runs compare {' '.join(args.names)}`?")
+    found = run.runs(args.runs_dir)
+    if not found:
+        print(f"no runs in {Path(args.runs_dir or settings.runs_dir()).resolve()} yet; start one with `kiln train cnn`")
+        return 0
+    rows = [("RUN", "PLUGIN", "STATUS", "EPOCHS", "BEST VALIDATION", "STORED")]
+    for r in found:
+        best = f"{r['metric']}={r['best']:.4f}" if r["best"] is not None else "-"
+        rows.append((r["run"], r["plugin"], r["status"], r["epochs"], best, r["version"] or "-"))
+    for line in table(rows):
+        print(line)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from kiln.store import Store
 
@@ -478,6 +502,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-failures", type=int, default=1, help="worker failures Ray Train may recover from")
     s.set_defaults(fn=cmd_train)
     p.train_parser = s  # type: ignore[attr-defined]  # kiln submit rebuilds train arguments with it
+
+    s = sub.add_parser("runs", help="list training runs, or draw their validation curves together")
+    s.add_argument("action", nargs="?", choices=["list", "compare"], default="list")
+    s.add_argument("names", nargs="*", metavar="RUN")
+    s.add_argument("--runs-dir", default=None, help="runs folder (default $KILN_RUNS or ./kiln-runs)")
+    s.add_argument("--metric", default=None, help="compare: the metric to draw (default: val_ of the plugin's headline)")
+    s.add_argument("--out", default="runs-compare.png", help="compare: the PNG to write")
+    s.set_defaults(fn=cmd_runs)
 
     s = sub.add_parser("models", parents=[common], help="list the models in the store")
     s.set_defaults(fn=cmd_models)

@@ -168,3 +168,20 @@ def decode(data: bytes, shape: Sequence[int | None], *, source: str = "image",
     if len(shape) > 3 and x.ndim == 2:
         x = x[..., None]
     return x
+
+
+def curves(series: dict[str, list[tuple[int, float]]], path: Path, *, ylabel: str, title: str = "") -> Path:
+    """Lines of (epoch, value) per name in one chart (``kiln runs compare``)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -243,3 +243,65 @@ def evaluate(ref: str, store: str | Path | None = None,
     if judge is not None:
         metrics.update(quality.judge(plugin, model, judge))
     return version, metrics
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def runs(runs_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Every run in ``runs_dir`` with its status, epochs, best validation value of its plugin's
+    headline metric and the stored version it made (``kiln runs``)."""
+    from kiln.spec import HIGHER_IS_BETTER
+
+    root = Path(runs_dir or settings.runs_dir()).resolve()
+    stored: dict[tuple[str, str], str] = {}
+    out = []
+    for path in sorted(root.glob(f"*/{RUN_FILE}")):
+        try:
+            spec = TrainSpec.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        last = checkpoint.latest(path.parent)
+        state = checkpoint.state(last) if last else {"epoch": 0, "history": []}
+        early = state.get("early_stop") or {}
+        if state["epoch"] >= spec.epochs or early.get("stopped"):
+            status = "stopped early" if early.get("stopped") else "finished"
+        else:
+            status = "incomplete"
+        history = state.get("history", [])
+        try:
+            headline = registry.get(spec.plugin).headline
+        except KilnError:
+            headline = "loss"
+        key = f"val_{headline}"
+        values = [h[key] for h in history if key in h]
+        best = None
+        if values:
+            best = max(values) if any(w in key for w in HIGHER_IS_BETTER) else min(values)
+        if (spec.store, spec.run) not in stored:
+            try:
+                for v in store_mod.Store(spec.store).list():
+                    stored[(spec.store, v.manifest.get("run", ""))] = v.ref
+            except KilnError:
+                pass
+        out.append({"run": spec.run, "plugin": spec.plugin, "status": status,
+                    "epochs": f"{state['epoch']}/{spec.epochs}", "metric": key, "best": best,
+                    "version": stored.get((spec.store, spec.run)), "history": history})
+    return out
+
+
+def compare(names: list[str], out: str | Path, metric: str | None = None,
+            runs_dir: str | Path | None = None) -> Path:
+    """The validation curves of runs ``names`` in one PNG (``kiln runs compare``)."""
+    from kiln.images import curves
+
+    found = {r["run"]: r for r in runs(runs_dir)}
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise KilnError(f"no run {', '.join(map(repr, missing))} in {Path(runs_dir or settings.runs_dir()).resolve()}; "
+                        f"runs: {', '.join(sorted(found)) or 'none'}")
+    metric = metric or found[names[0]]["metric"]
+    series = {n: [(h["epoch"], h[metric]) for h in found[n]["history"] if metric in h] for n in names}
+    if not any(series.values()):
+        raise KilnError(f"none of these runs recorded {metric}; try --metric val_loss")
+    return curves(series, Path(out), ylabel=metric, title=f"{metric} by epoch")

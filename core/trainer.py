@@ -123,6 +123,15 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
                 f"on epoch {best['epoch']} for {watch[1] if watch else '?'} epochs")
         return
 
+    board = None
+    if ctx.rank == 0:
+        from kiln.tracking import Board
+
+        board = Board(spec.run_dir, spec.run, {**vars(plugin.config), "plugin": spec.plugin,
+                                               "dataset": spec.dataset, "batch_size": spec.batch_size,
+                                               "epochs": spec.epochs, "workers": ctx.world_size,
+                                               "seed": spec.seed, "val_fraction": spec.val_fraction})
+
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
     val_iterator = iter(strategy.distribute_datasets_from_function(val_fn)) if val_steps else None
 
@@ -150,6 +159,10 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
             n = min(STEPS_PER_CALL, steps - done)
             logs = run_steps(iterator, tf.constant(n))
             done += n
+            if board is not None and ctx.world_size == 1 and n_rep == 1:
+                # one process: the step's logs are already global (N workers would need a
+                # collective per call, so they log per epoch only)
+                board.steps((epoch - 1) * steps + done, {k: float(v) for k, v in logs.items()})
         metrics = {k: float(strategy.reduce("SUM", v, axis=None)) / n_rep for k, v in logs.items()}
         seconds = time.perf_counter() - t0
         if val_iterator is not None:
@@ -183,6 +196,11 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
                     say(f"early stop: {name} has not improved on epoch {best['epoch']} "
                         f"({best['value']:.4f}) for {patience} epochs; keeping epoch {best['epoch']}'s weights")
         plugin.on_epoch_end(model, epoch, metrics, ctx.rank)
+        if board is not None:
+            from kiln.tracking import learning_rate
+
+            board.epoch(epoch, metrics, learning_rate(model))
+            board.pictures(epoch, plugin.progress_dir)
         tmp = Path(tempfile.mkdtemp(prefix="kiln-ckpt-"))
         try:
             if ctx.rank == 0:
@@ -195,6 +213,8 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
             shutil.rmtree(tmp, ignore_errors=True)
         if stop:
             break
+    if board is not None:
+        board.close()
 
 
 class LocalContext:

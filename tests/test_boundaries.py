@@ -16,7 +16,8 @@ PACKAGES = {"kiln": ROOT / "core", "kiln.plugins": ROOT / "plugins", "kiln.serve
 # lowest first; a module may import its own layer or lower ones
 LAYERS = [
     {"kiln", "kiln.plugin", "kiln.settings", "kiln.spec", "kiln.images", "kiln.values"},
-    {"kiln.logs", "kiln.store", "kiln.registry", "kiln.sensors", "kiln.checkpoint", "kiln.client", "kiln.net"},
+    {"kiln.logs", "kiln.store", "kiln.registry", "kiln.sensors", "kiln.checkpoint", "kiln.client", "kiln.net",
+     "kiln.tracking"},
     {"kiln.data", "kiln.models"},
     {"kiln.plugins", "kiln.plugins.*"},
     {"kiln.quality", "kiln.trainer"},

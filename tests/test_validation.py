@@ -85,6 +85,17 @@ def test_the_stored_model_is_the_best_epochs(workdir):
     for stored, best in zip(model.get_weights(), checkpoint.best_weights(last)):
         np.testing.assert_array_equal(stored, best)
 
+    # `kiln runs` lists it; `kiln runs compare` draws its validation curve
+    listed = run_kiln("runs", cwd=workdir)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("best "))
+    best_acc = max(h["val_accuracy"] for h in manifest["history"])
+    assert "finished" in row and "4/4" in row and f"val_accuracy={best_acc:.4f}" in row and "cnn:1" in row
+    drawn = run_kiln("runs", "compare", "best", "--metric", "val_loss", "--out", "curves.png", cwd=workdir)
+    assert drawn.returncode == 0 and (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    unknown = run_kiln("runs", "compare", "best", "nope", cwd=workdir)
+    assert unknown.returncode == 2 and "no run 'nope'" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
+
 
 @pytest.mark.parametrize("args, message", [
     (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),

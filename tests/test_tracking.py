@@ -1,0 +1,52 @@
+"""TensorBoard: every run writes event files in its run folder; read back here with
+TensorBoard's own reader (EventAccumulator) and checked against the run's stored history."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_kiln
+
+
+def _read(folder) -> EventAccumulator:
+    acc = EventAccumulator(str(folder), size_guidance={"tensors": 0, "images": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def _scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
+    import tensorflow as tf
+
+    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
+
+
+def test_a_run_writes_what_tensorboard_shows(workdir):
+    out = run_kiln("train", "cnn", "--epochs", "2", "--limit", "3000", "--run", "tb", cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    history = json.loads((workdir / "store" / "cnn" / "1" / "manifest.json").read_text())["history"]
+    board = workdir / "runs" / "tb" / "tensorboard"
+    train, validation = _read(board / "train"), _read(board / "validation")
+    for name in ("loss", "accuracy"):
+        logged = _scalars(train, f"epoch_{name}")
+        assert logged == {h["epoch"]: pytest.approx(h[name], rel=1e-5) for h in history}
+        logged = _scalars(validation, f"epoch_{name}")  # val_ metrics share the chart's name
+        assert logged == {h["epoch"]: pytest.approx(h[f"val_{name}"], rel=1e-5) for h in history}
+    assert _scalars(train, "epoch_learning_rate") == {1: pytest.approx(1e-3), 2: pytest.approx(1e-3)}
+    steps = _scalars(train, "batch_loss")  # every 50 steps: 2700 examples / 128 = 21 steps an epoch
+    assert sorted(steps) == [21, 42]
+    hparams = train.PluginTagToContent("hparams")
+    assert hparams and b"learning_rate" in b"".join(hparams.values())
+
+
+def test_pictures_drawn_while_training_are_images_in_tensorboard(workdir):
+    out = run_kiln("train", "dcgan", "--epochs", "2", "--limit", "1280", "--set", "sample_every=1",
+                   "--run", "gan", cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    train = _read(workdir / "runs" / "gan" / "tensorboard" / "train")
+    images = train.PluginTagToContent("images")
+    assert "progress" in images, sorted(images)
+    assert sorted(e.step for e in train.Tensors("progress")) == [1, 2]
+    assert set(_scalars(train, "epoch_d_loss")) == {1, 2}
