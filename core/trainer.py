@@ -137,19 +137,17 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
 
     # Many steps per call keep Python out of the hot path; logs are reduced across workers once
     # per epoch (a collective per logged value per step would cost more than the step itself).
-    @tf.function
-    def run_steps(iterator: Any, n: Any) -> dict[str, Any]:
-        logs = strategy.run(model.train_step, args=(next(iterator),))
-        for _ in tf.range(n - 1):
-            logs = strategy.run(model.train_step, args=(next(iterator),))
-        return logs
+    def repeated(step: Any) -> Any:
+        @tf.function
+        def run(iterator: Any, n: Any) -> dict[str, Any]:
+            logs = strategy.run(step, args=(next(iterator),))
+            for _ in tf.range(n - 1):
+                logs = strategy.run(step, args=(next(iterator),))
+            return logs
 
-    @tf.function
-    def run_val(iterator: Any, n: Any) -> dict[str, Any]:
-        logs = strategy.run(model.test_step, args=(next(iterator),))
-        for _ in tf.range(n - 1):
-            logs = strategy.run(model.test_step, args=(next(iterator),))
-        return logs
+        return run
+
+    run_steps, run_val = repeated(model.train_step), repeated(model.test_step)
 
     for epoch in range(start + 1, spec.epochs + 1):
         model.reset_metrics()

@@ -115,11 +115,16 @@ class GAN(keras.Model):
             images = ops.concatenate([images, planes], axis=-1)
         return self.discriminator(images, training=training)
 
-    def train_step(self, data):
+    def _batch(self, data):
+        """Real images, their one-hot classes (conditional) and the real/fake targets."""
         real, labels = data if isinstance(data, tuple) else (data, None)
         batch = ops.shape(real)[0]
         classes = ops.one_hot(ops.cast(labels, "int32"), self.num_classes) if self.num_classes else None
-        ones, zeros = ops.ones((batch, 1)), ops.zeros((batch, 1))
+        return real, classes, ops.ones((batch, 1)), ops.zeros((batch, 1))
+
+    def train_step(self, data):
+        real, classes, ones, zeros = self._batch(data)
+        batch = ops.shape(real)[0]
 
         # Discriminator: real and generated batches kept apart (each has its own batch norm statistics).
         z = keras.random.normal((batch, self.latent_dim), seed=self.seed_generator)
@@ -156,11 +161,8 @@ class GAN(keras.Model):
     def test_step(self, data):
         """Validation: both players' losses on held-out real images and samples of the averaged
         generator (the one that draws), no update."""
-        real, labels = data if isinstance(data, tuple) else (data, None)
-        batch = ops.shape(real)[0]
-        classes = ops.one_hot(ops.cast(labels, "int32"), self.num_classes) if self.num_classes else None
-        ones, zeros = ops.ones((batch, 1)), ops.zeros((batch, 1))
-        z = keras.random.normal((batch, self.latent_dim), seed=self.seed_generator)
+        real, classes, ones, zeros = self._batch(data)
+        z = keras.random.normal((ops.shape(real)[0], self.latent_dim), seed=self.seed_generator)
         real_logits = self.critic(real, classes, training=False)
         fake_logits = self.critic(self.generate(z, classes, training=False), classes, training=False)
         self.d_loss_tracker.update_state(self.loss_fn(ones, real_logits) + self.loss_fn(zeros, fake_logits))

@@ -234,8 +234,11 @@ def app_builder(args: dict[str, Any]) -> Any:
     if not store:
         raise KilnError("the Serve config's args need 'store': the model store's path on the cluster")
     refs = resolve_refs(store, args.get("models") or None)
-    return build_app(ServeSpec(store=store, refs=refs, limits=Limits(**args.get("limits", {})),
-                               token=settings.api_token()))
+    limits = args.get("limits") or {}
+    known = set(Limits.__dataclass_fields__)
+    if not isinstance(limits, dict) or set(limits) - known:
+        raise KilnError(f"the Serve config's args.limits takes {', '.join(sorted(known))}; got {limits!r}")
+    return build_app(ServeSpec(store=store, refs=refs, limits=Limits(**limits), token=settings.api_token()))
 
 
 def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:

@@ -87,7 +87,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(workdir):
     # optimizer state travelled: Adam's iteration counter counts all 3 epochs of steps
     ckpt = sorted((workdir / "runs" / "interrupted").glob("checkpoint_*"))[-1]
     with np.load(ckpt / "optimizers.npz") as f:
-        assert int(f["0/0"]) == 3 * (2048 // 128)
+        assert int(f["0/0"]) == 3 * ((2048 - 205) // 128)  # 205 (10%) held out for validation
     again = run_kiln(*args, cwd=workdir, env=env)
     assert again.returncode == 2 and "already finished 3/3 epochs" in again.stderr
 
