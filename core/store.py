@@ -172,10 +172,17 @@ class _Remote:
     def _list(self, path: str) -> list[Any]:
         from pyarrow import fs as pafs
 
-        try:
-            return self._fs().get_file_info(pafs.FileSelector(path, allow_not_found=True))
-        except OSError as e:
-            raise KilnError(f"cannot list the store {self.uri}: {e}") from None
+        # pyarrow lists a local folder by reading its entries, then looking at each: an entry that
+        # another writer removes in between (a withdrawn claim) fails the whole listing with
+        # ENOENT. Listing again sees the folder as it is now.
+        for attempt in range(5):
+            try:
+                return self._fs().get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            except OSError as e:
+                if "No such file" not in str(e) or attempt == 4:
+                    raise KilnError(f"cannot list the store {self.uri}: {e}") from None
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _is_file(self, path: str) -> bool:
         from pyarrow import fs as pafs
