@@ -105,10 +105,12 @@ def _check_run(spec: TrainSpec, run_dir: Path) -> None:
     """A run name is reused only to resume the same training; refuse to mix different runs."""
     path = run_dir / RUN_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        # read as a spec: a field newer than the run file (val_fraction) takes its default, so a
+        # run started before it still resumes
+        old = TrainSpec.from_dict(json.loads(path.read_text()))
         for key in ("plugin", "dataset", "overrides", "batch_size", "limit", "seed", "val_fraction"):
-            if old.get(key) != getattr(spec, key):
-                raise KilnError(f"run '{spec.run}' was started with {key}={old.get(key)!r}, not "
+            if getattr(old, key) != getattr(spec, key):
+                raise KilnError(f"run '{spec.run}' was started with {key}={getattr(old, key)!r}, not "
                                 f"{getattr(spec, key)!r}; resume it unchanged or pick a new --run name")
     last = checkpoint.latest(run_dir)
     if last is not None:

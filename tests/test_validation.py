@@ -112,3 +112,20 @@ def test_an_unknown_early_stop_metric_names_the_ones_there_are(workdir):
     out = run_kiln("train", "cnn", "--epochs", "1", "--limit", "1000", "--early-stop", "val_f1", cwd=workdir)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
     assert "reports no val_f1; its validation metrics: val_" in out.stderr
+
+
+def test_a_run_started_before_validation_existed_still_resumes(workdir):
+    """A run file written by an older Kiln has no val_fraction: it held nothing out, so resuming
+    it holds nothing out, and is not refused as a different run."""
+    from kiln import run
+
+    spec = run.plan("cnn", epochs=2, run="old", runs_dir=workdir / "runs")
+    old = spec.to_dict()
+    del old["val_fraction"]
+    spec.run_dir.mkdir(parents=True)
+    (spec.run_dir / run.RUN_FILE).write_text(json.dumps(old))
+    resumed = run.resume_spec("old", workdir / "runs")
+    assert resumed.val_fraction == 0.0
+    run._check_run(resumed, spec.run_dir)  # before: "was started with val_fraction=None, not 0.0"
+    with pytest.raises(run.KilnError, match="val_fraction=0.0, not 0.1"):
+        run._check_run(spec, spec.run_dir)
