@@ -100,10 +100,11 @@ def _worker(config: dict[str, Any]) -> None:
     train_loop(spec, DatasetInfo.from_dict(config["info"]), strategy, ctx)
 
 
-def fit(spec: TrainSpec, info: DatasetInfo) -> Path:
+def fit(spec: TrainSpec, info: DatasetInfo, callbacks: list[Any] | None = None) -> Path:
     """Train on ``spec.workers`` Ray Train workers (elastic up to ``spec.max_workers``); returns
     the run folder holding checkpoints. A failed worker or lost node restarts the group from the
-    last checkpoint, up to ``spec.max_failures`` times."""
+    last checkpoint, up to ``spec.max_failures`` times. ``callbacks``: Ray Train callbacks (a Tune
+    trial passes Tune's, which hands each epoch's report up to the search)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -141,6 +142,7 @@ def fit(spec: TrainSpec, info: DatasetInfo) -> Path:
             failure_config=FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
     try:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from kiln import settings
 from kiln.logs import table
@@ -53,17 +54,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.plugin:
             raise KilnError("name a plugin to train (see `kiln plugins`), or --resume RUN")
-        spec = run.plan(args.plugin, dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                        overrides=_overrides(args.set), workers=args.workers,
-                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                        seed=args.seed, name=args.name, run=args.run, store=args.store,
-                        runs_dir=args.runs_dir, limit=args.limit, plugin_path=args.plugin_path,
-                        max_failures=args.max_failures, address=args.address,
-                        val_fraction=args.val_fraction, early_stop=args.early_stop)
+        spec = run.plan(args.plugin, **_train_kwargs(args))
     try:
         run.train(spec)
     except KeyboardInterrupt:
         raise KilnError(f"interrupted; continue with `kiln train --resume {spec.run}`") from None
+    return 0
+
+
+def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``kiln train``'s flags as run.plan takes them (``kiln tune`` passes them for its trials)."""
+    return dict(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
+                overrides=_overrides(args.set), workers=args.workers,
+                gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                seed=args.seed, name=args.name, run=args.run, store=args.store,
+                runs_dir=args.runs_dir, limit=args.limit, plugin_path=args.plugin_path,
+                max_failures=args.max_failures, address=args.address,
+                val_fraction=args.val_fraction, early_stop=args.early_stop, mlflow=args.mlflow)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kiln import tune
+
+    if args.resume:
+        search = tune.load(args.resume, args.runs_dir)
+        done = search.dir / tune.RESULTS_FILE
+        if done.is_file():
+            raise KilnError(f"search '{args.resume}' already finished; its best model is "
+                            f"{json.loads(done.read_text()).get('version')} (results in {done})")
+    else:
+        if not args.plugin:
+            raise KilnError("name a plugin to search (see `kiln plugins`), or --resume SEARCH")
+        search = tune.plan(args.plugin, args.search, samples=args.samples, metric=args.metric, mode=args.mode,
+                           scheduler=args.scheduler, grace_epochs=args.grace_epochs,
+                           reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
+                           **_train_kwargs(args))
+    try:
+        summary = tune.run(search, resume=bool(args.resume))
+    except KeyboardInterrupt:
+        raise KilnError(f"interrupted; continue with `kiln tune --resume {search.name}`") from None
+    print(f"[kiln] search results in {search.dir}: trials.csv, curves.png, params.png; best model "
+          f"{summary['version']}")
     return 0
 
 
@@ -78,9 +109,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     if args.names:
         raise KilnError(f"`kiln runs` takes no names; did you mean `kiln runs compare {' '.join(args.names)}`?")
-    found = run.runs(args.runs_dir)
+    from kiln import tune
+
+    found = sorted(run.runs(args.runs_dir) + tune.searches(args.runs_dir), key=lambda r: r["run"])
     if not found:
-        print(f"no runs in {Path(args.runs_dir or settings.runs_dir()).resolve()} yet; start one with `kiln train cnn`")
+        print(f"no runs in {Path(args.runs_dir or settings.runs_dir()).resolve()} yet; start one with "
+              "`kiln train cnn` or a search with `kiln tune`")
         return 0
     rows = [("RUN", "PLUGIN", "STATUS", "EPOCHS", "BEST VALIDATION", "STORED")]
     for r in found:
@@ -456,25 +490,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
-    p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
-    p.add_argument("--plugin-path", default=None, metavar="FILE.py",
-                   help="also load the plugins defined in this Python file (for development)")
-    p.add_argument("--verbose", action="store_true",
-                   help="also show TensorFlow's and Ray's start-up notices (or set KILN_VERBOSE=1)")
-    sub = p.add_subparsers(dest="command", required=True)
-    # --store and --plugin-path work before or after the subcommand
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--plugin-path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-    s = sub.add_parser("plugins", parents=[common], help="list registered plugins")
-    s.add_argument("-v", "--config", action="store_true", help="also list each plugin's config keys")
-    s.set_defaults(fn=cmd_plugins)
-
-    s = sub.add_parser("train", parents=[common], help="train a plugin and store the model as a new version")
+def _training_flags(s: argparse.ArgumentParser, command: str) -> None:
+    """The flags of one training run; ``kiln tune`` takes them for each of its trials."""
     s.add_argument("plugin", nargs="?", help="plugin name (see `kiln plugins`)")
     s.add_argument("--epochs", type=int, default=None, help="epochs (default: the plugin's)")
     s.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the plugin's)")
@@ -494,13 +511,65 @@ def parser() -> argparse.ArgumentParser:
                    help="stop when a validation metric stops improving (e.g. val_accuracy:3); "
                         "the best epoch's weights are stored")
     s.add_argument("--name", default=None, help="model name in the store (default: the plugin name)")
-    s.add_argument("--run", default=None, help="run name; rerunning an interrupted run resumes it")
-    s.add_argument("--resume", default=None, metavar="RUN", help="resume run RUN with its original settings")
+    if command == "tune":
+        s.add_argument("--run", default=None, help="search name (default NAME-search-TIME): its folder in --runs-dir")
+        s.add_argument("--resume", default=None, metavar="SEARCH",
+                       help="continue an interrupted search with its original settings")
+    else:
+        s.add_argument("--run", default=None, help="run name; rerunning an interrupted run resumes it")
+        s.add_argument("--resume", default=None, metavar="RUN", help="resume run RUN with its original settings")
     s.add_argument("--runs-dir", default=None, help="checkpoints folder (default $KILN_RUNS or ./kiln-runs)")
     s.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local one)")
     s.add_argument("--max-failures", type=int, default=1, help="worker failures Ray Train may recover from")
+    s.add_argument("--mlflow", default=None, metavar="URI",
+                   help="also log to this MLflow tracking server (default $MLFLOW_TRACKING_URI; the "
+                        "experiment is $MLFLOW_EXPERIMENT_NAME or 'kiln')")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
+    p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
+    p.add_argument("--plugin-path", default=None, metavar="FILE.py",
+                   help="also load the plugins defined in this Python file (for development)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show TensorFlow's and Ray's start-up notices (or set KILN_VERBOSE=1)")
+    sub = p.add_subparsers(dest="command", required=True)
+    # --store and --plugin-path work before or after the subcommand
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--plugin-path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    s = sub.add_parser("plugins", parents=[common], help="list registered plugins")
+    s.add_argument("-v", "--config", action="store_true", help="also list each plugin's config keys")
+    s.set_defaults(fn=cmd_plugins)
+
+    s = sub.add_parser("train", parents=[common], help="train a plugin and store the model as a new version")
+    _training_flags(s, "train")
     s.set_defaults(fn=cmd_train)
     p.train_parser = s  # type: ignore[attr-defined]  # kiln submit rebuilds train arguments with it
+
+    s = sub.add_parser("tune", parents=[common], help="search hyperparameters on Ray Tune; store the best model",
+                       description="Hyperparameter search on Ray Tune: each trial is a Kiln run of one "
+                                   "sampled config, judged on the validation split; ASHA stops poor trials "
+                                   "early. The best trial's model is stored with the search in its manifest.")
+    _training_flags(s, "tune")
+    s.add_argument("--search", action="append", default=[], metavar="KEY=KIND:ARGS",
+                   help="a config key to search (repeatable): loguniform:LO:HI, uniform:LO:HI, "
+                        "randint:LO:HI, choice:A/B/C or grid:A/B/C (tuple items: 32,64/64,128)")
+    s.add_argument("--samples", type=int, default=None,
+                   help="configurations sampled (default 8; with grid: 1, each repeating the grid)")
+    s.add_argument("--metric", default=None, help="validation metric that ranks trials (default val_ of "
+                                                  "the plugin's headline, e.g. val_accuracy)")
+    s.add_argument("--mode", default=None, choices=["max", "min"], help="default: from the metric's name")
+    s.add_argument("--scheduler", default="asha", choices=["asha", "fifo"],
+                   help="asha stops poor trials early (default); fifo runs every trial to the end")
+    s.add_argument("--grace-epochs", type=int, default=1, help="asha: epochs every trial gets")
+    s.add_argument("--reduction-factor", type=int, default=4, help="asha: 1 in N trials goes on at each rung")
+    s.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at a time (default: as many as the cluster's CPUs and GPUs fit)")
+    s.set_defaults(fn=cmd_tune)
+    p.tune_parser = s  # type: ignore[attr-defined]
 
     s = sub.add_parser("runs", help="list training runs, or draw their validation curves together")
     s.add_argument("action", nargs="?", choices=["list", "compare"], default="list")

@@ -185,3 +185,29 @@ def curves(series: dict[str, list[tuple[int, float]]], path: Path, *, ylabel: st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def params(points: Sequence[tuple[dict, float]], dims: Sequence[tuple[str, str]], path: Path, *,
+           ylabel: str, mode: str = "max") -> Path:
+    """A search's result against each searched parameter: one panel per (key, kind), a point per
+    trial (``kiln tune``). Log x for loguniform; options side by side for choice and grid."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(dims), figsize=(3.6 * len(dims) + 0.6, 3.4), squeeze=False)
+    ys = [y for _, y in points]
+    best = (max if mode == "max" else min)(range(len(ys)), key=ys.__getitem__) if ys else None
+    for ax, (key, kind) in zip(axes[0], dims):
+        xs = [c[key] for c, _ in points]
+        if kind in ("choice", "grid"):
+            labels = sorted({str(x) for x in xs})
+            xs = [labels.index(str(x)) for x in xs]
+            ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=20)
+        elif kind == "loguniform":
+            ax.set_xscale("log")
+        ax.scatter(xs, ys, s=22, alpha=0.8)
+        if best is not None:
+            ax.scatter([xs[best]], [ys[best]], s=70, facecolors="none", edgecolors="red", label="best")
+            ax.legend(fontsize=7)
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    return _save(fig, path)

@@ -23,6 +23,7 @@ import importlib.machinery
 import os
 import re
 import sys
+import time
 import tempfile
 from typing import Any, Iterator
 
@@ -39,10 +40,47 @@ _PYTHON = re.compile(r"^\S[^:]*:\d+: \w*(Warning|Error)\b|^Traceback ")
 SETUP_HOOK = "kiln.logs.quiet_process"
 
 
+PREFIX = ""  # set by a process that trains for someone else: a search's trial names itself
+
+
 def say(message: str) -> None:
     """One Kiln progress line on stdout (not print: Ray Train workers patch print into a logger)."""
-    sys.stdout.write(f"[kiln] {message}\n")
+    sys.stdout.write(f"[kiln] {PREFIX}{message}\n")
     sys.stdout.flush()
+
+
+class Progress:
+    """A bar within each epoch (steps, examples/s, ETA, loss) when stderr is a terminal; nothing
+    in logs, Ray jobs or Ray Train workers, whose output is not one, where the epoch line is all."""
+
+    def __init__(self, epochs: int, steps: int, batch: int) -> None:
+        self.on = sys.stderr.isatty()
+        self.epochs, self.steps, self.batch = epochs, steps, batch
+        self.width = 0
+
+    def start(self, epoch: int) -> None:
+        self.epoch, self.t0 = epoch, time.perf_counter()
+
+    def update(self, done: int, logs: dict[str, float]) -> None:
+        if not self.on:
+            return
+        seconds = max(time.perf_counter() - self.t0, 1e-9)
+        rate = done * self.batch / seconds
+        eta = (self.steps - done) * seconds / done
+        filled = int(24 * done / self.steps)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in list(logs.items())[:2])
+        line = (f"[kiln] epoch {self.epoch}/{self.epochs} [{'#' * filled}{'.' * (24 - filled)}] {done}/{self.steps} "
+                f"steps  {rate:,.0f} examples/s  ETA {eta:.0f}s  {shown}")
+        sys.stderr.write("\r" + line.ljust(self.width))
+        sys.stderr.flush()
+        self.width = len(line)
+
+    def clear(self) -> None:
+        """Wipe the bar before the epoch's line."""
+        if self.on and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+            self.width = 0
 
 
 def table(rows: list[tuple[str, ...]]) -> list[str]:

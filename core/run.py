@@ -37,7 +37,8 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
          name: str | None = None, run: str | None = None, store: str | Path | None = None,
          runs_dir: str | Path | None = None, limit: int | None = None,
          plugin_path: str | None = None, max_failures: int = 1, address: str | None = None,
-         val_fraction: float | None = None, early_stop: str | None = None) -> TrainSpec:
+         val_fraction: float | None = None, early_stop: str | None = None,
+         mlflow: str | None = None) -> TrainSpec:
     """Validate a training request and return its spec; raises KilnError naming what is wrong.
 
     Everything that does not need the plugin's code is checked first, so a bad flag or a missing
@@ -58,6 +59,12 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
             raise KilnError("--early-stop watches a validation metric; it needs --val-fraction above 0")
     if dataset and data.is_file_dataset(dataset):
         dataset = data.check_path(dataset)
+    tracking = None
+    if mlflow or settings.mlflow_uri():
+        from kiln.tracking import check_mlflow
+
+        tracking = {"uri": check_mlflow(mlflow or settings.mlflow_uri() or ""),
+                    "experiment": settings.mlflow_experiment()}
     if address:
         net.check_ray_address(address)
     if plugin_path:
@@ -87,7 +94,7 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
                      cpus_per_worker=cpus_per_worker, seed=seed, limit=limit, plugin_path=plugin_path,
                      max_failures=max_failures, address=address,
                      val_fraction=cls.val_fraction if val_fraction is None else val_fraction,
-                     early_stop=early_stop)
+                     early_stop=early_stop, mlflow=tracking)
 
 
 def resume_spec(run: str, runs_dir: str | Path | None = None, epochs: int | None = None) -> TrainSpec:
@@ -123,27 +130,61 @@ def _check_run(spec: TrainSpec, run_dir: Path) -> None:
 def train(spec: TrainSpec) -> store_mod.Version:
     """Train ``spec`` (in-process when workers == 0, else on Ray Train), then evaluate and store."""
     info = data.prepare(spec.dataset)
-    plugin_for(spec, info)  # a plugin rejecting this data fails here, not in every worker
+    plugin = plugin_for(spec, info)  # a plugin rejecting this data fails here, not in every worker
     run_dir = spec.run_dir
     _check_run(spec, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = start_mlflow(spec, plugin)
     (run_dir / RUN_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
     say(f"run '{spec.run}': {spec.plugin} on {spec.dataset}, {spec.epochs} epochs, "
         f"{_where(spec)}; "
-        f"checkpoints in {run_dir}")
+        f"checkpoints in {run_dir}" + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker else ""))
+    try:
+        final = _fit(spec, info)
+    except BaseException as e:
+        if tracker is not None:
+            tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return finalize(spec, info, final)
+
+
+def start_mlflow(spec: TrainSpec, plugin: Plugin, parent: str | None = None) -> Any:
+    """The MLflow run of ``spec`` (kiln.tracking.Mlflow), created with its parameters on the
+    first start and continued on a resume; None without MLflow. Records the run id in the spec."""
+    if not spec.mlflow:
+        return None
+    from kiln.tracking import Mlflow
+
+    old = spec.run_dir / RUN_FILE
+    if not spec.mlflow.get("run_id") and old.is_file():  # the same run started again: continue its MLflow run
+        before = (json.loads(old.read_text()).get("mlflow") or {})
+        if before.get("uri") == spec.mlflow["uri"] and before.get("run_id"):
+            spec.mlflow["run_id"] = before["run_id"]
+    if spec.mlflow.get("run_id"):
+        return Mlflow(spec.mlflow["uri"], spec.mlflow["run_id"])
+    params = {**vars(plugin.config), "plugin": spec.plugin, "dataset": spec.dataset, "epochs": spec.epochs,
+              "batch_size": spec.batch_size, "workers": spec.workers_text, "seed": spec.seed,
+              "limit": spec.limit, "val_fraction": spec.val_fraction, "early_stop": spec.early_stop}
+    tracker = Mlflow.start(spec.mlflow["uri"], spec.mlflow["experiment"], spec.run, params,
+                           {"kiln.plugin": spec.plugin, "kiln.run": spec.run},
+                           parent=parent or spec.mlflow.get("parent"))
+    spec.mlflow["run_id"] = tracker.run_id
+    return tracker
+
+
+def _fit(spec: TrainSpec, info: DatasetInfo) -> Path:
+    """Train in-process or on Ray Train; the folder holding the run's checkpoints."""
     if spec.workers == 0:
         import tensorflow as tf
 
         from kiln.trainer import LocalContext, setup_tensorflow, train_loop
 
         setup_tensorflow(None, gpus=True)
-        train_loop(spec, info, tf.distribute.get_strategy(), LocalContext(run_dir))
-        final = run_dir
-    else:
-        from kiln.cluster.train import fit
+        train_loop(spec, info, tf.distribute.get_strategy(), LocalContext(spec.run_dir))
+        return spec.run_dir
+    from kiln.cluster.train import fit
 
-        final = fit(spec, info)
-    return finalize(spec, info, final)
+    return fit(spec, info)
 
 
 def _where(spec: TrainSpec) -> str:
@@ -158,8 +199,10 @@ def plugin_for(spec: TrainSpec, info: DatasetInfo) -> Plugin:
                               plugin_path=spec.plugin_path)
 
 
-def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Version:
-    """Rebuild the model from the run's last checkpoint, evaluate it, draw samples, store it."""
+def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path, extra: dict[str, Any] | None = None,
+             pictures: list[Path] = ()) -> store_mod.Version:
+    """Rebuild the model from the run's last checkpoint, evaluate it, draw samples, store it.
+    ``extra``: more manifest fields (a search's record); ``pictures``: more PNGs for its artifacts."""
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise KilnError(f"run '{spec.run}' left no checkpoint in {run_dir}")
@@ -187,7 +230,7 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
         artifacts = tmp / store_mod.ARTIFACTS
         artifacts.mkdir()
         plugin.samples(model, test, artifacts)
-        for picture in sorted(spec.progress_dir.glob("*.png")):  # pictures drawn during training
+        for picture in [*sorted(spec.progress_dir.glob("*.png")), *pictures]:  # drawn while training
             shutil.copy2(picture, artifacts / picture.name)
         (tmp / store_mod.ASSETS).mkdir()
         plugin.save_assets(model, test, tmp / store_mod.ASSETS)
@@ -205,6 +248,8 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
                                                      "max_workers", "gpus_per_worker", "seed", "limit", "overrides",
                                                      "val_fraction", "early_stop")},
             "run": spec.run, "kiln_version": __version__,
+            "mlflow": {k: spec.mlflow[k] for k in ("uri", "run_id") if k in spec.mlflow} if spec.mlflow else None,
+            **(extra or {}),
         }
 
     version = store_mod.Store(spec.store).save(spec.name, write)
@@ -212,6 +257,15 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path) -> store_mod.Ver
     say(f"test {shown}")
     where = f"{spec.store}/{version.name}/{version.version}" if store_mod.is_uri(spec.store) else version.path
     say(f"stored {version.ref} at {where}")
+    if spec.mlflow and spec.mlflow.get("run_id"):
+        from kiln.tracking import Mlflow
+
+        tracker = Mlflow(spec.mlflow["uri"], spec.mlflow["run_id"])
+        tracker.metrics({f"test_{k}": v for k, v in metrics.items()}, step=int(state["epoch"]))
+        tracker.files([version.path / "manifest.json"])
+        tracker.files([version.path / store_mod.ARTIFACTS], "pictures")
+        tracker.tags({"kiln.model": version.ref, "kiln.store": str(spec.store)})
+        tracker.end()
     return version
 
 

@@ -10,6 +10,8 @@
 | ``KILN_API_TOKEN`` | none | the server's bearer token; the client sends it |
 | ``KILN_URL`` | ``http://127.0.0.1:8000`` | the server ``kiln predict`` / ``kiln generate`` talk to |
 | ``KILN_VERBOSE`` | off | show TensorFlow's and Ray's start-up notices |
+| ``MLFLOW_TRACKING_URI`` | none | MLflow's own variable: log runs there (as ``--mlflow URI``) |
+| ``MLFLOW_EXPERIMENT_NAME`` | ``kiln`` | MLflow's own variable: the experiment runs go to |
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def api_token() -> str | None:
 
 def url() -> str:
     return os.environ.get("KILN_URL") or "http://127.0.0.1:8000"
+
+
+def mlflow_uri() -> str | None:
+    return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def mlflow_experiment() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "kiln"
 
 
 def forwarded() -> dict[str, str]:

@@ -34,6 +34,9 @@ class TrainSpec:
     address: str | None = None
     val_fraction: float = 0.0   # of the training data, held out for validation (0: none)
     early_stop: str | None = None  # "val_METRIC:PATIENCE": stop when it stops improving
+    # MLflow tracking: {"uri", "experiment"}, and once the run exists its "run_id" (a search's
+    # trials also carry their search's run as "parent")
+    mlflow: dict[str, str] | None = None
 
     @property
     def run_dir(self) -> Path:

@@ -85,3 +85,107 @@ def learning_rate(model: Any) -> float | None:
         return float(opt.learning_rate)
     except (AttributeError, TypeError, ValueError):
         return None
+
+
+# ------------------------------------------------------------------------------------- MLflow
+#
+# Through the tracking API (MlflowClient) with explicit run ids, not mlflow's Keras autolog: that
+# hooks only model.fit, which Kiln's loop does not call, and declares Keras <= 3.13. A run's id
+# travels in its TrainSpec, so Ray Train's rank 0, a Tune trial's actor and the driver that
+# stores the model all log into the same MLflow run, and a resumed run continues it.
+
+MLFLOW_HINT = "start one with `mlflow server --host 127.0.0.1 --port 5000`, or check --mlflow / MLFLOW_TRACKING_URI"
+
+
+def _client(uri: str) -> Any:
+    try:
+        from mlflow import MlflowClient
+    except ImportError:
+        from kiln.plugin import KilnError
+
+        raise KilnError("--mlflow needs the MLflow client: pip install 'kiln[mlflow]' "
+                        "(or mlflow-skinny)") from None
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_mlflow(uri: str) -> str:
+    """``uri`` as MLflow takes it, or one KilnError line: not installed, nothing listening, or a
+    server that refuses. Called before any training."""
+    from urllib.parse import urlparse
+
+    from kiln import net
+    from kiln.plugin import KilnError
+
+    uri = uri.strip()
+    url = urlparse(uri)
+    if url.scheme in ("http", "https"):
+        if not url.hostname:
+            raise KilnError(f"bad MLflow tracking URI {uri!r}: use http://HOST:PORT")
+        net.reachable(url.hostname, url.port or (443 if url.scheme == "https" else 80),
+                      f"an MLflow server at {uri}", MLFLOW_HINT)
+    elif url.scheme not in ("", "file", "sqlite", "postgresql", "mysql", "databricks"):
+        raise KilnError(f"bad MLflow tracking URI {uri!r}: use http://HOST:PORT, a folder or sqlite:///FILE")
+    client = _client(uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # whatever the server answered: one line that names it
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise KilnError(f"the MLflow tracking server at {uri} refused a request: {first}") from None
+    return uri
+
+
+class Mlflow:
+    """One Kiln run (or search) as an MLflow run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.client = _client(uri)
+        self.pictures_seen: set[str] = set()
+
+    @classmethod
+    def start(cls, uri: str, experiment: str, name: str, params: dict[str, Any],
+              tags: dict[str, str], parent: str | None = None) -> "Mlflow":
+        from mlflow.entities import Param
+
+        client = _client(uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        if parent:
+            tags = {**tags, "mlflow.parentRunId": parent}
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+        out = cls(uri, run.info.run_id)
+        # MLflow caps a param's value at 6000 characters
+        client.log_batch(out.run_id, params=[Param(k, str(_hparam(v))[:6000]) for k, v in params.items()])
+        return out
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()
+                                                    if k not in ("epoch", "workers")])
+
+    def pictures(self, folder: Path | None, artifact_path: str = "progress") -> None:
+        """The PNGs a plugin drew into ``folder`` since the last call."""
+        if folder is None or not folder.is_dir():
+            return
+        for png in sorted(folder.glob("*.png")):
+            if png.name not in self.pictures_seen:
+                self.pictures_seen.add(png.name)
+                self.client.log_artifact(self.run_id, str(png), artifact_path)
+
+    def files(self, paths: list[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            elif path.is_file():
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)

@@ -123,9 +123,12 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
                 f"on epoch {best['epoch']} for {watch[1]} epochs")
         return
 
-    board = None
+    board = mlflow = None
     if ctx.rank == 0:
-        from kiln.tracking import Board
+        from kiln.tracking import Board, Mlflow
+
+        if spec.mlflow and spec.mlflow.get("run_id"):
+            mlflow = Mlflow(spec.mlflow["uri"], spec.mlflow["run_id"])
 
         board = Board(spec.run_dir, spec.run, {**vars(plugin.config), "plugin": spec.plugin,
                                                "dataset": spec.dataset, "batch_size": spec.batch_size,
@@ -148,15 +151,24 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
         return run
 
     run_steps, run_val = repeated(model.train_step), repeated(model.test_step)
+    from kiln.logs import Progress
+
+    bar = Progress(spec.epochs, steps, global_batch)
+    bar.on = bar.on and ctx.rank == 0 and ctx.world_size == 1 and n_rep == 1
+    # on a terminal the bar moves about 20 times an epoch; elsewhere Python stays out of the way
+    per_call = max(1, min(STEPS_PER_CALL, steps // 20)) if bar.on else STEPS_PER_CALL
 
     for epoch in range(start + 1, spec.epochs + 1):
         model.reset_metrics()
         t0 = time.perf_counter()
+        bar.start(epoch)
         done = 0
         while done < steps:
-            n = min(STEPS_PER_CALL, steps - done)
+            n = min(per_call, steps - done)
             logs = run_steps(iterator, tf.constant(n))
             done += n
+            if bar.on:
+                bar.update(done, {k: float(v) for k, v in logs.items()})
             if board is not None and ctx.world_size == 1 and n_rep == 1:
                 # one process: the step's logs are already global (N workers would need a
                 # collective per call, so they log per epoch only)
@@ -172,6 +184,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
         metrics.update(epoch=epoch, examples_per_s=steps * global_batch / seconds, seconds=seconds,
                        workers=ctx.world_size)
         history.append(metrics)
+        bar.clear()
         if ctx.rank == 0:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                               if k not in ("epoch", "examples_per_s", "seconds", "workers"))
@@ -197,8 +210,12 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
         if board is not None:
             from kiln.tracking import learning_rate
 
-            board.epoch(epoch, metrics, learning_rate(model))
+            lr = learning_rate(model)
+            board.epoch(epoch, metrics, lr)
             board.pictures(epoch, plugin.progress_dir)
+            if mlflow is not None:
+                mlflow.metrics({**metrics, **({"learning_rate": lr} if lr is not None else {})}, step=epoch)
+                mlflow.pictures(plugin.progress_dir)
         tmp = Path(tempfile.mkdtemp(prefix="kiln-ckpt-"))
         try:
             if ctx.rank == 0:
@@ -213,6 +230,19 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
             break
     if board is not None:
         board.close()
+
+
+def metric_names(spec: TrainSpec, info: DatasetInfo) -> list[str]:
+    """The metrics ``spec``'s model reports, from one test step on a few training examples:
+    Keras knows a compiled model's metric names only once it has run (kiln tune checks its
+    --metric with this before starting any trial)."""
+    plugin = models.make_plugin(spec.plugin, spec.overrides, info, store=spec.store,
+                                plugin_path=spec.plugin_path)
+    model = models.build(plugin)
+    split = data.load(spec.dataset, "train", limit=spec.limit, val_fraction=spec.val_fraction,
+                      seed=spec.seed, per_class=plugin.train_per_class())
+    batch = next(iter(split.ds.batch(min(8, spec.batch_size)).take(1).map(plugin.preprocess)))
+    return sorted(model.test_step(batch))
 
 
 class LocalContext:

@@ -50,3 +50,42 @@ def test_pictures_drawn_while_training_are_images_in_tensorboard(workdir):
     assert "progress" in images, sorted(images)
     assert sorted(e.step for e in train.Tensors("progress")) == [1, 2]
     assert set(_scalars(train, "epoch_d_loss")) == {1, 2}
+
+
+def test_on_a_terminal_each_epoch_shows_a_progress_bar_and_in_logs_one_line(workdir):
+    """Under a pseudo-terminal (a user's shell) a bar moves within each epoch and is wiped before
+    the epoch's line; captured output (logs, Ray jobs) keeps one line per epoch, no bar."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "kiln.cli", "train", "cnn", "--epochs", "2", "--limit", "3000"]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(args + ["--run", "tty"], cwd=workdir, stdin=follower, stdout=follower,
+                            stderr=follower)
+    os.close(follower)
+    seen = b""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=60)
+    os.close(leader)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    bars = [part for part in text.split("\r") if "examples/s  ETA" in part]
+    assert len(bars) >= 4, text[-3000:]  # the bar moved within each epoch
+    assert any("[kiln] epoch 1/2 [" in b for b in bars) and any("[kiln] epoch 2/2 [" in b for b in bars)
+    assert any("loss" in b for b in bars)
+    assert "epoch 2/2  loss=" in text  # and the epoch's line as before
+    logged = run_kiln("train", "cnn", "--epochs", "2", "--limit", "3000", "--run", "log", cwd=workdir)
+    assert logged.returncode == 0
+    assert "ETA" not in logged.stdout + logged.stderr and "\r" not in logged.stdout + logged.stderr
+    assert logged.stdout.count("[kiln] epoch ") == 2

@@ -1,0 +1,143 @@
+"""MLflow tracking against a real `mlflow server` (SQLite backend, local artifact folder) on a
+loopback port, read back through MlflowClient as a user's notebook would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from conftest import TEST_PLUGINS, run_kiln
+from kiln.serve.runtime import free_port
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start in 120 s:\n" + (root / "server.log").read_text()[-3000:])
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def client(url: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=url)
+
+
+def runs_named(url: str, experiment: str) -> dict[str, object]:
+    c = client(url)
+    exp = c.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    return {r.info.run_name: r for r in c.search_runs([exp.experiment_id])}
+
+
+def artifacts(url: str, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for f in client(url).list_artifacts(run_id, path):
+        out |= artifacts(url, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_a_run_logs_params_metrics_pictures_and_its_stored_version(workdir, mlflow_server):
+    """MLFLOW_TRACKING_URI alone turns it on, as for any MLflow-aware tool."""
+    out = run_kiln("train", "cnn", "--limit", "2000", "--epochs", "2", "--run", "tracked", "--set", "dropout=0.3",
+                   cwd=workdir, env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "tests-train"})
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    run = runs_named(mlflow_server, "tests-train")["tracked"]
+    m = json.loads((workdir / "store" / "cnn" / "1" / "manifest.json").read_text())
+    assert m["mlflow"] == {"uri": mlflow_server, "run_id": run.info.run_id}
+    assert run.info.status == "FINISHED"
+    assert run.data.params["dropout"] == "0.3" and run.data.params["plugin"] == "cnn"
+    assert run.data.params["epochs"] == "2" and run.data.params["val_fraction"] == "0.1"
+    assert run.data.tags["kiln.model"] == "cnn:1"
+    # every epoch's metrics, equal to the run's own history
+    c = client(mlflow_server)
+    for key in ("loss", "val_loss", "val_accuracy"):
+        logged = [(h.step, h.value) for h in c.get_metric_history(run.info.run_id, key)]
+        assert logged == [(h["epoch"], pytest.approx(h[key])) for h in m["history"]], key
+    assert run.data.metrics["test_accuracy"] == pytest.approx(m["metrics"]["accuracy"])
+    files = artifacts(mlflow_server, run.info.run_id)
+    assert "manifest.json" in files
+    assert {f"pictures/{p.name}" for p in (workdir / "store" / "cnn" / "1" / "artifacts").glob("*.png")} <= files
+
+
+def test_pictures_drawn_while_training_reach_mlflow_as_they_are_drawn(workdir, mlflow_server):
+    out = run_kiln("train", "dcgan", "--epochs", "2", "--limit", "1280", "--set", "sample_every=1",
+                   "--run", "gan", "--mlflow", mlflow_server, cwd=workdir, env={"MLFLOW_EXPERIMENT_NAME": "tests-gan"})
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    run = runs_named(mlflow_server, "tests-gan")["gan"]
+    drawn = sorted(p.name for p in (workdir / "runs" / "gan" / "progress").glob("*.png"))
+    assert len(drawn) == 2, drawn
+    assert {f"progress/{name}" for name in drawn} <= artifacts(mlflow_server, run.info.run_id)
+    steps = [h.step for h in client(mlflow_server).get_metric_history(run.info.run_id, "d_loss")]
+    assert steps == [1, 2]
+
+
+@pytest.mark.ray
+def test_a_search_logs_its_trials_as_child_runs(workdir, mlflow_server):
+    out = run_kiln("--plugin-path", str(TEST_PLUGINS / "flaky.py"), "tune", "flaky",
+                   "--search", "dropout=grid:0.2/0.5", "--limit", "1000", "--epochs", "2", "--scheduler", "fifo",
+                   "--run", "searched", "--mlflow", mlflow_server, cwd=workdir,
+                   env={"MLFLOW_EXPERIMENT_NAME": "tests-tune"})
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    r = json.loads((workdir / "runs" / "searched" / "search.json").read_text())
+    runs = runs_named(mlflow_server, "tests-tune")
+    parent = runs["searched"]
+    assert parent.data.tags["kiln.model"] == r["version"] == "flaky:1"
+    assert parent.data.params["search"] == "dropout=grid:0.2/0.5" and parent.data.params["scheduler"] == "fifo"
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(r["best"]["value"])
+    assert {"trials.csv", "curves.png", "params.png", "search.json"} <= artifacts(mlflow_server, parent.info.run_id)
+    children = [runs[t["trial"]] for t in r["trials"]]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert sorted(c.data.params["dropout"] for c in children) == ["0.2", "0.5"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    best = runs[r["best"]["trial"]]
+    assert best.data.tags["kiln.model"] == "flaky:1" and "test_accuracy" in best.data.metrics
+    for c in children:
+        assert [h.step for h in client(mlflow_server).get_metric_history(c.info.run_id, "val_accuracy")] == [1, 2]
+
+
+def test_an_unreachable_mlflow_is_one_line_before_any_training(workdir):
+    port = free_port()  # nothing listens there
+    t0 = time.perf_counter()
+    out = run_kiln("train", "cnn", "--limit", "500", "--mlflow", f"http://127.0.0.1:{port}", cwd=workdir)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kiln: error: cannot reach an MLflow server at "
+                                                   f"http://127.0.0.1:{port}"), lines
+    assert "mlflow server" in lines[0] and time.perf_counter() - t0 < 30
+    assert not (workdir / "runs").exists()
+    bad = run_kiln("train", "cnn", "--mlflow", "ftp://x", cwd=workdir)
+    assert bad.returncode == 2 and "bad MLflow tracking URI 'ftp://x'" in bad.stderr
