@@ -148,15 +148,16 @@ def job_id_for(plugin: str) -> str:
 
 
 def entrypoint(train_args: list[str], *, store: str | None, runs_dir: str | None, run: str | None,
-               plugin_path: str | None) -> str:
-    """The job's shell command: the same ``kiln train`` a user types, with cluster-side paths
-    (without a store or runs folder, the cluster's $KILN_STORE and $KILN_RUNS apply)."""
+               plugin_path: str | None, command: str = "train") -> str:
+    """The job's shell command: the same ``kiln train`` (or ``kiln tune``) a user types, with
+    cluster-side paths (without a store or runs folder, the cluster's $KILN_STORE and $KILN_RUNS
+    apply)."""
     cmd = ["python", "-m", "kiln.cli"]
     if store:
         cmd += ["--store", store]
     if plugin_path:
         cmd += ["--plugin-path", f"kiln_job_plugins/{Path(plugin_path).name}"]
-    cmd += ["train", *train_args]
+    cmd += [command, *train_args]
     if runs_dir:
         cmd += ["--runs-dir", runs_dir]
     if run:
@@ -167,12 +168,14 @@ def entrypoint(train_args: list[str], *, store: str | None, runs_dir: str | None
 def submit(train_args: list[str], *, plugin: str, address: str | None, store: str | None, runs_dir: str | None,
            plugin_path: str | None = None, workers: int = 0, gpus_per_worker: float = 0.0,
            cpus_per_worker: float = 1.0, resume: bool = False, env: dict[str, str] | None = None,
-           job_id: str | None = None) -> str:
-    """Submit ``kiln train <train_args>`` as a Ray job; returns its id (also the run name).
+           job_id: str | None = None, command: str = "train") -> str:
+    """Submit ``kiln <command> <train_args>`` as a Ray job; returns its id (also the run's or
+    search's name).
 
-    With ``workers == 0`` the job's own process trains, so it reserves the CPUs and GPUs (the
-    entrypoint resources); with Ray Train workers the entrypoint only coordinates and reserves
-    nothing, and the workers ask for ``gpus_per_worker`` through their ScalingConfig.
+    With ``workers == 0`` a training job's own process trains, so it reserves the CPUs and GPUs
+    (the entrypoint resources); with Ray Train workers the entrypoint only coordinates and
+    reserves nothing, and the workers ask for ``gpus_per_worker`` through their ScalingConfig. A
+    search's driver never trains: its trials reserve their own resources.
     """
     c = client(address)
     job_id = job_id or job_id_for(plugin)
@@ -183,13 +186,13 @@ def submit(train_args: list[str], *, plugin: str, address: str | None, store: st
         runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": ["__pycache__"],
                                        **quiet_runtime_env(env)}
         kwargs: dict[str, Any] = {}
-        if workers == 0:
+        if workers == 0 and command == "train":
             kwargs = {"entrypoint_num_cpus": cpus_per_worker, "entrypoint_num_gpus": gpus_per_worker}
         _call("submit the job", lambda: c.submit_job(
             entrypoint=entrypoint(train_args, store=store, runs_dir=runs_dir,
-                                  run=None if resume else job_id, plugin_path=plugin_path),
+                                  run=None if resume else job_id, plugin_path=plugin_path, command=command),
             submission_id=job_id, runtime_env=runtime_env,
-            metadata={"kiln": "train", "store": store or "$KILN_STORE", "code_bytes": str(size)},
+            metadata={"kiln": command, "store": store or "$KILN_STORE", "code_bytes": str(size)},
             **kwargs))
     return job_id
 

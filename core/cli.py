@@ -265,12 +265,12 @@ def _local_path(value: str) -> str:
     return str(Path(value).expanduser().resolve())
 
 
-def _train_argv(ns: argparse.Namespace, skip: tuple[str, ...]) -> list[str]:
-    """``kiln train`` arguments rebuilt from their parsed namespace (the flags were parsed once,
-    here): every value that differs from its default, except the ``skip`` destinations."""
-    train = parser().train_parser  # type: ignore[attr-defined]
+def _train_argv(ns: argparse.Namespace, skip: tuple[str, ...], command: str = "train") -> list[str]:
+    """``kiln train`` (or ``tune``) arguments rebuilt from their parsed namespace (the flags were
+    parsed once, here): every value that differs from its default, except the ``skip`` ones."""
+    sub = getattr(parser(), f"{command}_parser")
     out: list[str] = []
-    for action in train._actions:
+    for action in sub._actions:
         if action.dest in ("help", *skip) or action.default is argparse.SUPPRESS:
             continue
         value = getattr(ns, action.dest, None)
@@ -287,13 +287,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from kiln import data, run, store as store_mod
     from kiln.cluster import jobs
 
-    if not args.train_args or args.train_args[0] != "train":
-        raise KilnError("kiln submit runs a training job: `kiln submit [--address URL] [--follow] train "
-                        "PLUGIN [kiln train options]`")
-    train_args = args.train_args[1:]
-    ns = parser().parse_args(["train", *train_args])  # bad flags fail here, before submitting
+    if not args.train_args or args.train_args[0] not in ("train", "tune"):
+        raise KilnError("kiln submit runs a training job or a search: `kiln submit [--address URL] [--follow] "
+                        "train PLUGIN [kiln train options]` or `... tune PLUGIN --search ...`")
+    command, train_args = args.train_args[0], args.train_args[1:]
+    ns = parser().parse_args([command, *train_args])  # bad flags fail here, before submitting
     if not ns.plugin and not ns.resume:
-        raise KilnError("name a plugin to train (see `kiln plugins`), or --resume RUN")
+        raise KilnError(f"name a plugin to {command} (see `kiln plugins`), or --resume "
+                        f"{'SEARCH' if command == 'tune' else 'RUN'}")
+    if command == "tune" and not ns.resume:
+        from kiln import registry, tune
+
+        # a bad space fails here, not in the job (the plugin file is loaded by main())
+        tune.parse_search(ns.search, registry.get(ns.plugin).Config, _overrides(ns.set))
     workers, _ = run.parse_workers(ns.workers)
     # Named here (flag or environment): made absolute here. Else the cluster's own $KILN_STORE.
     store = getattr(ns, "store", None) or args.store or settings.store_named()
@@ -303,13 +309,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise KilnError(f"{runs_dir!r}: --runs-dir must be a folder the cluster's nodes share")
     runs_dir = _local_path(runs_dir) if runs_dir else None
     plugin_path = getattr(ns, "plugin_path", None) or args.plugin_path
-    rest = _train_argv(ns, skip=("store", "runs_dir", "plugin_path", "dataset"))
+    rest = _train_argv(ns, skip=("store", "runs_dir", "plugin_path", "dataset"), command=command)
     if ns.dataset:
         rest += ["--dataset", _local_path(ns.dataset) if data.is_file_dataset(ns.dataset) else ns.dataset]
     job_id = jobs.submit(rest, plugin=ns.plugin or "resume", address=args.address, store=store, runs_dir=runs_dir,
                          plugin_path=plugin_path, workers=workers, gpus_per_worker=ns.gpus_per_worker,
                          cpus_per_worker=ns.cpus_per_worker, resume=bool(ns.resume or ns.run),
-                         env=_overrides(args.env), job_id=args.job_id)
+                         env=_overrides(args.env), job_id=args.job_id, command=command)
     address = jobs.dashboard_address(args.address)
     print(job_id)
     print(f"[kiln] submitted to {address}; the model goes to "
@@ -632,16 +638,17 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_serve)
 
     jobs_url = "Ray head's jobs API (default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
-    s = sub.add_parser("submit", parents=[common], help="run `kiln train ...` as a job on a Ray cluster",
-                       description="Submit a training job through the Ray Jobs API: `kiln submit "
-                                   "[options] train PLUGIN [kiln train options]`. The job carries "
-                                   "Kiln's code; data and stores stay on the cluster.")
+    s = sub.add_parser("submit", parents=[common], help="run `kiln train ...` or `kiln tune ...` as a job on a Ray cluster",
+                       description="Submit a training job or a search through the Ray Jobs API: `kiln submit "
+                                   "[options] train PLUGIN [kiln train options]` or `... tune PLUGIN "
+                                   "[kiln tune options]`. The job carries Kiln's code; data and stores stay "
+                                   "on the cluster.")
     s.add_argument("--address", default=None, help=jobs_url)
     s.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job, e.g. KILN_DATA_DIR=/data (repeatable)")
     s.add_argument("--job-id", default=None, help="job id (default kiln-PLUGIN-TIME-XXXX; also the run name)")
-    s.add_argument("train_args", nargs=argparse.REMAINDER, metavar="train PLUGIN ...")
+    s.add_argument("train_args", nargs=argparse.REMAINDER, metavar="train|tune PLUGIN ...")
     s.set_defaults(fn=cmd_submit)
 
     s = sub.add_parser("jobs", help="list Kiln's jobs on a Ray cluster, show their logs, stop them")

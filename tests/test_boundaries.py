@@ -24,7 +24,7 @@ LAYERS = [
     {"kiln.cluster", "kiln.cluster.train", "kiln.serve", "kiln.serve.runtime", "kiln.serve.codecs",
      "kiln.serve.replica"},
     {"kiln.run", "kiln.serve.app", "kiln.serve.ingress"},
-    {"kiln.cluster.jobs"},
+    {"kiln.cluster.jobs", "kiln.tune"},
     {"kiln.cli"},
 ]
 

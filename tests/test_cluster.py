@@ -86,6 +86,24 @@ def test_a_submitted_job_trains_on_ray_train_workers_and_stores_the_model(head, 
     assert "SUCCEEDED" in row and "kiln --store" in row
 
 
+def test_a_submitted_search_runs_its_trials_on_the_cluster(head, tmp_path):
+    """`kiln submit tune`: the job's driver runs Ray Tune on the cluster; the job id names the
+    search, whose results and best model land in the folders named at submission."""
+    address, _, _ = head
+    out = run_kiln("submit", "--address", address, "--follow", "tune", "cnn", "--search", "dropout=grid:0.2/0.5",
+                   "--limit", "1000", "--epochs", "2", "--scheduler", "fifo",
+                   "--runs-dir", str(tmp_path / "runs"), "--store", str(tmp_path / "store"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    job_id = out.stdout.splitlines()[0].strip()
+    assert job_id.startswith("kiln-cnn-") and f"job {job_id} SUCCEEDED" in out.stderr
+    results = json.loads((tmp_path / "runs" / job_id / "search.json").read_text())
+    assert sorted(t["config"]["dropout"] for t in results["trials"]) == [0.2, 0.5]
+    assert all(t["status"] == "finished" for t in results["trials"]) and results["version"] == "cnn:1"
+    assert json.loads((tmp_path / "store" / "cnn" / "1" / "manifest.json").read_text())["search"]["name"] == job_id
+    bad = run_kiln("submit", "--address", address, "tune", "cnn", "--search", "nope=uniform:0:1", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown config key 'nope'" in bad.stderr
+
+
 def test_a_job_with_an_unknown_plugin_fails_with_the_plugin_error_in_its_logs(head, tmp_path):
     address, _, _ = head
     out = run_kiln("submit", "--address", address, "train", "nope", cwd=tmp_path)
