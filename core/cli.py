@@ -148,6 +148,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from kiln import export
+
+    path = export.export(args.model, args.format, args.out, args.store)
+    print(f"[kiln] wrote {path}")
+    if args.format == "saved_model":
+        print(f"[kiln] TF Serving serves it as is: --model_base_path={path.parent.resolve()} "
+              f"--model_name={path.parent.name}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from kiln import run
 
@@ -532,8 +543,15 @@ def _training_flags(s: argparse.ArgumentParser, command: str) -> None:
                         "experiment is $MLFLOW_EXPERIMENT_NAME or 'kiln')")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flag errors as one line, like every other Kiln error (argparse prints its usage first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"kiln: error: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
+    p = _Parser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
     p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
     p.add_argument("--plugin-path", default=None, metavar="FILE.py",
                    help="also load the plugins defined in this Python file (for development)")
@@ -541,7 +559,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also show TensorFlow's and Ray's start-up notices (or set KILN_VERBOSE=1)")
     sub = p.add_subparsers(dest="command", required=True)
     # --store and --plugin-path work before or after the subcommand
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--store", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--plugin-path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -594,6 +612,16 @@ def parser() -> argparse.ArgumentParser:
                    help="stored classifier that judges a generative model's samples (default: the "
                         "plugin's, e.g. cnn for dcgan and cgan)")
     s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("export", parents=[common], help="write a stored model's network as SavedModel, ONNX or LiteRT",
+                       description="Export the network behind a stored model's predict method (raw "
+                                   "inputs in, preprocessing included) for other servers: TF Serving's "
+                                   "SavedModel layout, ONNX or LiteRT (.tflite).")
+    s.add_argument("model", metavar="NAME[:VERSION]")
+    s.add_argument("--format", default="saved_model", choices=["saved_model", "onnx", "litert"])
+    s.add_argument("--out", default="exported", metavar="DIR",
+                   help="folder to write into (SavedModel: DIR/NAME/VERSION/; default ./exported)")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("samples", parents=[common], help="list (or copy) a stored model's pictures")
     s.add_argument("model", metavar="NAME[:VERSION]")

@@ -370,6 +370,14 @@ class Plugin:
     def on_epoch_end(self, model: Any, epoch: int, logs: dict[str, float], rank: int) -> None:
         """Called on every worker after each epoch (1-based) with the global logs."""
 
+    def export_model(self, model: Any) -> Any:
+        """The network behind this plugin's predict method as other servers run it (``kiln
+        export``): a ``keras.Model`` from the method's raw inputs (named as its arguments) to its
+        main output, preprocessing included, so the exported file answers what Kiln answers.
+        A plugin without one raises KilnError saying why."""
+        raise KilnError(f"plugin '{self.name}' names no network to export: its export_model() would "
+                        "return a keras.Model from its predict method's raw input to its output")
+
     def save_assets(self, model: Any, test: Any, out_dir: Path) -> None:
         """Write files inference needs besides weights (a latent bank, ...) into out_dir; they
         are stored with the model version and handed to load_assets() when it is loaded."""

@@ -157,6 +157,11 @@ class Autoencoder(Digits):
                      cols=10, title="decoded straight line between two test images' codes")]
 
     # -- inference -------------------------------------------------------------------------
+    def export_model(self, model):
+        """Raw pixels (0-255) in, ``reconstruct``'s denoised images (no noise added) out."""
+        images = keras.Input((28, 28, 1), dtype="float32", name="images")
+        return keras.Model(images, model.denoise(layers.Rescaling(1 / 255.0)(images)), name="autoencoder_denoise")
+
     @inference(images=PIXELS,
                gaussian_std=Scalar(float, default=0.0, min=0.0, max=2.0,
                                    description="Gaussian noise to add first (0: denoise the images as given)"),

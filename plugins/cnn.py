@@ -68,6 +68,12 @@ class CNN(Plugin):
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         return model
 
+    def export_model(self, model):
+        """Raw pixels (0-255) in, the class probabilities of ``classify`` out."""
+        images = keras.Input(self.info.input_shape, dtype="float32", name="images")
+        x = layers.Reshape(self.image_shape)(layers.Rescaling(1 / 255.0)(images))
+        return keras.Model(images, model(x), name=f"{self.name}_probabilities")
+
     def samples(self, model, test, out_dir: Path) -> list[Path]:
         xs, ys, preds = [], [], []
         for x, y in test:

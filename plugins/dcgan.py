@@ -220,6 +220,18 @@ class GANPlugin(Digits):
             n += b
         return {"d_real": real / n, "d_fake": fake / n}
 
+    def export_model(self, model):
+        """The generator ``sample`` draws with (the weight average): noise ``z`` (and for a
+        conditional GAN the class ``digit``) in, images with values in [0, 1] out."""
+        z = keras.Input((self.config.latent_dim,), dtype="float32", name="z")
+        inputs, classes = [z], None
+        if self.num_classes:
+            digit = keras.Input((), dtype="int32", name="digit")
+            inputs.append(digit)
+            classes = ops.one_hot(digit, self.num_classes)
+        images = ops.clip((model.generate(z, classes) + 1.0) / 2.0, 0.0, 1.0)
+        return keras.Model(inputs, images, name=f"{self.name}_generator")
+
     def progress_picture(self, model, path: Path, title: str) -> Path:
         raise NotImplementedError
 

@@ -127,6 +127,11 @@ class HAR(Plugin):
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         return model
 
+    def export_model(self, model):
+        """Raw windows in (the model normalises them itself), ``classify``'s probabilities out."""
+        windows = keras.Input(tuple(model.input_shape[1:]), dtype="float32", name="windows")
+        return keras.Model(windows, model(windows), name="har_probabilities")
+
     def samples(self, model, test, out_dir: Path) -> list[Path]:
         xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in test])
         x, y = np.concatenate(xs), np.concatenate(ys)

@@ -99,6 +99,11 @@ class CharLSTM(Plugin):
         return {"nats_per_char": nats, "bits_per_char": nats / math.log(2),
                 "perplexity": math.exp(nats)}
 
+    def export_model(self, model):
+        raise KilnError("lstm takes text and runs a loop over characters around its network (generate "
+                        "samples one character at a time, score walks the text); no single network "
+                        "maps its input to its output, so there is nothing to export")
+
     def samples(self, model, test, out_dir: Path) -> list[Path]:
         text = self.generate(model, prompt="ROMEO:" if "R" in self.index else self.vocab[0],
                              max_chars=600, temperature=0.8, seed=0)["text"]

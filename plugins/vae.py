@@ -181,6 +181,11 @@ class VAE(Digits):
             with np.load(path) as f:
                 self.bank = {k: f[k] for k in f.files}
 
+    def export_model(self, model):
+        """The decoder: latent points ``z`` in, ``decode``'s images (values in [0, 1]) out."""
+        z = keras.Input((self.config.latent_dim,), dtype="float32", name="z")
+        return keras.Model(z, model.decoder(z), name="vae_decoder")
+
     # -- inference -------------------------------------------------------------------------
     @inference(n=Scalar(int, default=16, min=1, max=1024, count=True), seed=Scalar(int, default=0, min=0),
                outputs={"images": "n generated images, values in [0, 1]"})

@@ -20,7 +20,7 @@ LAYERS = [
      "kiln.tracking"},
     {"kiln.data", "kiln.models"},
     {"kiln.plugins", "kiln.plugins.*"},
-    {"kiln.quality", "kiln.trainer"},
+    {"kiln.quality", "kiln.trainer", "kiln.export"},
     {"kiln.cluster", "kiln.cluster.train", "kiln.serve", "kiln.serve.runtime", "kiln.serve.codecs",
      "kiln.serve.replica"},
     {"kiln.run", "kiln.serve.app", "kiln.serve.ingress"},

@@ -30,6 +30,11 @@ def one_line_error(out, *words):
     (["train", "--resume", "never-ran"], ["no run 'never-ran'"]),
     (["evaluate", "ghost"], ["no model 'ghost'"]),
     (["evaluate", "cnn:zero"], ["bad version"]),
+    # argparse's own errors too: no usage block first
+    (["trian", "cnn"], ["invalid choice: 'trian'", "see `kiln --help`"]),
+    (["tune", "har", "--scheduler", "random"], ["invalid choice: 'random'", "see `kiln tune --help`"]),
+    (["train", "cnn", "--epochs", "many"], ["argument --epochs: invalid int value: 'many'"]),
+    (["export", "cnn", "--format", "pt"], ["invalid choice: 'pt'", "saved_model"]),
 ])
 def test_bad_input_is_one_clear_line(workdir, args, words):
     one_line_error(run_kiln(*args, cwd=workdir), *words)

@@ -93,6 +93,18 @@ def test_a_run_logs_params_metrics_pictures_and_its_stored_version(workdir, mlfl
     assert {f"pictures/{p.name}" for p in (workdir / "store" / "cnn" / "1" / "artifacts").glob("*.png")} <= files
 
 
+@pytest.mark.ray
+def test_a_run_on_ray_train_workers_logs_once_per_epoch_from_rank_0(workdir, mlflow_server):
+    out = run_kiln("train", "cnn", "--limit", "2000", "--epochs", "2", "--workers", "2", "--run", "two",
+                   "--mlflow", mlflow_server, cwd=workdir, env={"MLFLOW_EXPERIMENT_NAME": "tests-workers"})
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    run = runs_named(mlflow_server, "tests-workers")["two"]
+    assert run.info.status == "FINISHED" and run.data.params["workers"] == "2"
+    history = client(mlflow_server).get_metric_history(run.info.run_id, "val_accuracy")
+    assert [h.step for h in history] == [1, 2]  # global metrics, logged by rank 0 only
+    assert run.data.tags["kiln.model"] == "cnn:1"
+
+
 def test_pictures_drawn_while_training_reach_mlflow_as_they_are_drawn(workdir, mlflow_server):
     out = run_kiln("train", "dcgan", "--epochs", "2", "--limit", "1280", "--set", "sample_every=1",
                    "--run", "gan", "--mlflow", mlflow_server, cwd=workdir, env={"MLFLOW_EXPERIMENT_NAME": "tests-gan"})
