@@ -32,6 +32,15 @@ def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (what a service manager sends), then SIGKILL if it has not exited in ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 # What TensorFlow prints while it loads on AVX-512 CPUs; TF_ENABLE_ONEDNN_OPTS=1 forces it on any
 # x86-64 machine, so the tests that check Kiln's output is its own force it (machines differ).
 TF_NOTICES = ("oneDNN custom operations are on", "absl::InitializeLog()")

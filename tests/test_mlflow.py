@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TEST_PLUGINS, run_kiln
+from conftest import TEST_PLUGINS, run_kiln, stop_process
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow]
@@ -42,11 +42,7 @@ def mlflow_server(tmp_path_factory):
             pytest.fail("mlflow server did not start in 120 s:\n" + (root / "server.log").read_text()[-3000:])
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
 
 

@@ -22,6 +22,7 @@ def example(name: str) -> str:
 def readme_commands() -> list[str]:
     cmds = []
     for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        block = re.sub(r"\\\n\s*", " ", block)  # a command continued on the next line
         for line in block.splitlines():
             line = line.split("#", 1)[0].strip()
             if line.startswith("kiln "):
