@@ -128,20 +128,40 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from kiln.store import Store
 
-    versions = Store(args.store).list()
+    store = Store(args.store)
+    if args.action == "label":
+        if len(args.args) != 2:
+            raise KilnError("`kiln models label NAME:VERSION LABEL` points LABEL at that version")
+        version = store.label(args.args[0], args.args[1])
+        print(f"[kiln] {version.name}@{args.args[1]} -> {version.ref}")
+        return 0
+    if args.action == "unlabel":
+        if len(args.args) != 2:
+            raise KilnError("`kiln models unlabel NAME LABEL` removes a label")
+        was = store.unlabel(args.args[0], args.args[1])
+        print(f"[kiln] removed {args.args[0]}@{args.args[1]} (it named {args.args[0]}:{was})")
+        return 0
+    if args.args:
+        raise KilnError(f"`kiln models` takes no names; did you mean `kiln models label {' '.join(args.args)}`?")
+    versions = store.list()
     if not versions:
         print(f"no models in {Store(args.store).spec} yet; train one with `kiln train cnn`")
         return 0
-    rows = [("NAME", "VERSION", "PLUGIN", "DATASET", "METRICS", "CREATED")]
+    rows = [("NAME", "VERSION", "LABELS", "PLUGIN", "DATASET", "METRICS", "CREATED")]
+    labels: dict[tuple[str, int], list[str]] = {}
+    for name in {v.name for v in versions}:
+        for label, number in store.labels(name).items():
+            labels.setdefault((name, number), []).append(label)
     for v in versions:
         m = v.manifest
+        named = ",".join(sorted(labels.get((v.name, v.version), []))) or "-"
         if m.get("corrupt"):
-            rows.append((v.name, str(v.version), "CORRUPT", "-", "-", "-"))
+            rows.append((v.name, str(v.version), named, "CORRUPT", "-", "-", "-"))
             continue
         metrics = m.get("metrics", {})
         head = m.get("headline")
         keys = ([head] if head in metrics else []) + [k for k in metrics if k != head]
-        rows.append((v.name, str(v.version), m["plugin"], Path(m["dataset"]["name"]).name,
+        rows.append((v.name, str(v.version), named, m["plugin"], Path(m["dataset"]["name"]).name,
                      " ".join(f"{k}={metrics[k]:.4f}" for k in keys[:3]), m.get("created", "-")))
     for line in table(rows):
         print(line)
@@ -220,20 +240,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             for method in sorted(m.get("methods", {})):
                 print(f"[kiln] {m['ref']:<16} POST {base}/models/{m['name']}/{method}", flush=True)
         print(f"[kiln] ready: {base}/models  {base}/docs  (Ctrl-C stops)", flush=True)
-        next_poll, silent = time.monotonic() + args.poll_seconds, 0
+        next_poll = time.monotonic() + args.poll_seconds
+        import threading
+
         import ray
 
         gcs_host, _, gcs_port = ray.get_runtime_context().gcs_address.rpartition(":")
+        # in a thread of its own: a poll that was redeploying when Ray died waits forever in
+        # Ray's client, and must not keep the server from noticing
+        threading.Thread(target=_watch_ray, args=(gcs_host, int(gcs_port)), daemon=True,
+                         name="kiln-ray-watch").start()
         while True:
-            time.sleep(2)
-            # Ray dying under the server (stopped, killed, out of memory) left a process with
-            # nothing listening for over a minute, then a GCS error: say so and exit
-            silent = 0 if _answers(gcs_host, int(gcs_port)) else silent + 1
-            if silent >= 3:
-                print(f"[kiln] error: the Ray cluster under the server stopped (its GCS at "
-                      f"{gcs_host}:{gcs_port} does not answer); start `kiln serve` again",
-                      file=sys.stderr, flush=True)
-                os._exit(1)  # Ray's shutdown would wait on the dead cluster
+            time.sleep(1)
             if args.poll_seconds and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + args.poll_seconds
                 added, problems = app.refresh(spec, args.model)
@@ -250,6 +268,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
         print("[kiln] server stopped", flush=True)
+
+
+def _watch_ray(host: str, port: int) -> None:
+    """Ray dying under the server (stopped, killed, out of memory) left a process with nothing
+    listening for over a minute, then a GCS error: say so and exit."""
+    silent = 0
+    while True:
+        time.sleep(2)
+        silent = 0 if _answers(host, port) else silent + 1
+        if silent >= 3:
+            print(f"[kiln] error: the Ray cluster under the server stopped (its GCS at {host}:{port} "
+                  "does not answer); start `kiln serve` again", file=sys.stderr, flush=True)
+            os._exit(1)  # Ray's shutdown would wait on the dead cluster
 
 
 def _answers(host: str, port: int) -> bool:
@@ -603,7 +634,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs-compare.png", help="compare: the PNG to write")
     s.set_defaults(fn=cmd_runs)
 
-    s = sub.add_parser("models", parents=[common], help="list the models in the store")
+    s = sub.add_parser("models", parents=[common], help="list the models in the store; label versions",
+                       description="`kiln models` lists every version with its labels; `kiln models label "
+                                   "cnn:3 stable` points a label at a version (moving it if it named "
+                                   "another), `kiln models unlabel cnn stable` removes it. Wherever a "
+                                   "model is named, cnn@stable is the version the label names.")
+    s.add_argument("action", nargs="?", choices=["list", "label", "unlabel"], default="list")
+    s.add_argument("args", nargs="*", metavar="NAME[:VERSION] LABEL")
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("evaluate", parents=[common], help="re-evaluate a stored model on its test split")

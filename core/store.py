@@ -6,6 +6,8 @@ Layout (this module is the only one that builds these paths)::
                              manifest.json      plugin, resolved config, dataset info, metrics, ...
                              artifacts/*.png    sample grids and other pictures
                              assets/            files inference needs (Plugin.save_assets)
+    <store>/<name>/labels.json                  labels naming versions: {"stable": 3}; written
+                                                whole and renamed into place
 
 Versions are integers. A version is written into a hidden temporary folder and renamed into
 place, so a crash mid-save leaves no half version behind.
@@ -37,7 +39,10 @@ WEIGHTS = "model.weights.h5"
 MANIFEST = "manifest.json"
 ARTIFACTS = "artifacts"
 ASSETS = "assets"
+LABELS = "labels.json"  # <store>/<name>/labels.json: {"stable": 3, ...}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# a label starts with a letter, so it is never read as a version number
+_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
 def is_uri(root: str | Path) -> bool:
@@ -67,8 +72,20 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_label(label: str) -> str:
+    if not _LABEL.match(label) or label == "latest":
+        raise KilnError(f"bad label {label!r}: start with a letter, then letters, digits, '.', '_' or '-' "
+                        "(max 64; not 'latest')")
+    return label
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
-    """'cnn' -> ('cnn', None = latest); 'cnn:3' -> ('cnn', 3)."""
+    """'cnn' -> ('cnn', None = latest); 'cnn:3' -> ('cnn', 3); 'cnn@stable' -> ('cnn', None): a
+    label names a version only the store knows (Store.get resolves it)."""
+    if "@" in ref:
+        name, _, label = ref.partition("@")
+        check_label(label)
+        return check_name(name), None
     name, _, version = ref.partition(":")
     check_name(name)
     if not version or version == "latest":
@@ -125,6 +142,20 @@ class _Folder:
 
     def local(self, name: str, version: int, whole: bool) -> Path:
         return self.root / name / str(version)
+
+    def read_labels(self, name: str) -> dict[str, int]:
+        path = self.root / name / LABELS
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def write_labels(self, name: str, labels: dict[str, int]) -> None:
+        tmp = self.root / name / f".labels-{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(labels, indent=2, sort_keys=True))
+        os.replace(tmp, self.root / name / LABELS)  # readers see the old file or the new one
+
+    def lock(self, name: str) -> Any:
+        from filelock import FileLock
+
+        return FileLock(str(self.root / name / ".labels.lock"), timeout=30)
 
     def publish(self, name: str, tmp: Path, manifest: dict[str, Any]) -> Path:
         parent = self.root / name
@@ -230,6 +261,32 @@ class _Remote:
             shutil.rmtree(tmp, ignore_errors=True)
         return local
 
+    def read_labels(self, name: str) -> dict[str, int]:
+        path = f"{self.base}/{name}/{LABELS}"
+        try:
+            if not self._is_file(path):
+                return {}
+            with self._fs().open_input_stream(path) as f:
+                return json.loads(f.read())
+        except OSError as e:
+            raise KilnError(f"cannot read the labels of '{name}' in {self.uri}: {e}") from None
+
+    def write_labels(self, name: str, labels: dict[str, int]) -> None:
+        # one object written whole, then moved over the old one: object stores make the new
+        # object visible at once; a local file:// store renames
+        tmp = f"{self.base}/{name}/.labels-{uuid.uuid4().hex}"
+        try:
+            with self._fs().open_output_stream(tmp) as f:
+                f.write(json.dumps(labels, indent=2, sort_keys=True).encode())
+            self._fs().move(tmp, f"{self.base}/{name}/{LABELS}")
+        except OSError as e:
+            raise KilnError(f"cannot write the labels of '{name}' in {self.uri}: {e}") from None
+
+    def lock(self, name: str) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()  # object stores have no lock: the last writer wins
+
     def _claim(self, name: str) -> int:
         import random
 
@@ -307,7 +364,18 @@ class Store:
             known = ", ".join(self.names()) or "none yet"
             raise KilnError(f"no model '{name}' in store {self.spec} (models: {known}); "
                             f"train one with `kiln train PLUGIN --name {name}`")
-        if version is None:
+        if "@" in ref:
+            label = ref.partition("@")[2]
+            labels = self.labels(name)
+            if label not in labels:
+                raise KilnError(f"model '{name}' has no label '{label}' in {self.spec}; labels: "
+                                f"{', '.join(f'{k} ({name}:{v})' for k, v in sorted(labels.items())) or 'none'}"
+                                f"; set one with `kiln models label {name}:VERSION {label}`")
+            version = labels[label]
+            if version not in versions:
+                raise KilnError(f"label '{label}' of '{name}' names version {version}, which is no longer "
+                                f"in {self.spec}; move it with `kiln models label {name}:VERSION {label}`")
+        elif version is None:
             version = versions[-1]
         elif version not in versions:
             raise KilnError(f"model '{name}' has no version {version} in {self.spec}; "
@@ -321,6 +389,33 @@ class Store:
             raise KilnError(f"corrupt manifest {path / MANIFEST}: {e}; delete that version folder "
                             "or restore it from a backup") from None
         return Version(name, version, path, manifest)
+
+    def labels(self, name: str) -> dict[str, int]:
+        """The labels of model ``name``: label -> version."""
+        return self.backend.read_labels(check_name(name))
+
+    def label(self, ref: str, label: str) -> Version:
+        """Point ``label`` at the version ``ref`` names (moving it if it pointed elsewhere)."""
+        check_label(label)
+        version = self.get(ref, whole=False)
+        with self.backend.lock(version.name):
+            labels = self.labels(version.name)
+            labels[label] = version.version
+            self.backend.write_labels(version.name, labels)
+        return version
+
+    def unlabel(self, name: str, label: str) -> int:
+        """Remove ``label`` from model ``name``; the version it named."""
+        check_label(label)
+        if not self.versions(check_name(name)):
+            raise KilnError(f"no model '{name}' in store {self.spec}")
+        with self.backend.lock(name):
+            labels = self.labels(name)
+            if label not in labels:
+                raise KilnError(f"model '{name}' has no label '{label}'; labels: {', '.join(sorted(labels)) or 'none'}")
+            version = labels.pop(label)
+            self.backend.write_labels(name, labels)
+        return version
 
     def list(self) -> list[Version]:
         out = []

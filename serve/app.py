@@ -68,6 +68,22 @@ class ServeSpec:
     # versions found in the store that cannot be served, with why (GET /models lists them); keyed
     # by ref, with the folder's modification time so that a fixed folder is tried again
     failed: dict[str, tuple[float, str]] = field(default_factory=dict)
+    # the store's labels of the served models (name -> label -> version), as last deployed
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def labels_of(spec: ServeSpec) -> dict[str, dict[str, int]]:
+    """The store's labels of every served model now (a label moved in the store moves with it)."""
+    from kiln.store import Store
+
+    store = Store(spec.store)
+    out = {}
+    for name in sorted({r.split(":")[0] for r in spec.refs}):
+        try:
+            out[name] = store.labels(name)
+        except (KilnError, ValueError, OSError):
+            out[name] = spec.labels.get(name, {})  # unreadable now: keep what was served
+    return out
 
 
 def deployment_name(ref: str) -> str:
@@ -160,7 +176,7 @@ def resolve_refs(store: str, names: list[str] | None,
     refs = []
     for n in names:
         name, pinned = parse_ref(n)
-        if failed is None or pinned is not None:
+        if failed is None or pinned is not None or "@" in n:  # a label: the version it names now
             check = s.get(n)
             refs.append(check.ref)
             continue
@@ -215,7 +231,9 @@ def build_app(spec: ServeSpec) -> Any:
     config = {"deployments": {ref: deployment_name(ref) for ref in spec.refs},
               "batching": {ref: list(b) for ref, b in batching.items()},
               "methods": {ref: store.get(ref).manifest.get("methods", {}) for ref in spec.refs},
-              "failed": {ref: reason for ref, (_, reason) in spec.failed.items()}}
+              "failed": {ref: reason for ref, (_, reason) in spec.failed.items()},
+              "labels": labels_of(spec)}
+    spec.labels = config["labels"]
     # Pinned like the models: what changes as versions come and go reaches the running ingress
     # through user_config (reconfigure), without a new ingress replica.
     pinned = f"ingress-{zlib.crc32(repr((spec.limits, spec.token, spec.access_log)).encode()):08x}"
@@ -294,16 +312,18 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
              and not _healthy(app_name, successor[old.split(":")[0]])]
     news = [f"cannot serve {ref}: {reason}" for ref, (_, reason) in spec.failed.items()
             if before_failed.get(ref, (None,))[0] != spec.failed[ref][0]]
-    if sorted(refs) == sorted(before_refs) and spec.failed.keys() == before_failed.keys():
+    before_labels, spec.refs = spec.labels, refs
+    if sorted(refs) == sorted(before_refs) and spec.failed.keys() == before_failed.keys() \
+            and labels_of(spec) == before_labels:
+        spec.refs = before_refs
         return [], news
-    spec.refs = refs
     try:
         serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
     except RuntimeError as e:  # a new version's replica failed to load: back to what served
         added = sorted(set(refs) - set(before_refs))
         for ref in added:
             spec.failed[ref] = (_mtime(Store(spec.store), ref), f"{ref} failed to load: {str(e).splitlines()[0]}")
-        spec.refs = before_refs
+        spec.refs, spec.labels = before_refs, before_labels
         news += [f"cannot serve {ref}: {spec.failed[ref][1]}" for ref in added]
         serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
         return [], news

@@ -38,6 +38,7 @@ from kiln.serve.codecs import ProtocolError
 
 RETRIES = 3          # sends of a request whose replica died under it, after the first
 RETRY_AFTER_S = 2    # what a 503 tells the client to wait
+VERSION_HEADER = "Kiln-Version"  # on every inference answer: the version that answered (cnn:3)
 
 # Public with a token set: health probes, and the gallery's static files (no model data; the page
 # asks for the token and sends it with every call). Everything else needs the token, /openapi.json
@@ -222,6 +223,7 @@ class KilnIngress:
         self.described = {r: d for r, d in self.described.items() if r in self.handles}
         self.methods = config.get("methods", {})
         self.failed = config.get("failed", {})
+        self.labels: dict[str, dict[str, int]] = config.get("labels", {})
         self._status = (0.0, {})
         api.openapi_schema = None
 
@@ -263,7 +265,22 @@ class KilnIngress:
     def _versions(self, model: str) -> list[str]:
         return sorted((r for r in self.handles if r.split(":")[0] == model), key=lambda r: int(r.split(":")[1]))
 
-    async def _ref(self, model: str, version: Optional[str]) -> str:
+    async def _ref(self, model: str, version: Optional[str], label: Optional[str] = None) -> str:
+        if "@" in model and label is None:  # cnn@stable, as the store names it
+            model, _, label = model.partition("@")
+        if label is not None:
+            labels = self.labels.get(model, {})
+            if label not in labels:
+                known = ", ".join(f"{k} ({model}:{v})" for k, v in sorted(labels.items())) or "none"
+                raise ProtocolError(404, f"model '{model}' has no label '{label}' on this server; labels: "
+                                         f"{known}; set one with `kiln models label {model}:VERSION {label}`")
+            if version is not None and str(labels[label]) != str(version):
+                raise ProtocolError(400, f"label '{label}' names version {labels[label]}, not {version}")
+            version = str(labels[label])
+            if f"{model}:{version}" not in self.handles:
+                raise ProtocolError(404, f"label '{label}' names {model}:{version}, which this server does "
+                                         f"not serve; served versions: "
+                                         f"{', '.join(r.split(':')[1] for r in self._versions(model)) or 'none'}")
         served = self._versions(model)
         ref = f"{model}:{version}"
         if ref in self.failed:
@@ -469,9 +486,11 @@ class KilnIngress:
 
     @api.post("/models/{model}/{method}")
     @api.post("/models/{model}/versions/{version}/{method}")
-    async def call(self, model: str, method: str, request: Request, version: Optional[str] = None) -> Any:
+    async def call(self, model: str, method: str, request: Request, response: Response,
+                   version: Optional[str] = None) -> Any:
         body = await self._json(request)
         ref = await self._ref(model, version)
+        response.headers[VERSION_HEADER] = ref  # which version answered (a label or the latest)
         if not isinstance(body, dict):
             raise ProtocolError(400, "the body must be a JSON object of the method's arguments")
         fmt = body.pop("format", None)
@@ -485,14 +504,17 @@ class KilnIngress:
             raise ProtocolError(406, f"{ref} '{method}' returns no images ({', '.join(out)}); ask for JSON")
         from kiln.images import png_grid
 
-        return Response(png_grid(np.asarray(out["images"])), media_type="image/png")
+        return Response(png_grid(np.asarray(out["images"])), media_type="image/png", headers={VERSION_HEADER: ref})
 
     # -- TF Serving REST --------------------------------------------------------------------
     @api.post("/v1/models/{model}:predict")
     @api.post("/v1/models/{model}/versions/{version}:predict")
-    async def tf_predict(self, model: str, request: Request, version: Optional[str] = None) -> Any:
+    @api.post("/v1/models/{model}/labels/{label}:predict")
+    async def tf_predict(self, model: str, request: Request, response: Response, version: Optional[str] = None,
+                         label: Optional[str] = None) -> Any:
         body = await self._json(request)
-        ref = await self._ref(model, version)
+        ref = await self._ref(model, version, label)
+        response.headers[VERSION_HEADER] = ref
         info = await self._describe(ref)
         method, arg = codecs.tf_signature(body, info)
         schema = info["methods"][method]["inputs"][arg]
@@ -511,19 +533,26 @@ class KilnIngress:
 
     @api.get("/v1/models/{model}")
     @api.get("/v1/models/{model}/versions/{version}")
-    async def tf_status(self, model: str, request: Request, version: Optional[str] = None) -> Any:
+    @api.get("/v1/models/{model}/labels/{label}")
+    async def tf_status(self, model: str, request: Request, version: Optional[str] = None,
+                        label: Optional[str] = None) -> Any:
         self._check_auth(request)
-        if ":" in model:  # GET .../m:predict
-            raise ProtocolError(405, f"{model.partition(':')[2]!r} takes POST with a JSON body, not GET")
+        if ":" in model or ":" in (label or ""):  # GET .../m:predict
+            verb = (label or model).partition(":")[2]
+            raise ProtocolError(405, f"{verb!r} takes POST with a JSON body, not GET")
+        if label is not None:
+            version = (await self._ref(model, None, label)).split(":")[1]
         refs = [await self._ref(model, version)] if version else (self._versions(model) or [await self._ref(model, None)])
         states = await self._states()
         return codecs.tf_status([(r.split(":")[1], states.get(r) == "HEALTHY") for r in refs])
 
     @api.get("/v1/models/{model}/metadata")
     @api.get("/v1/models/{model}/versions/{version}/metadata")
-    async def tf_metadata(self, model: str, request: Request, version: Optional[str] = None) -> Any:
+    @api.get("/v1/models/{model}/labels/{label}/metadata")
+    async def tf_metadata(self, model: str, request: Request, version: Optional[str] = None,
+                          label: Optional[str] = None) -> Any:
         self._check_auth(request)
-        ref = await self._ref(model, version)
+        ref = await self._ref(model, version, label)
         return codecs.tf_metadata(model, ref.split(":")[1], await self._describe(ref))
 
     # -- Open Inference Protocol v2 ---------------------------------------------------------

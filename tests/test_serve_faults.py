@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import requests
 
+from conftest import run_kiln, stop_process
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -86,11 +87,7 @@ def served(tmp_path_factory):
     try:
         yield base, root / "store", proc, lines
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=120)
 
 
 def models(base: str) -> dict[str, dict]:
@@ -166,6 +163,38 @@ def test_a_killed_replica_costs_no_request_when_another_answers(served):
         time.sleep(2)
     assert proc.poll() is None
     assert load.ok > before + 20 and not load.failed, load.failed[:5]
+
+
+def test_a_label_routes_to_its_version_and_moving_it_needs_no_restart(served):
+    """`kiln models label` while serving: within a poll, cnn@stable (Kiln's routes) and TF Serving's
+    /labels/stable route answer from the labelled version, each answer names it in a header; a
+    label on a version this server does not serve is a clear 404."""
+    base, store, proc, lines = served
+    image = {"images": np.zeros((1, 28, 28, 1)).tolist()}
+    served_now = max((r for r, m in models(base).items() if r.startswith("cnn:") and m["state"] == "READY"),
+                     key=lambda r: int(r.split(":")[1]))
+    missing = requests.post(f"{base}/models/cnn@stable/classify", json=image, timeout=30)
+    assert missing.status_code == 404 and "has no label 'stable'" in missing.json()["error"]
+    out = run_kiln("models", "label", served_now, "stable", "--store", str(store))
+    assert out.returncode == 0, out.stderr
+
+    def answers() -> bool:
+        r = requests.post(f"{base}/models/cnn@stable/classify", json=image, timeout=30)
+        return r.status_code == 200 and r.headers["Kiln-Version"] == served_now
+    assert wait_for(answers, 60)
+    tf = requests.post(f"{base}/v1/models/cnn/labels/stable:predict", json={"instances": image["images"]}, timeout=30)
+    assert tf.status_code == 200 and tf.headers["Kiln-Version"] == served_now and len(tf.json()["predictions"]) == 1
+    status = requests.get(f"{base}/v1/models/cnn/labels/stable", timeout=30).json()
+    assert status["model_version_status"][0]["version"] == served_now.split(":")[1]
+    # moved to a version this server does not serve (an older one): a 404 that says so
+    assert run_kiln("models", "label", "cnn:1", "stable", "--store", str(store)).returncode == 0
+
+    def moved() -> bool:
+        r = requests.post(f"{base}/models/cnn@stable/classify", json=image, timeout=30)
+        return r.status_code == 404 and "names cnn:1, which this server does not serve" in r.json()["error"]
+    assert wait_for(moved, 60)
+    assert proc.poll() is None
+    assert requests.post(f"{base}/models/cnn/classify", json=image, timeout=30).status_code == 200
 
 
 def test_a_server_whose_ray_dies_says_so_and_exits(served):

@@ -143,3 +143,32 @@ def test_concurrent_writers_get_distinct_versions(tmp_path, kind):
         version = reader.get(f"m:{v}")
         assert version.weights.read_text() == f"{version.manifest['writer']}-{version.manifest['i']}"
     assert {(reader.get(f"m:{v}").manifest["writer"]) for v in numbers} == {"a", "b"}
+
+
+@pytest.mark.parametrize("kind", ["folder", "uri"])
+def test_labels_name_versions_move_and_go(tmp_path, kind):
+    """Like MLflow's aliases (models:/m@stable): a label names one version, moving it is one
+    atomic write, and every ref 'name@label' reads the version it names now."""
+    root = str(tmp_path / "store") if kind == "folder" else f"file://{tmp_path}/bucket/kiln"
+    s = Store(root)
+    for _ in range(3):
+        s.save("m", write_ok)
+    assert s.label("m:2", "stable").version == 2 and s.label("m", "canary").version == 3
+    assert s.labels("m") == {"stable": 2, "canary": 3}
+    assert s.get("m@stable").version == 2 and parse_ref("m@stable") == ("m", None)
+    s.label("m:3", "stable")  # moved
+    assert Store(root).get("m@stable").version == 3  # a fresh reader sees the move
+    assert s.unlabel("m", "stable") == 3 and s.labels("m") == {"canary": 3}
+    with pytest.raises(KilnError, match=r"model 'm' has no label 'stable'.*labels: canary \(m:3\).*kiln models label m:VERSION stable"):
+        s.get("m@stable")
+    with pytest.raises(KilnError, match="model 'm' has no version 9"):
+        s.label("m:9", "stable")
+    for bad in ("9lives", "latest", "a b", ""):
+        with pytest.raises(KilnError, match="bad label"):
+            s.label("m:1", bad)
+    with pytest.raises(KilnError, match="no model 'ghost'"):
+        s.unlabel("ghost", "stable")
+    assert s.versions("m") == [1, 2, 3]  # the labels file is no version
+    leftovers = [p.name for p in (tmp_path / ("store" if kind == "folder" else "bucket/kiln") / "m").iterdir()
+                 if p.name.startswith(".labels-")]
+    assert not leftovers

@@ -38,6 +38,22 @@ def test_progress_metrics_and_store(trained):
     assert "predictions.png" in pngs and "confusion.png" in pngs
 
 
+def test_a_label_names_a_version_wherever_a_model_is_named(trained):
+    root, env, _ = trained
+    label = run_kiln("models", "label", "cnn:1", "stable", env=env)
+    assert label.returncode == 0 and "cnn@stable -> cnn:1" in label.stdout, label.stderr
+    listing = run_kiln("models", env=env)
+    row = next(line for line in listing.stdout.splitlines() if line.startswith("cnn "))
+    assert row.split()[:3] == ["cnn", "1", "stable"] and "LABELS" in listing.stdout
+    samples = run_kiln("samples", "cnn@stable", env=env)
+    assert samples.returncode == 0 and "cnn/1/artifacts/confusion.png" in samples.stdout
+    bad = run_kiln("evaluate", "cnn@nightly", env=env)
+    assert bad.returncode == 2 and "model 'cnn' has no label 'nightly'" in bad.stderr
+    gone = run_kiln("models", "unlabel", "cnn", "stable", env=env)
+    assert gone.returncode == 0 and "removed cnn@stable (it named cnn:1)" in gone.stdout
+    assert json.loads((root / "store" / "cnn" / "labels.json").read_text()) == {}
+
+
 def test_models_and_evaluate_agree_with_the_manifest(trained):
     root, env, _ = trained
     models = run_kiln("models", env=env)
