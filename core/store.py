@@ -10,7 +10,8 @@ Layout (this module is the only one that builds these paths)::
                                                 whole and renamed into place
 
 Versions are integers. A version is written into a hidden temporary folder and renamed into
-place, so a crash mid-save leaves no half version behind.
+place, so a crash mid-save leaves no half version behind; the folder names its writer
+(host and pid), so the next save removes what a killed writer left.
 
 A store may also be a URI that pyarrow's filesystems (and so Ray's storage) understand:
 ``s3://bucket/kiln``, ``gs://bucket/kiln``, ``file:///shared/kiln``. A version is then uploaded
@@ -119,6 +120,48 @@ class Version:
     def artifacts(self) -> list[Path]:
         d = self.path / ARTIFACTS
         return sorted(d.iterdir()) if d.is_dir() else []
+
+
+def _writer() -> str:
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+_WRITER = _writer()  # names a save's hidden folder, so a later save can tell whether its writer lives
+_LEFTOVER_AGE_S = 3600  # a folder whose writer cannot be asked (another machine): gone after this
+
+
+def _remove_leftovers(parent: Path) -> None:
+    """Remove the hidden folders of saves that were killed mid-write (full weights each): those
+    whose writer on this machine has exited, and any unchanged for an hour (another machine's, or
+    written before folders named their writer)."""
+    import socket
+
+    host = socket.gethostname()
+    for folder in parent.glob(".tmp-*"):
+        try:
+            rest = folder.name[len(".tmp-"):]
+            writer_host, _, tail = rest.rpartition("-")[0].rpartition("-")
+            pid = int(tail) if writer_host == host and tail.isdigit() else None
+            if pid is not None:
+                if pid == os.getpid() or _alive(pid):
+                    continue
+            elif time.time() - folder.stat().st_mtime < _LEFTOVER_AGE_S:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue  # another writer removed or renamed it meanwhile
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class _Folder:
@@ -436,7 +479,8 @@ class Store:
         check_name(name)
         parent = self.root / name
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".tmp-{uuid.uuid4().hex}"
+        _remove_leftovers(parent)
+        tmp = parent / f".tmp-{_WRITER}-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
             manifest = write(tmp)

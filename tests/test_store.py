@@ -172,3 +172,31 @@ def test_labels_name_versions_move_and_go(tmp_path, kind):
     leftovers = [p.name for p in (tmp_path / ("store" if kind == "folder" else "bucket/kiln") / "m").iterdir()
                  if p.name.startswith(".labels-")]
     assert not leftovers
+
+
+def test_leftovers_of_interrupted_saves_are_removed_by_the_next_save(tmp_path):
+    """A save killed mid-write (Ctrl-C, OOM, a lost machine) left its hidden folder with full
+    weights behind, forever. The next save removes those whose writer is gone, never one that
+    another writer on this machine is still filling."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    s = Store(tmp_path)
+    s.save("m", write_ok)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    gone = tmp_path / "m" / f".tmp-{host}-{dead}-abc"
+    alive = tmp_path / "m" / f".tmp-{host}-{os.getpid()}-def"  # a writer still at work
+    old = tmp_path / "m" / ".tmp-0123456789abcdef"            # written before writers were named
+    for folder in (gone, alive, old):
+        folder.mkdir()
+        (folder / "model.weights.h5").write_bytes(b"x" * 1000)
+    hour_ago = time.time() - 2 * 3600
+    os.utime(old, (hour_ago, hour_ago))
+    assert s.save("m", write_ok).version == 2
+    left = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert left == [alive.name, "1", "2"], left
