@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -78,10 +77,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     if args.resume:
         search = tune.load(args.resume, args.runs_dir)
-        done = search.dir / tune.RESULTS_FILE
-        if done.is_file():
-            raise KilnError(f"search '{args.resume}' already finished; its best model is "
-                            f"{json.loads(done.read_text()).get('version')} (results in {done})")
     else:
         if not args.plugin:
             raise KilnError("name a plugin to search (see `kiln plugins`), or --resume SEARCH")

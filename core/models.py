@@ -13,6 +13,7 @@ from typing import Any
 from kiln import registry, store as store_mod
 from kiln.checkpoint import optimizers
 from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
+from kiln.spec import TrainSpec
 
 
 def make_plugin(name: str, config: dict[str, Any], info: DatasetInfo, *, store: str | Path | None = None,
@@ -26,6 +27,11 @@ def make_plugin(name: str, config: dict[str, Any], info: DatasetInfo, *, store: 
     plugin.store = None if store is None else str(store)
     plugin.setup(info)
     return plugin
+
+
+def for_spec(spec: TrainSpec, info: DatasetInfo) -> Plugin:
+    """The plugin a training run (or a search's trial) trains, set up for its data."""
+    return make_plugin(spec.plugin, spec.overrides, info, store=spec.store, plugin_path=spec.plugin_path)
 
 
 def build(plugin: Plugin) -> Any:

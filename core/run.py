@@ -130,15 +130,12 @@ def _check_run(spec: TrainSpec, run_dir: Path) -> None:
 def train(spec: TrainSpec) -> store_mod.Version:
     """Train ``spec`` (in-process when workers == 0, else on Ray Train), then evaluate and store."""
     info = data.prepare(spec.dataset)
-    plugin = plugin_for(spec, info)  # a plugin rejecting this data fails here, not in every worker
-    run_dir = spec.run_dir
-    _check_run(spec, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = start_mlflow(spec, plugin)
-    (run_dir / RUN_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+    plugin = models.for_spec(spec, info)  # a plugin rejecting this data fails here, not in every worker
+    _check_run(spec, spec.run_dir)
+    tracker = begin(spec, plugin)
     say(f"run '{spec.run}': {spec.plugin} on {spec.dataset}, {spec.epochs} epochs, "
         f"{_where(spec)}; "
-        f"checkpoints in {run_dir}" + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker else ""))
+        f"checkpoints in {spec.run_dir}" + (f"; MLflow run {tracker.run_id} at {tracker.uri}" if tracker else ""))
     try:
         final = _fit(spec, info)
     except BaseException as e:
@@ -148,9 +145,19 @@ def train(spec: TrainSpec) -> store_mod.Version:
     return finalize(spec, info, final)
 
 
-def start_mlflow(spec: TrainSpec, plugin: Plugin, parent: str | None = None) -> Any:
+def begin(spec: TrainSpec, plugin: Plugin) -> Any:
+    """Open the run's folder: its MLflow run (kiln.tracking.Mlflow, or None without MLflow) and
+    its run file, which records everything a resume needs (the MLflow run id too)."""
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = start_mlflow(spec, plugin)
+    (spec.run_dir / RUN_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+    return tracker
+
+
+def start_mlflow(spec: TrainSpec, plugin: Plugin) -> Any:
     """The MLflow run of ``spec`` (kiln.tracking.Mlflow), created with its parameters on the
-    first start and continued on a resume; None without MLflow. Records the run id in the spec."""
+    first start (under ``spec.mlflow["parent"]``, a search's run, if any) and continued on a
+    resume; None without MLflow. Records the run id in the spec."""
     if not spec.mlflow:
         return None
     from kiln.tracking import Mlflow
@@ -161,13 +168,13 @@ def start_mlflow(spec: TrainSpec, plugin: Plugin, parent: str | None = None) -> 
         if before.get("uri") == spec.mlflow["uri"] and before.get("run_id"):
             spec.mlflow["run_id"] = before["run_id"]
     if spec.mlflow.get("run_id"):
-        return Mlflow(spec.mlflow["uri"], spec.mlflow["run_id"])
+        return Mlflow.of(spec.mlflow)
     params = {**vars(plugin.config), "plugin": spec.plugin, "dataset": spec.dataset, "epochs": spec.epochs,
               "batch_size": spec.batch_size, "workers": spec.workers_text, "seed": spec.seed,
               "limit": spec.limit, "val_fraction": spec.val_fraction, "early_stop": spec.early_stop}
     tracker = Mlflow.start(spec.mlflow["uri"], spec.mlflow["experiment"], spec.run, params,
                            {"kiln.plugin": spec.plugin, "kiln.run": spec.run},
-                           parent=parent or spec.mlflow.get("parent"))
+                           parent=spec.mlflow.get("parent"))
     spec.mlflow["run_id"] = tracker.run_id
     return tracker
 
@@ -194,11 +201,6 @@ def _where(spec: TrainSpec) -> str:
     return "in-process" + (f" on GPUs {gpus}" if gpus else "")
 
 
-def plugin_for(spec: TrainSpec, info: DatasetInfo) -> Plugin:
-    return models.make_plugin(spec.plugin, spec.overrides, info, store=spec.store,
-                              plugin_path=spec.plugin_path)
-
-
 def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path, extra: dict[str, Any] | None = None,
              pictures: list[Path] = ()) -> store_mod.Version:
     """Rebuild the model from the run's last checkpoint, evaluate it, draw samples, store it.
@@ -206,7 +208,7 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path, extra: dict[str,
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise KilnError(f"run '{spec.run}' left no checkpoint in {run_dir}")
-    plugin = plugin_for(spec, info)
+    plugin = models.for_spec(spec, info)
     model = models.build(plugin)
     # with --early-stop, the best epoch's weights (Keras' restore_best_weights)
     state = checkpoint.restore(model, ckpt, with_optimizers=False, best=bool(spec.early_stop))
@@ -257,10 +259,10 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path, extra: dict[str,
     say(f"test {shown}")
     where = f"{spec.store}/{version.name}/{version.version}" if store_mod.is_uri(spec.store) else version.path
     say(f"stored {version.ref} at {where}")
-    if spec.mlflow and spec.mlflow.get("run_id"):
-        from kiln.tracking import Mlflow
+    from kiln.tracking import Mlflow
 
-        tracker = Mlflow(spec.mlflow["uri"], spec.mlflow["run_id"])
+    tracker = Mlflow.of(spec.mlflow)
+    if tracker is not None:
         tracker.metrics({f"test_{k}": v for k, v in metrics.items()}, step=int(state["epoch"]))
         tracker.files([version.path / "manifest.json"])
         tracker.files([version.path / store_mod.ARTIFACTS], "pictures")

@@ -62,8 +62,14 @@ class TrainSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, d))
+
+
+def known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``d`` that are fields of dataclass ``cls``: a file written by another Kiln
+    version reads back, its unknown keys dropped and its missing ones at their defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 def parse_span(text: str | int, flag: str, least: int = 1) -> tuple[int, int]:

@@ -123,12 +123,13 @@ class Version:
 
 
 def _writer() -> str:
+    """Names a save's hidden folder (host-pid), so a later save can tell whether its writer lives.
+    Asked at each save: a forked process has its own pid."""
     import socket
 
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-_WRITER = _writer()  # names a save's hidden folder, so a later save can tell whether its writer lives
 _LEFTOVER_AGE_S = 3600  # a folder whose writer cannot be asked (another machine): gone after this
 
 
@@ -136,16 +137,14 @@ def _remove_leftovers(parent: Path) -> None:
     """Remove the hidden folders of saves that were killed mid-write (full weights each): those
     whose writer on this machine has exited, and any unchanged for an hour (another machine's, or
     written before folders named their writer)."""
-    import socket
-
-    host = socket.gethostname()
+    host = _writer().rpartition("-")[0]
     for folder in parent.glob(".tmp-*"):
         try:
             rest = folder.name[len(".tmp-"):]
             writer_host, _, tail = rest.rpartition("-")[0].rpartition("-")
             pid = int(tail) if writer_host == host and tail.isdigit() else None
             if pid is not None:
-                if pid == os.getpid() or _alive(pid):
+                if _alive(pid):
                     continue
             elif time.time() - folder.stat().st_mtime < _LEFTOVER_AGE_S:
                 continue
@@ -480,7 +479,7 @@ class Store:
         parent = self.root / name
         parent.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(parent)
-        tmp = parent / f".tmp-{_WRITER}-{uuid.uuid4().hex}"
+        tmp = parent / f".tmp-{_writer()}-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
             manifest = write(tmp)

@@ -143,6 +143,11 @@ class Mlflow:
         self.pictures_seen: set[str] = set()
 
     @classmethod
+    def of(cls, record: dict[str, str] | None) -> "Mlflow | None":
+        """The MLflow run a ``TrainSpec.mlflow`` record names, once it has a run id."""
+        return cls(record["uri"], record["run_id"]) if record and record.get("run_id") else None
+
+    @classmethod
     def start(cls, uri: str, experiment: str, name: str, params: dict[str, Any],
               tags: dict[str, str], parent: str | None = None) -> "Mlflow":
         from mlflow.entities import Param

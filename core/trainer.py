@@ -52,8 +52,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
     import tensorflow as tf
 
     keras.utils.set_random_seed(spec.seed)
-    plugin = models.make_plugin(spec.plugin, spec.overrides, info, store=spec.store,
-                                plugin_path=spec.plugin_path)
+    plugin = models.for_spec(spec, info)
     if ctx.rank == 0:
         plugin.progress_dir = spec.progress_dir
         plugin.progress_dir.mkdir(parents=True, exist_ok=True)
@@ -127,8 +126,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
     if ctx.rank == 0:
         from kiln.tracking import Board, Mlflow
 
-        if spec.mlflow and spec.mlflow.get("run_id"):
-            mlflow = Mlflow(spec.mlflow["uri"], spec.mlflow["run_id"])
+        mlflow = Mlflow.of(spec.mlflow)
 
         board = Board(spec.run_dir, spec.run, {**vars(plugin.config), "plugin": spec.plugin,
                                                "dataset": spec.dataset, "batch_size": spec.batch_size,
@@ -236,8 +234,7 @@ def metric_names(spec: TrainSpec, info: DatasetInfo) -> list[str]:
     """The metrics ``spec``'s model reports, from one test step on a few training examples:
     Keras knows a compiled model's metric names only once it has run (kiln tune checks its
     --metric with this before starting any trial)."""
-    plugin = models.make_plugin(spec.plugin, spec.overrides, info, store=spec.store,
-                                plugin_path=spec.plugin_path)
+    plugin = models.for_spec(spec, info)
     model = models.build(plugin)
     split = data.load(spec.dataset, "train", limit=spec.limit, val_fraction=spec.val_fraction,
                       seed=spec.seed, per_class=plugin.train_per_class())

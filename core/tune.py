@@ -30,7 +30,7 @@ from typing import Any
 from kiln import registry, settings
 from kiln.logs import say, table
 from kiln.plugin import KilnError, make_config
-from kiln.spec import HIGHER_IS_BETTER, TrainSpec
+from kiln.spec import HIGHER_IS_BETTER, TrainSpec, known_fields
 
 SEARCH_FILE = "kiln-search.json"
 RESULTS_FILE = "search.json"
@@ -177,8 +177,7 @@ class SearchSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SearchSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**known_fields(cls, d))
 
     def trial_spec(self, trial_id: str, sampled: dict[str, Any]) -> TrainSpec:
         """The Kiln run of one trial: the base run with the sampled config, in ``trials/``.
@@ -255,20 +254,15 @@ def _trial(config: dict[str, Any], search: dict[str, Any], info: dict[str, Any])
     """One trial, in its Tune actor: a Kiln run of the sampled config."""
     import ray.tune
 
+    from kiln import logs, models
     from kiln.plugin import DatasetInfo
-    from kiln.run import RUN_FILE
-
-    from kiln.run import plugin_for, start_mlflow
+    from kiln.run import begin
 
     s = SearchSpec.from_dict(search)
     trial_id = ray.tune.get_context().get_trial_id()
     spec = s.trial_spec(trial_id, config)
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
     data_info = DatasetInfo.from_dict(info)
-    start_mlflow(spec, plugin_for(spec, data_info))  # a child of the search's MLflow run
-    (spec.run_dir / RUN_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
-    from kiln import logs
-
+    begin(spec, models.for_spec(spec, data_info))  # its MLflow run is a child of the search's
     logs.PREFIX = f"trial {trial_id}: "
     say(_config_text(config))
     if spec.workers == 0:
@@ -341,13 +335,16 @@ def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from kiln import data
+    from kiln import data, models
     from kiln.cluster.train import connect
-    from kiln.run import plugin_for
 
     base = s.base_spec
+    if resume and (s.dir / RESULTS_FILE).is_file():
+        version = json.loads((s.dir / RESULTS_FILE).read_text()).get("version")
+        raise KilnError(f"search '{s.name}' already finished; its best model is {version} "
+                        f"(results in {s.dir / RESULTS_FILE})")
     info = data.prepare(base.dataset)
-    plugin_for(base, info)  # a plugin refusing this data fails here, not in every trial
+    models.for_spec(base, info)  # a plugin refusing this data fails here, not in every trial
     if not resume:
         check_metric(s, info)
         s.dir.mkdir(parents=True, exist_ok=True)
@@ -534,10 +531,10 @@ def _log_search(s: SearchSpec, rows: list[dict[str, Any]], summary: dict[str, An
     for r in rows:
         if r["trial"] == summary["best"]["trial"]:
             continue  # finalize closed it
-        child = _trial_mlflow(s, r["trial"])
-        if child and child.get("run_id"):
-            Mlflow(child["uri"], child["run_id"]).end("FAILED" if r["status"].startswith("failed") else "FINISHED")
-    parent = Mlflow(s.base["mlflow"]["uri"], s.base["mlflow"]["run_id"])
+        child = Mlflow.of(_trial_mlflow(s, r["trial"]))
+        if child is not None:
+            child.end("FAILED" if r["status"].startswith("failed") else "FINISHED")
+    parent = Mlflow.of(s.base["mlflow"])
     parent.metrics({f"best_{s.metric}": summary["best"]["value"], "epochs_run": summary["epochs_run"],
                     **{f"test_{k}": v for k, v in version.manifest["metrics"].items()}}, step=0)
     parent.files([s.dir / n for n in ("trials.csv", RESULTS_FILE, "curves.png", "params.png")])

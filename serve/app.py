@@ -72,17 +72,18 @@ class ServeSpec:
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def labels_of(spec: ServeSpec) -> dict[str, dict[str, int]]:
-    """The store's labels of every served model now (a label moved in the store moves with it)."""
+def labels_of(store: str, refs: list[str], served: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The store's labels of the models of ``refs`` now (a label moved in the store moves with
+    it); where the labels cannot be read now, those in ``served``."""
     from kiln.store import Store
 
-    store = Store(spec.store)
+    s = Store(store)
     out = {}
-    for name in sorted({r.split(":")[0] for r in spec.refs}):
+    for name in sorted({r.split(":")[0] for r in refs}):
         try:
-            out[name] = store.labels(name)
+            out[name] = s.labels(name)
         except (KilnError, ValueError, OSError):
-            out[name] = spec.labels.get(name, {})  # unreadable now: keep what was served
+            out[name] = served.get(name, {})  # unreadable now: keep what was served
     return out
 
 
@@ -232,7 +233,7 @@ def build_app(spec: ServeSpec) -> Any:
               "batching": {ref: list(b) for ref, b in batching.items()},
               "methods": {ref: store.get(ref).manifest.get("methods", {}) for ref in spec.refs},
               "failed": {ref: reason for ref, (_, reason) in spec.failed.items()},
-              "labels": labels_of(spec)}
+              "labels": labels_of(spec.store, spec.refs, spec.labels)}
     spec.labels = config["labels"]
     # Pinned like the models: what changes as versions come and go reaches the running ingress
     # through user_config (reconfigure), without a new ingress replica.
@@ -312,11 +313,10 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
              and not _healthy(app_name, successor[old.split(":")[0]])]
     news = [f"cannot serve {ref}: {reason}" for ref, (_, reason) in spec.failed.items()
             if before_failed.get(ref, (None,))[0] != spec.failed[ref][0]]
-    before_labels, spec.refs = spec.labels, refs
     if sorted(refs) == sorted(before_refs) and spec.failed.keys() == before_failed.keys() \
-            and labels_of(spec) == before_labels:
-        spec.refs = before_refs
+            and labels_of(spec.store, refs, spec.labels) == spec.labels:
         return [], news
+    before_labels, spec.refs = spec.labels, refs
     try:
         serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
     except RuntimeError as e:  # a new version's replica failed to load: back to what served
