@@ -8,6 +8,8 @@ Layout (this module is the only one that builds these paths)::
                              assets/            files inference needs (Plugin.save_assets)
     <store>/<name>/labels.json                  labels naming versions: {"stable": 3}; written
                                                 whole and renamed into place
+    <store>/.servers/<host>-<pid>.json          what a running `kiln serve` serves (refreshed
+                                                while it runs), so `kiln models rm` can refuse
 
 Versions are integers. A version is written into a hidden temporary folder and renamed into
 place, so a crash mid-save leaves no half version behind; the folder names its writer
@@ -41,6 +43,7 @@ MANIFEST = "manifest.json"
 ARTIFACTS = "artifacts"
 ASSETS = "assets"
 LABELS = "labels.json"  # <store>/<name>/labels.json: {"stable": 3, ...}
+SERVERS = ".servers"    # <store>/.servers/<host>-<pid>.json: what each running server serves
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # a label starts with a letter, so it is never read as a version number
 _LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
@@ -154,6 +157,8 @@ def _remove_leftovers(parent: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0, ...) would ask this process's group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -193,6 +198,33 @@ class _Folder:
         tmp = self.root / name / f".labels-{uuid.uuid4().hex}"
         tmp.write_text(json.dumps(labels, indent=2, sort_keys=True))
         os.replace(tmp, self.root / name / LABELS)  # readers see the old file or the new one
+
+    def read_records(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for path in sorted((self.root / SERVERS).glob("*.json")):
+            try:
+                out[path.stem] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # being replaced, or removed meanwhile
+        return out
+
+    def write_record(self, key: str, record: dict[str, Any]) -> None:
+        folder = self.root / SERVERS
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}-{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, folder / f"{key}.json")
+
+    def delete_record(self, key: str) -> None:
+        (self.root / SERVERS / f"{key}.json").unlink(missing_ok=True)
+
+    def delete_version(self, name: str, version: int) -> None:
+        folder = self.root / name / str(version)
+        # renamed out of sight first (atomic): no reader ever lists a version half deleted
+        doomed = self.root / name / f".tmp-{_writer()}-{uuid.uuid4().hex}"
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        _remove_leftovers(self.root / name)
 
     def lock(self, name: str) -> Any:
         from filelock import FileLock
@@ -323,6 +355,43 @@ class _Remote:
             self._fs().move(tmp, f"{self.base}/{name}/{LABELS}")
         except OSError as e:
             raise KilnError(f"cannot write the labels of '{name}' in {self.uri}: {e}") from None
+
+    def read_records(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        try:
+            for info in self._list(f"{self.base}/{SERVERS}"):
+                if info.base_name.endswith(".json") and not info.base_name.startswith("."):
+                    try:
+                        with self._fs().open_input_stream(info.path) as f:
+                            out[info.base_name[:-5]] = json.loads(f.read())
+                    except (OSError, ValueError):
+                        continue
+        except OSError as e:
+            raise KilnError(f"cannot read the server records in {self.uri}: {e}") from None
+        return out
+
+    def write_record(self, key: str, record: dict[str, Any]) -> None:
+        try:
+            self._fs().create_dir(f"{self.base}/{SERVERS}", recursive=True)
+            with self._fs().open_output_stream(f"{self.base}/{SERVERS}/{key}.json") as f:
+                f.write(json.dumps(record, indent=2, sort_keys=True).encode())
+        except OSError as e:
+            raise KilnError(f"cannot write a server record in {self.uri}: {e}") from None
+
+    def delete_record(self, key: str) -> None:
+        try:
+            self._fs().delete_file(f"{self.base}/{SERVERS}/{key}.json")
+        except OSError:
+            pass  # already gone
+
+    def delete_version(self, name: str, version: int) -> None:
+        folder = f"{self.base}/{name}/{version}"
+        try:
+            self._fs().delete_file(f"{folder}/{MANIFEST}")  # no longer a version from here on
+            self._fs().delete_dir(folder)
+        except OSError as e:
+            raise KilnError(f"cannot delete {self.uri}/{name}/{version}: {e}") from None
+        shutil.rmtree(self.root / name / str(version), ignore_errors=True)  # the local copy
 
     def lock(self, name: str) -> Any:
         import contextlib
@@ -458,6 +527,60 @@ class Store:
             version = labels.pop(label)
             self.backend.write_labels(name, labels)
         return version
+
+    def remove(self, ref: str) -> Version:
+        """Delete the version ``ref`` names (``name:version``, never a bare name or a label), unless
+        a label names it or a running server serves it: KilnError saying which, and how to free it.
+        Also removes what interrupted saves of that model left behind."""
+        name, version = parse_ref(ref)
+        if version is None or "@" in ref:
+            raise KilnError(f"`kiln models rm` takes NAME:VERSION, got {ref!r}: name the version to delete")
+        found = self.get(ref, whole=False)
+        with self.backend.lock(name):
+            named = sorted(k for k, v in self.labels(name).items() if v == version)
+            if named:
+                raise KilnError(f"{ref} has label{'s' if len(named) > 1 else ''} {', '.join(named)}; move "
+                                f"or remove {'them' if len(named) > 1 else 'it'} first (`kiln models unlabel "
+                                f"{name} {named[0]}`)")
+            users = [r for r in self.servers() if ref in r.get("refs", [])]
+            if users:
+                u = users[0]
+                raise KilnError(f"{ref} is served by `kiln serve` (pid {u['pid']} on {u['host']}, "
+                                f"{u.get('address', '?')}); stop that server, or let it move to another "
+                                "version, then delete it")
+            self.backend.delete_version(name, version)
+        return found
+
+    # -- what running servers serve (kiln serve records it; `rm` reads it) -----------------
+    def record_server(self, refs: list[str], address: str, heartbeat_s: float) -> str:
+        """Say that this process serves ``refs``; call again at least every ``heartbeat_s`` while
+        serving, and ``forget_server`` on the way out. Returns the record's key."""
+        import socket
+
+        key = _writer()
+        self.backend.write_record(key, {"host": socket.gethostname(), "pid": os.getpid(), "refs": sorted(refs),
+                                        "address": address, "updated": time.time(),
+                                        "heartbeat_s": heartbeat_s})
+        return key
+
+    def forget_server(self, key: str) -> None:
+        self.backend.delete_record(key)
+
+    def servers(self) -> list[dict[str, Any]]:
+        """The records of servers that still run: on this machine, whose process lives; on
+        another, refreshed within three heartbeats. Records of dead servers here are removed."""
+        import socket
+
+        host, out = socket.gethostname(), []
+        for key, r in self.backend.read_records().items():
+            if r.get("host") == host:
+                if _alive(int(r.get("pid", 0))):
+                    out.append(r)
+                else:
+                    self.backend.delete_record(key)
+            elif time.time() - float(r.get("updated", 0)) < 3 * float(r.get("heartbeat_s", 60)) + 10:
+                out.append(r)
+        return out
 
     def list(self) -> list[Version]:
         out = []

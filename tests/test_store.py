@@ -200,3 +200,49 @@ def test_leftovers_of_interrupted_saves_are_removed_by_the_next_save(tmp_path):
     assert s.save("m", write_ok).version == 2
     left = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert left == [alive.name, "1", "2"], left
+
+
+@pytest.mark.parametrize("kind", ["folder", "uri"])
+def test_rm_deletes_a_free_version_and_refuses_a_labelled_or_served_one(tmp_path, kind):
+    """`kiln models rm`: a version that a label names or a running server serves stays, with a
+    line that says which and how to free it; a free one goes, and the version numbers after it
+    keep theirs."""
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "store") if kind == "folder" else f"file://{tmp_path}/bucket/kiln"
+    s = Store(root)
+    for _ in range(4):
+        s.save("m", write_ok)
+    s.label("m:2", "stable")
+    with pytest.raises(KilnError, match=r"m:2 has label stable; move or remove it first \(`kiln models unlabel m stable`\)"):
+        s.remove("m:2")
+    key = s.record_server(["m:3", "other:1"], "http://127.0.0.1:8000", 30)  # this process serves m:3
+    with pytest.raises(KilnError, match=r"m:3 is served by `kiln serve` \(pid \d+ on .*http://127.0.0.1:8000\); stop that server"):
+        s.remove("m:3")
+    for bad, why in (("m", "takes NAME:VERSION"), ("m@stable", "takes NAME:VERSION"), ("m:9", "no version 9")):
+        with pytest.raises(KilnError, match=why):
+            s.remove(bad)
+    assert s.remove("m:1").ref == "m:1"
+    assert Store(root).versions("m") == [2, 3, 4] and s.get("m").version == 4
+    assert s.save("m", write_ok).version == 5  # numbers are never reused
+    # the server stopped: its record goes, and what it served can be deleted
+    s.forget_server(key)
+    assert s.remove("m:3").ref == "m:3" and s.versions("m") == [2, 4, 5]
+    # a record left by a server that died on this machine does not protect anything
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    s.backend.write_record("ghost", {"host": __import__("socket").gethostname(), "pid": dead, "refs": ["m:4"],
+                                     "updated": 0, "heartbeat_s": 30})
+    assert s.servers() == [] and "ghost" not in s.backend.read_records()
+    # another machine's server counts while it refreshes its record, not after three missed beats
+    import time
+
+    s.backend.write_record("far", {"host": "elsewhere", "pid": 1, "refs": ["m:4"], "address": "x",
+                                   "updated": time.time(), "heartbeat_s": 30})
+    with pytest.raises(KilnError, match="m:4 is served"):
+        s.remove("m:4")
+    s.backend.write_record("far", {"host": "elsewhere", "pid": 1, "refs": ["m:4"], "address": "x",
+                                   "updated": time.time() - 200, "heartbeat_s": 30})
+    assert s.remove("m:4").ref == "m:4"
+    assert s.names() == ["m"]  # the records' folder is no model
