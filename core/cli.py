@@ -136,6 +136,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         was = store.unlabel(args.args[0], args.args[1])
         print(f"[kiln] removed {args.args[0]}@{args.args[1]} (it named {args.args[0]}:{was})")
         return 0
+    if args.action == "rm":
+        if not args.args:
+            raise KilnError("`kiln models rm NAME:VERSION [...]` deletes versions")
+        for ref in args.args:
+            print(f"[kiln] deleted {store.remove(ref).ref}")
+        return 0
     if args.args:
         raise KilnError(f"`kiln models` takes no names; did you mean `kiln models label {' '.join(args.args)}`?")
     versions = store.list()
@@ -214,7 +220,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_items=args.max_items, max_chars=args.max_chars,
                     max_response_mb=args.max_response_mb, body_timeout_s=args.body_timeout_s,
                     client_timeout_s=args.client_timeout_s, max_connections=args.max_connections,
-                    poll_seconds=args.poll_seconds, access_log=args.access_log)
+                    poll_seconds=args.poll_seconds, access_log=args.access_log, traffic=args.traffic,
+                    shared_replicas=args.shared_replicas, own_replicas=args.own_replicas,
+                    models_per_replica=args.models_per_replica)
     refs, store = spec.refs, spec.store
     if args.build_config:
         import yaml
@@ -225,6 +233,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     print(f"[kiln] serving {', '.join(refs)} from {store}; loading...", flush=True)
     app.start(spec, address=args.address)
+    # the store learns what this server serves, so that `kiln models rm` refuses to delete it
+    from kiln.store import Store
+
+    records, address = Store(store), f"http://{args.host}:{args.port}"
+    beat = min(args.poll_seconds or 30.0, 30.0)
+    record, recorded = records.record_server(spec.refs, address, beat), list(spec.refs)
+    next_beat = time.monotonic() + beat
     # SIGTERM (systemd, Docker, Kubernetes) stops the server as Ctrl-C does: after Ray's own
     # handler is installed, which printed a stack dump and left Ray's agents running
     signal.signal(signal.SIGTERM, _terminate)
@@ -234,6 +249,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for m in models["models"]:
             for method in sorted(m.get("methods", {})):
                 print(f"[kiln] {m['ref']:<16} POST {base}/models/{m['name']}/{method}", flush=True)
+        for name, entries in spec.traffic.items():
+            total = sum(entries.values())
+            print(f"[kiln] {name}: unversioned traffic split "
+                  + ", ".join(f"{e} {100 * w / total:.0f}%" for e, w in entries.items()), flush=True)
         print(f"[kiln] ready: {base}/models  {base}/docs  (Ctrl-C stops)", flush=True)
         next_poll = time.monotonic() + args.poll_seconds
         import threading
@@ -254,12 +273,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     print(f"[kiln] {line}; still serving the version before it", flush=True)
                 for ref in added:
                     print(f"[kiln] new version in the store: now serving {ref}", flush=True)
+            if time.monotonic() >= next_beat or spec.refs != recorded:
+                next_beat, recorded = time.monotonic() + beat, list(spec.refs)
+                try:
+                    records.record_server(recorded, address, beat)
+                except KilnError as e:  # a store gone read-only must not stop the serving
+                    print(f"[kiln] warning: {e}", flush=True)
     except _Terminated:
         return 0
     finally:
         import ray
         from ray import serve
 
+        records.forget_server(record)
         serve.shutdown()
         ray.shutdown()
         print("[kiln] server stopped", flush=True)
@@ -629,12 +655,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs-compare.png", help="compare: the PNG to write")
     s.set_defaults(fn=cmd_runs)
 
-    s = sub.add_parser("models", parents=[common], help="list the models in the store; label versions",
+    s = sub.add_parser("models", parents=[common], help="list the models in the store; label and delete versions",
                        description="`kiln models` lists every version with its labels; `kiln models label "
                                    "cnn:3 stable` points a label at a version (moving it if it named "
                                    "another), `kiln models unlabel cnn stable` removes it. Wherever a "
-                                   "model is named, cnn@stable is the version the label names.")
-    s.add_argument("action", nargs="?", choices=["list", "label", "unlabel"], default="list")
+                                   "model is named, cnn@stable is the version the label names. `kiln "
+                                   "models rm cnn:2` deletes a version that no label names and no "
+                                   "running `kiln serve` serves.")
+    s.add_argument("action", nargs="?", choices=["list", "label", "unlabel", "rm"], default="list")
     s.add_argument("args", nargs="*", metavar="NAME[:VERSION] LABEL")
     s.set_defaults(fn=cmd_models)
 
@@ -691,6 +719,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for models to load")
     s.add_argument("--poll-seconds", type=float, default=10.0,
                    help="look for new model versions in the store this often (0: never)")
+    s.add_argument("--traffic", action="append", default=None, metavar="NAME:VERSION=WEIGHT",
+                   help="split a model's unversioned traffic by weight, e.g. --traffic cnn:3=90 --traffic "
+                        "cnn:4=10 (a canary), or by label, cnn@stable=90; repeatable")
+    s.add_argument("--shared-replicas", action="store_true",
+                   help="serve the models in one shared set of replicas (Ray Serve's model multiplexing): "
+                        "each extra small model costs tens of MB instead of a TensorFlow process")
+    s.add_argument("--own-replicas", action="append", default=None, metavar="NAME",
+                   help="with --shared-replicas: this model keeps replicas of its own (a hot model; repeatable)")
+    s.add_argument("--models-per-replica", type=int, default=0,
+                   help="with --shared-replicas: versions loaded in one replica at most, least recently "
+                        "used unloaded beyond (default 0: no limit)")
     s.add_argument("--access-log", action="store_true",
                    help="log every request (Serve's access log; off by default: it costs time per request)")
     s.add_argument("--build-config", default=None, metavar="FILE.yaml",

@@ -1,14 +1,16 @@
-"""The Ray Serve application: one FastAPI ingress and one deployment per served model version.
+"""The Ray Serve application: one FastAPI ingress, and the model versions either in deployments
+of their own (the default) or in one shared deployment (``--shared-replicas``).
 
-Why one deployment per model and not multiplexing: Kiln's models differ in everything Serve
-schedules by (a CNN answers in a millisecond, an LSTM generates for a second, a GAN wants a GPU),
-so each gets its own replicas, resources, ``max_ongoing_requests`` and autoscaling, and a slow
-model never queues behind a fast one. Idle cost stays low because a replica is a small fraction of
-a CPU by default and ``autoscaling_config`` may scale a model to zero replicas. Multiplexing fits
-many models of one kind; that is not what a store of lecture models holds.
+Why a deployment per model by default: Kiln's models differ in everything Serve schedules by (a
+CNN answers in a millisecond, an LSTM generates for a second, a GAN wants a GPU), so each gets its
+own replicas, resources, ``max_ongoing_requests`` and autoscaling, and a slow model never queues
+behind a fast one. The price is a TensorFlow process per version (BENCHMARKS.md, "Many models in
+one replica"): with many small models, ``--shared-replicas`` puts them in one deployment (``kiln.serve.replica.ModelPool``, Serve's
+model multiplexing), where each costs only its own weights and traced graphs, and
+``--own-replicas NAME`` keeps a hot model apart.
 
-The replica is ``kiln.serve.replica.ModelServer``, the HTTP API ``kiln.serve.ingress.KilnIngress``,
-the Ray underneath ``kiln.serve.runtime``.
+The replicas are ``kiln.serve.replica.ModelServer`` (or ``ModelPool``), the HTTP API
+``kiln.serve.ingress.KilnIngress``, the Ray underneath ``kiln.serve.runtime``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from kiln import settings
 from kiln.logs import SETUP_HOOK
 from kiln.plugin import KilnError
 from kiln.serve.codecs import Limits
-from kiln.serve.replica import ModelServer
+from kiln.serve.replica import POOL, ModelPool, ModelServer
 from kiln.serve.runtime import init_ray
 
 INGRESS = "KilnIngress"
@@ -70,6 +72,57 @@ class ServeSpec:
     failed: dict[str, tuple[float, str]] = field(default_factory=dict)
     # the store's labels of the served models (name -> label -> version), as last deployed
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    # what to serve, resolved again at each poll: "cnn", "vae:2", "cnn@stable" (None: every model)
+    names: list[str] | None = None
+    # a weighted split of a model's unversioned routes: name -> {"cnn:3" or "cnn@stable": weight}
+    traffic: dict[str, dict[str, int]] = field(default_factory=dict)
+    # each traffic entry's version as last deployed ("cnn@canary" -> "cnn:4"): while a moved
+    # label's new version loads, its share still goes to this one
+    routes: dict[str, str] = field(default_factory=dict)
+    # share replicas among models (Serve's multiplexing), except the models named in ``own``
+    shared: bool = False
+    own: list[str] = field(default_factory=list)
+    models_per_replica: int = 0           # in a shared replica, at most this many loaded (0: all)
+
+    def pooled(self, ref: str) -> bool:
+        return self.shared and ref.split(":")[0] not in self.own
+
+    def deployment_of(self, ref: str) -> str:
+        return POOL if self.pooled(ref) else deployment_name(ref)
+
+
+def parse_traffic(values: list[str] | None) -> dict[str, dict[str, int]]:
+    """``--traffic cnn:3=90 --traffic cnn:4=10`` (or ``cnn@stable=90``) as name -> {entry: weight};
+    KilnError naming the bad value."""
+    from kiln.store import parse_ref
+
+    out: dict[str, dict[str, int]] = {}
+    for value in values or []:
+        entry, eq, weight = value.rpartition("=")
+        if not eq or not entry:
+            raise KilnError(f"--traffic takes NAME:VERSION=WEIGHT or NAME@LABEL=WEIGHT (cnn:3=90), got {value!r}")
+        name, version = parse_ref(entry)
+        if version is None and "@" not in entry:
+            raise KilnError(f"--traffic {value}: name a version or a label (cnn:3=90, cnn@stable=90), "
+                            "not the bare model")
+        if not weight.isdigit() or int(weight) < 1:
+            raise KilnError(f"--traffic {value}: the weight must be a whole number >= 1, got {weight!r}")
+        if entry in out.get(name, {}):
+            raise KilnError(f"--traffic names {entry} twice")
+        out.setdefault(name, {})[entry] = int(weight)
+    return out
+
+
+def wanted(store: str, names: list[str] | None, traffic: dict[str, dict[str, int]]) -> list[str] | None:
+    """What to resolve: ``names`` (None: every model in the store), where a model with a traffic
+    split is served as its split's entries instead of its latest version."""
+    if not traffic:
+        return names
+    from kiln.store import Store, parse_ref
+
+    base = names or Store(store).names()
+    keep = [n for n in base if parse_ref(n)[0] not in traffic or parse_ref(n)[1] is not None or "@" in n]
+    return keep + [e for entries in traffic.values() for e in entries if e not in keep]
 
 
 def labels_of(store: str, refs: list[str], served: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -97,11 +150,13 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
          batch_size: int = 32, batch_wait_ms: float = 2.0, max_body_mb: float = 16.0,
          max_items: int = 1024, max_chars: int = 100_000, max_response_mb: float = 64.0,
          body_timeout_s: float = 60.0, client_timeout_s: int = 60, max_connections: int = 4096,
-         poll_seconds: float = 10.0, access_log: bool = False) -> ServeSpec:
+         poll_seconds: float = 10.0, access_log: bool = False,
+         traffic: list[str] | None = None, shared_replicas: bool = False,
+         own_replicas: list[str] | None = None, models_per_replica: int = 0) -> ServeSpec:
     """Validate a serving request and return its spec (as ``kiln.run.plan`` does for training);
     raises KilnError naming what is wrong, before Ray starts."""
     from kiln.spec import parse_span
-    from kiln.store import resolve_root
+    from kiln.store import check_name, resolve_root
 
     low, high = parse_span(replicas, "--replicas")
     autoscaling = {"min_replicas": low, "max_replicas": high,
@@ -116,6 +171,11 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
             raise KilnError(f"{flag} must be positive, got {value:g}")
     if not 0 < port < 65536:
         raise KilnError(f"--port must be 1-65535, got {port}")
+    if own_replicas and not shared_replicas:
+        raise KilnError("--own-replicas names the models kept out of shared replicas: use it with "
+                        "--shared-replicas")
+    if models_per_replica < 0:
+        raise KilnError(f"--models-per-replica must be >= 0 (0: no limit), got {models_per_replica}")
     if batch_size < 0 or batch_wait_ms < 0 or poll_seconds < 0:
         raise KilnError("--batch-size, --batch-wait-ms and --poll-seconds must be >= 0")
     if address:
@@ -123,8 +183,9 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
 
         check_ray_address(address)
     root = resolve_root(store)
+    split = parse_traffic(traffic)
     failed: dict[str, tuple[float, str]] = {}  # serving every model's latest: skip a broken one
-    refs = resolve_refs(root, models, None if models else failed)
+    refs = resolve_refs(root, wanted(root, models, split), None if models else failed)
     opts = ModelOptions(num_cpus=cpus_per_replica, num_gpus=gpus_per_replica, num_replicas=low,
                         autoscaling_config=autoscaling, max_ongoing_requests=max_ongoing_requests,
                         batch_size=batch_size, batch_wait_ms=batch_wait_ms)
@@ -133,8 +194,10 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
                     body_timeout_s=body_timeout_s, client_timeout_s=client_timeout_s,
                     max_connections=max_connections)
     return ServeSpec(store=root, refs=refs, host=host, port=port, limits=limits,
-                     options={r: opts for r in refs},
-                     token=settings.api_token(), access_log=access_log, failed=failed)
+                     options={**{r: opts for r in refs}, POOL: opts},
+                     token=settings.api_token(), access_log=access_log, failed=failed,
+                     names=models, traffic=split, shared=shared_replicas,
+                     own=[check_name(n) for n in own_replicas or []], models_per_replica=models_per_replica)
 
 
 def check_version(store: Any, ref: str) -> None:
@@ -215,8 +278,18 @@ def build_app(spec: ServeSpec) -> Any:
 
     logs = logging_config(spec.access_log)
     models, batching = {}, {}
+    pooled = [ref for ref in spec.refs if spec.pooled(ref)]
+    if pooled:
+        opts = spec.options.get(POOL) or ModelOptions()
+        dep = serve.deployment(ModelPool, name=POOL, logging_config=logs, **opts.deployment_options())
+        # its arguments never name a version: versions come and go without restarting it
+        pinned = f"pool-{zlib.crc32(repr((sorted(opts.deployment_options().items()), spec.models_per_replica)).encode()):08x}"
+        models[POOL] = dep.options(version=pinned, _internal=True).bind(spec.store, spec.models_per_replica)
     for ref in spec.refs:
         opts = spec.options.get(ref) or spec.options.get(ref.split(":")[0]) or ModelOptions()
+        batching[ref] = (opts.batch_size, opts.batch_wait_ms)
+        if ref in pooled:
+            continue
         dep = serve.deployment(ModelServer, name=deployment_name(ref), logging_config=logs,
                                **opts.deployment_options())
         # A stored version never changes: pinning the deployment's version to it (and to its
@@ -225,22 +298,44 @@ def build_app(spec: ServeSpec) -> Any:
         # (18.6 s without a cnn answer when cnn:2 was stored). Ray 2.60 takes it with _internal.
         pinned = f"{ref}-{zlib.crc32(repr(sorted(opts.deployment_options().items())).encode()):08x}"
         models[ref] = dep.options(version=pinned, _internal=True).bind(spec.store, ref)
-        batching[ref] = (opts.batch_size, opts.batch_wait_ms)
     from kiln.store import Store
 
     store = Store(spec.store)  # each method's argument schema, for the OpenAPI document
-    config = {"deployments": {ref: deployment_name(ref) for ref in spec.refs},
+    config = {"deployments": {ref: spec.deployment_of(ref) for ref in spec.refs},
               "batching": {ref: list(b) for ref, b in batching.items()},
               "methods": {ref: store.get(ref).manifest.get("methods", {}) for ref in spec.refs},
               "failed": {ref: reason for ref, (_, reason) in spec.failed.items()},
               "labels": labels_of(spec.store, spec.refs, spec.labels)}
     spec.labels = config["labels"]
+    config["traffic"] = _traffic_config(spec)
     # Pinned like the models: what changes as versions come and go reaches the running ingress
     # through user_config (reconfigure), without a new ingress replica.
     pinned = f"ingress-{zlib.crc32(repr((spec.limits, spec.token, spec.access_log)).encode()):08x}"
     ingress = KilnIngress.options(name=INGRESS, logging_config=logs, user_config=config,
                                   version=pinned, _internal=True)
     return ingress.bind(models, asdict(spec.limits), spec.token)
+
+
+def _traffic_config(spec: ServeSpec) -> dict[str, list[list[Any]]]:
+    """The split the ingress applies: name -> [[entry, version now, weight, version before]], where
+    "version before" is the one a moved label named, kept while the new one loads."""
+    out: dict[str, list[list[Any]]] = {}
+    for name, entries in spec.traffic.items():
+        rows = []
+        for entry, weight in entries.items():
+            if "@" in entry:
+                version = spec.labels.get(name, {}).get(entry.partition("@")[2])
+                now = f"{name}:{version}" if f"{name}:{version}" in spec.refs else spec.routes.get(entry)
+            else:
+                now = entry
+            before = spec.routes.get(entry)
+            if before and before != now and before in spec.refs:
+                rows.append([entry, now, weight, before])
+            else:
+                rows.append([entry, now, weight, None])
+                spec.routes[entry] = now
+        out[name] = rows
+    return out
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -263,6 +358,9 @@ def app_builder(args: dict[str, Any]) -> Any:
 def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
     """A Ray Serve config (``serve deploy FILE``) serving ``spec`` on a remote cluster. Per-model
     deployment options (replicas, resources, autoscaling) are listed so they can be edited there."""
+    if spec.shared:
+        raise KilnError("--build-config writes one deployment per model version; serve shared replicas "
+                        "with `kiln serve --shared-replicas --address ...` instead")
     deployments = []
     for ref in spec.refs:
         opts = spec.options.get(ref) or ModelOptions()
@@ -304,13 +402,16 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
 
     before_refs, before_failed = list(spec.refs), dict(spec.failed)
     try:
-        refs = resolve_refs(spec.store, names, spec.failed, served=tuple(before_refs))
+        refs = resolve_refs(spec.store, wanted(spec.store, names, spec.traffic), spec.failed,
+                            served=tuple(before_refs))
     except KilnError as e:
         return [], [f"store poll: {e}"]
-    # a version being replaced keeps serving until its successor is ready
-    successor = {r.split(":")[0]: r for r in refs}
-    refs += [old for old in before_refs if old not in refs and old.split(":")[0] in successor
-             and not _healthy(app_name, successor[old.split(":")[0]])]
+    # a version being replaced keeps serving until its successors (the new latest, or the version a
+    # moved label names) are ready
+    new = [r for r in refs if r not in before_refs]
+    refs += [old for old in before_refs if old not in refs
+             and any(not _healthy(app_name, spec.deployment_of(r)) for r in new
+                     if r.split(":")[0] == old.split(":")[0])]
     news = [f"cannot serve {ref}: {reason}" for ref, (_, reason) in spec.failed.items()
             if before_failed.get(ref, (None,))[0] != spec.failed[ref][0]]
     if sorted(refs) == sorted(before_refs) and spec.failed.keys() == before_failed.keys() \
@@ -330,9 +431,9 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
     return sorted(set(refs) - set(before_refs)), news
 
 
-def _healthy(app_name: str, ref: str) -> bool:
+def _healthy(app_name: str, deployment: str) -> bool:
     app = serve.status().applications.get(app_name)
-    dep = app.deployments.get(deployment_name(ref)) if app else None
+    dep = app.deployments.get(deployment) if app else None
     return bool(dep) and str(getattr(dep.status, "value", dep.status)) == "HEALTHY"
 
 

@@ -33,8 +33,9 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from ray import serve
 
 from kiln.plugin import KilnError
-from kiln.serve import codecs
+from kiln.serve import codecs, metrics
 from kiln.serve.codecs import ProtocolError
+from kiln.serve.replica import POOL, LoadError
 
 RETRIES = 3          # sends of a request whose replica died under it, after the first
 RETRY_AFTER_S = 2    # what a 503 tells the client to wait
@@ -52,6 +53,7 @@ GALLERY_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 api = FastAPI(title="Kiln", description="Kiln model server: Kiln, TF Serving REST and Open "
               "Inference Protocol v2 routes for every stored model it serves.",
               openapi_url=None, docs_url=None, redoc_url=None)
+api.add_middleware(metrics.Measure)
 
 
 @api.exception_handler(ProtocolError)
@@ -208,15 +210,25 @@ class KilnIngress:
         self.inflight: dict[str, int] = {}          # requests in flight per model ref
         self._status: tuple[float, dict[str, str]] = (0.0, {})
         self._status_lock = asyncio.Lock()
+        self._warming: set[Any] = set()
         self.app_name = serve.get_replica_context().app_name
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
+    async def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's ``user_config`` at start and whenever it
         changes: the served versions (ref -> deployment name), each one's batching and method
         schemas, and the versions that cannot be served."""
         served = config.get("deployments", {})
-        self.handles = {ref: self.handles.get(ref) or serve.get_deployment_handle(name, self.app_name)
-                        for ref, name in served.items()}
+        # a version in the shared pool is the pool's deployment, with the version named per call
+        self.handles = {ref: self.handles.get(ref) or (
+            serve.get_deployment_handle(name, self.app_name).options(multiplexed_model_id=ref)
+            if name == POOL else serve.get_deployment_handle(name, self.app_name))
+            for ref, name in served.items()}
+        # async, so that it runs on the replica's event loop: a handle's options() needs one
+        for ref, name in served.items():  # load new pooled versions now, not on their first request
+            if name == POOL and ref not in self.described:
+                task = asyncio.get_running_loop().create_task(self._warm(ref))
+                self._warming.add(task)  # the loop keeps only a weak reference to a task
+                task.add_done_callback(self._warming.discard)
         # (most requests in one model call, ms a batch waits to fill), for refs that batch
         self.batching = {r: (int(b[0]), float(b[1])) for r, b in config.get("batching", {}).items() if b[0] > 1}
         self.batchers = {r: b for r, b in self.batchers.items() if r in self.batching}
@@ -224,8 +236,17 @@ class KilnIngress:
         self.methods = config.get("methods", {})
         self.failed = config.get("failed", {})
         self.labels: dict[str, dict[str, int]] = config.get("labels", {})
+        # name -> [[entry, version now, weight, version before]] (kiln.serve.app._traffic_config)
+        self.traffic: dict[str, list[list[Any]]] = config.get("traffic", {})
+        self._turns: dict[str, dict[str, int]] = {}  # smooth weighted round robin's running scores
         self._status = (0.0, {})
         api.openapi_schema = None
+
+    async def _warm(self, ref: str) -> None:
+        try:
+            await self.handles[ref].describe.remote()
+        except Exception:  # noqa: BLE001 - its first request will say what is wrong
+            pass
 
     # -- plumbing -------------------------------------------------------------------------
     def _check_auth(self, request: Request) -> None:
@@ -265,7 +286,36 @@ class KilnIngress:
     def _versions(self, model: str) -> list[str]:
         return sorted((r for r in self.handles if r.split(":")[0] == model), key=lambda r: int(r.split(":")[1]))
 
-    async def _ref(self, model: str, version: Optional[str], label: Optional[str] = None) -> str:
+    async def _split(self, model: str) -> list[tuple[str, Optional[str], int]]:
+        """The traffic split of ``model`` as it answers now: (entry, version answering or None
+        while neither it nor the one it replaces is ready, weight)."""
+        states = await self._states()
+        out = []
+        for entry, now, weight, before in self.traffic.get(model, []):
+            if now and states.get(now) == "HEALTHY":
+                out.append((entry, now, weight))
+            elif before and states.get(before) == "HEALTHY":
+                out.append((entry, before, weight))
+            else:
+                out.append((entry, None, weight))
+        return out
+
+    async def _pick(self, model: str) -> Optional[str]:
+        """The next version of a split model's unversioned traffic: smooth weighted round robin
+        (nginx's), so 90/10 is exactly 9 of every 10 requests, interleaved, not a coin's luck.
+        A version not ready yet gets no share until it is."""
+        live = [(e, ref, w) for e, ref, w in await self._split(model) if ref]
+        if not live:
+            return None
+        turns = self._turns.setdefault(model, {})
+        for entry, _, weight in live:
+            turns[entry] = turns.get(entry, 0) + weight
+        entry, ref, _ = max(live, key=lambda e: turns[e[0]])
+        turns[entry] -= sum(w for _, _, w in live)
+        return ref
+
+    async def _ref(self, model: str, version: Optional[str], label: Optional[str] = None,
+                   split: bool = False) -> str:
         if "@" in model and label is None:  # cnn@stable, as the store names it
             model, _, label = model.partition("@")
         if label is not None:
@@ -289,6 +339,10 @@ class KilnIngress:
             raise ProtocolError(404, f"model '{model}' is not served; served models: "
                                      f"{', '.join(sorted({r.split(':')[0] for r in self.handles}))}")
         if version is None:
+            if split and model in self.traffic:  # inference on the unversioned routes
+                picked = await self._pick(model)
+                if picked:
+                    return picked
             # the newest version that is ready: a new one takes over only once it answers
             states = await self._states()
             ready = [r for r in served if states.get(r) == "HEALTHY"]
@@ -374,11 +428,13 @@ class KilnIngress:
         for attempt in range(RETRIES + 1):
             try:
                 if batch:
-                    out = await self._batcher(ref)((method, args))
+                    out = await self._batcher(ref)((method, args, time.perf_counter()))
                     if "__kiln_error__" in out:
                         raise ProtocolError(out.get("__kiln_status__", 400), out["__kiln_error__"])
                     return out
                 return await self.handles[ref].infer.remote(method, args, self.limits.max_values())
+            except LoadError as e:
+                raise ProtocolError(503, _cause(e), retry_after=RETRY_AFTER_S) from None
             except KilnError as e:
                 raise ProtocolError(400, _cause(e)) from None
             except (pickle.PicklingError, RecursionError):  # 990 nested lists cannot travel
@@ -402,9 +458,12 @@ class KilnIngress:
 
             @serve.batch(max_batch_size=size, batch_wait_timeout_s=wait_ms / 1000.0,
                          max_concurrent_batches=4)  # the next batch goes while one runs
-            async def run(items: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+            async def run(items: list[tuple[str, dict[str, Any], float]]) -> list[dict[str, Any]]:
+                now = time.perf_counter()
+                for _, _, queued in items:
+                    metrics.batch_wait(ref, now - queued)
                 # one call per method in the batch, all in flight at once
-                groups = {m: [k for k, (m2, _) in enumerate(items) if m2 == m] for m, _ in items}
+                groups = {m: [k for k, (m2, _, _) in enumerate(items) if m2 == m] for m, _, _ in items}
                 done = await asyncio.gather(*(handle.infer_many.remote(m, [items[k][1] for k in ks],
                                                                        self.limits.max_values())
                                               for m, ks in groups.items()))
@@ -450,6 +509,15 @@ class KilnIngress:
 
         return get_swagger_ui_html(openapi_url="openapi.json", title="Kiln API")
 
+    @api.get("/metrics", include_in_schema=False)
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus metrics of every replica on every node (kiln.serve.metrics); needs the
+        token when one is set (the series name every served model)."""
+        self._check_auth(request)
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(await asyncio.to_thread(metrics.gather), media_type=CONTENT_TYPE_LATEST)
+
     # -- Kiln routes ------------------------------------------------------------------------
     @api.get("/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -458,7 +526,8 @@ class KilnIngress:
         states = await self._states()
         out = []
         for ref in sorted(self.handles):
-            entry = {"ref": ref, "state": "READY" if states.get(ref) == "HEALTHY" else "LOADING"}
+            entry = {"ref": ref, "state": "READY" if states.get(ref) == "HEALTHY" else "LOADING",
+                     "shared": self.handles[ref].deployment_name == POOL}
             if entry["state"] == "READY":  # fresh: it carries live counters
                 entry.update(await self.handles[ref].describe.remote())
                 if ref not in self.batching:
@@ -466,7 +535,13 @@ class KilnIngress:
             out.append(entry)
         out += [{"ref": ref, "name": ref.split(":")[0], "version": int(ref.split(":")[1]), "state": "FAILED",
                  "error": why} for ref, why in sorted(self.failed.items())]
-        return {"models": out}
+        traffic = {}
+        for name in sorted(self.traffic):
+            rows = await self._split(name)
+            total = sum(w for _, ref, w in rows if ref) or 1
+            traffic[name] = [{"to": e, "answering": ref, "weight": w,
+                              "percent": round(100.0 * w / total, 2) if ref else 0.0} for e, ref, w in rows]
+        return {"models": out, "traffic": traffic}
 
     @api.get("/models/{model}/artifacts/{name}", response_class=Response,
              responses={200: {"content": {"image/png": {}}}})
@@ -489,8 +564,10 @@ class KilnIngress:
     async def call(self, model: str, method: str, request: Request, response: Response,
                    version: Optional[str] = None) -> Any:
         body = await self._json(request)
-        ref = await self._ref(model, version)
-        response.headers[VERSION_HEADER] = ref  # which version answered (a label or the latest)
+        ref = await self._ref(model, version, split=True)
+        # for the metrics (kiln.serve.metrics.Measure); a made-up method name is no series of its own
+        request.scope["kiln"] = (ref, method if method in self.methods.get(ref, {}) else "")
+        response.headers[VERSION_HEADER] = ref  # which version answered (a label, the split or the latest)
         if not isinstance(body, dict):
             raise ProtocolError(400, "the body must be a JSON object of the method's arguments")
         fmt = body.pop("format", None)
@@ -513,10 +590,11 @@ class KilnIngress:
     async def tf_predict(self, model: str, request: Request, response: Response, version: Optional[str] = None,
                          label: Optional[str] = None) -> Any:
         body = await self._json(request)
-        ref = await self._ref(model, version, label)
+        ref = await self._ref(model, version, label, split=True)
         response.headers[VERSION_HEADER] = ref
         info = await self._describe(ref)
         method, arg = codecs.tf_signature(body, info)
+        request.scope["kiln"] = (ref, method)
         schema = info["methods"][method]["inputs"][arg]
         sent = body.get("instances", body.get("inputs")) if isinstance(body, dict) else None
         # before any {"b64": ...} picture is decoded
@@ -594,12 +672,15 @@ class KilnIngress:
 
     @api.post("/v2/models/{model}/infer")
     @api.post("/v2/models/{model}/versions/{version}/infer")
-    async def v2_infer(self, model: str, request: Request, version: Optional[str] = None) -> Any:
+    async def v2_infer(self, model: str, request: Request, response: Response,
+                       version: Optional[str] = None) -> Any:
         raw = await self._body(request)
         header, binary = codecs.v2_split(raw, request.headers.get(codecs.HEADER_LENGTH))
         body = codecs.parse_json(header, "application/json" if binary else request.headers.get("content-type", ""))
-        ref = await self._ref(model, version)
+        ref = await self._ref(model, version, split=True)
+        response.headers[VERSION_HEADER] = ref
         method, arg = codecs.predict_method(await self._describe(ref))
+        request.scope["kiln"] = (ref, method)
         out = await self._call(ref, method, {arg: codecs.v2_infer_request(body, arg, binary)})
         answer, tail = codecs.v2_infer_response(out, model, ref.split(":")[1],
                                                 body.get("id") if isinstance(body, dict) else None, body)
@@ -607,4 +688,4 @@ class KilnIngress:
             return answer
         head = orjson.dumps(answer)
         return Response(head + tail, media_type="application/octet-stream",
-                        headers={codecs.HEADER_LENGTH: str(len(head))})
+                        headers={codecs.HEADER_LENGTH: str(len(head)), VERSION_HEADER: ref})

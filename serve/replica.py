@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from kiln.plugin import KilnError, Scalar, Tensor
+from kiln.serve import metrics
 from kiln.values import plain
 
 
@@ -76,6 +77,7 @@ class ModelServer:
         t0 = time.perf_counter()
         self.plugin, self.model, self.version = models.load(ref, store)
         self.ref = self.version.ref
+        loaded = time.perf_counter()
         # a stored version never changes: its pictures are listed once, not on every GET /models
         self.pictures = {p.name: p for p in self.version.artifacts() if p.suffix == ".png"}
         self.largest_batch = 0
@@ -97,6 +99,7 @@ class ModelServer:
                     continue
                 self.output_specs[method.name] = {k: _spec(v) for k, v in out.items()}
         self.load_seconds = time.perf_counter() - t0
+        metrics.loaded(self.ref, loaded - t0, time.perf_counter() - loaded)
         self.started = time.time()
 
     def describe(self) -> dict[str, Any]:
@@ -126,9 +129,13 @@ class ModelServer:
     # that conversion and their transfer cost more than the model call (141 MB of features).
     async def infer(self, method: str, args: dict[str, Any], max_values: int | None = None) -> dict[str, Any]:
         try:
-            out = await asyncio.to_thread(self.plugin.infer, self.model, method, args)
+            out = await self._timed(method, 1, self.plugin.infer, self.model, method, args)
         except BAD_ARGUMENTS as e:
+            metrics.model_error(self.ref, method, e)
             raise _bad_arguments(method, e) from None
+        except Exception as e:
+            metrics.model_error(self.ref, method, e)
+            raise
         _check_size(out, max_values)
         return plain(out)
 
@@ -148,11 +155,13 @@ class ModelServer:
                 parts.append(schema.validate(arg, a[arg], self.plugin.info))
                 owners.append(k)
             except Exception as e:  # noqa: BLE001 - whatever one request holds, it fails alone
+                metrics.model_error(self.ref, method, e)
                 results[k] = _failure(method, e)
         if parts:
             sizes = [len(x) for x in parts]
             try:
-                out = await asyncio.to_thread(fn.fn, self.plugin, self.model, **{arg: np.concatenate(parts)})
+                out = await self._timed(method, len(parts), fn.fn, self.plugin, self.model,
+                                        **{arg: np.concatenate(parts)})
             except Exception:  # noqa: BLE001 - find the request at fault: each one alone
                 for k in owners:
                     results[k] = await self._one(method, items[k], max_values)
@@ -175,6 +184,19 @@ class ModelServer:
         except Exception as e:  # noqa: BLE001 - this request's failure, never its neighbours'
             return _failure(method, e)
 
+    async def _timed(self, method: str, requests: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn`` in a worker thread, recording the wait for a thread and the call's time."""
+        queued = time.perf_counter()
+        began = [queued]
+
+        def call() -> Any:
+            began[0] = time.perf_counter()
+            return fn(*args, **kwargs)
+
+        out = await asyncio.to_thread(call)
+        metrics.model_call(self.ref, method, requests, time.perf_counter() - began[0], began[0] - queued)
+        return out
+
 
 def _check_size(out: dict[str, Any], max_values: int | None) -> None:
     if max_values is None:
@@ -196,3 +218,50 @@ def _spec(value: Any) -> dict[str, Any]:
 
 def _rows(value: Any, total: int) -> bool:
     return isinstance(value, (list, np.ndarray)) and len(value) == total
+
+
+POOL = "model-pool"  # the shared replicas' deployment (kiln serve --shared-replicas)
+
+
+class LoadError(KilnError):
+    """A version in a shared replica did not load: the server's trouble (503), not the request's."""
+
+
+class ModelPool:
+    """Many model versions in one replica: Ray Serve's model multiplexing. The ingress names the
+    version per call (``handle.options(multiplexed_model_id=ref)``); the replica loads it on its
+    first call (in a thread: the event loop keeps answering), keeps up to ``models_per_replica``
+    (0: all) and unloads the least recently used beyond that. Serve routes a version's calls to
+    the replicas that hold it. One TensorFlow process then holds every small model, instead of a
+    process per version (BENCHMARKS.md, "Many models in one replica")."""
+
+    def __init__(self, store: str, models_per_replica: int = 0) -> None:
+        from ray import serve
+
+        async def load(ref: str) -> ModelServer:
+            return await asyncio.to_thread(ModelServer, store, ref)
+
+        # decorated here so that the limit is a setting (Serve detects it on the instance)
+        self._load = serve.multiplexed(max_num_models_per_replica=models_per_replica or -1)(load)
+
+    async def _server(self) -> ModelServer:
+        from ray import serve
+
+        ref = serve.get_multiplexed_model_id()
+        try:
+            return await self._load(ref)
+        except Exception as e:  # noqa: BLE001 - a version that does not load is no crash of the pool
+            raise LoadError(f"{ref} failed to load in the shared replica ({type(e).__name__}: {e})") from None
+
+    async def describe(self) -> dict[str, Any]:
+        return (await self._server()).describe()
+
+    async def artifact(self, name: str) -> bytes:
+        return (await self._server()).artifact(name)
+
+    async def infer(self, method: str, args: dict[str, Any], max_values: int | None = None) -> dict[str, Any]:
+        return await (await self._server()).infer(method, args, max_values)
+
+    async def infer_many(self, method: str, items: list[dict[str, Any]],
+                         max_values: int | None = None) -> list[dict[str, Any]]:
+        return await (await self._server()).infer_many(method, items, max_values)

@@ -35,6 +35,11 @@ def one_line_error(out, *words):
     (["tune", "har", "--scheduler", "random"], ["invalid choice: 'random'", "see `kiln tune --help`"]),
     (["train", "cnn", "--epochs", "many"], ["argument --epochs: invalid int value: 'many'"]),
     (["export", "cnn", "--format", "pt"], ["invalid choice: 'pt'", "saved_model"]),
+    (["serve", "--traffic", "cnn=90"], ["--traffic cnn=90: name a version or a label", "not the bare model"]),
+    (["serve", "--traffic", "cnn:1=ten"], ["the weight must be a whole number >= 1, got 'ten'"]),
+    (["serve", "--traffic", "cnn:1"], ["--traffic takes NAME:VERSION=WEIGHT"]),
+    (["models", "rm", "cnn"], ["`kiln models rm` takes NAME:VERSION, got 'cnn'"]),
+    (["serve", "--own-replicas", "cnn"], ["use it with --shared-replicas"]),
 ])
 def test_bad_input_is_one_clear_line(workdir, args, words):
     one_line_error(run_kiln(*args, cwd=workdir), *words)

@@ -1,0 +1,244 @@
+"""What an operations team runs a server with, against a real `kiln serve` on 127.0.0.1 (its own
+Ray, a token, 2 replicas each): the versions of `m` in shared replicas (Serve's multiplexing) and
+`other` in replicas of its own; a canary split by weight that a label move shifts under load
+without a failed request or a restarted replica; `kiln models rm` refusing what the server
+serves; Prometheus metrics that count known traffic across every replica."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import run_kiln, stop_process
+from kiln.serve.runtime import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+TOKEN = "ops-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+IMAGE = {"images": np.zeros((1, 28, 28, 1)).tolist()}
+
+
+def copy_version(store, src: str, name: str) -> str:
+    """Store a new version of ``name`` holding ``src``'s files (what a second training run would
+    store, without the minutes)."""
+    from kiln.store import Store
+
+    s = Store(store)
+    old = s.get(src)
+
+    def write(tmp):
+        for p in old.path.iterdir():
+            if p.is_dir():
+                shutil.copytree(p, tmp / p.name)
+            elif p.name != "manifest.json":
+                shutil.copy(p, tmp / p.name)
+        return {k: v for k, v in old.manifest.items() if k not in ("name", "version", "created")}
+    return s.save(name, write).ref
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ops")
+    store = root / "store"
+    from kiln import run
+
+    run.train(run.plan("cnn", name="m", epochs=1, limit=1500, store=store, runs_dir=root / "runs"))
+    copy_version(store, "m:1", "m")      # m:2
+    copy_version(store, "m:1", "other")  # other:1, outside any split
+    assert run_kiln("models", "label", "m:1", "stable", "--store", str(store)).returncode == 0
+    assert run_kiln("models", "label", "m:2", "canary", "--store", str(store)).returncode == 0
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", str(store), "--port", str(port),
+                             "--poll-seconds", "1", "--replicas", "2", "--shared-replicas", "--own-replicas", "other",
+                             "--traffic", "m@stable=3", "--traffic", "m@canary=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, "KILN_API_TOKEN": TOKEN})
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not any("[kiln] ready:" in line for line in lines):
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        time.sleep(0.5)
+    assert any("[kiln] ready:" in line for line in lines), "".join(lines)[-3000:]
+    try:
+        yield f"http://127.0.0.1:{port}", store, proc, lines
+    finally:
+        stop_process(proc, timeout=120)
+
+
+def replicas(deployment: str) -> list[int]:
+    """The process ids of a deployment's replicas (named ray::ServeReplica:APP:DEPLOYMENT)."""
+    found = subprocess.run(["pgrep", "-f", f"ServeReplica:kiln:{deployment}"], capture_output=True, text=True)
+    return sorted(int(p) for p in found.stdout.split())
+
+
+def wait_for(check, seconds: float = 120) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_a_canary_split_answers_by_weight_on_every_protocol(ops):
+    """--traffic m@stable=3 --traffic m@canary=1: the unversioned routes of every protocol answer
+    3 of 4 requests from the stable version and 1 from the canary, each saying which in its
+    Kiln-Version header; a versioned route is never split; GET /models shows the split."""
+    base, _, _, lines = ops
+    assert any("m: unversioned traffic split m@stable 75%, m@canary 25%" in line for line in lines), lines
+    session = requests.Session()
+    session.headers.update(AUTH)
+    answered = Counter()
+    for _ in range(40):
+        r = session.post(f"{base}/models/m/classify", json=IMAGE, timeout=30)
+        assert r.status_code == 200, r.text
+        answered[r.headers["Kiln-Version"]] += 1
+    # smooth weighted round robin: exact shares, whatever came before (one cycle of 4 at most off)
+    assert abs(answered["m:1"] - 30) <= 1 and answered["m:1"] + answered["m:2"] == 40, answered
+    tf = Counter(session.post(f"{base}/v1/models/m:predict", json={"instances": IMAGE["images"]}, timeout=30)
+                 .headers["Kiln-Version"] for _ in range(8))
+    v2 = Counter(session.post(f"{base}/v2/models/m/infer", timeout=30, json={"inputs": [
+        {"name": "images", "shape": [1, 28, 28, 1], "datatype": "FP32",
+         "data": np.zeros(784).tolist()}]}).headers["Kiln-Version"] for _ in range(8))
+    assert abs(tf["m:1"] - 6) <= 1 and abs(v2["m:1"] - 6) <= 1 and tf["m:2"] and v2["m:2"], (tf, v2)
+    pinned = {session.post(f"{base}/models/m/versions/2/classify", json=IMAGE, timeout=30).headers["Kiln-Version"]
+              for _ in range(4)}
+    assert pinned == {"m:2"}
+    listing = session.get(f"{base}/models", timeout=30).json()
+    assert {m["ref"]: m["shared"] for m in listing["models"]} == {"m:1": True, "m:2": True, "other:1": False}
+    # two versions, one shared set of replicas: no process per version
+    assert len(replicas("model-pool")) == 2 and not replicas("model-m-") and len(replicas("model-other-v1")) == 2
+    split = listing["traffic"]
+    assert split == {"m": [{"to": "m@stable", "answering": "m:1", "weight": 3, "percent": 75.0},
+                           {"to": "m@canary", "answering": "m:2", "weight": 1, "percent": 25.0}]}
+
+
+def test_moving_a_label_moves_its_traffic_under_load_without_a_failed_request(ops):
+    """A new version labelled canary while 4 clients keep calling the unversioned route: the
+    canary's share moves to it once it is ready (the old canary answers until then), no request
+    fails, and the stable share never moves."""
+    base, store, proc, _ = ops
+    seen: list[str] = []
+    failed: list[tuple] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        session = requests.Session()
+        session.headers.update(AUTH)
+        deadline = time.time() + 240
+        for _ in range(20_000):
+            if stop.is_set() or time.time() > deadline:
+                return
+            try:
+                r = session.post(f"{base}/models/m/classify", json=IMAGE, timeout=30)
+                (seen.append(r.headers["Kiln-Version"]) if r.status_code == 200
+                 else failed.append((r.status_code, r.text[:200])))
+            except requests.RequestException as e:
+                failed.append(("exception", str(e)[:200]))
+            time.sleep(0.02)
+
+    pool = replicas("model-pool")
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        new = copy_version(store, "m:1", "m")  # m:3
+        assert run_kiln("models", "label", new, "canary", "--store", str(store)).returncode == 0
+
+        def moved() -> bool:
+            split = requests.get(f"{base}/models", headers=AUTH, timeout=30).json()["traffic"]["m"]
+            return split[1]["answering"] == new
+        assert wait_for(moved, 180)
+        mark = len(seen)
+        time.sleep(3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not failed, failed[:5]
+    after = Counter(seen[mark:])
+    assert set(after) == {"m:1", new} and after["m:1"] > after[new], after
+    assert "m:2" in seen[:mark] and proc.poll() is None
+    assert replicas("model-pool") == pool  # the new version joined the running shared replicas
+
+
+def test_rm_refuses_a_version_the_server_serves_and_deletes_a_free_one(ops):
+    """`kiln models rm` on what the running server serves (other:1), or what a label names (m:1):
+    one line, exit 2, nothing deleted. The canary's old version, no longer served once its label
+    moved, goes."""
+    base, store, _, _ = ops
+    served = run_kiln("models", "rm", "other:1", "--store", str(store))
+    assert served.returncode == 2 and "other:1 is served by `kiln serve`" in served.stderr, served.stderr
+    labelled = run_kiln("models", "rm", "m:1", "--store", str(store))
+    assert labelled.returncode == 2 and "m:1 has label stable" in labelled.stderr
+    assert (store / "other" / "1").is_dir() and (store / "m" / "1").is_dir()
+
+    def freed() -> bool:  # the server's record follows what it serves within a poll
+        return run_kiln("models", "rm", "m:2", "--store", str(store)).returncode == 0
+    assert wait_for(freed, 60) and not (store / "m" / "2").exists()
+    assert requests.post(f"{base}/models/m/classify", json=IMAGE, headers=AUTH, timeout=30).status_code == 200
+
+
+def series(text: str, family: str, **labels: str) -> list[float]:
+    """The values of a family's samples whose labels include ``labels`` (Prometheus text)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == family and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_metrics_count_known_traffic_across_replicas(ops):
+    """GET /metrics (token needed) after known traffic to a model nobody else calls: exact request
+    counts by protocol and status, a latency histogram with as many observations, errors by class,
+    batch sizes, and load times from both of the model's replicas."""
+    base, _, _, _ = ops
+    denied = requests.get(f"{base}/metrics", timeout=30)
+    assert denied.status_code == 401 and "token" in denied.json()["error"]
+    session = requests.Session()
+    session.headers.update(AUTH)
+    for _ in range(7):
+        assert session.post(f"{base}/models/other/classify", json=IMAGE, timeout=30).status_code == 200
+    for _ in range(3):
+        assert session.post(f"{base}/v1/models/other:predict", json={"instances": IMAGE["images"]},
+                            timeout=30).status_code == 200
+    for _ in range(2):
+        assert session.post(f"{base}/models/other/classify", json={"images": [[1, 2]]}, timeout=30).status_code == 400
+    assert session.post(f"{base}/models/made-up-{time.time()}/classify", json=IMAGE, timeout=30).status_code == 404
+    want = {"protocol": "kiln", "model": "other", "version": "1", "method": "classify"}
+
+    def counted() -> bool:
+        text = session.get(f"{base}/metrics", timeout=30).text
+        return (sum(series(text, "ray_kiln_requests_total", **want, status="200")) == 7
+                and sum(series(text, "ray_kiln_requests_total", **{**want, "protocol": "tfserving"}, status="200")) == 3
+                and sum(series(text, "ray_kiln_requests_total", **want, status="400")) == 2)
+    assert wait_for(counted, 90)
+    r = session.get(f"{base}/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert sum(series(text, "ray_kiln_request_ms_count", **want, status="200")) == 7
+    assert sum(series(text, "ray_kiln_request_ms_bucket", **want, status="200", le="+Inf")) == 7
+    assert sum(series(text, "ray_kiln_errors_total", **want, status="400")) == 2
+    assert sum(series(text, "ray_kiln_errors_total", **want, status="400", **{"class": "bad_request"})) == 2
+    # a made-up model is counted, but under no series of its own
+    assert "made-up" not in text
+    assert sum(series(text, "ray_kiln_requests_total", model="", status="404")) >= 1
+    # model calls (10 good requests, one at a time; the 2 bad ones never reached the model) and
+    # their batch sizes (Ray estimates a histogram's _sum from bucket midpoints: counts are exact)
+    assert sum(series(text, "ray_kiln_batch_size_count", model="other", version="1")) == 10
+    assert sum(series(text, "ray_kiln_batch_size_bucket", model="other", version="1", le="1.0")) == 10
+    assert sum(series(text, "ray_kiln_model_ms_count", model="other", version="1")) >= 1
+    # each of the model's two replicas reports its own load and warm-up
+    loads = series(text, "ray_kiln_model_load_seconds", model="other", version="1")
+    warmups = series(text, "ray_kiln_model_warmup_seconds", model="other", version="1")
+    assert len(loads) == 2 and all(v > 0 for v in loads + warmups), (loads, warmups)
+    # Serve's own per-replica series come along
+    assert series(text, "ray_serve_deployment_request_counter_total", deployment="model-other-v1")
