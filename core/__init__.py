@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 from kiln.plugin import (  # noqa: E402
     DatasetInfo,
+    ImageOptions,
     KilnError,
     Method,
     NoConfig,
@@ -20,7 +21,7 @@ from kiln.plugin import (  # noqa: E402
     param,
 )
 
-__all__ = ["DatasetInfo", "KilnError", "Method", "NoConfig", "Plugin", "Scalar", "Tensor",
+__all__ = ["DatasetInfo", "ImageOptions", "KilnError", "Method", "NoConfig", "Plugin", "Scalar", "Tensor",
            "config_help", "inference", "make_config", "param", "replicas", "__version__"]
 
 

@@ -7,7 +7,11 @@ Kinds of dataset (``kind(name)``):
   (tiny_shakespeare);
 * ``uci_har`` / ``sp_sw_har`` or a folder path: smartphone inertial recordings cut into windows
   (kiln.sensors);
-* a path to an ``.npz`` file (arrays) or a ``.txt`` file (text).
+* a path to an ``.npz`` file (arrays) or a ``.txt`` file (text);
+* a folder of pictures sorted into class subfolders (``PATH/<class>/*.jpg``), or with ``train/``
+  and ``val/`` (or ``test/``) subfolders of those: an image folder. A run names it with the size
+  and channels its plugin asks for (``image_key``: ``PATH?size=64&channels=3``); it is decoded
+  once per machine into ``$KILN_CACHE/images`` and read from there.
 
 Text becomes next-character prediction: windows of ``TEXT_WINDOW`` character ids ``x`` and the same
 window shifted by one ``y``; the vocabulary is the dataset's ``class_names``. Sensor windows come
@@ -59,8 +63,16 @@ class Split:
     size: int
 
 
+IMAGE_TYPES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+# an image folder without its own split: this share of each class is its test split (seeded)
+IMAGE_TEST_FRACTION = 0.2
+
+
 def kind(name: str) -> str:
-    """"npz", "text" (a .txt file), "sensors" (a sensor set or folder) or "tfds"."""
+    """"npz", "text" (a .txt file), "images" (an image folder), "sensors" (a sensor set or
+    folder) or "tfds"."""
+    if "?size=" in name or is_image_folder(name):
+        return "images"
     if name.endswith(".npz"):
         return "npz"
     if name.endswith(".txt"):
@@ -75,13 +87,62 @@ def is_file_dataset(name: str) -> bool:
     return kind(name) != "tfds" and name not in SENSOR_SETS
 
 
+@functools.lru_cache(maxsize=64)
+def is_image_folder(name: str) -> bool:
+    """Class subfolders holding pictures, directly or under ``train/`` (or pictures not yet sorted
+    into classes, which the listing then asks for)."""
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir() and any(f.suffix.lower() in IMAGE_TYPES for f in path.iterdir()):
+            return True
+    except OSError:
+        return False
+    for root in (path, path / "train"):
+        try:
+            if root.is_dir() and any(f.suffix.lower() in IMAGE_TYPES for d in root.iterdir()
+                                     if d.is_dir() for f in d.iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def named_folder(name: str) -> str | None:
+    """``$KILN_DATA_DIR/<name>`` when it is an image folder (``--dataset hymenoptera``), else None."""
+    root = settings.data_dir()
+    if root is None or os.sep in name or not name or not is_image_folder(str(root / name)):
+        return None
+    return str(root / name)
+
+
+def image_key(path: str, size: int, channels: int | None, skip_broken: bool = False) -> str:
+    """The name a run gives an image folder read at ``size`` x ``size`` pixels with ``channels``
+    (1 or 3; None: RGB if any picture has colour); ``skip_broken`` skips and counts pictures that
+    do not decode instead of failing."""
+    key = f"{Path(path).expanduser().resolve()}?size={int(size)}"
+    if channels:
+        key += f"&channels={int(channels)}"
+    return key + ("&skip_broken=1" if skip_broken else "")
+
+
+def parse_image_key(name: str) -> tuple[Path, int | None, int | None, bool]:
+    """(folder, size, channels, skip_broken) of an image folder's name; a bare folder has no size."""
+    path, _, query = name.partition("?")
+    opts = dict(part.partition("=")[::2] for part in query.split("&") if part)
+    size = int(opts["size"]) if opts.get("size") else None
+    channels = int(opts["channels"]) if opts.get("channels") else None
+    return Path(path).expanduser(), size, channels, opts.get("skip_broken") == "1"
+
+
 def check_path(name: str) -> str:
-    """A dataset given by a path, made absolute; KilnError naming it when nothing is there."""
-    path = Path(name).expanduser().resolve()
+    """A dataset given by a path, made absolute (an image folder's size and channels kept);
+    KilnError naming it when nothing is there."""
+    bare, mark, query = name.partition("?size=")
+    path = Path(bare).expanduser().resolve()
     if not path.exists():
         raise KilnError(f"dataset file not found: {path} (give an existing .npz, .txt or folder, "
                         "or a dataset name such as mnist)")
-    return str(path)
+    return str(path) + mark + query
 
 
 def _manual_dir(name: str) -> Path | None:
@@ -306,6 +367,8 @@ def _arrays(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
         arrays, info = _text_file(name)
     elif k == "sensors":
         arrays, info = _sensor_arrays(name)
+    elif k == "images":
+        arrays, info = _image_arrays(name)
     else:
         arrays, info = _tfds_text(name)
     for s in ("train", "test"):
@@ -440,3 +503,144 @@ def _npz_arrays(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+
+
+# --------------------------------------------------------------------------- image folders
+# Pictures are decoded by kiln.images.decode, the decoder the server and `kiln predict --image`
+# use, so a photo becomes the same pixels in training and in serving (docs/design.md).
+
+
+def _listing(root: Path) -> tuple[dict[str, list[tuple[Path, int]]], tuple[str, ...], str]:
+    """The pictures of each split as (file, class index), the class names (the subfolders' names,
+    sorted) and how the split was made. KilnError, before any decoding, for a folder without
+    class subfolders, an empty class or a single class."""
+    def pictures(folder: Path) -> list[Path]:
+        return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+                      and f.suffix.lower() in IMAGE_TYPES)
+
+    def classes(folder: Path) -> dict[str, list[Path]]:
+        found = {d.name: pictures(d) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+        if not found or not any(found.values()):
+            raise KilnError(f"{folder} holds no class subfolders with pictures ({', '.join(IMAGE_TYPES)}); "
+                            "sort the pictures into one subfolder per class: "
+                            f"{folder}/<class>/picture.jpg")
+        empty = [c for c, files in found.items() if not files]
+        if empty:
+            raise KilnError(f"class folder {folder / empty[0]} holds no pictures ({', '.join(IMAGE_TYPES)}); "
+                            "add some or remove the folder")
+        if len(found) < 2:
+            raise KilnError(f"{folder} has a single class ({next(iter(found))}); a classifier needs 2 or "
+                            "more class subfolders")
+        return found
+
+    if not root.is_dir():
+        raise KilnError(f"image folder not found: {root}")
+    own = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if (root / "train").is_dir() and own is not None:
+        train, test = classes(root / "train"), classes(own)
+        unknown = sorted(set(test) - set(train))
+        if unknown:
+            raise KilnError(f"{own} has class {unknown[0]!r}, which {root / 'train'} lacks; the two "
+                            "need the same class subfolders")
+        names = tuple(train)
+        return ({"train": [(f, names.index(c)) for c, fs in train.items() for f in fs],
+                 "test": [(f, names.index(c)) for c, fs in test.items() for f in fs]},
+                names, f"the folder's own train/ and {own.name}/ subfolders")
+    found = classes(root)
+    names = tuple(found)
+    rng = np.random.default_rng(0)
+    splits: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
+    for k, files in enumerate(found.values()):
+        if len(files) < 2:
+            raise KilnError(f"class folder {root / names[k]} holds {len(files)} picture; splitting it into "
+                            "training and test pictures needs 2 or more")
+        order = rng.permutation(len(files))
+        cut = max(1, round(len(files) * IMAGE_TEST_FRACTION))
+        splits["test"] += [(files[i], k) for i in sorted(order[:cut])]
+        splits["train"] += [(files[i], k) for i in sorted(order[cut:])]
+    return splits, names, f"{IMAGE_TEST_FRACTION:.0%} of each class as the test split (seed 0)"
+
+
+def _channels_of(files: list[Path]) -> int:
+    """3 if any picture has colour (from its header: no decoding), else 1."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                if img.mode not in ("1", "L", "LA", "I", "I;16", "F"):
+                    return 3
+        except Exception:  # noqa: BLE001 - a broken file is found and named when it is decoded
+            continue
+    return 1
+
+
+def _decode_pictures(files: list[Path], size: int, channels: int,
+                     skip_broken: bool) -> tuple[np.ndarray, list[int], list[Path]]:
+    """Pixels of ``files`` (uint8, (n, size, size, channels)), decoded in parallel threads (PIL
+    releases the GIL); the indices that decoded, and the files that did not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kiln.images import decode
+
+    def one(f: Path) -> np.ndarray | None:
+        try:
+            x = decode(f.read_bytes(), (None, size, size, channels), source=str(f), max_pixels=1 << 30)
+        except (KilnError, OSError) as e:
+            if skip_broken:
+                return None
+            raise KilnError(f"{e}; remove or replace it, or skip such files with --set skip_broken=true") from None
+        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        decoded = list(pool.map(one, files))
+    keep = [i for i, x in enumerate(decoded) if x is not None]
+    x = np.stack([decoded[i] for i in keep]) if keep else np.zeros((0, size, size, channels), np.uint8)
+    return x, keep, [files[i] for i, d in enumerate(decoded) if d is None]
+
+
+def _image_arrays(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
+    """An image folder as arrays, decoded once per machine (cached under $KILN_CACHE/images, keyed
+    by the folder's listing, each file's size and time, and the size and channels)."""
+    import hashlib
+    import json
+    import time
+
+    root, size, channels, skip = parse_image_key(name)
+    root = root.resolve()
+    if size is None:
+        raise KilnError(f"{root} is an image folder: train a plugin that reads pictures on it (cnn), "
+                        "which sets the size (--set image_size=64)")
+    splits, names, how = _listing(root)
+    every = [f for s in ("train", "test") for f, _ in splits[s]]
+    channels = channels or _channels_of(every)
+    sig = hashlib.sha1(json.dumps([name, channels, [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                                    for f in every]]).encode()).hexdigest()[:20]
+    folder = settings.cache_dir() / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    cached = folder / f"{root.name}-{size}px-{channels}ch-{sig}.npz"
+    from filelock import FileLock
+
+    with FileLock(str(cached) + ".lock"):
+        if not cached.is_file():
+            t0 = time.perf_counter()
+            print(f"[kiln] preparing image folder {root}: {len(every)} pictures at {size}x{size}, "
+                  f"{'RGB' if channels == 3 else 'grayscale'}, into {folder} (once per machine)", flush=True)
+            arrays: dict[str, np.ndarray] = {}
+            skipped: list[str] = []
+            for s in ("train", "test"):
+                x, keep, broken = _decode_pictures([f for f, _ in splits[s]], size, channels, skip)
+                arrays[f"x_{s}"], arrays[f"y_{s}"] = x, np.array([splits[s][i][1] for i in keep], dtype=np.int64)
+                skipped += [str(f) for f in broken]
+            arrays["skipped"] = np.array(skipped, dtype=str)
+            tmp = cached.with_suffix(".tmp.npz")
+            np.savez(tmp, **arrays)
+            os.replace(tmp, cached)  # a reader sees the whole file or none
+            print(f"[kiln] prepared in {time.perf_counter() - t0:.1f} s"
+                  + (f"; skipped {len(skipped)} that did not decode, e.g. {skipped[0]}" if skipped else ""),
+                  flush=True)
+    with np.load(cached, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    skipped = [str(s) for s in arrays.pop("skipped")]
+    return arrays, _array_info(name, arrays, class_names=list(names), split=how, folder=str(root),
+                               skipped=len(skipped), skipped_files=skipped[:20])

@@ -38,6 +38,20 @@ class NoConfig:
     """Config of a plugin without hyperparameters."""
 
 
+@dataclass
+class ImageOptions:
+    """How an image folder is read for a plugin (kiln.data, "image folders"): a plugin that
+    models pictures inherits these fields in its Config. tfds and .npz images keep their shape."""
+
+    image_size: int = param(64, min=8, max=512, help="image folders: the side pictures are resized to")
+    channels: str = param("auto", choices=("auto", "rgb", "grayscale"),
+                          help="image folders: auto is RGB if any picture has colour")
+    skip_broken: bool = param(False, help="image folders: skip (and count) pictures that do not decode")
+
+    def image_channels(self) -> int | None:
+        return {"rgb": 3, "grayscale": 1}.get(self.channels)
+
+
 def _describe(name: str, ftype: Any, meta: dict) -> str:
     kind = getattr(ftype, "__name__", str(ftype))
     if typing.get_origin(ftype) is tuple:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import __version__, checkpoint, data, models, net, registry, settings, store as store_mod
-from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
+from kiln.plugin import DatasetInfo, ImageOptions, KilnError, Plugin, make_config
 from kiln.spec import TrainSpec, parse_early_stop, parse_span
 from kiln.logs import say
 from kiln.values import plain
@@ -71,10 +71,16 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
         plugin_path = str(Path(plugin_path).resolve())
         registry.load_file(plugin_path)
     cls = registry.get(plugin)
-    make_config(cls.Config, overrides)  # unknown keys / bad values fail here, before any work
+    config = make_config(cls.Config, overrides)  # unknown keys / bad values fail here, before any work
     dataset = dataset or cls.dataset
+    dataset = data.named_folder(dataset) or dataset  # an image folder under $KILN_DATA_DIR
     if data.is_file_dataset(dataset):
         dataset = data.check_path(dataset)
+    if data.kind(dataset) == "images" and "?size=" not in dataset:
+        # the plugin's size and channels name the folder's view (kiln.plugin.ImageOptions)
+        dataset = data.image_key(dataset, getattr(config, "image_size", ImageOptions.image_size),
+                                 config.image_channels() if isinstance(config, ImageOptions) else None,
+                                 getattr(config, "skip_broken", False))
     batch = batch_size or cls.batch_size
     if workers and max_workers == workers and batch % workers:
         raise KilnError(f"--batch-size {batch} must be divisible by --workers {workers}: each worker "

@@ -74,3 +74,87 @@ def test_fashion_mnist_is_not_mnist():
     mean = lambda name: np.mean([x.numpy().mean() for x, _ in data.load(name, "test", limit=500).ds])  # noqa: E731
     # clothes cover far more of the picture than pen strokes: mean pixel about 73 against 33
     assert mean("mnist") < 40 < 60 < mean("fashion_mnist")
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def write_folder(root, classes=("cats", "dogs"), n=6, broken: str | None = None):
+    """Real picture files: per class, RGB JPEGs and grayscale PNGs of different sizes in that
+    class's colour (cats red, dogs blue), plus ``broken`` (a file named like a JPEG that is not
+    one) and a text file that is no picture."""
+    from PIL import Image
+
+    colours = {"cats": (220, 30, 30), "dogs": (30, 30, 220), "owls": (30, 200, 30)}
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            size = (40 + 7 * i, 30 + 5 * i)
+            if i % 3 == 2:  # grayscale PNG
+                Image.new("L", size, 60 if c == "cats" else 200).save(root / c / f"{i}.png")
+            else:
+                Image.new("RGB", size, colours[c]).save(root / c / f"{i}.jpg", quality=95)
+        (root / c / "notes.txt").write_text("not a picture")
+    if broken:
+        (root / broken).write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG")
+    return root
+
+
+def test_an_image_folder_is_classes_of_pictures_at_the_plugins_size(tmp_path, monkeypatch):
+    """A folder of class subfolders: class names from the folder names, every picture at the
+    size and channels asked for (RGB when any has colour), 20% of each class as a seeded test
+    split that the manifest's dataset info records, the split made once and read from the cache."""
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    from kiln import run
+
+    folder = write_folder(tmp_path / "pets")
+    spec = run.plan("cnn", dataset=str(folder), overrides={"image_size": "32"})
+    assert spec.dataset == f"{folder}?size=32" and data.kind(spec.dataset) == "images"
+    info = data.prepare(spec.dataset)
+    assert info.input_shape == (32, 32, 3) and info.class_names == ("cats", "dogs") and info.num_classes == 2
+    assert (info.train_size, info.test_size) == (10, 2)  # of 6 per class, round(1.2) = 1 each for test
+    assert info.extra["split"] == "20% of each class as the test split (seed 0)" and info.extra["skipped"] == 0
+    x, y = (np.stack(a) for a in zip(*[(a.numpy(), b.numpy()) for a, b in data.load(spec.dataset, "train").ds]))
+    assert x.dtype == np.uint8 and x.shape == (10, 32, 32, 3) and sorted(y.tolist()) == [0] * 5 + [1] * 5
+    red = x[(y == 0) & (x[:, 16, 16, 1] < 100)][0, 16, 16]  # a cat JPEG: red stays red
+    assert red[0] > 180 and red[2] < 80
+    assert len(list((tmp_path / "cache" / "images").glob("pets-32px-3ch-*.npz"))) == 1
+    gray = run.plan("cnn", dataset=str(folder), overrides={"image_size": "28", "channels": "grayscale"})
+    assert data.prepare(gray.dataset).input_shape == (28, 28, 1)
+
+
+def test_a_folder_with_train_and_val_keeps_its_own_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    write_folder(tmp_path / "set" / "train", n=4)
+    write_folder(tmp_path / "set" / "val", n=2)
+    info = data.prepare(data.image_key(str(tmp_path / "set"), 16, 1))
+    assert (info.train_size, info.test_size, info.input_shape) == (8, 4, (16, 16, 1))
+    assert info.extra["split"] == "the folder's own train/ and val/ subfolders"
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda r: write_folder(r, broken="dogs/9.jpg"), ["dogs/9.jpg", "is not a PNG, JPEG, GIF or BMP picture",
+                                                       "--set skip_broken=true"]),
+    (lambda r: (write_folder(r), (r / "owls").mkdir()), ["class folder", "owls holds no pictures"]),
+    (lambda r: write_folder(r, classes=("cats",)), ["has a single class (cats)", "2 or more class subfolders"]),
+    (lambda r: (write_folder(r / "train"), write_folder(r / "val", classes=("cats", "owls"))),
+     ["has class 'owls'", "the two need the same class subfolders"]),
+])
+def test_a_bad_image_folder_is_one_clear_error_before_training(tmp_path, monkeypatch, make, words):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    make(tmp_path / "pets")
+    with pytest.raises(KilnError) as e:
+        data.prepare(data.image_key(str(tmp_path / "pets"), 32, None))
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_broken_pictures_are_skipped_and_counted_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    from kiln import run
+
+    folder = write_folder(tmp_path / "pets", broken="dogs/9.jpg")
+    spec = run.plan("cnn", dataset=str(folder), overrides={"image_size": "32", "skip_broken": "true"})
+    info = data.prepare(spec.dataset)
+    assert info.extra["skipped"] == 1 and info.extra["skipped_files"] == [str(folder / "dogs" / "9.jpg")]
+    assert info.train_size + info.test_size == 12
