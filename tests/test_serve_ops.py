@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "ops-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 IMAGE = {"images": np.zeros((1, 28, 28, 1)).tolist()}
+HYMENOPTERA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
 
 
 def copy_version(store, src: str, name: str) -> str:
@@ -51,6 +52,9 @@ def ops(tmp_path_factory):
     from kiln import run
 
     run.train(run.plan("cnn", name="m", epochs=1, limit=1500, store=store, runs_dir=root / "runs"))
+    # a user's photos (the ants and bees of ../shared/data), read at 32 px
+    run.train(run.plan("cnn", name="photos", dataset=str(HYMENOPTERA), epochs=1, overrides={"image_size": "32"},
+                       store=store, runs_dir=root / "runs"))
     copy_version(store, "m:1", "m")      # m:2
     copy_version(store, "m:1", "other")  # other:1, outside any split
     assert run_kiln("models", "label", "m:1", "stable", "--store", str(store)).returncode == 0
@@ -114,12 +118,35 @@ def test_a_canary_split_answers_by_weight_on_every_protocol(ops):
               for _ in range(4)}
     assert pinned == {"m:2"}
     listing = session.get(f"{base}/models", timeout=30).json()
-    assert {m["ref"]: m["shared"] for m in listing["models"]} == {"m:1": True, "m:2": True, "other:1": False}
+    assert {m["ref"]: m["shared"] for m in listing["models"]} == {"m:1": True, "m:2": True, "other:1": False,
+                                                                   "photos:1": True}
     # two versions, one shared set of replicas: no process per version
     assert len(replicas("model-pool")) == 2 and not replicas("model-m-") and len(replicas("model-other-v1")) == 2
     split = listing["traffic"]
     assert split == {"m": [{"to": "m@stable", "answering": "m:1", "weight": 3, "percent": 75.0},
                            {"to": "m@canary", "answering": "m:2", "weight": 1, "percent": 25.0}]}
+
+
+def test_a_photo_model_answers_with_class_names_for_a_photo_of_any_size(ops):
+    """A cnn trained on a folder of photos: a JPEG as the camera took it (hundreds of pixels a
+    side) sent the way TF Serving's clients send pictures is resized to the model's 32x32 RGB,
+    and the answer names the class by its folder's name."""
+    import base64
+
+    base, _, _, _ = ops
+    session = requests.Session()
+    session.headers.update(AUTH)
+    bee = next((HYMENOPTERA / "val" / "bees").glob("*.jpg"))
+    sent = {"instances": [{"b64": base64.b64encode(bee.read_bytes()).decode()}]}
+    r = session.post(f"{base}/v1/models/photos:predict", json=sent, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["labels"] in ("ants", "bees")
+    meta = session.get(f"{base}/models", timeout=30).json()["models"]
+    photos = next(m for m in meta if m["ref"] == "photos:1")
+    assert photos["class_names"] == ["ants", "bees"]
+    assert photos["methods"]["classify"]["inputs"]["images"]["x-shape"] == [None, 32, 32, 3]
+    wrong = session.post(f"{base}/models/photos/classify", json=IMAGE, timeout=30)
+    assert wrong.status_code == 400 and "32, 32, 3" in wrong.json()["error"], wrong.text
 
 
 def test_moving_a_label_moves_its_traffic_under_load_without_a_failed_request(ops):
