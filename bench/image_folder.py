@@ -5,9 +5,11 @@ side by side in one run:
    reading the prepared folder again (a new process's first read);
 2. `cnn` from scratch at 64 px, without augmentation and with random flips, shifts and
    rotations (`--set augment=flip,crop,rotate`), same seed, epochs and batch size: test
-   accuracy on the 153 val photos.
+   accuracy on the 153 val photos;
+3. with ``--generative N``: the denoising autoencoder and the VAE, N epochs each on the same
+   photos, their test figures, and their pictures copied to ``--pictures DIR``.
 
-    .venv/bin/python bench/image_folder.py [--epochs 40] [--size 64]
+    .venv/bin/python bench/image_folder.py [--epochs 40] [--size 64] [--generative 30 --pictures DIR]
 """
 
 import argparse
@@ -35,6 +37,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--folder", default=str(FOLDER))
     p.add_argument("--seeds", default="0,1,2", help="one pair of runs per seed")
+    p.add_argument("--generative", type=int, default=0, help="epochs of the autoencoder and the VAE (0: skip)")
+    p.add_argument("--pictures", default=None, help="copy the generative models' pictures here")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kiln-images-"))
     env = {**os.environ, "KILN_CACHE": str(work / "cache"), "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -63,6 +67,22 @@ def main() -> None:
     for augment in ("none", "flip,crop,rotate"):
         accs = [a for _, aug, a, _ in rows if aug == augment]
         print(f"{augment}: mean test accuracy {sum(accs) / len(accs):.4f} over {len(accs)} seeds")
+    if args.generative:
+        import shutil
+
+        for plugin in ("autoencoder", "vae"):
+            t0 = time.perf_counter()
+            spec = run.plan(plugin, dataset=args.folder, epochs=args.generative, batch_size=32, seed=0,
+                            overrides={"image_size": str(args.size)}, store=work / "store",
+                            runs_dir=work / "runs", val_fraction=0.0)
+            version = run.train(spec)
+            figures = "  ".join(f"{k}={v:.4f}" for k, v in version.manifest["metrics"].items())
+            print(f"{plugin}: {args.generative} epochs in {time.perf_counter() - t0:.0f} s: {figures}")
+            if args.pictures:
+                out = Path(args.pictures)
+                out.mkdir(parents=True, exist_ok=True)
+                for png in (version.path / "artifacts").glob("*.png"):
+                    shutil.copy(png, out / f"{plugin}-{png.name}")
 
 
 if __name__ == "__main__":

@@ -15,21 +15,44 @@ def line(a, b, steps: int) -> np.ndarray:
     return (1 - t) * np.asarray(a, "float32")[None] + t * np.asarray(b, "float32")[None]
 
 
-class Digits(Plugin):
-    """Base of the plugins that model 28x28 grayscale images (MNIST, Fashion-MNIST, or an .npz
-    of that shape): checks the data and scales pixels to ``pixel_range`` with shape (n, 28, 28, 1)."""
+class Pictures(Plugin):
+    """Base of the plugins that model pictures, grayscale or RGB, 8 to 128 pixels a side and a
+    multiple of ``multiple`` (the stride-2 layers halve it twice): MNIST, an .npz of images, or
+    an image folder read at the config's ``image_size``. Scales pixels to ``pixel_range`` with
+    shape (n, H, W, C)."""
 
     pixel_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    multiple: ClassVar[int] = 4
 
     def setup(self, info):
-        if tuple(info.input_shape) not in ((28, 28), (28, 28, 1)):
-            raise KilnError(f"{self.name} models 28x28 grayscale images; dataset {info.name} has "
-                            f"inputs {list(info.input_shape)}")
+        shape = tuple(info.input_shape)
+        fits = (len(shape) in (2, 3) and (len(shape) == 2 or shape[2] in (1, 3))
+                and all(8 <= side <= 128 and side % self.multiple == 0 for side in shape[:2]))
+        if not fits:
+            raise KilnError(f"{self.name} models grayscale or RGB pictures 8 to 128 pixels a side, a "
+                            f"multiple of {self.multiple}; dataset {info.name} has inputs {list(shape)} "
+                            "(an image folder takes --set image_size=64)")
         super().setup(info)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        shape = tuple(self.info.input_shape)
+        return shape if len(shape) == 3 else (*shape, 1)
 
     def preprocess(self, x, y):
         import tensorflow as tf
 
         low, high = self.pixel_range
         x = tf.cast(x, "float32") * ((high - low) / 255.0) + low
-        return tf.reshape(x, (-1, 28, 28, 1)), y
+        return tf.reshape(x, (-1, *self.image_shape)), y
+
+
+class Digits(Pictures):
+    """Base of the plugins that model 28x28 grayscale images only (MNIST, Fashion-MNIST, or an
+    .npz of that shape): the GANs, whose generators are built for that size."""
+
+    def setup(self, info):
+        if tuple(info.input_shape) not in ((28, 28), (28, 28, 1)):
+            raise KilnError(f"{self.name} models 28x28 grayscale images; dataset {info.name} has "
+                            f"inputs {list(info.input_shape)}")
+        super().setup(info)

@@ -21,13 +21,13 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from kiln import KilnError, Scalar, Tensor, inference, param
+from kiln import ImageOptions, KilnError, Scalar, Tensor, inference, param
 from kiln.images import grid
-from kiln.plugins import Digits, line
+from kiln.plugins import Pictures, line
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(ImageOptions):
     latent_dim: int = param(32, min=1, max=1024, help="size of the code z = e(x)")
     gaussian_std: float = param(0.4, min=0.0, max=2.0,
                                 help="std of the Gaussian noise added to [0, 1] pixels in training (0: none)")
@@ -53,20 +53,21 @@ def psnr(clean, other):
     return 10.0 * ops.log(1.0 / ops.maximum(mse, 1e-10)) / np.log(10.0)
 
 
-def build_encoder(latent_dim: int) -> keras.Model:
-    inputs = keras.Input(shape=(28, 28, 1))
+def build_encoder(latent_dim: int, shape: tuple[int, int, int] = (28, 28, 1)) -> keras.Model:
+    inputs = keras.Input(shape=shape)
     x = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(inputs)
     x = layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
     outputs = layers.Dense(latent_dim, name="z")(layers.Flatten()(x))
     return keras.Model(inputs, outputs, name="encoder")
 
 
-def build_decoder(latent_dim: int) -> keras.Model:
+def build_decoder(latent_dim: int, shape: tuple[int, int, int] = (28, 28, 1)) -> keras.Model:
+    h, w, channels = shape[0] // 4, shape[1] // 4, shape[2]  # undone by the two stride-2 layers
     inputs = keras.Input(shape=(latent_dim,))
-    x = layers.Reshape((7, 7, 64))(layers.Dense(7 * 7 * 64, activation="relu")(inputs))
+    x = layers.Reshape((h, w, 64))(layers.Dense(h * w * 64, activation="relu")(inputs))
     x = layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu")(x)
     x = layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu")(x)
-    outputs = layers.Conv2D(1, 3, padding="same", activation="sigmoid")(x)
+    outputs = layers.Conv2D(channels, 3, padding="same", activation="sigmoid")(x)
     return keras.Model(inputs, outputs, name="decoder")
 
 
@@ -108,10 +109,10 @@ class DenoisingAutoencoder(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
-PIXELS = Tensor(shape=(None, 28, 28, 1), min=0, max=255, description="images, pixel values 0-255")
+PIXELS = Tensor(shape=(None, "input"), min=0, max=255, description="images, pixel values 0-255")
 
 
-class Autoencoder(Digits):
+class Autoencoder(Pictures):
     name = "autoencoder"
     description = "Denoising convolutional autoencoder: reconstruct (denoise), encode, decode"
     Config = AutoencoderConfig
@@ -122,7 +123,8 @@ class Autoencoder(Digits):
 
     def build(self):
         c = self.config
-        model = DenoisingAutoencoder(build_encoder(c.latent_dim), build_decoder(c.latent_dim),
+        model = DenoisingAutoencoder(build_encoder(c.latent_dim, self.image_shape),
+                                     build_decoder(c.latent_dim, self.image_shape),
                                      c.gaussian_std, c.salt_pepper)
         model.compile(optimizer=keras.optimizers.Adam(c.learning_rate))
         return model
@@ -159,8 +161,9 @@ class Autoencoder(Digits):
     # -- inference -------------------------------------------------------------------------
     def export_model(self, model):
         """Raw pixels (0-255) in, ``reconstruct``'s denoised images (no noise added) out."""
-        images = keras.Input((28, 28, 1), dtype="float32", name="images")
-        return keras.Model(images, model.denoise(layers.Rescaling(1 / 255.0)(images)), name="autoencoder_denoise")
+        images = keras.Input(tuple(self.info.input_shape), dtype="float32", name="images")
+        x = layers.Reshape(self.image_shape)(layers.Rescaling(1 / 255.0)(images))
+        return keras.Model(images, model.denoise(x), name="autoencoder_denoise")
 
     @inference(images=PIXELS,
                gaussian_std=Scalar(float, default=0.0, min=0.0, max=2.0,

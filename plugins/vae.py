@@ -18,13 +18,13 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from kiln import KilnError, Scalar, Tensor, inference, param, replicas
+from kiln import ImageOptions, KilnError, Scalar, Tensor, inference, param, replicas
 from kiln.images import grid, scatter
-from kiln.plugins import Digits, line
+from kiln.plugins import Pictures, line
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(ImageOptions):
     latent_dim: int = param(2, min=1, max=256, help="size of z (2 lets Kiln draw the latent space)")
     beta: float = param(1.0, min=0.0, max=100.0, help="weight of the KL term (beta-VAE)")
     hidden: int = param(16, min=1, max=1024, help="dense units before the latent heads")
@@ -44,8 +44,8 @@ class Sampling(layers.Layer):
         return z_mean + ops.exp(0.5 * z_log_var) * eps
 
 
-def build_encoder(latent_dim: int, hidden: int) -> keras.Model:
-    inputs = keras.Input(shape=(28, 28, 1))
+def build_encoder(latent_dim: int, hidden: int, shape: tuple[int, int, int] = (28, 28, 1)) -> keras.Model:
+    inputs = keras.Input(shape=shape)
     x = layers.Conv2D(32, 3, activation="relu", strides=2, padding="same")(inputs)
     x = layers.Conv2D(64, 3, activation="relu", strides=2, padding="same")(x)
     x = layers.Dense(hidden, activation="relu")(layers.Flatten()(x))
@@ -55,18 +55,20 @@ def build_encoder(latent_dim: int, hidden: int) -> keras.Model:
     return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
 
 
-def build_decoder(latent_dim: int) -> keras.Model:
+def build_decoder(latent_dim: int, shape: tuple[int, int, int] = (28, 28, 1)) -> keras.Model:
+    h, w, channels = shape[0] // 4, shape[1] // 4, shape[2]  # undone by the two stride-2 layers
     inputs = keras.Input(shape=(latent_dim,))
-    x = layers.Reshape((7, 7, 64))(layers.Dense(7 * 7 * 64, activation="relu")(inputs))
+    x = layers.Reshape((h, w, 64))(layers.Dense(h * w * 64, activation="relu")(inputs))
     x = layers.Conv2DTranspose(64, 3, activation="relu", strides=2, padding="same")(x)
     x = layers.Conv2DTranspose(32, 3, activation="relu", strides=2, padding="same")(x)
-    outputs = layers.Conv2DTranspose(1, 3, activation="sigmoid", padding="same")(x)
+    outputs = layers.Conv2DTranspose(channels, 3, activation="sigmoid", padding="same")(x)
     return keras.Model(inputs, outputs, name="decoder")
 
 
 def vae_losses(images, reconstruction, z_mean, z_log_var):
     """Per-image reconstruction loss and KL divergence, in nats."""
-    rec = ops.sum(keras.losses.binary_crossentropy(images, reconstruction), axis=(1, 2))
+    # per pixel and channel (Keras' BCE averages its last axis: give it one value each)
+    rec = ops.sum(keras.losses.binary_crossentropy(images[..., None], reconstruction[..., None]), axis=(1, 2, 3))
     kl = -0.5 * ops.sum(1 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=1)
     return rec, kl
 
@@ -111,10 +113,10 @@ class VAEModel(keras.Model):
 
 
 BANK = "latent_bank.npz"
-IMAGE = Tensor(shape=(28, 28, 1), min=0, max=255, description="an image, pixels 0-255")
+IMAGE = Tensor(shape=("input",), min=0, max=255, description="an image, pixels 0-255")
 
 
-class VAE(Digits):
+class VAE(Pictures):
     name = "vae"
     description = "Variational autoencoder (keras-io recipe): sample, reconstruct, interpolate"
     Config = VAEConfig
@@ -126,7 +128,8 @@ class VAE(Digits):
 
     def build(self):
         c = self.config
-        model = VAEModel(build_encoder(c.latent_dim, c.hidden), build_decoder(c.latent_dim), beta=c.beta)
+        model = VAEModel(build_encoder(c.latent_dim, c.hidden, self.image_shape),
+                         build_decoder(c.latent_dim, self.image_shape), beta=c.beta)
         model.compile(optimizer=keras.optimizers.Adam(c.learning_rate))
         return model
 
@@ -194,14 +197,14 @@ class VAE(Digits):
         z = np.random.default_rng(seed).standard_normal((n, self.config.latent_dim)).astype("float32")
         return {"images": np.asarray(model.decoder(z, training=False))}
 
-    @inference(images=Tensor(shape=(None, 28, 28, 1), min=0, max=255, description="pixel values 0-255"),
+    @inference(images=Tensor(shape=(None, "input"), min=0, max=255, description="pixel values 0-255"),
                outputs={"images": "reconstructions (decoded means), values in [0, 1]"})
     def reconstruct(self, model, images):
         """Encode images to the latent mean and decode them again."""
         x, _ = self.preprocess(images, None)
         return {"images": np.asarray(model.decoder(model.encoder(x, training=False)[0], training=False))}
 
-    @inference(images=Tensor(shape=(None, 28, 28, 1), min=0, max=255, description="pixel values 0-255"),
+    @inference(images=Tensor(shape=(None, "input"), min=0, max=255, description="pixel values 0-255"),
                outputs={"z_mean": "latent means", "z_log_var": "latent log variances"})
     def encode(self, model, images):
         """Latent mean and log-variance of each image."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import run_kiln
@@ -74,3 +75,21 @@ def test_kiln_train_on_a_folder_then_models_and_evaluate(workdir):
     bad = run_kiln("train", "cnn", "--dataset", str(folder / "cats"), cwd=workdir)  # pictures, no classes
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "holds no class subfolders with pictures" in bad.stderr and "one subfolder per class" in bad.stderr
+
+
+@pytest.mark.parametrize("plugin, picture", [("autoencoder", "reconstructions.png"), ("vae", "manifold.png")])
+def test_the_autoencoder_and_the_vae_model_colour_pictures_of_a_folder(workdir, plugin, picture):
+    """The denoising autoencoder and the VAE take the folder's shape (32x32 RGB here) instead of
+    28x28 grayscale: they train, store their pictures, and reconstruct colour pictures."""
+    from kiln import models, run
+
+    folder = write_folder(workdir / "pets", n=8)
+    version = run.train(run.plan(plugin, dataset=str(folder), epochs=1, batch_size=8,
+                                 overrides={"image_size": "32"}, store=workdir / "store", runs_dir=workdir / "runs"))
+    assert version.manifest["dataset"]["input_shape"] == [32, 32, 3]
+    assert (version.path / "artifacts" / picture).stat().st_size > 1000
+    plugin_, model, _ = models.load(version.ref, workdir / "store")
+    cat = photo(folder / "cats" / "0.jpg", (32, 32, 3))
+    out = plugin_.infer(model, "reconstruct", {"images": cat})
+    assert np.asarray(out["images"]).shape == (1, 32, 32, 3)
+    assert plugin_.methods()["reconstruct"].inputs["images"].resolve(plugin_.info) == [None, 32, 32, 3]
