@@ -9,7 +9,11 @@ of both plugins: the generator's ``sample`` and the classifier's ``classify``.
   ``per_class`` samples of every class;
 - unconditional generators: **confidence**, the mean max-softmax probability (crisp digits score
   near 1, blurry or garbled ones lower), and **coverage**, the entropy of the predicted-class
-  histogram divided by log(#classes) (1.0: every class equally often; mode collapse drives it to 0).
+  histogram divided by log(#classes) (1.0: every class equally often; mode collapse drives it to 0);
+- any generator, on any data (``kiln evaluate``): the **Fréchet distance** between the generated
+  and the real test images in the classifier's feature space, FID's method with the stored
+  classifier's penultimate layer in place of Inception (whose weights cannot be downloaded here),
+  beside its floor: the same distance between real test and real training images.
 """
 
 from __future__ import annotations
@@ -97,3 +101,70 @@ def judge(plugin: Plugin, model: Any, classifier: tuple[Plugin, Any, str], *, pe
     entropy = float(-np.sum(hist[hist > 0] * np.log(hist[hist > 0])))
     return {"confidence": float(probs.max(axis=1).mean()), "class_entropy": entropy,
             "coverage": entropy / math.log(k)}
+
+
+def features_of(judge: Plugin, model: Any) -> tuple[Any, str]:
+    """The classifier's penultimate layer as a function of pixels (0-255): what its last layer
+    (the softmax head) reads, and a line naming it for the report."""
+    import keras
+
+    head = model.layers[-1]
+    try:
+        inner = keras.Model(model.inputs, head.input)
+    except (AttributeError, ValueError, TypeError):
+        raise KilnError(f"the classifier (plugin '{judge.name}') is no functional Keras model whose last "
+                        "layer is its head; pass another with --classifier NAME[:VERSION]") from None
+    width = int(np.prod(inner.output.shape[1:]))
+
+    def embed(pixels: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(pixels), CHUNK):
+            x, _ = judge.preprocess(pixels[i:i + CHUNK].reshape(-1, *judge.info.input_shape), None)
+            out.append(np.asarray(inner(x, training=False), dtype="float64").reshape(len(x), -1))
+        return np.concatenate(out)
+
+    return embed, f"the input of its layer '{head.name}' ({width} features)"
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``a`` and ``b`` (n, d):
+    |mu_a - mu_b|^2 + Tr(C_a + C_b - 2 (C_a C_b)^1/2). The trace of the root is taken as the sum of
+    the square roots of the eigenvalues of C_a^1/2 C_b C_a^1/2, a symmetric matrix: stable where
+    scipy's sqrtm of the product returns complex noise."""
+    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
+    mu = a.mean(axis=0) - b.mean(axis=0)
+    ca, cb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    w, v = np.linalg.eigh(ca)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = np.linalg.eigvalsh(root_a @ cb @ root_a)
+    return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2.0 * np.sum(np.sqrt(np.clip(middle, 0, None))))
+
+
+def frechet(plugin: Plugin, model: Any, classifier: tuple[Plugin, Any, str], *, n: int = 5000,
+            seed: int = 0) -> tuple[dict[str, float], str]:
+    """The Fréchet distance of ``n`` generated images to ``n`` real test images in the
+    classifier's features (``fid``), and of those test images to ``n`` real training images
+    (``fid_floor``: what a perfect generator would score with this many images); with a line
+    saying what was measured."""
+    from kiln import data
+
+    judge_plugin, judge_model, ref = classifier
+    name = plugin.info.name
+    test = data.load(name, "test", limit=n)
+    train = data.load(name, "train", limit=n)
+    real = np.stack([x.numpy() for x, _ in test.ds]).astype("float32")
+    other = np.stack([x.numpy() for x, _ in train.ds]).astype("float32")
+    n = min(n, len(real), len(other))
+    if plugin.condition:  # every class equally often, as the real images nearly are
+        k = judge_plugin.info.num_classes
+        made = np.concatenate([_sample(plugin, model, -(-n // k), seed + 7919 * c, **{plugin.condition: c})
+                               for c in range(k)])[:n]
+    else:
+        made = _sample(plugin, model, n, seed)
+    _classify(judge_plugin, judge_model, made[:1])  # the same shape check as the other metrics
+    embed, what = features_of(judge_plugin, judge_model)
+    real_f = embed(real[:n])
+    metrics = {"fid": frechet_distance(embed(np.clip(made, 0, 1) * 255.0), real_f),
+               "fid_floor": frechet_distance(real_f, embed(other[:n]))}
+    return metrics, (f"Fréchet distance of {n} generated to {n} test images in the features of {ref}, "
+                     f"{what}; fid_floor: {n} test to {n} training images")

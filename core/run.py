@@ -306,6 +306,9 @@ def evaluate(ref: str, store: str | Path | None = None,
     metrics = plugin.evaluate(model, test_dataset(plugin, dataset, m.get("train", {}).get("limit")))
     if judge is not None:
         metrics.update(quality.judge(plugin, model, judge))
+        distance, what = quality.frechet(plugin, model, judge)
+        metrics.update(distance)
+        say(what)
     return version, metrics
 
 

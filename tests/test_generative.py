@@ -17,13 +17,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One store with a short CNN (the judge), a denoising autoencoder, a DCGAN and a CGAN."""
+    """One store with a short CNN (the judge), a denoising autoencoder, a DCGAN, a CGAN and a
+    VAE of one short epoch (for its Fréchet distance)."""
     root = tmp_path_factory.mktemp("generative")
     env = {"KILN_STORE": str(root / "store"), "KILN_RUNS": str(root / "runs")}
     runs = [("cnn", "--epochs", "1", "--limit", "12000"),
             ("autoencoder", "--epochs", "3", "--limit", "12000"),
             ("dcgan", "--epochs", "2", "--limit", "6400", "--set", "sample_every=1", "--set", "width=32"),
-            ("cgan", "--epochs", "3", "--limit", "12800", "--set", "sample_every=2")]
+            ("cgan", "--epochs", "3", "--limit", "12800", "--set", "sample_every=2"),
+            ("vae", "--epochs", "1", "--limit", "3000")]
     outputs = {}
     for plugin, *args in runs:
         out = run_kiln("train", plugin, *args, cwd=root, env=env)
@@ -119,6 +121,14 @@ def test_cgan_is_judged_by_the_stored_cnn(store):
     out = run_kiln("evaluate", "dcgan", cwd=root, env=env)
     assert out.returncode == 0, out.stderr
     assert "confidence=" in out.stdout and "coverage=" in out.stdout
+    # the Fréchet distance in the cnn's features, beside its real-vs-real floor: a GAN of 2 short
+    # epochs is far from real digits, real test digits are close to real training digits
+    fid = {k: float(out.stdout.split(f"{k}=")[1].split()[0]) for k in ("fid", "fid_floor")}
+    assert 0 <= fid["fid_floor"] < fid["fid"], fid
+    assert "Fréchet distance of 5000 generated to 5000 test images in the features of cnn:1" in out.stdout
+    assert "the input of its layer 'probabilities'" in out.stdout
+    vae = run_kiln("evaluate", "vae", "--classifier", "cnn", cwd=root, env=env)
+    assert vae.returncode == 0 and "fid=" in vae.stdout and "neg_elbo=" in vae.stdout, vae.stderr[-2000:]
 
 
 def test_cgan_draws_the_requested_digit_and_morphs_between_classes(store):
