@@ -45,14 +45,3 @@ class Pictures(Plugin):
         low, high = self.pixel_range
         x = tf.cast(x, "float32") * ((high - low) / 255.0) + low
         return tf.reshape(x, (-1, *self.image_shape)), y
-
-
-class Digits(Pictures):
-    """Base of the plugins that model 28x28 grayscale images only (MNIST, Fashion-MNIST, or an
-    .npz of that shape): the GANs, whose generators are built for that size."""
-
-    def setup(self, info):
-        if tuple(info.input_shape) not in ((28, 28), (28, 28, 1)):
-            raise KilnError(f"{self.name} models 28x28 grayscale images; dataset {info.name} has "
-                            f"inputs {list(info.input_shape)}")
-        super().setup(info)

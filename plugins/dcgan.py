@@ -27,13 +27,13 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from kiln import KilnError, Scalar, Tensor, inference, param
+from kiln import ImageOptions, KilnError, Scalar, Tensor, inference, param
 from kiln.images import grid
-from kiln.plugins import Digits, line
+from kiln.plugins import Pictures, line
 
 
 @dataclass
-class DCGANConfig:
+class DCGANConfig(ImageOptions):
     latent_dim: int = param(64, min=1, max=512, help="size of the noise vector z")
     width: int = param(64, min=4, max=1024, help="filters of the widest convolution")
     learning_rate: float = param(2e-4, min=0.0, max=1.0)
@@ -48,19 +48,21 @@ def norm() -> layers.Layer:
     return layers.BatchNormalization(synchronized=True)  # see the module docstring
 
 
-def build_generator(latent_dim: int, width: int, num_classes: int = 0) -> keras.Model:
+def build_generator(latent_dim: int, width: int, num_classes: int = 0,
+                    shape: tuple[int, int, int] = (28, 28, 1)) -> keras.Model:
+    h, w = shape[0] // 4, shape[1] // 4  # 7x7 for MNIST, doubled twice
     inputs = keras.Input(shape=(latent_dim + num_classes,))
-    x = layers.Dense(7 * 7 * width, use_bias=False)(inputs)
+    x = layers.Dense(h * w * width, use_bias=False)(inputs)
     x = layers.ReLU()(norm()(x))
-    x = layers.Reshape((7, 7, width))(x)
+    x = layers.Reshape((h, w, width))(x)
     x = layers.Conv2DTranspose(width // 2, 4, strides=2, padding="same", use_bias=False)(x)  # 14x14
     x = layers.ReLU()(norm()(x))
-    outputs = layers.Conv2DTranspose(1, 4, strides=2, padding="same", activation="tanh")(x)  # 28x28
+    outputs = layers.Conv2DTranspose(shape[2], 4, strides=2, padding="same", activation="tanh")(x)  # 28x28
     return keras.Model(inputs, outputs, name="generator")
 
 
-def build_discriminator(width: int, num_classes: int = 0) -> keras.Model:
-    inputs = keras.Input(shape=(28, 28, 1 + num_classes))
+def build_discriminator(width: int, num_classes: int = 0, shape: tuple[int, int, int] = (28, 28, 1)) -> keras.Model:
+    inputs = keras.Input(shape=(shape[0], shape[1], shape[2] + num_classes))
     x = layers.Conv2D(width // 2, 4, strides=2, padding="same")(inputs)  # no batch norm on the input
     x = layers.LeakyReLU(0.2)(x)
     x = layers.Conv2D(width, 4, strides=2, padding="same", use_bias=False)(x)
@@ -111,7 +113,7 @@ class GAN(keras.Model):
     def critic(self, images, classes=None, training=False):
         """The discriminator's logit; the class enters as num_classes constant image planes."""
         if self.num_classes:
-            planes = ops.ones_like(images) * ops.cast(classes, images.dtype)[:, None, None, :]
+            planes = ops.ones_like(images[..., :1]) * ops.cast(classes, images.dtype)[:, None, None, :]
             images = ops.concatenate([images, planes], axis=-1)
         return self.discriminator(images, training=training)
 
@@ -182,7 +184,7 @@ def to_unit(images) -> np.ndarray:
     return np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0)
 
 
-class GANPlugin(Digits):
+class GANPlugin(Pictures):
     """What DCGAN and CGAN share: data in [-1, 1], the model, evaluation and progress pictures."""
 
     Config = DCGANConfig
@@ -196,8 +198,9 @@ class GANPlugin(Digits):
 
     def build(self):
         c = self.config
-        gan = GAN(build_generator(c.latent_dim, c.width, self.num_classes),
-                  build_discriminator(c.width, self.num_classes), c.latent_dim, self.num_classes, c.ema)
+        gan = GAN(build_generator(c.latent_dim, c.width, self.num_classes, self.image_shape),
+                  build_discriminator(c.width, self.num_classes, self.image_shape), c.latent_dim,
+                  self.num_classes, c.ema)
         gan.compile(d_optimizer=keras.optimizers.Adam(c.learning_rate, beta_1=c.beta_1),
                     g_optimizer=keras.optimizers.Adam(c.learning_rate, beta_1=c.beta_1),
                     loss_fn=keras.losses.BinaryCrossentropy(from_logits=True))

@@ -77,19 +77,31 @@ def test_kiln_train_on_a_folder_then_models_and_evaluate(workdir):
     assert "holds no class subfolders with pictures" in bad.stderr and "one subfolder per class" in bad.stderr
 
 
-@pytest.mark.parametrize("plugin, picture", [("autoencoder", "reconstructions.png"), ("vae", "manifold.png")])
-def test_the_autoencoder_and_the_vae_model_colour_pictures_of_a_folder(workdir, plugin, picture):
-    """The denoising autoencoder and the VAE take the folder's shape (32x32 RGB here) instead of
-    28x28 grayscale: they train, store their pictures, and reconstruct colour pictures."""
+@pytest.mark.parametrize("plugin, picture, method, args", [
+    ("autoencoder", "reconstructions.png", "reconstruct", None),
+    ("vae", "manifold.png", "reconstruct", None),
+    ("dcgan", "samples.png", "sample", {"n": 2}),
+    ("cgan", "samples.png", "sample", {"digit": 1, "n": 2}),
+])
+def test_every_generative_plugin_models_the_colour_pictures_of_a_folder(workdir, plugin, picture, method, args):
+    """The autoencoder, the VAE and both GANs take the folder's shape (32x32 RGB here) instead of
+    28x28 grayscale: they train, store their pictures, and make colour pictures of that size."""
     from kiln import models, run
 
     folder = write_folder(workdir / "pets", n=8)
     version = run.train(run.plan(plugin, dataset=str(folder), epochs=1, batch_size=8,
-                                 overrides={"image_size": "32"}, store=workdir / "store", runs_dir=workdir / "runs"))
+                                 overrides={"image_size": "32", **({"sample_every": "0"} if "gan" in plugin else {})},
+                                 store=workdir / "store", runs_dir=workdir / "runs"))
     assert version.manifest["dataset"]["input_shape"] == [32, 32, 3]
     assert (version.path / "artifacts" / picture).stat().st_size > 1000
     plugin_, model, _ = models.load(version.ref, workdir / "store")
-    cat = photo(folder / "cats" / "0.jpg", (32, 32, 3))
-    out = plugin_.infer(model, "reconstruct", {"images": cat})
-    assert np.asarray(out["images"]).shape == (1, 32, 32, 3)
-    assert plugin_.methods()["reconstruct"].inputs["images"].resolve(plugin_.info) == [None, 32, 32, 3]
+    args = args or {"images": photo(folder / "cats" / "0.jpg", (32, 32, 3))}
+    out = plugin_.infer(model, method, args)
+    assert np.asarray(out["images"]).shape[1:] == (32, 32, 3)
+
+
+def test_a_picture_size_the_networks_cannot_halve_twice_is_one_clear_line(workdir):
+    folder = write_folder(workdir / "pets", n=4)
+    out = run_kiln("train", "vae", "--dataset", str(folder), "--set", "image_size=30", cwd=workdir)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "a multiple of 4" in out.stderr and "[30, 30, 3]" in out.stderr, out.stderr
