@@ -36,7 +36,10 @@ def server(tmp_path_factory):
     for plugin, kw in (("cnn", dict(limit=6000)), ("autoencoder", dict(limit=2000)),
                        ("lstm", dict(limit=300, overrides={"units": "32"})),
                        ("cgan", dict(limit=2560, overrides={"sample_every": "0"})),
-                       ("vae", dict(limit=3000))):
+                       ("vae", dict(limit=3000)),
+                       # a user's photos (the ants and bees of ../shared/data), read at 32 px
+                       ("cnn", dict(name="photos", dataset=str(ROOT.parent / "shared" / "data" / "hymenoptera"),
+                                    overrides={"image_size": "32"}))):
         run.train(run.plan(plugin, epochs=1, store=root / "store", runs_dir=root / "runs", **kw))
 
     import ray
@@ -86,7 +89,8 @@ def test_loading_models_answer_503_then_ready(server):
     assert requests.get(f"{base}/v2/health/ready").json() == {"ready": True}
     assert requests.get(f"{base}/v2/health/live").json() == {"live": True}
     models = requests.get(f"{base}/models").json()["models"]
-    assert {m["ref"] for m in models} == {"autoencoder:1", "cgan:1", "cnn:1", "lstm:1", "vae:1"} and all(m["state"] == "READY" for m in models)
+    assert {m["ref"] for m in models} == {"autoencoder:1", "cgan:1", "cnn:1", "lstm:1", "photos:1", "vae:1"} \
+        and all(m["state"] == "READY" for m in models)
     cnn = next(m for m in models if m["ref"] == "cnn:1")
     assert cnn["methods"]["classify"]["inputs"]["images"]["x-shape"] == [None, 28, 28, 1]
 
@@ -550,12 +554,12 @@ def console_errors(browser) -> list[str]:
     return [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def shoot(browser, name: str) -> None:
+def shoot(browser, name: str, file: str | None = None) -> None:
     from selenium.webdriver.common.by import By
 
     el = browser.find_element(By.ID, name)
     browser.execute_script("arguments[0].scrollIntoView()", el)
-    el.screenshot(str(SHOTS / f"{name}.png"))
+    el.screenshot(str(SHOTS / f"{file or name}.png"))
 
 
 def draw(browser, strokes) -> None:
@@ -609,6 +613,29 @@ def test_gallery_classifies_a_drawn_digit_and_shows_the_filters(server, browser)
         "const c = document.getElementById('vae-out').getContext('2d').getImageData(0, 0, 112, 112).data;"
         "return c.some((v, i) => i % 4 === 0 && v > 0);"))
     shoot(browser, "denoise")
+    assert console_errors(browser) == []
+
+
+def test_gallery_classifies_an_uploaded_photo_with_the_chosen_model(server, browser):
+    """The classify section's chooser lists every served image classifier; with the photo model
+    chosen, an uploaded photo is sent whole at that model's size and colours (32x32 RGB), not as
+    an MNIST digit, and the answer names the folder's class."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
+
+    base = server[0]
+    browser.get(base + "/")
+    wait_for(browser, lambda d: "Loading" not in d.find_element(By.ID, "model-list").text)
+    choice = Select(browser.find_element(By.ID, "classifier"))
+    options = [o.get_attribute("value") for o in choice.options]
+    assert options[0] == "cnn:1" and "photos:1" in options and "lstm:1" not in options
+    assert choice.first_selected_option.get_attribute("value") == "cnn:1"  # the digits' CNN first
+    choice.select_by_value("photos:1")
+    bee = next((ROOT.parent / "shared" / "data" / "hymenoptera" / "val" / "bees").glob("*.jpg"))
+    browser.find_element(By.ID, "upload").send_keys(str(bee))
+    wait_for(browser, lambda d: d.find_element(By.ID, "prediction").text.split(" (")[0] in ("ants", "bees"))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 2
+    shoot(browser, "classify", "classify-photo")
     assert console_errors(browser) == []
 
 

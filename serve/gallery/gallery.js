@@ -90,7 +90,20 @@ function tile(container, img, caption, size = 56) {
 }
 
 // ---------------------------------------------------------------------------- the drawing pad
-const pad = { drawn: false, timer: null };
+const pad = { drawn: false, timer: null, photo: null };
+
+// The model the pad's picture goes to: any served model with a classify method (the select).
+function classifier() {
+  const ref = $("classifier").value;
+  return state.models.find((m) => m.ref === ref) || served("cnn");
+}
+
+// A model that reads MNIST-style digits (28x28, one channel) gets the pad's drawing prepared as
+// MNIST's digits were; any other gets the picture (an uploaded photo as it is) at its own size.
+function isDigitModel(model) {
+  const shape = model.methods.classify.inputs.images["x-shape"];
+  return shape[1] === 28 && shape[2] === 28 && (shape.length < 4 || shape[3] === 1);
+}
 
 function setupPad() {
   const canvas = $("pad");
@@ -98,6 +111,7 @@ function setupPad() {
   const clear = () => {
     ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height);
     pad.drawn = false;
+    pad.photo = null;
     $("prediction").textContent = "Draw a digit.";
     $("bars").replaceChildren();
   };
@@ -132,16 +146,17 @@ function setupPad() {
       const s = Math.min(canvas.width / img.width, canvas.height / img.height);
       ctx.drawImage(img, (canvas.width - img.width * s) / 2, (canvas.height - img.height * s) / 2,
                     img.width * s, img.height * s);
+      pad.photo = img;
       // a photo of dark ink on white paper: invert so the digit is light on dark, as in MNIST
       const d = ctx.getImageData(0, 0, canvas.width, canvas.height);
       let sum = 0;
       for (let i = 0; i < d.data.length; i += 4) sum += d.data[i];
-      if (sum / (d.data.length / 4) > 127) {
+      const model = classifier();
+      if (model && isDigitModel(model) && sum / (d.data.length / 4) > 127) {
         for (let i = 0; i < d.data.length; i += 4) for (let k = 0; k < 3; k++) d.data[i + k] = 255 - d.data[i + k];
         ctx.putImageData(d, 0, 0);
       }
       pad.drawn = true;
-      URL.revokeObjectURL(img.src);
       classifySoon(0);
     };
     img.src = URL.createObjectURL(file);
@@ -176,15 +191,32 @@ function padImage() {
   return out;
 }
 
+// The pad (or the uploaded photo, whole) at a model's own size and channels, pixel values 0-255.
+function pictureFor(model) {
+  const shape = model.methods.classify.inputs.images["x-shape"];
+  const h = shape[1], w = shape[2], channels = shape.length > 3 ? shape[3] : 1;
+  const tmp = document.createElement("canvas");
+  tmp.width = w; tmp.height = h;
+  const t = tmp.getContext("2d");
+  t.drawImage(pad.photo || $("pad"), 0, 0, w, h);
+  const px = t.getImageData(0, 0, w, h).data;
+  return Array.from({ length: h }, (_, y) => Array.from({ length: w }, (_, x) => {
+    const i = 4 * (y * w + x);
+    const rgb = [px[i], px[i + 1], px[i + 2]];
+    return channels === 3 ? rgb : [Math.round((rgb[0] * 299 + rgb[1] * 587 + rgb[2] * 114) / 1000)];
+  }));
+}
+
 function classifySoon(delay) {
   clearTimeout(pad.timer);
   pad.timer = setTimeout(() => guarded("classify", classifyPad), delay);
 }
 
 async function classifyPad() {
-  const model = served("cnn");
+  const model = classifier();
   if (!model || !pad.drawn) return;
-  const out = await call(model, "classify", { images: [padImage()] });
+  const picture = isDigitModel(model) ? padImage() : pictureFor(model);
+  const out = await call(model, "classify", { images: [picture] });
   const probs = out.probabilities[0], names = model.class_names.length ? model.class_names : probs.map((_, i) => String(i));
   const best = probs.indexOf(Math.max(...probs));
   $("prediction").textContent = `${names[best]} (${(100 * probs[best]).toFixed(1)}%)`;
@@ -447,6 +479,10 @@ async function load() {
   for (const m of state.models) if (!state.byPlugin[m.plugin]) state.byPlugin[m.plugin] = m;
   markSections();
   renderModels();
+  const choice = $("classifier");
+  choice.replaceChildren(...state.models.filter((m) => m.methods && m.methods.classify && m.methods.classify.inputs.images)
+    .map((m) => { const o = document.createElement("option"); o.value = m.ref; o.textContent = `${m.ref} (${m.dataset.split("/").pop().split("?")[0]})`; return o; }));
+  if (served("cnn")) choice.value = served("cnn").ref;
   if (served("vae")) guarded("latent", setupPlane);
   if (served("har")) guarded("activity", setupActivity);
 }
@@ -454,6 +490,7 @@ async function load() {
 function start() {
   setupPad();
   setupGenerate();
+  $("classifier").addEventListener("change", () => classifySoon(0));
   $("inside-run").addEventListener("click", () => guarded("inside", showInside));
   $("noise").addEventListener("input", () => { $("noise-value").textContent = $("noise").value; });
   $("denoise-run").addEventListener("click", () => guarded("denoise", reconstruct));
