@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from conftest import run_kiln, stop_process
+from test_serve_faults import replicas, wait_for  # replicas("pool"): the processes of model-pool
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -78,21 +79,6 @@ def ops(tmp_path_factory):
         stop_process(proc, timeout=120)
 
 
-def replicas(deployment: str) -> list[int]:
-    """The process ids of a deployment's replicas (named ray::ServeReplica:APP:DEPLOYMENT)."""
-    found = subprocess.run(["pgrep", "-f", f"ServeReplica:kiln:{deployment}"], capture_output=True, text=True)
-    return sorted(int(p) for p in found.stdout.split())
-
-
-def wait_for(check, seconds: float = 120) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if check():
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def test_a_canary_split_answers_by_weight_on_every_protocol(ops):
     """--traffic m@stable=3 --traffic m@canary=1: the unversioned routes of every protocol answer
     3 of 4 requests from the stable version and 1 from the canary, each saying which in its
@@ -121,7 +107,7 @@ def test_a_canary_split_answers_by_weight_on_every_protocol(ops):
     assert {m["ref"]: m["shared"] for m in listing["models"]} == {"m:1": True, "m:2": True, "other:1": False,
                                                                    "photos:1": True}
     # two versions, one shared set of replicas: no process per version
-    assert len(replicas("model-pool")) == 2 and not replicas("model-m-") and len(replicas("model-other-v1")) == 2
+    assert len(replicas("pool")) == 2 and not replicas("m-") and len(replicas("other-v1")) == 2
     split = listing["traffic"]
     assert split == {"m": [{"to": "m@stable", "answering": "m:1", "weight": 3, "percent": 75.0},
                            {"to": "m@canary", "answering": "m:2", "weight": 1, "percent": 25.0}]}
@@ -173,7 +159,7 @@ def test_moving_a_label_moves_its_traffic_under_load_without_a_failed_request(op
                 failed.append(("exception", str(e)[:200]))
             time.sleep(0.02)
 
-    pool = replicas("model-pool")
+    pool = replicas("pool")
     threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
@@ -195,7 +181,7 @@ def test_moving_a_label_moves_its_traffic_under_load_without_a_failed_request(op
     after = Counter(seen[mark:])
     assert set(after) == {"m:1", new} and after["m:1"] > after[new], after
     assert "m:2" in seen[:mark] and proc.poll() is None
-    assert replicas("model-pool") == pool  # the new version joined the running shared replicas
+    assert replicas("pool") == pool  # the new version joined the running shared replicas
 
 
 def test_rm_refuses_a_version_the_server_serves_and_deletes_a_free_one(ops):
