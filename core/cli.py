@@ -232,14 +232,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "--address http://HEAD:8265` (the store path must exist on the cluster)")
         return 0
     print(f"[kiln] serving {', '.join(refs)} from {store}; loading...", flush=True)
-    app.start(spec, address=args.address)
-    # the store learns what this server serves, so that `kiln models rm` refuses to delete it
+    # the store learns what this server serves (before loading: that takes a while), so that
+    # `kiln models rm` refuses to delete it; a record whose process died counts for nothing
     from kiln.store import Store
 
     records, address = Store(store), f"http://{args.host}:{args.port}"
     beat = min(args.poll_seconds or 30.0, 30.0)
     record, recorded = records.record_server(spec.refs, address, beat), list(spec.refs)
     next_beat = time.monotonic() + beat
+    app.start(spec, address=args.address)
     # SIGTERM (systemd, Docker, Kubernetes) stops the server as Ctrl-C does: after Ray's own
     # handler is installed, which printed a stack dump and left Ray's agents running
     signal.signal(signal.SIGTERM, _terminate)
