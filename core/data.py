@@ -601,7 +601,8 @@ def _decode_pictures(files: list[Path], size: int, channels: int,
 
 def _image_arrays(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
     """An image folder as arrays, decoded once per machine (cached under $KILN_CACHE/images, keyed
-    by the folder's listing, each file's size and time, and the size and channels)."""
+    by the folder's listing, each file's size and time, and the size and channels asked for)."""
+    import glob
     import hashlib
     import json
     import time
@@ -613,16 +614,22 @@ def _image_arrays(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
                         "which sets the size (--set image_size=64)")
     splits, names, how = _listing(root)
     every = [f for s in ("train", "test") for f, _ in splits[s]]
-    channels = channels or _channels_of(every)
-    sig = hashlib.sha1(json.dumps([name, channels, [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                                                    for f in every]]).encode()).hexdigest()[:20]
+    stats = [f.stat() for f in every]
+    # keyed by what was asked (the name holds forced channels), so that a later read finds the
+    # cache without opening any picture; "auto" channels are resolved only when preparing
+    sig = hashlib.sha1(json.dumps([name, [(str(f), st.st_size, st.st_mtime_ns) for f, st in zip(every, stats)]])
+                       .encode()).hexdigest()[:20]
     folder = settings.cache_dir() / "images"
     folder.mkdir(parents=True, exist_ok=True)
-    cached = folder / f"{root.name}-{size}px-{channels}ch-{sig}.npz"
     from filelock import FileLock
 
-    with FileLock(str(cached) + ".lock"):
-        if not cached.is_file():
+    with FileLock(str(folder / f"{root.name}-{size}px-{sig}.lock")):
+        found = sorted(folder.glob(f"{glob.escape(root.name)}-{size}px-*ch-{sig}.npz"))
+        if found:
+            cached = found[0]
+        else:
+            channels = channels or _channels_of(every)
+            cached = folder / f"{root.name}-{size}px-{channels}ch-{sig}.npz"
             t0 = time.perf_counter()
             print(f"[kiln] preparing image folder {root}: {len(every)} pictures at {size}x{size}, "
                   f"{'RGB' if channels == 3 else 'grayscale'}, into {folder} (once per machine)", flush=True)

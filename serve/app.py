@@ -5,9 +5,9 @@ Why a deployment per model by default: Kiln's models differ in everything Serve 
 CNN answers in a millisecond, an LSTM generates for a second, a GAN wants a GPU), so each gets its
 own replicas, resources, ``max_ongoing_requests`` and autoscaling, and a slow model never queues
 behind a fast one. The price is a TensorFlow process per version (BENCHMARKS.md, "Many models in
-one replica"): with many small models, ``--shared-replicas`` puts them in one deployment (``kiln.serve.replica.ModelPool``, Serve's
-model multiplexing), where each costs only its own weights and traced graphs, and
-``--own-replicas NAME`` keeps a hot model apart.
+one replica"): with many small models, ``--shared-replicas`` puts them in one deployment
+(``kiln.serve.replica.ModelPool``, Serve's model multiplexing), where each costs only its own
+weights and traced graphs, and ``--own-replicas NAME`` keeps a hot model apart.
 
 The replicas are ``kiln.serve.replica.ModelServer`` (or ``ModelPool``), the HTTP API
 ``kiln.serve.ingress.KilnIngress``, the Ray underneath ``kiln.serve.runtime``.
@@ -72,8 +72,6 @@ class ServeSpec:
     failed: dict[str, tuple[float, str]] = field(default_factory=dict)
     # the store's labels of the served models (name -> label -> version), as last deployed
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
-    # what to serve, resolved again at each poll: "cnn", "vae:2", "cnn@stable" (None: every model)
-    names: list[str] | None = None
     # a weighted split of a model's unversioned routes: name -> {"cnn:3" or "cnn@stable": weight}
     traffic: dict[str, dict[str, int]] = field(default_factory=dict)
     # each traffic entry's version as last deployed ("cnn@canary" -> "cnn:4"): while a moved
@@ -196,7 +194,7 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
     return ServeSpec(store=root, refs=refs, host=host, port=port, limits=limits,
                      options={**{r: opts for r in refs}, POOL: opts},
                      token=settings.api_token(), access_log=access_log, failed=failed,
-                     names=models, traffic=split, shared=shared_replicas,
+                     traffic=split, shared=shared_replicas,
                      own=[check_name(n) for n in own_replicas or []], models_per_replica=models_per_replica)
 
 

@@ -219,10 +219,11 @@ class KilnIngress:
         schemas, and the versions that cannot be served."""
         served = config.get("deployments", {})
         # a version in the shared pool is the pool's deployment, with the version named per call
-        self.handles = {ref: self.handles.get(ref) or (
-            serve.get_deployment_handle(name, self.app_name).options(multiplexed_model_id=ref)
-            if name == POOL else serve.get_deployment_handle(name, self.app_name))
-            for ref, name in served.items()}
+        def handle(ref: str, name: str) -> Any:
+            h = serve.get_deployment_handle(name, self.app_name)
+            return h.options(multiplexed_model_id=ref) if name == POOL else h
+
+        self.handles = {ref: self.handles.get(ref) or handle(ref, name) for ref, name in served.items()}
         # async, so that it runs on the replica's event loop: a handle's options() needs one
         for ref, name in served.items():  # load new pooled versions now, not on their first request
             if name == POOL and ref not in self.described:
