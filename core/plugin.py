@@ -359,6 +359,13 @@ class Plugin:
         """Receive the dataset description before build(); raise KilnError if the data does not fit."""
         self.info = info
 
+    def image_view(self) -> tuple[int, int | None]:
+        """The side and channels (None: from the pictures) an image folder is read at for this
+        config (kiln.run.plan asks before any work); ImageOptions' fields by default."""
+        c = self.config
+        return (getattr(c, "image_size", ImageOptions.image_size),
+                c.image_channels() if isinstance(c, ImageOptions) else None)
+
     def train_per_class(self) -> int | None:
         """Train on only the first N examples of each class (a small labelled budget); None: all."""
         return None

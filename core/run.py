@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import __version__, checkpoint, data, models, net, registry, settings, store as store_mod
-from kiln.plugin import DatasetInfo, ImageOptions, KilnError, Plugin, make_config
+from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
 from kiln.spec import TrainSpec, parse_early_stop, parse_span
 from kiln.logs import say
 from kiln.values import plain
@@ -76,11 +76,13 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
     dataset = data.named_folder(dataset) or dataset  # an image folder under $KILN_DATA_DIR
     if data.is_file_dataset(dataset):
         dataset = data.check_path(dataset)
+    store = store_mod.resolve_root(store)
     if data.kind(dataset) == "images" and "?size=" not in dataset:
-        # the plugin's size and channels name the folder's view (kiln.plugin.ImageOptions)
-        dataset = data.image_key(dataset, getattr(config, "image_size", ImageOptions.image_size),
-                                 config.image_channels() if isinstance(config, ImageOptions) else None,
-                                 getattr(config, "skip_broken", False))
+        # the plugin's size and channels name the folder's view (Plugin.image_view)
+        plugin_obj = cls(config)
+        plugin_obj.store = store
+        size, channels = plugin_obj.image_view()
+        dataset = data.image_key(dataset, size, channels, getattr(config, "skip_broken", False))
     batch = batch_size or cls.batch_size
     if workers and max_workers == workers and batch % workers:
         raise KilnError(f"--batch-size {batch} must be divisible by --workers {workers}: each worker "
@@ -92,7 +94,7 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
     store_mod.check_name(run)
     return TrainSpec(plugin=plugin, dataset=dataset, epochs=epochs or cls.epochs,
                      batch_size=batch, run=run, name=name,
-                     store=store_mod.resolve_root(store),
+                     store=store,
                      runs_dir=str(Path(runs_dir or settings.runs_dir()).resolve()),
                      overrides=dict(overrides or {}), workers=workers,
                      max_workers=max_workers if max_workers > workers else 0,

@@ -11,6 +11,10 @@ architecture from random weights, every layer at ``learning_rate``: the baseline
 Default task: Fashion-MNIST with only ``labels_per_class`` (50) labelled training images per class,
 scored on the full test set. The stored base is pinned (``cnn`` becomes ``cnn:3``) in the
 manifest, and a stored transfer model needs its base version in the same store to be rebuilt.
+
+Any image dataset works, a folder of photos included: it is read at ``image_size`` (by default the
+stored base's own size and channels), and the model resizes and converts what it is given to the
+base's input. ``augment`` adds the cnn's random flip, shift and rotation, in training only.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from kiln import KilnError, Plugin, param
+from kiln import ImageOptions, KilnError, Plugin, param
 from kiln.images import confusion, grid
-from kiln.plugins.cnn import CNN
+from kiln.plugins.cnn import CNN, augmentation
 
 # keras.applications networks Kiln can feed, and how each expects its 0-255 RGB input scaled
 # ("tf": to [-1, 1]; "raw": as is, the network rescales itself; "torch": ImageNet mean/std).
@@ -35,7 +39,7 @@ KERAS_BASES = {"MobileNet": "tf", "MobileNetV2": "tf", "MobileNetV3Small": "raw"
 
 
 @dataclass
-class TransferConfig:
+class TransferConfig(ImageOptions):
     base: str = param("cnn", help="stored model NAME[:VERSION], or keras:<Application> "
                                    f"({', '.join(KERAS_BASES)})")
     weights: str = param("", help="for keras: bases, a local .weights.h5 file with the base's weights")
@@ -47,7 +51,10 @@ class TransferConfig:
     head_epochs: int = param(10, min=0, max=100_000, help="epochs training only the head, before fine-tuning")
     fine_tune_layers: int = param(1, min=0, max=1000, help="top weighted base layers fine-tuned after head_epochs (0: none)")
     fine_tune_lr: float = param(1e-4, min=0.0, max=1.0, help="learning rate of the fine-tuned base layers")
-    image_size: int = param(32, min=32, max=512, help="input size keras: bases see (images are resized)")
+    image_size: int = param(0, min=0, max=512, help="the side images are resized to (image folders are "
+                                                     "read at it); 0: the stored base's, 32 for keras: bases")
+    augment: tuple[str, ...] = param(("none",), choices=("none", "flip", "crop", "rotate"),
+                                     help="random training-time changes, as the cnn's augment")
 
 
 class TransferModel(keras.Model):
@@ -56,15 +63,20 @@ class TransferModel(keras.Model):
     so a resumed run remembers its phase). The base always runs in inference mode, so batch-norm
     statistics of a keras.applications base stay those it was trained with."""
 
-    def __init__(self, base: keras.Model, head: keras.Model, tuned: list, **kwargs):
+    def __init__(self, base: keras.Model, head: keras.Model, tuned: list,
+                 augment: tuple[str, ...] = ("none",), **kwargs):
         super().__init__(**kwargs)
         self.base, self.head, self.tuned = base, head, tuned
+        # Keras' random layers change pictures only when called with training=True
+        self.augment = augmentation(augment)
         self.fine_tuning = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                            name="fine_tuning")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
     def call(self, x, training=False):
+        for layer in self.augment:
+            x = layer(x, training=training)
         return self.head(self.base(x, training=False), training=training)
 
     def compile(self, head_optimizer, base_optimizer):
@@ -125,16 +137,35 @@ class Transfer(Plugin):
                                 "weights=PATH.weights.h5 (Kiln never downloads), or --set pretrained=false")
             if c.weights and not Path(c.weights).expanduser().is_file():
                 raise KilnError(f"weights file not found: {c.weights}")
+            if 0 < c.image_size < 32:
+                raise KilnError(f"keras.applications bases need images of at least 32x32; "
+                                f"image_size is {c.image_size} (try --set image_size=32)")
         else:
-            from kiln.store import Store
-
-            version = Store(self.store).get(c.base)  # KilnError names the store and what to train
-            c.base = version.ref  # pinned: the manifest records exactly which base was used
-            shape = tuple(version.manifest["dataset"]["input_shape"])
-            if np.prod(shape) != np.prod(info.input_shape):
-                raise KilnError(f"base {c.base} takes inputs {list(shape)} but dataset {info.name} "
-                                f"has {list(info.input_shape)}; pick a base trained on images of that size")
+            c.base = self._base_version().ref  # pinned: the manifest records exactly which base was used
         super().setup(info)
+
+    def _base_version(self):
+        from kiln.store import Store
+
+        version = Store(self.store).get(self.config.base)  # KilnError names the store and what to train
+        shape = version.manifest["dataset"]["input_shape"]
+        if len(shape) not in (2, 3):
+            raise KilnError(f"base {version.ref} takes inputs {shape}, not images; pick a base "
+                            "trained on images (a cnn)")
+        return version
+
+    def _base_shape(self) -> tuple[int, int, int]:
+        """The stored base's picture shape (H, W, C), as its own plugin reshapes it."""
+        shape = tuple(self._base_version().manifest["dataset"]["input_shape"])
+        return shape if len(shape) == 3 else (*shape, 1)
+
+    def image_view(self) -> tuple[int, int | None]:
+        """A folder is read at the stored base's size and channels unless image_size says otherwise."""
+        c = self.config
+        if c.base.startswith("keras:"):
+            return c.image_size or 32, c.image_channels()
+        h, _, channels = self._base_shape()
+        return c.image_size or h, c.image_channels() or (None if c.image_size else channels)
 
     def train_per_class(self):
         return self.config.labels_per_class or None
@@ -157,22 +188,37 @@ class Transfer(Plugin):
         names = [layer.name for layer in base_model.layers]
         cut = "features" if "features" in names else names[-2]
         trunk = keras.Model(base_model.inputs, base_model.get_layer(cut).output, name="base_trunk")
-        # the base plugin's own input scaling (e.g. pixels / 255), as a layer of this model
+        if not hasattr(base_plugin, "image_shape"):
+            raise KilnError(f"base {self.config.base} is a {base_plugin.name} model, which does not "
+                            "take pictures; pick a base trained on images (a cnn)")
         inputs = keras.Input(self.image_shape, name="image")
-        scaled = layers.Lambda(lambda t: base_plugin.preprocess(t, None)[0], name="base_scaling")(inputs)
+        x = self._fit_pictures(inputs, base_plugin.image_shape)
+        # the base plugin's own input scaling (e.g. pixels / 255), as a layer of this model
+        scaled = layers.Lambda(lambda t: base_plugin.preprocess(t, None)[0], name="base_scaling")(x)
         return keras.Model(inputs, trunk(scaled), name="base"), trunk.layers
+
+    def _fit_pictures(self, x, shape: tuple[int, int, int]):
+        """Resize and convert this dataset's pictures (pixels 0-255) to a base's input shape."""
+        h, w, channels = shape
+        if tuple(self.image_shape[:2]) != (h, w):
+            x = layers.Resizing(h, w, name="resize_to_base")(x)
+        if self.image_shape[-1] == 1 and channels == 3:
+            x = layers.Concatenate(name="gray_to_rgb")([x, x, x])
+        elif self.image_shape[-1] == 3 and channels == 1:
+            # ITU-R 601 luma, as PIL's convert("L") that made the base's grayscale pictures
+            x = layers.Dense(1, use_bias=False, trainable=False, name="rgb_to_gray",
+                             kernel_initializer=keras.initializers.Constant([[0.299], [0.587], [0.114]]))(x)
+        return x
 
     def _keras_base(self) -> tuple[keras.Model, list]:
         c = self.config
         app_name = c.base.split(":", 1)[1]
-        size = c.image_size
+        size = c.image_size or 32
         app = getattr(keras.applications, app_name)(
             include_top=False, weights=str(Path(c.weights).expanduser()) if c.pretrained else None,
             input_shape=(size, size, 3), pooling="avg")
         inputs = keras.Input(self.image_shape, name="image")
-        x = layers.Resizing(size, size)(inputs)
-        if self.image_shape[-1] == 1:
-            x = layers.Concatenate()([x, x, x])
+        x = self._fit_pictures(inputs, (size, size, 3))
         mode = KERAS_BASES[app_name]
         if mode == "tf":
             x = layers.Rescaling(1 / 127.5, offset=-1)(x)
@@ -197,7 +243,7 @@ class Transfer(Plugin):
         head = keras.Model(features, layers.Dense(self.info.num_classes, activation="softmax",
                                                   name="probabilities")(x), name="head")
         tuned = [v for layer in tuned_layers for v in layer.trainable_weights]
-        model = TransferModel(base, head, tuned, name="transfer")
+        model = TransferModel(base, head, tuned, c.augment, name="transfer")
         model.compile(keras.optimizers.Adam(c.learning_rate),
                       keras.optimizers.Adam(c.fine_tune_lr if c.pretrained else c.learning_rate))
         model.fine_tuning.assign(1.0 if not c.pretrained or c.head_epochs == 0 else 0.0)

@@ -105,3 +105,42 @@ def test_a_picture_size_the_networks_cannot_halve_twice_is_one_clear_line(workdi
     out = run_kiln("train", "vae", "--dataset", str(folder), "--set", "image_size=30", cwd=workdir)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "a multiple of 4" in out.stderr and "[30, 30, 3]" in out.stderr, out.stderr
+
+
+def test_transfer_reuses_a_cnn_trained_on_photos_at_its_size_with_augmentation(workdir):
+    """`kiln train transfer --dataset FOLDER` with a cnn trained on those photos as the base: the
+    folder is read at the base's size and channels without being told, training flips and shifts
+    the pictures (off at inference), and the stored model answers with the folder's class names.
+    Asked for another size and channels, the model resizes and converts to the base's input."""
+    from kiln import models, run
+
+    folder = write_folder(workdir / "pets", n=12)
+    common = dict(dataset=str(folder), batch_size=4, store=workdir / "store", runs_dir=workdir / "runs")
+    run.train(run.plan("cnn", epochs=2, overrides={"image_size": "24"}, **common))
+    spec = run.plan("transfer", epochs=8, **common,
+                    overrides={"augment": "flip,crop", "labels_per_class": "0", "head_epochs": "4"})
+    assert spec.dataset == f"{folder}?size=24&channels=3"  # the base's view of the folder
+    version = run.train(spec)
+    d = version.manifest["dataset"]
+    assert d["class_names"] == ["cats", "dogs"] and d["input_shape"] == [24, 24, 3]
+    assert version.manifest["config"]["base"] == "cnn:1"
+    history = version.manifest["history"]
+    assert history[-1]["loss"] < history[0]["loss"] / 1.5, history
+    # red and dark-gray cats, blue and light-gray dogs: seeds 0-3, oneDNN on or off, all get 1.0
+    assert version.manifest["metrics"]["accuracy"] == 1.0, version.manifest["metrics"]
+    plugin, model, _ = models.load(version.ref, workdir / "store")
+    assert [layer.name for layer in model.augment] == ["random_flip", "random_shift"]
+    cat = photo(folder / "cats" / "0.jpg", (24, 24, 3))
+    first, again = (plugin.infer(model, "classify", {"images": cat}) for _ in range(2))
+    assert first["labels"] == ["cats"] and first["probabilities"] == again["probabilities"]
+
+    other = run.plan("transfer", epochs=1, name="gray", **common,
+                     overrides={"image_size": "32", "channels": "grayscale", "labels_per_class": "0"})
+    assert other.dataset == f"{folder}?size=32&channels=1"
+    gray = run.train(other)
+    assert gray.manifest["dataset"]["input_shape"] == [32, 32, 1]
+    plugin, model, _ = models.load(gray.ref, workdir / "store")
+    names = [layer.name for layer in model.base.layers]
+    assert "resize_to_base" in names and "gray_to_rgb" in names
+    out = plugin.infer(model, "classify", {"images": photo(folder / "dogs" / "1.jpg", (32, 32, 1))})
+    assert out["labels"][0] in ("cats", "dogs") and abs(sum(out["probabilities"][0]) - 1) < 1e-4
