@@ -32,6 +32,34 @@ def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def kiln_here(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The kiln CLI's ``main`` in this process: the same parsing, work, output and exit status as
+    ``run_kiln``, without starting a new Python that imports TensorFlow again (seconds a call).
+    For errors raised before any work and for fixtures that need only what a command stores;
+    what a fresh process prints while TensorFlow loads is tested with ``run_kiln``."""
+    import contextlib
+    import io
+
+    from kiln import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        os.environ.update(env or {})
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as e:  # argparse's errors and --help
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["kiln", *args], code, out.getvalue(), err.getvalue())
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM (what a service manager sends), then SIGKILL if it has not exited in ``timeout``."""
     proc.terminate()
@@ -59,6 +87,33 @@ def ray_processes() -> dict[str, str]:
     # a <defunct> entry is a process that has exited and waits for its parent to reap it
     return {line.split()[0]: line for line in out.stdout.splitlines()
             if "pgrep" not in line and "<defunct>" not in line}
+
+
+def stop_server_and_check(proc: subprocess.Popen, lines: list[str], before: set[str], stop: str) -> None:
+    """Send ``stop`` (SIGINT: Ctrl-C; SIGTERM: what systemd, Docker and Kubernetes send) to a
+    running `kiln serve` and check it stops as a user expects: its exit status, one closing line,
+    no stack dump, no TensorFlow notice from any of its processes, and none of the Ray processes
+    it started (``before``: those running before it) left behind. SIGTERM once printed a Ray
+    stack dump and left Ray's agents running."""
+    import signal
+    import time
+
+    proc.send_signal(getattr(signal, stop))
+    try:
+        rest = proc.communicate(timeout=120)[0] or ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)  # a reader thread takes the last lines
+    text = "".join(lines) + rest
+    assert proc.returncode == (130 if stop == "SIGINT" else 0) and "[kiln] server stopped" in text, text[-2000:]
+    assert "SIGTERM received" not in text and "Traceback" not in text, text[-2000:]
+    assert_no_tf_notices(text)  # the replicas load TensorFlow quietly too
+    deadline = time.time() + 30
+    while set(ray_processes()) - before and time.time() < deadline:
+        time.sleep(0.5)
+    left = {pid: line for pid, line in ray_processes().items() if pid not in before}
+    assert not left, list(left.values())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -33,6 +33,8 @@ def one_line_error(out, *words):
     # argparse's own errors too: no usage block first
     (["trian", "cnn"], ["invalid choice: 'trian'", "see `kiln --help`"]),
     (["tune", "har", "--scheduler", "random"], ["invalid choice: 'random'", "see `kiln tune --help`"]),
+    # a bad search found after Tune loads (test_tune checks each kind of bad search in-process)
+    (["tune", "har", "--search", "dropout=uniform:0.5:0.1"], ["LO must be below HI, got 0.5 and 0.1"]),
     (["train", "cnn", "--epochs", "many"], ["argument --epochs: invalid int value: 'many'"]),
     (["export", "cnn", "--format", "pt"], ["invalid choice: 'pt'", "saved_model"]),
     (["serve", "--traffic", "cnn=90"], ["--traffic cnn=90: name a version or a label", "not the bare model"]),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import run_kiln
+from conftest import kiln_here, run_kiln
 
 pytestmark = [pytest.mark.slow]
 
@@ -18,7 +18,7 @@ def store(tmp_path_factory):
     """cnn, vae and cgan, trained briefly on real MNIST (the answers need not be good, only equal)."""
     root = tmp_path_factory.mktemp("export")
     for plugin in ("cnn", "vae", "cgan", "lstm"):
-        out = run_kiln("train", plugin, "--epochs", "1", "--limit", "1280", "--store", str(root / "store"),
+        out = kiln_here("train", plugin, "--epochs", "1", "--limit", "1280", "--store", str(root / "store"),
                        "--runs-dir", str(root / "runs"), cwd=root)
         assert out.returncode == 0, out.stderr[-3000:]
     return root
@@ -79,8 +79,8 @@ def test_the_exported_network_answers_what_kiln_answers(store, tmp_path, ref, fm
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, atol=2e-5)
     assert not list((tmp_path / "exported").rglob(".kiln-export-*"))  # nothing half-written left
-    again = run_kiln("export", ref, "--format", fmt, "--out", str(tmp_path / "exported"),
-                     "--store", str(store / "store"))
+    again = kiln_here("export", ref, "--format", fmt, "--out", str(tmp_path / "exported"),
+                      "--store", str(store / "store"))
     assert again.returncode == 2 and "already exists" in again.stderr
 
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TEST_PLUGINS, run_kiln
+from conftest import TEST_PLUGINS, kiln_here
 from kiln import KilnError
 
 pytestmark = pytest.mark.slow
@@ -27,8 +27,8 @@ def store(tmp_path_factory):
             ("cgan", "--epochs", "3", "--limit", "12800", "--set", "sample_every=2"),
             ("vae", "--epochs", "1", "--limit", "3000")]
     outputs = {}
-    for plugin, *args in runs:
-        out = run_kiln("train", plugin, *args, cwd=root, env=env)
+    for plugin, *args in runs:  # `kiln train` in this process (a fresh one: test_train_local)
+        out = kiln_here("train", plugin, *args, cwd=root, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
         outputs[plugin] = out.stdout
     return root, env, outputs
@@ -113,12 +113,12 @@ def test_cgan_is_judged_by_the_stored_cnn(store):
     assert m["metrics"]["label_accuracy"] > 0.25
     assert 0 <= m["metrics"]["label_accuracy_worst_class"] <= m["metrics"]["label_accuracy"]
     assert "samples after epoch 2:" in outputs["cgan"] and "samples after epoch 1:" not in outputs["cgan"]
-    out = run_kiln("evaluate", "cgan", cwd=root, env=env)
+    out = kiln_here("evaluate", "cgan", cwd=root, env=env)
     assert out.returncode == 0, out.stderr
     assert "label_accuracy=" in out.stdout and "d_real=" in out.stdout
     shown = float(out.stdout.split("label_accuracy=")[1].split()[0])
     assert shown == pytest.approx(m["metrics"]["label_accuracy"], abs=1e-4)  # same seeds, same figure
-    out = run_kiln("evaluate", "dcgan", cwd=root, env=env)
+    out = kiln_here("evaluate", "dcgan", cwd=root, env=env)
     assert out.returncode == 0, out.stderr
     assert "confidence=" in out.stdout and "coverage=" in out.stdout
     # the Fréchet distance in the cnn's features, beside its real-vs-real floor: a GAN of 2 short
@@ -127,7 +127,7 @@ def test_cgan_is_judged_by_the_stored_cnn(store):
     assert 0 <= fid["fid_floor"] < fid["fid"], fid
     assert "Fréchet distance of 5000 generated to 5000 test images in the features of cnn:1" in out.stdout
     assert "the input of its layer 'probabilities'" in out.stdout
-    vae = run_kiln("evaluate", "vae", "--classifier", "cnn", cwd=root, env=env)
+    vae = kiln_here("evaluate", "vae", "--classifier", "cnn", cwd=root, env=env)
     assert vae.returncode == 0 and "fid=" in vae.stdout and "neg_elbo=" in vae.stdout, vae.stderr[-2000:]
 
 
@@ -157,12 +157,12 @@ def test_evaluate_without_a_classifier_fails_clearly(store, tmp_path):
 
     lone = tmp_path / "store"
     shutil.copytree(root / "store" / "cgan", lone / "cgan")
-    out = run_kiln("--store", str(lone), "evaluate", "cgan", cwd=tmp_path)
+    out = kiln_here("--store", str(lone), "evaluate", "cgan", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "no model 'cnn'" in out.stderr and "kiln train cnn" in out.stderr
-    out = run_kiln("evaluate", "cgan", "--classifier", "autoencoder", cwd=root, env=env)
+    out = kiln_here("evaluate", "cgan", "--classifier", "autoencoder", cwd=root, env=env)
     assert out.returncode == 2 and "has no 'classify' method" in out.stderr
-    out = run_kiln("evaluate", "cnn", "--classifier", "cnn", cwd=root, env=env)
+    out = kiln_here("evaluate", "cnn", "--classifier", "cnn", cwd=root, env=env)
     assert out.returncode == 2 and "no 'sample' method" in out.stderr
 
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from conftest import TEST_PLUGINS, run_kiln
+from conftest import TEST_PLUGINS, kiln_here, run_kiln
 from kiln import KilnError
 
 pytestmark = pytest.mark.slow
@@ -31,8 +31,8 @@ def store(tmp_path_factory):
             ("cnn", "--epochs", "1"),
             ("transfer",),
             ("transfer", "--name", "scratch", "--set", "pretrained=false")]
-    for plugin, *args in runs:
-        out = run_kiln("train", plugin, *args, cwd=root, env=env)
+    for plugin, *args in runs:  # `kiln train` in this process (a fresh one: test_train_local)
+        out = kiln_here("train", plugin, *args, cwd=root, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
     return root
 
@@ -243,7 +243,7 @@ def test_transfer_from_a_keras_application_with_local_weights(tmp_path, workdir)
 ])
 def test_transfer_bad_base_is_one_line(workdir, sets, msg):
     args = [a for s in sets for a in ("--set", s)]
-    out = run_kiln("train", "transfer", *args, cwd=workdir)
+    out = kiln_here("train", "transfer", *args, cwd=workdir)
     assert out.returncode == 2 and msg in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 

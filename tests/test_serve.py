@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import NOISY_TF, ROOT, assert_no_tf_notices, run_kiln
+from conftest import NOISY_TF, ROOT, run_kiln
 from kiln.serve.codecs import Limits
 from kiln.serve.runtime import free_port
 
@@ -393,18 +393,14 @@ def test_cli_serve_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "--replicas takes N or MIN-MAX" in out.stderr
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_cli_serve_prints_routes_and_stops_cleanly(server, tmp_path, stop):
+def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     """`kiln serve` as a user runs it (its own local Ray cluster): it prints each route once the
-    model is ready, answers, and Ctrl-C (SIGINT) or SIGTERM (what systemd, Docker and Kubernetes
-    send) stops Serve and Ray, leaving no process behind; SIGTERM once printed a Ray stack dump
-    and left Ray's agents running."""
-    import signal
+    model is ready, answers, and Ctrl-C stops Serve and Ray, leaving no process behind. SIGTERM
+    is tested on the operations module's server (test_serve_ops)."""
     import subprocess
     import sys
-    import time
 
-    from conftest import ray_processes
+    from conftest import ray_processes, stop_server_and_check
 
     _, store, *_ = server
     before = set(ray_processes())
@@ -423,19 +419,10 @@ def test_cli_serve_prints_routes_and_stops_cleanly(server, tmp_path, stop):
         r = requests.post(f"http://127.0.0.1:{port}/models/cnn/classify",
                           json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=30)
         assert r.status_code == 200
-        proc.send_signal(getattr(signal, stop))
-        rest = proc.communicate(timeout=120)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == (130 if stop == "SIGINT" else 0) and "[kiln] server stopped" in rest, rest[-2000:]
-    assert "SIGTERM received" not in rest and "Traceback" not in rest, rest[-2000:]
-    assert_no_tf_notices("".join(lines) + rest)  # the replicas load TensorFlow quietly too
-    deadline = time.time() + 30
-    while set(ray_processes()) - before and time.time() < deadline:
-        time.sleep(0.5)
-    left = {pid: line for pid, line in ray_processes().items() if pid not in before}
-    assert not left, list(left.values())
+    except BaseException:
+        proc.kill()
+        raise
+    stop_server_and_check(proc, lines, before, "SIGINT")
 
 
 def test_client_cli_predict_and_png_generation(server, tmp_path):

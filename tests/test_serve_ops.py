@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import run_kiln, stop_process
+from conftest import NOISY_TF, ray_processes, run_kiln, stop_process, stop_server_and_check
 from test_serve_faults import replicas, wait_for  # replicas("pool"): the processes of model-pool
 from kiln.serve.runtime import free_port
 
@@ -61,11 +61,12 @@ def ops(tmp_path_factory):
     assert run_kiln("models", "label", "m:1", "stable", "--store", str(store)).returncode == 0
     assert run_kiln("models", "label", "m:2", "canary", "--store", str(store)).returncode == 0
     port = free_port()
+    before = set(ray_processes())
     proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", str(store), "--port", str(port),
                              "--poll-seconds", "1", "--replicas", "2", "--shared-replicas", "--own-replicas", "other",
                              "--traffic", "m@stable=3", "--traffic", "m@canary=1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, "KILN_API_TOKEN": TOKEN})
+                            env={**__import__("os").environ, "KILN_API_TOKEN": TOKEN, **NOISY_TF})
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     deadline = time.time() + 300
@@ -74,7 +75,7 @@ def ops(tmp_path_factory):
         time.sleep(0.5)
     assert any("[kiln] ready:" in line for line in lines), "".join(lines)[-3000:]
     try:
-        yield f"http://127.0.0.1:{port}", store, proc, lines
+        yield f"http://127.0.0.1:{port}", store, proc, lines, before
     finally:
         stop_process(proc, timeout=120)
 
@@ -83,7 +84,7 @@ def test_a_canary_split_answers_by_weight_on_every_protocol(ops):
     """--traffic m@stable=3 --traffic m@canary=1: the unversioned routes of every protocol answer
     3 of 4 requests from the stable version and 1 from the canary, each saying which in its
     Kiln-Version header; a versioned route is never split; GET /models shows the split."""
-    base, _, _, lines = ops
+    base, _, _, lines, _ = ops
     assert any("m: unversioned traffic split m@stable 75%, m@canary 25%" in line for line in lines), lines
     session = requests.Session()
     session.headers.update(AUTH)
@@ -119,7 +120,7 @@ def test_a_photo_model_answers_with_class_names_for_a_photo_of_any_size(ops):
     and the answer names the class by its folder's name."""
     import base64
 
-    base, _, _, _ = ops
+    base, *_ = ops
     session = requests.Session()
     session.headers.update(AUTH)
     bee = next((HYMENOPTERA / "val" / "bees").glob("*.jpg"))
@@ -139,7 +140,7 @@ def test_moving_a_label_moves_its_traffic_under_load_without_a_failed_request(op
     """A new version labelled canary while 4 clients keep calling the unversioned route: the
     canary's share moves to it once it is ready (the old canary answers until then), no request
     fails, and the stable share never moves."""
-    base, store, proc, _ = ops
+    base, store, proc, *_ = ops
     seen: list[str] = []
     failed: list[tuple] = []
     stop = threading.Event()
@@ -188,7 +189,7 @@ def test_rm_refuses_a_version_the_server_serves_and_deletes_a_free_one(ops):
     """`kiln models rm` on what the running server serves (other:1), or what a label names (m:1):
     one line, exit 2, nothing deleted. The canary's old version, no longer served once its label
     moved, goes."""
-    base, store, _, _ = ops
+    base, store, *_ = ops
     served = run_kiln("models", "rm", "other:1", "--store", str(store))
     assert served.returncode == 2 and "other:1 is served by `kiln serve`" in served.stderr, served.stderr
     labelled = run_kiln("models", "rm", "m:1", "--store", str(store))
@@ -213,7 +214,7 @@ def test_metrics_count_known_traffic_across_replicas(ops):
     """GET /metrics (token needed) after known traffic to a model nobody else calls: exact request
     counts by protocol and status, a latency histogram with as many observations, errors by class,
     batch sizes, and load times from both of the model's replicas."""
-    base, _, _, _ = ops
+    base, *_ = ops
     denied = requests.get(f"{base}/metrics", timeout=30)
     assert denied.status_code == 401 and "token" in denied.json()["error"]
     session = requests.Session()
@@ -255,3 +256,13 @@ def test_metrics_count_known_traffic_across_replicas(ops):
     assert len(loads) == 2 and all(v > 0 for v in loads + warmups), (loads, warmups)
     # Serve's own per-replica series come along
     assert series(text, "ray_serve_deployment_request_counter_total", deployment="model-other-v1")
+
+
+def test_sigterm_stops_the_server_and_its_ray_cleanly(ops):
+    """What systemd, Docker and Kubernetes send: the server (shared and own replicas, a token)
+    says it stopped, exits 0, and leaves no Ray process behind. Last in this module: it ends the
+    server. (Ctrl-C: test_serve.)"""
+    base, _, proc, lines, before = ops
+    assert any(f"POST {base}/models/m/classify" in line for line in lines), lines
+    assert proc.poll() is None
+    stop_server_and_check(proc, lines, before, "SIGTERM")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_PLUGINS, run_kiln
+from conftest import TEST_PLUGINS, kiln_here, run_kiln
 
 SEARCH = ["--search", "learning_rate=loguniform:1e-4:1e-2", "--search", "filters=choice:16,32/32,64"]
 # a small HAR: 1500 windows of each split, 3 epochs of a few seconds
@@ -49,8 +49,9 @@ def manifest(root: Path, ref: str) -> dict:
     (["--resume", "no-such-search"], "no search 'no-such-search' in"),
 ])
 def test_bad_searches_are_one_line_before_any_work(workdir, args, message):
+    # kiln's main in this process; a fresh `kiln tune` process with a bad search: test_cli_errors
     t0 = time.perf_counter()
-    out = run_kiln("tune", *args, cwd=workdir)
+    out = kiln_here("tune", *args, cwd=workdir)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kiln: error: ") and message in lines[0], lines
