@@ -572,7 +572,9 @@ def _training_flags(s: argparse.ArgumentParser, command: str) -> None:
     s.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray gives each worker")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value of the plugin (repeatable; `kiln plugins -v` lists keys)")
-    s.add_argument("--dataset", default=None, help="tfds name or path to an .npz (default: the plugin's)")
+    s.add_argument("--dataset", default=None,
+                   help="a tfds name, a folder of pictures in class subfolders (or its name under "
+                        "$KILN_DATA_DIR), an .npz, a text file or a HAR folder (default: the plugin's)")
     s.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--val-fraction", type=float, default=None, metavar="F",
