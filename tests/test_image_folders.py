@@ -144,3 +144,26 @@ def test_transfer_reuses_a_cnn_trained_on_photos_at_its_size_with_augmentation(w
     assert "resize_to_base" in names and "gray_to_rgb" in names
     out = plugin.infer(model, "classify", {"images": photo(folder / "dogs" / "1.jpg", (32, 32, 1))})
     assert out["labels"][0] in ("cats", "dogs") and abs(sum(out["probabilities"][0]) - 1) < 1e-4
+
+
+def test_transfer_converts_colour_photos_for_a_grayscale_base_as_the_decoder_does(tmp_path):
+    """A base trained on grayscale pictures sees an RGB photo as Kiln's decoder would have made
+    it gray (PIL's ITU-R 601 luma), resized to the base's side: the same pixels either way."""
+    import keras
+    from PIL import Image
+
+    from kiln import DatasetInfo
+    from kiln.images import decode
+    from kiln.plugins.transfer import Transfer
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    rgb = decode((tmp_path / "p.png").read_bytes(), (None, 40, 40, 3))
+    gray = decode((tmp_path / "p.png").read_bytes(), (None, 40, 40, 1))
+    plugin = Transfer(base="keras:MobileNetV2", pretrained=False)
+    plugin.info = DatasetInfo(name="photos", input_shape=(40, 40, 3), num_classes=2)
+    inputs = keras.Input((40, 40, 3))
+    converted = keras.Model(inputs, plugin._fit_pictures(inputs, (40, 40, 1)))(rgb[None])
+    np.testing.assert_allclose(np.asarray(converted)[0], gray, atol=1.0)
+    resized = keras.Model(inputs, plugin._fit_pictures(inputs, (20, 20, 1)))(rgb[None])
+    assert np.asarray(resized).shape == (1, 20, 20, 1)
