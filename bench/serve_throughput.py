@@ -12,7 +12,10 @@ Debian: `apt install wrk`), for the CNN on single-image JSON requests:
 5. Kiln with batching off, at 32 connections;
 6. the floor under any Serve ingress: a FastAPI ingress deployment on the same data path whose
    route reads the body and returns a constant (no model, no parsing), at 32 connections;
-7. Kiln, batching on, behind Serve's default Python HTTP proxy, at 32 connections.
+7. Kiln, batching on, behind Serve's default Python HTTP proxy, at 32 connections;
+8. the same model in a Serve deployment that is its own HTTP ingress (the plugin's ``classify``
+   in a worker thread, as Kiln's replica runs it), at 1 connection: what a request would cost
+   without the hop from Kiln's ingress to a model replica.
 
     .venv/bin/python bench/serve_throughput.py --store /tmp/bench/kiln-store [--seconds 15]
 """
@@ -105,6 +108,35 @@ def noop_app() -> object:
             return {"classes": [7]}
 
     return NoOp.bind()
+
+
+def direct_app(store: str) -> object:
+    """The model in a deployment that is its own FastAPI ingress: no handle call between an
+    ingress and a model replica, the model call as Kiln's replica makes it."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256,
+                      logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    @serve.ingress(api)
+    class Direct:
+        def __init__(self) -> None:
+            from kiln import models
+
+            self.plugin, self.model, _ = models.load("cnn", store)
+
+        @api.post("/models/{model}/{method}")
+        async def call(self, model: str, method: str, request: Request) -> dict:
+            import asyncio
+
+            import orjson
+
+            images = np.asarray(orjson.loads(await request.body())["images"], dtype="float32")
+            return await asyncio.to_thread(self.plugin.infer, self.model, method, {"images": images})
+
+    return Direct.bind()
 
 
 def main() -> None:
@@ -203,6 +235,13 @@ def main() -> None:
             measure("Serve ingress doing nothing (floor)", f"{base}/models/cnn/classify", one, 32,
                     args.seconds)
             serve.delete("noop")
+            serve.run(direct_app(store), name="direct", route_prefix="/", blocking=False)
+            wait(f"{base}/docs")
+            requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})
+            measure("the model as its own Serve ingress (no hop)", f"{base}/models/cnn/classify", one, 1,
+                    args.seconds)
+            measure("plain FastAPI/uvicorn, 1 process", plain_url, one, 1, args.seconds)
+            serve.delete("direct")
         serve.shutdown()
         ray.shutdown()
 
@@ -210,9 +249,13 @@ def main() -> None:
     proc.wait()
 
     plain32 = next(r for name, c, r in rows if name.startswith("plain") and c == 32)
+    # each row is compared with the plain server's run right after it at the same connections
+    after = {i: r if n.startswith("plain") else
+             next(q for n2, c2, q in rows[i + 1:] + rows[:i] if n2.startswith("plain") and c2 == c)
+             for i, (n, c, r) in enumerate(rows)}
     print(f"\n{'server':<48} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs plain':>8}")
-    for name, c, r in rows:
-        plain = next(q for n2, c2, q in rows if n2.startswith("plain") and c2 == c)
+    for i, (name, c, r) in enumerate(rows):
+        plain = after[i]
         ratio = "" if name.startswith("GET") else f"{r['rps'] / plain['rps']:>7.2f}x"
         print(f"{name:<48} {c:>5} {r['rps']:>8.1f} {r['p50']:>8.2f} {r['p99']:>8.2f} {ratio}")
     on = next(r for n, c, r in rows if n == "Kiln, batching on" and c == 32)
@@ -224,6 +267,12 @@ def main() -> None:
     floor = next(r for n, c, r in rows if "floor" in n)
     print(f"Serve's floor at 32 connections (an ingress doing nothing): {floor['rps']:.0f} req/s, "
           f"p99 {floor['p99']:.0f} ms")
+    k = next(i for i, (n, c, r) in enumerate(rows) if n == "Kiln, batching on" and c == 1)
+    d = next(i for i, (n, c, r) in enumerate(rows) if "no hop" in n)
+    print(f"one connection, p50: Kiln {rows[k][2]['p50']:.2f} ms ({rows[k][2]['p50'] / after[k]['p50']:.2f}x "
+          f"the plain server's {after[k]['p50']:.2f} ms); the model as its own ingress "
+          f"{rows[d][2]['p50']:.2f} ms ({rows[d][2]['p50'] / after[d]['p50']:.2f}x the plain server's "
+          f"{after[d]['p50']:.2f} ms)")
     calm, probed = (r for n, c, r in rows if n.startswith("GET"))
     print(f"GET /v2/health/live p99 at 1 connection: {calm['p99']:.1f} ms alone, {probed['p99']:.1f} ms "
           "while /v2/health/ready is probed every 0.5 s")
