@@ -89,23 +89,24 @@ def ray_processes() -> dict[str, str]:
             if "pgrep" not in line and "<defunct>" not in line}
 
 
-def stop_server_and_check(proc: subprocess.Popen, lines: list[str], before: set[str], stop: str) -> None:
+def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, before: set[str], stop: str) -> None:
     """Send ``stop`` (SIGINT: Ctrl-C; SIGTERM: what systemd, Docker and Kubernetes send) to a
-    running `kiln serve` and check it stops as a user expects: its exit status, one closing line,
-    no stack dump, no TensorFlow notice from any of its processes, and none of the Ray processes
-    it started (``before``: those running before it) left behind. SIGTERM once printed a Ray
-    stack dump and left Ray's agents running."""
+    running `kiln serve` whose output ``reader`` (a thread) appends to ``lines``, and check it
+    stops as a user expects: its exit status, one closing line, no stack dump, no TensorFlow
+    notice from any of its processes, and none of the Ray processes it started (``before``: those
+    running before it) left behind. SIGTERM once printed a Ray stack dump and left Ray's agents
+    running."""
     import signal
     import time
 
     proc.send_signal(getattr(signal, stop))
     try:
-        rest = proc.communicate(timeout=120)[0] or ""
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    time.sleep(0.5)  # a reader thread takes the last lines
-    text = "".join(lines) + rest
+    reader.join(timeout=30)  # the reader owns the output: it ends at the last line
+    text = "".join(lines)
     assert proc.returncode == (130 if stop == "SIGINT" else 0) and "[kiln] server stopped" in text, text[-2000:]
     assert "SIGTERM received" not in text and "Traceback" not in text, text[-2000:]
     assert_no_tf_notices(text)  # the replicas load TensorFlow quietly too

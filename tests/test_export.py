@@ -19,7 +19,7 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     for plugin in ("cnn", "vae", "cgan", "lstm"):
         out = kiln_here("train", plugin, "--epochs", "1", "--limit", "1280", "--store", str(root / "store"),
-                       "--runs-dir", str(root / "runs"), cwd=root)
+                        "--runs-dir", str(root / "runs"), cwd=root)
         assert out.returncode == 0, out.stderr[-3000:]
     return root
 

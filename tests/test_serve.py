@@ -400,6 +400,8 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     import subprocess
     import sys
 
+    import threading
+
     from conftest import ray_processes, stop_server_and_check
 
     _, store, *_ = server
@@ -422,7 +424,9 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     except BaseException:
         proc.kill()
         raise
-    stop_server_and_check(proc, lines, before, "SIGINT")
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    stop_server_and_check(proc, lines, reader, before, "SIGINT")
 
 
 def test_client_cli_predict_and_png_generation(server, tmp_path):

@@ -68,14 +68,15 @@ def ops(tmp_path_factory):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**__import__("os").environ, "KILN_API_TOKEN": TOKEN, **NOISY_TF})
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     deadline = time.time() + 300
     while time.time() < deadline and not any("[kiln] ready:" in line for line in lines):
         assert proc.poll() is None, "".join(lines)[-3000:]
         time.sleep(0.5)
     assert any("[kiln] ready:" in line for line in lines), "".join(lines)[-3000:]
     try:
-        yield f"http://127.0.0.1:{port}", store, proc, lines, before
+        yield f"http://127.0.0.1:{port}", store, proc, lines, (reader, before)
     finally:
         stop_process(proc, timeout=120)
 
@@ -262,7 +263,7 @@ def test_sigterm_stops_the_server_and_its_ray_cleanly(ops):
     """What systemd, Docker and Kubernetes send: the server (shared and own replicas, a token)
     says it stopped, exits 0, and leaves no Ray process behind. Last in this module: it ends the
     server. (Ctrl-C: test_serve.)"""
-    base, _, proc, lines, before = ops
+    base, _, proc, lines, (reader, before) = ops
     assert any(f"POST {base}/models/m/classify" in line for line in lines), lines
     assert proc.poll() is None
-    stop_server_and_check(proc, lines, before, "SIGTERM")
+    stop_server_and_check(proc, lines, reader, before, "SIGTERM")
