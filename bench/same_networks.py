@@ -20,8 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ("cnn", "autoencoder", "vae", "dcgan", "cgan")
-# kiln's package-dir layout (pyproject.toml): kiln = core/, and its subpackages beside it
-LAYOUT = {"plugins": "plugins", "serve": "serve", "cluster": "cluster"}
 
 FINGERPRINT = r"""
 import hashlib, json, sys
@@ -54,10 +52,15 @@ print(json.dumps(out))
 
 
 def package_of(source: Path, into: Path) -> Path:
-    """An importable ``kiln`` package from a checkout's folders."""
-    shutil.copytree(source / "core", into / "kiln")
-    for sub, folder in LAYOUT.items():
-        (into / "kiln" / sub).symlink_to(source / folder)
+    """An importable ``kiln`` package from a checkout's folders, laid out as that checkout's own
+    pyproject.toml maps them (``kiln = "core"``, ``"kiln.plugins" = "plugins"``, ...)."""
+    import tomllib
+
+    layout = tomllib.loads((source / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    shutil.copytree(source / layout["kiln"], into / "kiln")
+    for package, folder in layout.items():
+        if package != "kiln":  # a subpackage: kiln.plugins -> kiln/plugins
+            (into / Path(*package.split("."))).symlink_to(source / folder)
     return into
 
 
