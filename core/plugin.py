@@ -409,13 +409,18 @@ class Plugin:
     # -- inference ----------------------------------------------------------------------
     @classmethod
     def methods(cls) -> dict[str, Method]:
-        """The inference methods declared with ``@inference``, by name."""
+        """The inference methods declared with ``@inference``, by name; listed once per class
+        (every served call asks for them)."""
+        listed = cls.__dict__.get("_kiln_methods")  # the class's own: a subclass lists its own
+        if listed is not None:
+            return listed
         out = {}
         for name, fn in inspect.getmembers(cls, predicate=inspect.isfunction):
             spec = getattr(fn, "__kiln_inference__", None)
             if spec is not None:
                 doc = (inspect.getdoc(fn) or "").split("\n")[0]
                 out[name] = Method(name, spec[0], spec[1], doc, fn)
+        cls._kiln_methods = out
         return out
 
     def infer(self, model: Any, method: str, args: dict[str, Any]) -> dict[str, Any]:

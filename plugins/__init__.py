@@ -40,8 +40,11 @@ class Pictures(Plugin):
         return shape if len(shape) == 3 else (*shape, 1)
 
     def preprocess(self, x, y):
+        low, high = self.pixel_range
+        if isinstance(x, np.ndarray):  # a served request: numpy, not TensorFlow's eager ops
+            x = x.astype("float32") * np.float32((high - low) / 255.0) + np.float32(low)
+            return x.reshape(-1, *self.image_shape), y
         import tensorflow as tf
 
-        low, high = self.pixel_range
         x = tf.cast(x, "float32") * ((high - low) / 255.0) + low
         return tf.reshape(x, (-1, *self.image_shape)), y

@@ -73,6 +73,8 @@ class CNN(Plugin):
         return shape if len(shape) == 3 else (*shape, 1)
 
     def preprocess(self, x, y):
+        if isinstance(x, np.ndarray):  # a served request: numpy, not TensorFlow's eager ops
+            return (x.astype("float32") / np.float32(255.0)).reshape(-1, *self.image_shape), y
         import tensorflow as tf
 
         x = tf.reshape(tf.cast(x, "float32") / 255.0, (-1, *self.image_shape))
