@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.requests import ClientDisconnect
 from ray import serve
 
 from kiln.plugin import KilnError
@@ -39,6 +40,7 @@ from kiln.serve.replica import POOL, LoadError
 
 RETRIES = 3          # sends of a request whose replica died under it, after the first
 RETRY_AFTER_S = 2    # what a 503 tells the client to wait
+CLIENT_CLOSED = 499  # nginx's status for a request whose client hung up: no answer reaches it
 VERSION_HEADER = "Kiln-Version"  # on every inference answer: the version that answered (cnn:3)
 
 # Public with a token set: health probes, and the gallery's static files (no model data; the page
@@ -389,6 +391,9 @@ class KilnIngress:
 
         try:
             await asyncio.wait_for(read(), self.limits.body_timeout_s)
+        except ClientDisconnect:  # the client's doing, not a failure of Kiln's: nginx's 499
+            raise ProtocolError(CLIENT_CLOSED, f"the client closed the connection after {size} bytes "
+                                               "of its body") from None
         except asyncio.TimeoutError:
             raise ProtocolError(408, f"the request body did not arrive within "
                                      f"{self.limits.body_timeout_s:g} s ({size} bytes came; kiln "
