@@ -17,6 +17,9 @@ Debian: `apt install wrk`), for the CNN on single-image JSON requests:
    in a worker thread, as Kiln's replica runs it), at 1 connection: what a request would cost
    without the hop from Kiln's ingress to a model replica.
 
+At one connection it also prints the CPU time each process spent per request (from /proc, so
+Linux only): where a lone client's time goes.
+
     .venv/bin/python bench/serve_throughput.py --store /tmp/bench/kiln-store [--seconds 15]
 """
 
@@ -51,6 +54,25 @@ def wait(url: str, timeout: float = 300) -> None:
             pass
         time.sleep(0.5)
     raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def cpu_seconds() -> dict[str, tuple[str, float]]:
+    """pid -> (name, CPU seconds used so far) of every running process; Linux /proc. The name is
+    a Ray worker's title without the task it runs now (ray::ServeController, not
+    ray::ServeController.listen_for_change), else the program's file name (haproxy, raylet)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, tuple[str, float]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if words:  # Ray's title pads the command line with spaces
+            argv0 = words[0].decode(errors="replace")
+            name = argv0.split(".")[0] if argv0.startswith("ray::") else Path(argv0).name
+            out[pid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
 
 
 def wrk(url: str, body: str | None, connections: int, seconds: int) -> dict[str, float]:
@@ -158,8 +180,16 @@ def main() -> None:
     one = json.dumps({"images": x[:1].tolist()})
     rows: list[tuple[str, int, dict[str, float]]] = []
 
-    def measure(name: str, url: str, body: str | None, connections: int, seconds: int) -> None:
+    cpu: dict[str, list[tuple[str, float]]] = {}  # row name -> (process, CPU ms per request)
+
+    def measure(name: str, url: str, body: str | None, connections: int, seconds: int,
+                per_process: bool = False) -> None:
+        before = cpu_seconds()
         rows.append((name, connections, wrk(url, body, connections, seconds)))
+        if per_process:  # where a request's time goes: the CPU each process spent on it
+            after, n = cpu_seconds(), rows[-1][2]["rps"] * seconds
+            used = [(k, (v - before[pid][1]) * 1000 / n) for pid, (k, v) in after.items() if pid in before]
+            cpu[name] = sorted(((k, ms) for k, ms in used if ms >= 0.05), key=lambda e: -e[1])
         print(rows[-1], flush=True)
 
     # the plain server runs (idle) beside Kiln and is measured right after Kiln at the same number
@@ -194,7 +224,7 @@ def main() -> None:
             requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})
             for c in ((1, 32) if batching and not label else (32,)):
                 measure(f"Kiln, batching {'on' if batching else 'off'}{label}",
-                        f"{base}/models/cnn/classify", one, c, args.seconds)
+                        f"{base}/models/cnn/classify", one, c, args.seconds, per_process=c == 1)
                 if batching and not label:
                     measure("plain FastAPI/uvicorn, 1 process", plain_url, one, c, args.seconds)
             if batching and not label:
@@ -239,7 +269,7 @@ def main() -> None:
             wait(f"{base}/docs")
             requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})
             measure("the model as its own Serve ingress (no hop)", f"{base}/models/cnn/classify", one, 1,
-                    args.seconds)
+                    args.seconds, per_process=True)
             measure("plain FastAPI/uvicorn, 1 process", plain_url, one, 1, args.seconds)
             serve.delete("direct")
         serve.shutdown()
@@ -273,6 +303,9 @@ def main() -> None:
           f"the plain server's {after[k]['p50']:.2f} ms); the model as its own ingress "
           f"{rows[d][2]['p50']:.2f} ms ({rows[d][2]['p50'] / after[d]['p50']:.2f}x the plain server's "
           f"{after[d]['p50']:.2f} ms)")
+    for name, used in cpu.items():
+        print(f"CPU per request at one connection, {name} (total {sum(ms for _, ms in used):.2f} ms on "
+              f"{os.cpu_count()} cores): " + "; ".join(f"{k} {ms:.2f} ms" for k, ms in used[:6]))
     calm, probed = (r for n, c, r in rows if n.startswith("GET"))
     print(f"GET /v2/health/live p99 at 1 connection: {calm['p99']:.1f} ms alone, {probed['p99']:.1f} ms "
           "while /v2/health/ready is probed every 0.5 s")
