@@ -146,5 +146,7 @@ class CNN(Plugin):
         x, _ = self.preprocess(images, None)
         conv = model.get_layer(f"conv{layer}")
         kernels = np.asarray(conv.kernel).mean(axis=2).transpose(2, 0, 1)
-        maps = keras.Model(model.inputs, conv.output)(x, training=False)
+        # from the one input tensor, not the list of them: called with a tensor, a model built
+        # on a list warned on every call that the structure did not match
+        maps = keras.Model(model.inputs[0], conv.output)(x, training=False)
         return {"kernels": kernels.round(5), "maps": np.asarray(maps).round(4)}

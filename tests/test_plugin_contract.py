@@ -1,5 +1,6 @@
 """The plugin contract: typed configs with validation, inference schemas, error messages."""
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,9 @@ def test_cnn_features_are_its_first_convolution():
     plugin.setup(DatasetInfo("mnist", (28, 28, 1), 10, tuple(map(str, range(10)))))
     model = build_model(plugin)
     image = np.random.default_rng(0).integers(0, 256, (1, 28, 28, 1)).astype("float32")
-    out = plugin.infer(model, "features", {"images": image})
+    with warnings.catch_warnings():  # Keras warned on every call that the input structure differed
+        warnings.simplefilter("error")
+        out = plugin.infer(model, "features", {"images": image})
     kernels, maps = np.asarray(out["kernels"]), np.asarray(out["maps"])
     assert kernels.shape == (32, 3, 3) and maps.shape == (1, 26, 26, 32) and maps.min() >= 0
     np.testing.assert_allclose(kernels, np.asarray(model.get_layer("conv1").kernel)[:, :, 0].transpose(2, 0, 1), atol=1e-5)
