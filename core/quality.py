@@ -110,7 +110,9 @@ def features_of(judge: Plugin, model: Any) -> tuple[Any, str]:
 
     head = model.layers[-1]
     try:
-        inner = keras.Model(model.inputs, head.input)
+        # from the input tensor itself when there is one: a model built on the list of inputs
+        # warned on every call with a tensor that the input structure did not match
+        inner = keras.Model(model.inputs[0] if len(model.inputs) == 1 else model.inputs, head.input)
     except (AttributeError, ValueError, TypeError):
         raise KilnError(f"the classifier (plugin '{judge.name}') is no functional Keras model whose last "
                         "layer is its head; pass another with --classifier NAME[:VERSION]") from None
