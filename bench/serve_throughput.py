@@ -184,7 +184,7 @@ def main() -> None:
 
     def measure(name: str, url: str, body: str | None, connections: int, seconds: int,
                 per_process: bool = False) -> None:
-        before = cpu_seconds()
+        before = cpu_seconds() if per_process else {}
         rows.append((name, connections, wrk(url, body, connections, seconds)))
         if per_process:  # where a request's time goes: the CPU each process spent on it
             after, n = cpu_seconds(), rows[-1][2]["rps"] * seconds
