@@ -272,7 +272,7 @@ def main() -> None:
                     args.seconds, per_process=True)
             measure("plain FastAPI/uvicorn, 1 process", plain_url, one, 1, args.seconds)
             serve.delete("direct")
-        serve.shutdown()
+        app.stop()
         ray.shutdown()
 
     proc.terminate()

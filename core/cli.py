@@ -284,10 +284,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         import ray
-        from ray import serve
 
         records.forget_server(record)
-        serve.shutdown()
+        app.stop()
         ray.shutdown()
         print("[kiln] server stopped", flush=True)
 

@@ -388,6 +388,38 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
     serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
 
 
+def stop(timeout_s: float = 60.0) -> None:
+    """Shut Serve down as ``serve.shutdown()`` does (applications deleted, requests in flight
+    answered, Serve's actors and HAProxy stopped), without its alarming last line.
+
+    ``serve.shutdown()`` waits on a controller call that never returns: the controller kills
+    itself, and the raylet reports that call as "Task ServeController.graceful_shutdown failed
+    ... killed by `ray.kill`" in the server's terminal on every stop. Asked not to wait, the
+    controller does the same shutdown; its disappearance is what is waited for here."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from ray.serve.context import _disconnect, _get_global_client
+
+    try:
+        client = _get_global_client()
+    except Exception:  # noqa: BLE001 - no Serve running (or no Ray): nothing to stop
+        return
+    client.shutdown_cached_handles()
+    try:
+        ray.get(client._controller.graceful_shutdown.remote(False), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - a controller already gone: nothing to wait for
+        pass
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # gone: Serve has shut down
+            break
+        time.sleep(0.2)
+    client._shutdown = True  # what serve.shutdown() leaves behind: this process forgets Serve
+    _disconnect()
+
+
 def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
             route_prefix: str = "/") -> tuple[list[str], list[str]]:
     """Serve what ``names`` resolve to now (a version stored since the start becomes the latest);

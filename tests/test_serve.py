@@ -43,7 +43,6 @@ def server(tmp_path_factory):
         run.train(run.plan(plugin, epochs=1, store=root / "store", runs_dir=root / "runs", **kw))
 
     import ray
-    from ray import serve
 
     from kiln.serve import app, runtime
 
@@ -71,7 +70,7 @@ def server(tmp_path_factory):
         app.wait_ready("127.0.0.1", port, prefix="/secure", token=TOKEN, timeout=300)
         yield base, store, seen, spec
     finally:
-        serve.shutdown()
+        app.stop()
         ray.shutdown()
 
 
