@@ -174,14 +174,15 @@ def quiet_process() -> None:
         sys.meta_path.insert(0, _QuietTensorFlow())
 
 
-def runtime_env(env_vars: dict[str, str] | None = None) -> dict[str, Any]:
-    """A Ray runtime environment whose worker processes start with ``quiet_process()``; the
-    user's own logging variables travel with it, so a joined cluster's workers respect them."""
+def runtime_env(env_vars: dict[str, str] | None = None, hook: str = SETUP_HOOK) -> dict[str, Any]:
+    """A Ray runtime environment whose worker processes start with ``quiet_process()`` (or
+    ``hook``, which calls it); the user's own logging variables travel with it, so a joined
+    cluster's workers respect them."""
     env = dict(env_vars or {})
     for name in ("TF_CPP_MIN_LOG_LEVEL", settings.VERBOSE):
         if name in os.environ:
             env.setdefault(name, os.environ[name])
-    out: dict[str, Any] = {"worker_process_setup_hook": SETUP_HOOK}
+    out: dict[str, Any] = {"worker_process_setup_hook": hook}
     if env:
         out["env_vars"] = env
     return out

@@ -24,11 +24,10 @@ from typing import Any
 from ray import serve
 
 from kiln import settings
-from kiln.logs import SETUP_HOOK
 from kiln.plugin import KilnError
 from kiln.serve.codecs import Limits
 from kiln.serve.replica import POOL, ModelPool, ModelServer
-from kiln.serve.runtime import init_ray
+from kiln.serve.runtime import SERVE_HOOK, init_ray, quiet_serve_process
 
 INGRESS = "KilnIngress"
 
@@ -370,7 +369,7 @@ def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
         "applications": [{
             "name": app_name, "route_prefix": "/", "import_path": "kiln.serve.app:app_builder",
             "args": {"store": spec.store, "models": list(spec.refs), "limits": asdict(spec.limits)},
-            "runtime_env": {"worker_process_setup_hook": SETUP_HOOK},
+            "runtime_env": {"worker_process_setup_hook": SERVE_HOOK},
             "deployments": deployments,
         }],
     }
@@ -381,6 +380,7 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
     """Start (or join) Ray, start Serve's HTTP proxy on spec.host:port, deploy the application."""
     import ray
 
+    quiet_serve_process()
     if not ray.is_initialized():
         init_ray(address, client_timeout_s=spec.limits.client_timeout_s,
                  max_connections=spec.limits.max_connections)

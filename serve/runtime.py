@@ -98,7 +98,30 @@ def init_ray(address: str | None = None, client_timeout_s: int = Limits.client_t
             os.environ.pop(k, None)
 
 
+SERVE_HOOK = "kiln.serve.runtime.quiet_serve_process"
+
+
+def quiet_serve_process() -> None:
+    """``quiet_process()``, and Ray Serve's start-up notices hidden: its controller listed its
+    data path settings in nine INFO lines on the server's terminal, and `kiln serve` said its HTTP
+    options "will not be applied" (they were; serve.run found the Serve that start() began).
+    Importing ``ray.serve`` sets its logger to INFO, so the level is set after that import; each
+    Serve process's own logging configuration, applied later, still decides what its log files
+    get. The setup hook of serving's Ray processes (they import Serve anyway), and called by
+    ``kiln.serve.app.start`` in the process that starts Serve."""
+    import logging
+
+    from kiln.logs import quiet_process
+
+    quiet_process()
+    if settings.verbose():
+        return
+    import ray.serve  # noqa: F401 - configures its logger on import
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
 def _runtime_env() -> dict[str, Any]:
-    return quiet_runtime_env(settings.forwarded())
+    return quiet_runtime_env(settings.forwarded(), hook=SERVE_HOOK)
 
 
