@@ -285,7 +285,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         import ray
 
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
         records.forget_server(record)
+        left = app.drain(spec)
+        if left:
+            print(f"[kiln] stopping with {left} request(s) still unanswered after {app.DRAIN_S:g} s", flush=True)
         app.stop()
         ray.shutdown()
         print("[kiln] server stopped", flush=True)

@@ -16,6 +16,7 @@ The replicas are ``kiln.serve.replica.ModelServer`` (or ``ModelPool``), the HTTP
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,8 @@ class ServeSpec:
     # each traffic entry's version as last deployed ("cnn@canary" -> "cnn:4"): while a moved
     # label's new version loads, its share still goes to this one
     routes: dict[str, str] = field(default_factory=dict)
+    # what the ingress's POST /-/drain needs: only the process that started the server knows it
+    drain_key: str | None = None
     # share replicas among models (Serve's multiplexing), except the models named in ``own``
     shared: bool = False
     own: list[str] = field(default_factory=list)
@@ -193,6 +196,7 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
     return ServeSpec(store=root, refs=refs, host=host, port=port, limits=limits,
                      options={**{r: opts for r in refs}, POOL: opts},
                      token=settings.api_token(), access_log=access_log, failed=failed,
+                     drain_key=secrets.token_urlsafe(24),
                      traffic=split, shared=shared_replicas,
                      own=[check_name(n) for n in own_replicas or []], models_per_replica=models_per_replica)
 
@@ -307,10 +311,10 @@ def build_app(spec: ServeSpec) -> Any:
     config["traffic"] = _traffic_config(spec)
     # Pinned like the models: what changes as versions come and go reaches the running ingress
     # through user_config (reconfigure), without a new ingress replica.
-    pinned = f"ingress-{zlib.crc32(repr((spec.limits, spec.token, spec.access_log)).encode()):08x}"
+    pinned = f"ingress-{zlib.crc32(repr((spec.limits, spec.token, spec.access_log, spec.drain_key)).encode()):08x}"
     ingress = KilnIngress.options(name=INGRESS, logging_config=logs, user_config=config,
                                   version=pinned, _internal=True)
-    return ingress.bind(models, asdict(spec.limits), spec.token)
+    return ingress.bind(models, asdict(spec.limits), spec.token, spec.drain_key)
 
 
 def _traffic_config(spec: ServeSpec) -> dict[str, list[list[Any]]]:
@@ -386,6 +390,26 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
                  max_connections=spec.limits.max_connections)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
+
+
+DRAIN_S = 25.0  # how long a stopping server answers requests in flight (Kubernetes kills at 30 s)
+
+
+def drain(spec: ServeSpec, prefix: str = "", timeout_s: float = DRAIN_S) -> int | None:
+    """Before ``stop``: the ingress refuses new requests (JSON 503) and answers those in flight,
+    for at most ``timeout_s``. Returns how many were left unanswered (None: it could not be asked)."""
+    import urllib.request
+
+    if not spec.drain_key:
+        return None
+    host = "127.0.0.1" if spec.host in ("0.0.0.0", "::", "") else spec.host
+    req = urllib.request.Request(f"http://{host}:{spec.port}{prefix}/-/drain?timeout_s={timeout_s:g}",
+                                 data=b"", method="POST", headers={"Kiln-Drain-Key": spec.drain_key})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s + 10) as r:
+            return int(json.loads(r.read())["unanswered"])
+    except Exception:  # noqa: BLE001 - not answering (never started, Ray gone): stop anyway
+        return None
 
 
 def stop(timeout_s: float = 60.0) -> None:

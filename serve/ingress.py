@@ -55,7 +55,38 @@ GALLERY_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 api = FastAPI(title="Kiln", description="Kiln model server: Kiln, TF Serving REST and Open "
               "Inference Protocol v2 routes for every stored model it serves.",
               openapi_url=None, docs_url=None, redoc_url=None)
-api.add_middleware(metrics.Measure)
+
+
+class Drain:
+    """ASGI middleware: the requests this replica is answering, and its stop. Once the server is
+    stopping (``KilnIngress.drain``), a new request gets a JSON 503 with Retry-After (readiness
+    included, so a load balancer stops sending; liveness stays 200) while those already in flight
+    are answered: before, stopping `kiln serve` closed their connections without an answer."""
+
+    active = 0          # requests in flight in this process (one ingress replica per process)
+    stopping = False
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if Drain.stopping and not scope.get("path", "").endswith("/v2/health/live"):
+            answer = JSONResponse({"error": "the server is stopping; retry shortly"}, status_code=503,
+                                  headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+            await answer(scope, receive, send)
+            return
+        Drain.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            Drain.active -= 1
+
+
+api.add_middleware(Drain)
+api.add_middleware(metrics.Measure)  # outermost: it counts the 503s of a stopping server too
 
 
 @api.exception_handler(ProtocolError)
@@ -197,7 +228,8 @@ def _serve_details() -> dict[str, Any]:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class KilnIngress:
-    def __init__(self, models: dict[str, Any], limits: dict[str, Any], token: Optional[str]) -> None:
+    def __init__(self, models: dict[str, Any], limits: dict[str, Any], token: Optional[str],
+                 drain_key: Optional[str] = None) -> None:
         # ``models`` (bound deployments) makes serve.run deploy them; which ones this ingress
         # serves comes from reconfigure(), so that a new version or a failed one changes the
         # running ingress in place instead of replacing it (a replaced ingress dropped requests)
@@ -208,6 +240,7 @@ class KilnIngress:
         self.methods: dict[str, dict[str, Any]] = {}
         self.limits = codecs.Limits(**limits)
         self.token = token
+        self.drain_key = drain_key                  # what POST /-/drain needs (kiln.serve.app.drain)
         self.described: dict[str, dict[str, Any]] = {}
         self.inflight: dict[str, int] = {}          # requests in flight per model ref
         self._status: tuple[float, dict[str, str]] = (0.0, {})
@@ -481,6 +514,23 @@ class KilnIngress:
 
             self.batchers[ref] = run
         return self.batchers[ref]
+
+    # -- stopping -----------------------------------------------------------------------------
+    @api.post("/-/drain", include_in_schema=False)
+    async def drain(self, request: Request, timeout_s: float = 25.0) -> Any:
+        """Stop taking requests (``Drain``) and wait, at most ``timeout_s``, for those in flight
+        to be answered. The server that started this application calls it before Serve shuts
+        down, with the key it gave this ingress; to anyone else the route does not exist. HTTP,
+        not a Serve handle: a handle in the stopping process left a call to Serve's controller
+        open, which Ray reported as a failed task once the controller stopped."""
+        given = request.headers.get("kiln-drain-key", "")
+        if not self.drain_key or not hmac.compare_digest(given.encode(), self.drain_key.encode()):
+            raise ProtocolError(404, f"no route POST {request.url.path}; see GET /models and /docs")
+        Drain.stopping = True
+        deadline = time.monotonic() + timeout_s
+        while Drain.active > 1 and time.monotonic() < deadline:  # this request is one of them
+            await asyncio.sleep(0.05)
+        return {"unanswered": Drain.active - 1}
 
     # -- the gallery (public: the page asks for the token and sends it with each call) -------
     @api.get("/", include_in_schema=False)

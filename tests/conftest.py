@@ -89,8 +89,10 @@ def ray_processes() -> dict[str, str]:
             if "pgrep" not in line and "<defunct>" not in line}
 
 
-def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, before: set[str], stop: str) -> None:
-    """Send ``stop`` (SIGINT: Ctrl-C; SIGTERM: what systemd, Docker and Kubernetes send) to a
+def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, before: set[str], stop: str,
+                          sent: bool = False) -> None:
+    """Send ``stop`` (SIGINT: Ctrl-C; SIGTERM: what systemd, Docker and Kubernetes send; ``sent``:
+    the caller sent it already) to a
     running `kiln serve` whose output ``reader`` (a thread) appends to ``lines``, and check it
     stops as a user expects: its exit status, one closing line, no stack dump, no TensorFlow
     notice from any of its processes, and none of the Ray processes it started (``before``: those
@@ -99,7 +101,8 @@ def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, befo
     import signal
     import time
 
-    proc.send_signal(getattr(signal, stop))
+    if not sent:
+        proc.send_signal(getattr(signal, stop))
     try:
         proc.wait(timeout=120)
     finally:

@@ -261,9 +261,42 @@ def test_metrics_count_known_traffic_across_replicas(ops):
 
 def test_sigterm_stops_the_server_and_its_ray_cleanly(ops):
     """What systemd, Docker and Kubernetes send: the server (shared and own replicas, a token)
-    says it stopped, exits 0, and leaves no Ray process behind. Last in this module: it ends the
-    server. (Ctrl-C: test_serve.)"""
+    answers the request it is reading, refuses new ones with a JSON 503 and says it is not ready,
+    then says it stopped, exits 0, and leaves no Ray process behind. Before: the requests in flight
+    lost their connections without an answer. Last in this module: it ends the server. (Ctrl-C:
+    test_serve.)"""
+    import json
+    import signal
+    import socket
+
     base, _, proc, lines, (reader, before) = ops
     assert any(f"POST {base}/models/m/classify" in line for line in lines), lines
     assert proc.poll() is None
-    stop_server_and_check(proc, lines, reader, before, "SIGTERM")
+    # the route the stopping server drains through exists only for the process that started it
+    outsider = requests.post(f"{base}/-/drain", headers={**AUTH, "Kiln-Drain-Key": "guess"}, timeout=30)
+    assert outsider.status_code == 404 and requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200
+    # a request in flight: its body half sent when SIGTERM comes, the rest 3 s later
+    body = json.dumps({"images": np.zeros((4, 28, 28, 1)).tolist()}).encode()
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(f"POST /models/other/classify HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                 + body[:len(body) // 2])
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    new = requests.post(f"{base}/models/other/classify", json=IMAGE, headers=AUTH, timeout=30)
+    assert new.status_code == 503 and "stopping" in new.json()["error"] and new.headers["Retry-After"], new.text
+    ready = requests.get(f"{base}/v2/health/ready", timeout=30)
+    assert ready.status_code == 503, ready.text
+    time.sleep(1)
+    sock.sendall(body[len(body) // 2:])
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < 20:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b'"classes"' in answer, answer[:500]
+    stop_server_and_check(proc, lines, reader, before, "SIGTERM", sent=True)
