@@ -13,7 +13,8 @@ Routes (the README's table lists them; docs/design.md, "Data flow"):
 Each handler serves the latest and the versioned path (``version`` is None for the latest). The
 wire formats are pure functions in ``kiln.serve.codecs``. Every error is a JSON body
 ``{"error": "..."}``: 400 bad input, 401 no or wrong token, 404 unknown model, version or method,
-413 body too large, 415 not JSON, 499 the client hung up mid-body, 503 model still loading.
+413 body too large, 415 not JSON, 499 the client hung up mid-body, 503 model still loading
+(or the server stopping: ``Drain``).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads these route signatures' types at
