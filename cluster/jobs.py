@@ -323,8 +323,7 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
                       text[-1] if text else "ray start failed")
         raise KilnError(f"cannot start a Ray head: {reason.strip()}; `kiln cluster down` stops one "
                         "that is running")
-    host = "127.0.0.1" if dashboard_host in ("127.0.0.1", "0.0.0.0") else dashboard_host
-    gcs, dashboard = f"127.0.0.1:{port}", f"http://{host}:{dashboard_port}"
+    gcs, dashboard = f"127.0.0.1:{port}", f"http://{net.local_host(dashboard_host)}:{dashboard_port}"
     heads = _heads()
     heads[str(port)] = {"temp_dir": temp_dir, "dashboard": dashboard}
     _save_heads(heads)

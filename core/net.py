@@ -7,6 +7,12 @@ import socket
 from kiln.plugin import KilnError
 
 
+def local_host(host: str) -> str:
+    """The address this machine connects to for a server listening on ``host``: a wildcard
+    (all interfaces) is reached on the loopback address."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
 def reachable(host: str, port: int, what: str, hint: str) -> None:
     """KilnError within seconds when nothing listens at ``host:port``: Ray's own clients retry an
     unreachable address for minutes. ``what`` names it ("a Ray cluster at 'x'"), ``hint`` the fix."""

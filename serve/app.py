@@ -400,10 +400,11 @@ def drain(spec: ServeSpec, prefix: str = "", timeout_s: float = DRAIN_S) -> int 
     for at most ``timeout_s``. Returns how many were left unanswered (None: it could not be asked)."""
     import urllib.request
 
+    from kiln.net import local_host
+
     if not spec.drain_key:
         return None
-    host = "127.0.0.1" if spec.host in ("0.0.0.0", "::", "") else spec.host
-    req = urllib.request.Request(f"http://{host}:{spec.port}{prefix}/-/drain?timeout_s={timeout_s:g}",
+    req = urllib.request.Request(f"http://{local_host(spec.host)}:{spec.port}{prefix}/-/drain?timeout_s={timeout_s:g}",
                                  data=b"", method="POST", headers={"Kiln-Drain-Key": spec.drain_key})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s + 10) as r:

@@ -518,9 +518,9 @@ class KilnIngress:
 
     # -- stopping -----------------------------------------------------------------------------
     @api.post("/-/drain", include_in_schema=False)
-    async def drain(self, request: Request, timeout_s: float = 25.0) -> Any:
-        """Stop taking requests (``Drain``) and wait, at most ``timeout_s``, for those in flight
-        to be answered. The server that started this application calls it before Serve shuts
+    async def drain(self, request: Request) -> Any:
+        """Stop taking requests (``Drain``) and wait, at most the query's ``timeout_s``
+        (``kiln.serve.app.DRAIN_S``), for those in flight to be answered. The server that started this application calls it before Serve shuts
         down, with the key it gave this ingress; to anyone else the route does not exist. HTTP,
         not a Serve handle: a handle in the stopping process left a call to Serve's controller
         open, which Ray reported as a failed task once the controller stopped."""
@@ -528,7 +528,7 @@ class KilnIngress:
         if not self.drain_key or not hmac.compare_digest(given.encode(), self.drain_key.encode()):
             raise ProtocolError(404, f"no route POST {request.url.path}; see GET /models and /docs")
         Drain.stopping = True
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + float(request.query_params["timeout_s"])
         while Drain.active > 1 and time.monotonic() < deadline:  # this request is one of them
             await asyncio.sleep(0.05)
         return {"unanswered": Drain.active - 1}
