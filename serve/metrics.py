@@ -5,7 +5,9 @@ tags each series with the deployment and replica, and each node's metrics agent 
 ``GET /metrics`` (the ingress) reads every live node's export and returns Kiln's and Serve's
 families in Prometheus text, so one scrape covers every replica on every node, not only the
 process that answered it. Ray reports to its agent every few seconds (``metrics_report_interval_ms``,
-10 s by default): a scrape shows what was recorded up to then.
+10 s by default): a scrape shows what was recorded up to then. The agent drops a gauge a replica
+has not re-exported within two such intervals, so a replica too busy to export in time can miss
+its load and warm-up gauges in a scrape until its next export.
 
 What is recorded (all counters are per replica; Prometheus sums them):
 
