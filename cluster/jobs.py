@@ -50,20 +50,9 @@ def dashboard_address(address: str | None) -> str:
     return address.rstrip("/")
 
 
-def auth_token() -> str | None:
-    """Ray's token for clusters with token authentication, from where Ray itself looks for it."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
 def auth_headers() -> dict[str, str]:
     """The Authorization header for Ray's token, where one is configured."""
-    token = auth_token()
+    token = net.ray_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -297,7 +286,7 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
 
     for k, v in data_path_env().items():  # `kiln serve --address` here gets Serve's fast data path
         env.setdefault(k, v)
-    if env["RAY_AUTH_MODE"] == "token" and not auth_token():
+    if env["RAY_AUTH_MODE"] == "token" and not net.ray_token():
         made = _ray("get-auth-token", "--generate", env=env)
         if made.returncode != 0:
             raise KilnError(f"cannot create Ray's auth token: {made.stderr.strip().splitlines()[-1:]}")

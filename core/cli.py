@@ -803,6 +803,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         os.environ[settings.VERBOSE] = "1"  # also for the Ray processes this command starts
     logs.quiet_process()
+    if getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"):  # Ray is not imported yet
+        from kiln import net
+
+        net.join_with_token()
     try:
         if args.plugin_path:
             from kiln import registry

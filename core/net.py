@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 from kiln.plugin import KilnError
 
@@ -34,3 +36,24 @@ def check_ray_address(address: str) -> None:
                         "ray://host:10001 or 'auto'")
     reachable(host, int(port), f"a Ray cluster at {address!r}",
                   "check the address or start one with `ray start --head`")
+
+
+def ray_token() -> str | None:
+    """Ray's token for clusters with token authentication, from where Ray itself looks for it."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def join_with_token() -> None:
+    """Before this process joins a Ray cluster: Ray's client sends the token only with
+    ``RAY_AUTH_MODE=token`` in its environment, so joining the head `kiln cluster up` starts
+    failed with twenty "InvalidAuthToken" lines. Where a token exists and the mode is unset, turn
+    it on; a cluster without token authentication ignores the token (Ray 2.60). Ray reads the
+    mode once, when it is imported: call this first."""
+    if "RAY_AUTH_MODE" not in os.environ and ray_token():
+        os.environ["RAY_AUTH_MODE"] = "token"

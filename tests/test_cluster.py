@@ -28,14 +28,14 @@ def head(tmp_path_factory):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"http://127.0.0.1:{dash}" in out.stdout
     try:
-        yield f"http://127.0.0.1:{dash}", dash, home
+        yield f"http://127.0.0.1:{dash}", dash, home, f"127.0.0.1:{gcs}"
     finally:
         down = run_kiln("cluster", "down")
         assert down.returncode == 0, down.stderr
 
 
 def test_the_head_serves_jobs_on_loopback_only_and_reports_its_resources(head):
-    address, port, _ = head
+    address, port, *_ = head
     listening = {c.laddr.ip for c in psutil.net_connections("tcp")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
     assert listening == {"127.0.0.1"}, listening
@@ -48,7 +48,7 @@ def test_the_head_serves_jobs_on_loopback_only_and_reports_its_resources(head):
 def test_a_submitted_job_trains_on_ray_train_workers_and_stores_the_model(head, tmp_path):
     """The job ships a plugin file (--plugin-path) and an environment variable (--env) with Kiln's
     code; its 2 Ray Train workers get one (logical) GPU each; the model lands in the store."""
-    address, _, _ = head
+    address, *_ = head
     probe = tmp_path / "probe"
     probe.mkdir()
     out = run_kiln("submit", "--address", address, "--follow", "--env", f"KILN_PROBE_DIR={probe}",
@@ -89,7 +89,7 @@ def test_a_submitted_job_trains_on_ray_train_workers_and_stores_the_model(head, 
 def test_a_submitted_search_runs_its_trials_on_the_cluster(head, tmp_path):
     """`kiln submit tune`: the job's driver runs Ray Tune on the cluster; the job id names the
     search, whose results and best model land in the folders named at submission."""
-    address, _, _ = head
+    address, *_ = head
     out = run_kiln("submit", "--address", address, "--follow", "tune", "cnn", "--search", "dropout=grid:0.2/0.5",
                    "--limit", "1000", "--epochs", "2", "--scheduler", "fifo",
                    "--runs-dir", str(tmp_path / "runs"), "--store", str(tmp_path / "store"), cwd=tmp_path)
@@ -105,7 +105,7 @@ def test_a_submitted_search_runs_its_trials_on_the_cluster(head, tmp_path):
 
 
 def test_a_job_with_an_unknown_plugin_fails_with_the_plugin_error_in_its_logs(head, tmp_path):
-    address, _, _ = head
+    address, *_ = head
     out = run_kiln("submit", "--address", address, "train", "nope", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
@@ -121,7 +121,7 @@ def test_a_job_with_an_unknown_plugin_fails_with_the_plugin_error_in_its_logs(he
 def test_a_running_job_can_be_stopped(head, tmp_path):
     """An in-process training job (no Ray Train workers) reserves --gpus-per-worker for its own
     process; it is stopped mid-training and stores nothing."""
-    address, _, _ = head
+    address, *_ = head
     out = run_kiln("submit", "--address", address, "train", "cnn", "--epochs", "200", "--limit", "1000",
                    "--gpus-per-worker", "1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -140,6 +140,52 @@ def test_a_running_job_can_be_stopped(head, tmp_path):
     assert list((head[2] / "kiln-runs" / job_id).glob("checkpoint_*"))
 
 
+def test_train_and_serve_join_the_head_with_its_token(head, tmp_path):
+    """The README's `kiln train ... --address HEAD:6379` and `kiln serve --address`, against the
+    head `kiln cluster up` starts: Ray's clients send the token only with RAY_AUTH_MODE=token in
+    their environment, which Kiln did not set. Both failed with twenty "InvalidAuthToken" lines;
+    serve then printed a traceback, train said it could not reach the cluster."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import requests
+
+    *_, gcs = head
+    assert "RAY_AUTH_MODE" not in os.environ  # as a user's shell has it
+    store = tmp_path / "store"
+    out = run_kiln("train", "cnn", "--workers", "1", "--epochs", "1", "--limit", "500", "--store", str(store),
+                   "--runs-dir", str(tmp_path / "runs"), "--address", gcs)
+    assert out.returncode == 0 and "InvalidAuthToken" not in out.stderr, out.stderr[-3000:]
+    assert "stored cnn:1" in out.stdout, out.stdout[-2000:]
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", str(store), "--port", str(port),
+                             "--address", gcs, "--poll-seconds", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "[kiln] ready:" in line:
+                break
+        assert not [line for line in lines if "InvalidAuthToken" in line or "Traceback" in line], "".join(lines)
+        models = requests.get(f"http://127.0.0.1:{port}/models", timeout=30)
+        assert models.status_code == 200 and "cnn" in models.text, models.text
+    finally:
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        reader.join(timeout=30)
+    assert proc.returncode == 0 and "[kiln] server stopped" in "".join(lines), "".join(lines)[-2000:]
+
+
 @pytest.mark.parametrize("args, message", [
     (["jobs", "logs", "no-such-job"], "no job 'no-such-job' on this cluster"),
     (["jobs", "stop", "no-such-job"], "no job 'no-such-job' on this cluster"),
@@ -149,7 +195,7 @@ def test_a_running_job_can_be_stopped(head, tmp_path):
     (["submit", "train", "cnn", "--workers", "3-1"], "need 1 <= MIN <= MAX"),
 ])
 def test_bad_job_requests_get_one_line(head, args, message):
-    address, _, _ = head
+    address, *_ = head
     out = run_kiln(*args, "--address", address) if args[0] == "jobs" else \
         run_kiln(args[0], "--address", address, *args[1:])
     assert out.returncode == 2
