@@ -69,6 +69,28 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
         proc.kill()
 
 
+def start_serve(*args: str, env: dict | None = None, timeout: float = 300):
+    """`kiln serve ARGS` as a user starts it, its output appended to ``lines`` by ``reader`` (a
+    thread); returns (proc, lines, reader) once it prints that it is ready. A server that exits
+    or is not ready within ``timeout`` is killed and fails the test with its output."""
+    import threading
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while not any("[kiln] ready:" in line for line in lines):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            reader.join(timeout=30)
+            raise AssertionError("kiln serve did not get ready:\n" + "".join(lines)[-3000:])
+        time.sleep(0.5)
+    return proc, lines, reader
+
+
 # What TensorFlow prints while it loads on AVX-512 CPUs; TF_ENABLE_ONEDNN_OPTS=1 forces it on any
 # x86-64 machine, so the tests that check Kiln's output is its own force it (machines differ).
 TF_NOTICES = ("oneDNN custom operations are on", "absl::InitializeLog()")

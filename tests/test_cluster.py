@@ -147,11 +147,10 @@ def test_train_and_serve_join_the_head_with_its_token(head, tmp_path):
     serve then printed a traceback, train said it could not reach the cluster."""
     import os
     import signal
-    import subprocess
-    import sys
-    import threading
 
     import requests
+
+    from conftest import start_serve
 
     *_, gcs = head
     assert "RAY_AUTH_MODE" not in os.environ  # as a user's shell has it
@@ -161,21 +160,13 @@ def test_train_and_serve_join_the_head_with_its_token(head, tmp_path):
     assert out.returncode == 0 and "InvalidAuthToken" not in out.stderr, out.stderr[-3000:]
     assert "stored cnn:1" in out.stdout, out.stdout[-2000:]
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", str(store), "--port", str(port),
-                             "--address", gcs, "--poll-seconds", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
+    proc, lines, reader = start_serve("--store", str(store), "--port", str(port), "--address", gcs,
+                                      "--poll-seconds", "0")
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "[kiln] ready:" in line:
-                break
         assert not [line for line in lines if "InvalidAuthToken" in line or "Traceback" in line], "".join(lines)
         models = requests.get(f"http://127.0.0.1:{port}/models", timeout=30)
         assert models.status_code == 200 and "cnn" in models.text, models.text
     finally:
-        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-        reader.start()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=120)

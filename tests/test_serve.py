@@ -443,26 +443,14 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     """`kiln serve` as a user runs it (its own local Ray cluster): it prints each route once the
     model is ready, answers, and Ctrl-C stops Serve and Ray, leaving no process behind. SIGTERM
     is tested on the operations module's server (test_serve_ops)."""
-    import subprocess
-    import sys
-
-    import threading
-
-    from conftest import ray_processes, stop_server_and_check
+    from conftest import ray_processes, start_serve, stop_server_and_check
 
     _, store, *_ = server
     before = set(ray_processes())
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", store, "--model", "cnn",
-                             "--port", str(port), "--poll-seconds", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, **NOISY_TF})
-    lines = []
+    proc, lines, reader = start_serve("--store", store, "--model", "cnn", "--port", str(port),
+                                      "--poll-seconds", "0", env=NOISY_TF)
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if "[kiln] ready:" in line:
-                break
         assert any(f"POST http://127.0.0.1:{port}/models/cnn/classify" in l for l in lines), lines
         # Kiln's lines, not Ray Serve's start-up notices: its controller's nine lines of data path
         # settings, and "New http_options ... will not be applied" (they were)
@@ -473,8 +461,6 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     except BaseException:
         proc.kill()
         raise
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
     stop_server_and_check(proc, lines, reader, before, "SIGINT")
 
 
@@ -483,23 +469,13 @@ def test_a_killed_server_leaves_nothing_on_its_port(server):
     follow it down, but Serve's HAProxy, a child of one of them, kept listening on the server's
     port for hours, so the next `kiln serve` there could not start. Within a bounded wait the
     port must be free and none of the killed server's processes left."""
-    import subprocess
-    import sys
-
-    from conftest import ray_processes
+    from conftest import ray_processes, start_serve
 
     _, store, *_ = server
     before = set(ray_processes())
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", store, "--model", "cnn",
-                             "--port", str(port), "--poll-seconds", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, lines, _ = start_serve("--store", store, "--model", "cnn", "--port", str(port), "--poll-seconds", "0")
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "[kiln] ready:" in line:
-                break
         assert requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30).status_code == 200, lines
         haproxy = {pid for pid, line in ray_processes().items() if pid not in before and "haproxy" in line}
         assert haproxy  # the listener whose fate is tested

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import run_kiln, stop_process
+from conftest import run_kiln, start_serve, stop_process
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -73,17 +72,9 @@ def served(tmp_path_factory):
     for name in ("cnn", "other"):
         run.train(run.plan("cnn", name=name, epochs=1, limit=2000, store=root / "store", runs_dir=root / "runs"))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", str(root / "store"),
-                             "--port", str(port), "--poll-seconds", "1", "--replicas", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    proc, lines, _ = start_serve("--store", str(root / "store"), "--port", str(port), "--poll-seconds", "1",
+                                 "--replicas", "2")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline and not any("[kiln] ready:" in line for line in lines):
-        assert proc.poll() is None, "".join(lines)[-3000:]
-        time.sleep(0.5)
     try:
         yield base, root / "store", proc, lines
     finally:

@@ -7,8 +7,6 @@ serves; Prometheus metrics that count known traffic across every replica."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import NOISY_TF, ray_processes, run_kiln, stop_process, stop_server_and_check
+from conftest import NOISY_TF, ray_processes, run_kiln, start_serve, stop_process, stop_server_and_check
 from test_serve_faults import replicas, wait_for  # replicas("pool"): the processes of model-pool
 from kiln.serve.runtime import free_port
 
@@ -62,19 +60,10 @@ def ops(tmp_path_factory):
     assert run_kiln("models", "label", "m:2", "canary", "--store", str(store)).returncode == 0
     port = free_port()
     before = set(ray_processes())
-    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--store", str(store), "--port", str(port),
-                             "--poll-seconds", "1", "--replicas", "2", "--shared-replicas", "--own-replicas", "other",
-                             "--traffic", "m@stable=3", "--traffic", "m@canary=1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**__import__("os").environ, "KILN_API_TOKEN": TOKEN, **NOISY_TF})
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and not any("[kiln] ready:" in line for line in lines):
-        assert proc.poll() is None, "".join(lines)[-3000:]
-        time.sleep(0.5)
-    assert any("[kiln] ready:" in line for line in lines), "".join(lines)[-3000:]
+    proc, lines, reader = start_serve("--store", str(store), "--port", str(port), "--poll-seconds", "1",
+                                      "--replicas", "2", "--shared-replicas", "--own-replicas", "other",
+                                      "--traffic", "m@stable=3", "--traffic", "m@canary=1",
+                                      env={"KILN_API_TOKEN": TOKEN, **NOISY_TF})
     try:
         yield f"http://127.0.0.1:{port}", store, proc, lines, (reader, before)
     finally:
