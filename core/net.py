@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
@@ -22,6 +23,26 @@ def reachable(host: str, port: int, what: str, hint: str) -> None:
         socket.create_connection((host, port), timeout=3).close()
     except OSError as e:
         raise KilnError(f"cannot reach {what}: {e.strerror or e}; {hint}") from None
+
+
+def port_taken(host: str, port: int) -> str:
+    """The one-line error for a listener that cannot have ``host:port``."""
+    return (f"port {port} on {host} is in use by another process (another kiln serve?); stop it "
+            f"or pass another --port (`ss -ltnp 'sport = :{port}'` shows which process holds it)")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """KilnError when a server could not listen on ``host:port`` because another process does.
+    With SO_REUSEADDR, as servers bind: a closed connection still in TIME_WAIT does not count."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise KilnError(port_taken(host, port)) from None
+            raise KilnError(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host") from None
 
 
 def check_ray_address(address: str) -> None:

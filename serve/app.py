@@ -384,11 +384,20 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
     """Start (or join) Ray, start Serve's HTTP proxy on spec.host:port, deploy the application."""
     import ray
 
+    from kiln import net
+
     quiet_serve_process()
     if not ray.is_initialized():
+        if address is None:  # the listener will be on this machine: say so before starting Ray
+            net.check_port_free(spec.host, spec.port)
         init_ray(address, client_timeout_s=spec.limits.client_timeout_s,
                  max_connections=spec.limits.max_connections)
-    serve.start(http_options={"host": spec.host, "port": spec.port})
+    try:
+        serve.start(http_options={"host": spec.host, "port": spec.port})
+    except Exception as e:  # a joined cluster's node, or a process that bound it meanwhile
+        if "Address already in use" in str(e):  # HAProxy's or Serve's proxy's failed bind
+            raise KilnError(net.port_taken(spec.host, spec.port)) from None
+        raise
     serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
 
 

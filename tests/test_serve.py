@@ -439,6 +439,24 @@ def test_cli_serve_errors_are_one_line(tmp_path):
     assert out.returncode == 2 and "--replicas takes N or MIN-MAX" in out.stderr
 
 
+def test_a_port_in_use_is_one_line_and_starts_nothing(server):
+    """Another server on the port: `kiln serve` printed a 47-line Ray traceback from HAProxy's
+    failed bind and exited 1, after starting Ray for nothing."""
+    from conftest import ray_processes
+
+    _, store, *_ = server
+    before = set(ray_processes())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_kiln("serve", "--store", store, "--model", "cnn", "--port", str(port), timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert f"port {port}" in lines[0] and "in use" in lines[0] and "--port" in lines[0], lines
+    assert set(ray_processes()) <= before  # refused before Ray started
+
+
 def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     """`kiln serve` as a user runs it (its own local Ray cluster): it prints each route once the
     model is ready, answers, and Ctrl-C stops Serve and Ray, leaving no process behind. SIGTERM
