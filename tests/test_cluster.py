@@ -145,11 +145,9 @@ def test_train_and_serve_join_the_head_with_its_token(head, tmp_path, monkeypatc
     head `kiln cluster up` starts: Ray's clients send the token only with RAY_AUTH_MODE=token in
     their environment, which Kiln did not set. Both failed with twenty "InvalidAuthToken" lines;
     serve then printed a traceback, train said it could not reach the cluster."""
-    import signal
-
     import requests
 
-    from conftest import start_serve
+    from conftest import start_serve, stop_process
 
     *_, gcs = head
     # as a user's shell has it (a Ray started in this process sets it here when a token exists)
@@ -167,12 +165,7 @@ def test_train_and_serve_join_the_head_with_its_token(head, tmp_path, monkeypatc
         models = requests.get(f"http://127.0.0.1:{port}/models", timeout=30)
         assert models.status_code == 200 and "cnn" in models.text, models.text
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        stop_process(proc, timeout=120)  # SIGTERM, as a service manager stops it
         reader.join(timeout=30)
     assert proc.returncode == 0 and "[kiln] server stopped" in "".join(lines), "".join(lines)[-2000:]
 
