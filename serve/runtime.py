@@ -34,7 +34,10 @@ def data_path_env(client_timeout_s: int = Limits.client_timeout_s,
     than that stays connected; the ingress bounds a trickled body itself (--body-timeout-s).
 
     Serve starts HAProxy through ``kiln-haproxy`` (``kiln.serve.haproxy``), which makes it stop
-    when its parent dies: a killed server left it holding the port."""
+    when its parent dies: a killed server left it holding the port.
+
+    The folder (``HAPROXY_FOLDER``) is the caller's to remove once that Ray has stopped: every
+    server left one in /tmp."""
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="kiln-haproxy-"))
@@ -106,18 +109,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+HAPROXY_FOLDER = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"  # data_path_env's folder
+
+
 def init_ray(address: str | None = None, client_timeout_s: int = Limits.client_timeout_s,
              max_connections: int = Limits.max_connections, **kwargs: Any) -> None:
     """Start Ray on this machine for serving (or join the cluster at ``address``). The Ray that
     Kiln starts runs Serve's fast data path (``data_path_env``; variables already set win); a
     joined cluster serves the way its nodes were started (``kiln cluster up`` sets the same)."""
+    import atexit
     import logging
     import os
+    import shutil
 
     import ray
 
-    env = {} if address else {k: v for k, v in data_path_env(client_timeout_s, max_connections).items()
-                              if k not in os.environ}
+    made = {} if address else data_path_env(client_timeout_s, max_connections)
+    if made:  # HAProxy's files go with the Ray started here, which stops before this process ends
+        atexit.register(shutil.rmtree, made[HAPROXY_FOLDER], ignore_errors=True)
+    env = {k: v for k, v in made.items() if k not in os.environ}
     os.environ.update(env)  # Ray's processes inherit this process's environment when it starts them
     try:
         ray.init(address=address, **{"logging_level": logging.ERROR, "include_dashboard": False,

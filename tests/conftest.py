@@ -117,12 +117,17 @@ def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, befo
     the caller sent it already) to a
     running `kiln serve` whose output ``reader`` (a thread) appends to ``lines``, and check it
     stops as a user expects: its exit status, one closing line, no stack dump, no TensorFlow
-    notice from any of its processes, and none of the Ray processes it started (``before``: those
-    running before it) left behind. SIGTERM once printed a Ray stack dump and left Ray's agents
-    running."""
+    notice from any of its processes, none of the Ray processes it started (``before``: those
+    running before it) left behind, and no folder of its HAProxy's left in /tmp. SIGTERM once
+    printed a Ray stack dump and left Ray's agents running; every server left a folder."""
+    import re
     import signal
     import time
 
+    # HAProxy runs as `haproxy ... -f FOLDER/<hash>/haproxy.cfg`
+    folders = {m.group(1) for pid, line in ray_processes().items() if pid not in before
+               for m in [re.search(r" -f (\S+)/[0-9a-f]+/haproxy\.cfg", line)] if m}
+    assert folders or sent, "no HAProxy of this server found"  # sent: it may be stopping already
     if not sent:
         proc.send_signal(getattr(signal, stop))
     try:
@@ -143,6 +148,7 @@ def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, befo
         time.sleep(0.5)
     left = {pid: line for pid, line in ray_processes().items() if pid not in before}
     assert not left, list(left.values())
+    assert not [f for f in folders if Path(f).exists()], folders
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -217,6 +217,7 @@ def test_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path):
 
     try:
         assert len(bystander()) == 1
+        folders = set(Path(tempfile.gettempdir()).glob("kiln-haproxy-*"))
         gcs, dash = free_port(), free_port()
         up = run_kiln("cluster", "up", "--port", str(gcs), "--dashboard-port", str(dash), "--num-cpus", "1",
                       cwd=tmp_path)
@@ -229,6 +230,8 @@ def test_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path):
         assert down.returncode == 0 and f"stopped the Ray head on 127.0.0.1:{gcs}" in down.stdout, down.stderr
         assert not [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port in (gcs, dash)]
         assert len(bystander()) == 1 and bystander()[0].is_running()  # the other Ray goes on
+        # the head's HAProxy folder goes with it (every head and server left one in /tmp)
+        assert not set(Path(tempfile.gettempdir()).glob("kiln-haproxy-*")) - folders
         again = run_kiln("cluster", "down", "--port", str(gcs))
         assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
         assert "no Ray head started by `kiln cluster up` on port" in again.stderr
