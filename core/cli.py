@@ -305,6 +305,9 @@ def _watch_ray(host: str, port: int) -> None:
         if silent >= 3:
             print(f"[kiln] error: the Ray cluster under the server stopped (its GCS at {host}:{port} "
                   "does not answer); start `kiln serve` again", file=sys.stderr, flush=True)
+            from kiln.serve.runtime import remove_haproxy_folders
+
+            remove_haproxy_folders()
             os._exit(1)  # Ray's shutdown would wait on the dead cluster
 
 

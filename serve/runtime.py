@@ -110,6 +110,16 @@ def free_port() -> int:
 
 
 HAPROXY_FOLDER = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"  # data_path_env's folder
+_folders: list[str] = []  # those of the Rays this process started
+
+
+def remove_haproxy_folders() -> None:
+    """Remove the HAProxy folders of the Rays this process started; at exit, after Ray stopped,
+    and by a server that exits at once because its Ray died (``os._exit`` runs no exit hooks)."""
+    import shutil
+
+    while _folders:
+        shutil.rmtree(_folders.pop(), ignore_errors=True)
 
 
 def init_ray(address: str | None = None, client_timeout_s: int = Limits.client_timeout_s,
@@ -120,13 +130,14 @@ def init_ray(address: str | None = None, client_timeout_s: int = Limits.client_t
     import atexit
     import logging
     import os
-    import shutil
 
     import ray
 
     made = {} if address else data_path_env(client_timeout_s, max_connections)
     if made:  # HAProxy's files go with the Ray started here, which stops before this process ends
-        atexit.register(shutil.rmtree, made[HAPROXY_FOLDER], ignore_errors=True)
+        if not _folders:
+            atexit.register(remove_haproxy_folders)
+        _folders.append(made[HAPROXY_FOLDER])
     env = {k: v for k, v in made.items() if k not in os.environ}
     os.environ.update(env)  # Ray's processes inherit this process's environment when it starts them
     try:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,6 +204,15 @@ def test_a_server_whose_ray_dies_says_so_and_exits(served):
         except psutil.NoSuchProcess:  # a short-lived worker that ended since the listing
             pass
     assert "gcs_server" in names
+    folders = set()  # HAProxy runs as `haproxy ... -f FOLDER/<hash>/haproxy.cfg`
+    for p in ray_processes:
+        try:
+            args = p.cmdline()
+        except psutil.Error:
+            continue
+        if "-f" in args and args[args.index("-f") + 1].endswith("haproxy.cfg"):
+            folders.add(Path(args[args.index("-f") + 1]).parent.parent)
+    assert folders
     for p in ray_processes:  # as `ray stop --force` does
         try:
             p.kill()
@@ -216,3 +226,4 @@ def test_a_server_whose_ray_dies_says_so_and_exits(served):
     time.sleep(1)  # the reader thread takes the last lines
     assert code == 1
     assert any("[kiln] error: the Ray cluster under the server stopped" in line for line in lines[-3:]), lines[-5:]
+    assert not [f for f in folders if f.exists()], folders  # every such exit left one in /tmp
