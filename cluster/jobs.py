@@ -284,8 +284,8 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
     env["KILN_RUNS"] = str(settings.runs_dir().resolve())
     from kiln.serve.runtime import HAPROXY_FOLDER, data_path_env
 
-    made = data_path_env()
-    for k, v in made.items():  # `kiln serve --address` here gets Serve's fast data path
+    data_path = data_path_env()
+    for k, v in data_path.items():  # `kiln serve --address` here gets Serve's fast data path
         env.setdefault(k, v)
     if env["RAY_AUTH_MODE"] == "token" and not net.ray_token():
         made = _ray("get-auth-token", "--generate", env=env)
@@ -308,7 +308,7 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
         args.append(f"--num-gpus={num_gpus}")
     out = _ray(*args, env=env)
     if out.returncode != 0:
-        shutil.rmtree(made[HAPROXY_FOLDER], ignore_errors=True)
+        shutil.rmtree(data_path[HAPROXY_FOLDER], ignore_errors=True)
         text = (out.stderr + out.stdout).strip().splitlines()
         reason = next((line for line in text if "already" in line.lower() or "Error" in line),
                       text[-1] if text else "ray start failed")
@@ -316,7 +316,7 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
                         "that is running")
     gcs, dashboard = f"127.0.0.1:{port}", f"http://{net.local_host(dashboard_host)}:{dashboard_port}"
     heads = _heads()
-    heads[str(port)] = {"temp_dir": temp_dir, "dashboard": dashboard, "haproxy_dir": made[HAPROXY_FOLDER]}
+    heads[str(port)] = {"temp_dir": temp_dir, "dashboard": dashboard, "haproxy_dir": data_path[HAPROXY_FOLDER]}
     _save_heads(heads)
     try:
         _probe_jobs(dashboard)

@@ -195,12 +195,12 @@ def test_an_unreachable_cluster_is_one_line(command):
     assert out.stderr.count("\n") == 1 and "cannot reach a Ray cluster" in out.stderr, out.stderr
 
 
-def test_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path):
+def test_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path, monkeypatch):
     """Before: `kiln cluster down` ran `ray stop`, which stopped every Ray on the machine (another
     user's `kiln serve` with it); and `kiln cluster up` said the head was up while its jobs API
     failed every submission ("No available agent": another Ray held the agent's fixed port).
     Here a bystander Ray holds Ray's default ports; Kiln's head still takes jobs, and stopping
-    it leaves the bystander running."""
+    it leaves the bystander running. The head is the machine's first: no Ray token exists yet."""
     from kiln.cluster.jobs import _ray
 
     import tempfile
@@ -218,10 +218,14 @@ def test_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path):
     try:
         assert len(bystander()) == 1
         folders = set(Path(tempfile.gettempdir()).glob("kiln-haproxy-*"))
+        for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where Ray keeps its token: none yet
         gcs, dash = free_port(), free_port()
         up = run_kiln("cluster", "up", "--port", str(gcs), "--dashboard-port", str(dash), "--num-cpus", "1",
                       cwd=tmp_path)
         assert up.returncode == 0, up.stderr[-2000:]
+        assert (tmp_path / "home" / ".ray" / "auth_token").read_text().strip()  # made by `cluster up`
         ran = run_kiln("submit", "--address", f"http://127.0.0.1:{dash}", "--follow", "train", "nope",
                        cwd=tmp_path)  # the job runs (and fails on its unknown plugin): the API works
         assert "No available agent" not in ran.stderr + ran.stdout and "unknown plugin 'nope'" in ran.stdout + ran.stderr, \
