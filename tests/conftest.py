@@ -111,6 +111,15 @@ def ray_processes() -> dict[str, str]:
             if "pgrep" not in line and "<defunct>" not in line}
 
 
+def haproxy_folders(command_lines) -> set[Path]:
+    """The folders of the HAProxy processes among ``command_lines`` (Serve runs it as
+    ``haproxy ... -f FOLDER/<hash>/haproxy.cfg``): what a stopped server must not leave behind."""
+    import re
+
+    return {Path(m.group(1)) for line in command_lines
+            for m in [re.search(r" -f (\S+)/[0-9a-f]+/haproxy\.cfg", line)] if m}
+
+
 def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, before: set[str], stop: str,
                           sent: bool = False) -> None:
     """Send ``stop`` (SIGINT: Ctrl-C; SIGTERM: what systemd, Docker and Kubernetes send; ``sent``:
@@ -120,13 +129,10 @@ def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, befo
     notice from any of its processes, none of the Ray processes it started (``before``: those
     running before it) left behind, and no folder of its HAProxy's left in /tmp. SIGTERM once
     printed a Ray stack dump and left Ray's agents running; every server left a folder."""
-    import re
     import signal
     import time
 
-    # HAProxy runs as `haproxy ... -f FOLDER/<hash>/haproxy.cfg`
-    folders = {m.group(1) for pid, line in ray_processes().items() if pid not in before
-               for m in [re.search(r" -f (\S+)/[0-9a-f]+/haproxy\.cfg", line)] if m}
+    folders = haproxy_folders(line for pid, line in ray_processes().items() if pid not in before)
     assert folders or sent, "no HAProxy of this server found"  # sent: it may be stopping already
     if not sent:
         proc.send_signal(getattr(signal, stop))
@@ -148,7 +154,7 @@ def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, befo
         time.sleep(0.5)
     left = {pid: line for pid, line in ray_processes().items() if pid not in before}
     assert not left, list(left.values())
-    assert not [f for f in folders if Path(f).exists()], folders
+    assert not [f for f in folders if f.exists()], folders
 
 
 @pytest.fixture(scope="session", autouse=True)

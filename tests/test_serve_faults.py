@@ -14,13 +14,13 @@ import shutil
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import run_kiln, start_serve, stop_process
+from conftest import haproxy_folders, run_kiln, start_serve, stop_process
+from conftest import ray_processes as running
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -204,14 +204,8 @@ def test_a_server_whose_ray_dies_says_so_and_exits(served):
         except psutil.NoSuchProcess:  # a short-lived worker that ended since the listing
             pass
     assert "gcs_server" in names
-    folders = set()  # HAProxy runs as `haproxy ... -f FOLDER/<hash>/haproxy.cfg`
-    for p in ray_processes:
-        try:
-            args = p.cmdline()
-        except psutil.Error:
-            continue
-        if "-f" in args and args[args.index("-f") + 1].endswith("haproxy.cfg"):
-            folders.add(Path(args[args.index("-f") + 1]).parent.parent)
+    mine = {str(p.pid) for p in ray_processes}
+    folders = haproxy_folders(line for pid, line in running().items() if pid in mine)
     assert folders
     for p in ray_processes:  # as `ray stop --force` does
         try:
