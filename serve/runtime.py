@@ -55,7 +55,9 @@ def data_path_env(client_timeout_s: int = Limits.client_timeout_s,
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
             "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state")}
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+            # unset, Ray makes /tmp/haproxy-serve/<node id>/ for it even when unused: one per server
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock")}
 
 
 def _fate_shared_haproxy() -> dict[str, str]:

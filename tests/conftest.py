@@ -113,11 +113,14 @@ def ray_processes() -> dict[str, str]:
 
 def haproxy_folders(command_lines) -> set[Path]:
     """The folders of the HAProxy processes among ``command_lines`` (Serve runs it as
-    ``haproxy ... -f FOLDER/<hash>/haproxy.cfg``): what a stopped server must not leave behind."""
+    ``haproxy ... -f FOLDER/<node id>/haproxy.cfg``), and the per-node folder under Ray's default
+    path for any of its files left unset (/tmp/haproxy-serve/<node id>): what a stopped server
+    must not leave behind."""
     import re
 
-    return {Path(m.group(1)) for line in command_lines
-            for m in [re.search(r" -f (\S+)/[0-9a-f]+/haproxy\.cfg", line)] if m}
+    found = [m.groups() for line in command_lines
+             for m in [re.search(r" -f (\S+)/([0-9a-f]+)/haproxy\.cfg", line)] if m]
+    return {Path(folder) for folder, _ in found} | {Path("/tmp/haproxy-serve", node) for _, node in found}
 
 
 def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, before: set[str], stop: str,
