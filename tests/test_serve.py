@@ -500,7 +500,9 @@ def test_a_killed_server_leaves_nothing_on_its_port(server):
     finally:
         proc.kill()
         proc.wait(timeout=60)
-    deadline = time.time() + 120  # Ray's agents notice their raylet is gone within about a minute
+    # Ray's two agents see their raylet die at once, then spend 60 s trying to report it to the
+    # dead GCS (publish_error_to_driver's fixed timeout in Ray 2.60) before they exit
+    deadline = time.time() + 120
     while set(ray_processes()) - before and time.time() < deadline:
         time.sleep(1)
     left = {pid: line for pid, line in ray_processes().items() if pid not in before}
