@@ -18,17 +18,13 @@ drifts by 2x over minutes.
 import argparse
 import inspect
 import json
-import os
 import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from serve_throughput import PLAIN, wait, wrk
+from serve_throughput import start_plain, wait, wrk
 
 
 def in_process_app(store: str, ref: str) -> object:
@@ -98,15 +94,8 @@ def main() -> None:
     store = str(Path(args.store).resolve())
     x = np.stack([a.numpy() for a, _ in data.load("mnist", "test", limit=1).ds]).astype("float32")
     one = json.dumps({"images": x.tolist()})
-    folder = Path(tempfile.mkdtemp())
-    (folder / "plain_server.py").write_text(PLAIN.format(store=store))
-    plain_port = runtime.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1",
-                             "--port", str(plain_port), "--log-level", "warning"], cwd=folder,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc, plain = start_plain(store)
     try:
-        wait(f"http://127.0.0.1:{plain_port}/docs")
-        plain = f"http://127.0.0.1:{plain_port}/classify"
         wrk(plain, one, 1, 2)  # warm-up
         runtime.init_ray(num_cpus=2)
         port = runtime.free_port()

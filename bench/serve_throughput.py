@@ -113,6 +113,20 @@ PLAIN = textwrap.dedent('''
 ''')
 
 
+def start_plain(store: str) -> tuple[subprocess.Popen, str]:
+    """The plain server (PLAIN) in a process of its own, once it answers: (process, its URL)."""
+    from kiln.serve import runtime
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / "plain_server.py").write_text(PLAIN.format(store=store))
+    port = runtime.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning"], cwd=folder,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    wait(f"http://127.0.0.1:{port}/docs")
+    return proc, f"http://127.0.0.1:{port}/classify"
+
+
 def noop_app() -> object:
     """The floor: Serve's FastAPI ingress on Kiln's data path, with a route that does no work."""
     from fastapi import FastAPI, Request
@@ -194,15 +208,8 @@ def main() -> None:
 
     # the plain server runs (idle) beside Kiln and is measured right after Kiln at the same number
     # of connections, so both see the same machine (this one's speed drifts by 2x over minutes)
-    folder = Path(tempfile.mkdtemp())
-    (folder / "plain_server.py").write_text(PLAIN.format(store=store))
-    plain_port = runtime.free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1",
-                             "--port", str(plain_port), "--log-level", "warning"], cwd=folder,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc, plain_url = start_plain(store)
     atexit.register(proc.terminate)
-    wait(f"http://127.0.0.1:{plain_port}/docs")
-    plain_url = f"http://127.0.0.1:{plain_port}/classify"
     wrk(plain_url, one, 1, 2)  # warm-up
     # Serve's data path as `kiln serve` starts it (HAProxy, gRPC between replicas), then Serve's
     # default (its Python HTTP proxy), each in a fresh local Ray
