@@ -507,8 +507,11 @@ def test_a_killed_server_leaves_nothing_on_its_port(server):
         time.sleep(1)
     left = {pid: line for pid, line in ray_processes().items() if pid not in before}
     assert not left, left
-    with socket.socket() as s:  # what the next `kiln serve` on this port does first
-        s.bind(("127.0.0.1", port))
+    # what the next `kiln serve` on this port checks first; binding without SO_REUSEADDR, as this
+    # test did, failed on the killed listener's connections left in TIME_WAIT for 60 s
+    from kiln.net import check_port_free
+
+    check_port_free("127.0.0.1", port)
 
 
 def test_client_cli_predict_and_png_generation(server, tmp_path):
