@@ -31,6 +31,7 @@ def in_process_app(store: str, ref: str) -> object:
     """Kiln's ingress deployment whose model "handle" is a ModelServer in the same process."""
     from ray import serve
 
+    from kiln.serve import app
     from kiln.serve.codecs import Limits
     from kiln.serve.ingress import KilnIngress
     from kiln.serve.replica import ModelServer
@@ -64,15 +65,16 @@ def in_process_app(store: str, ref: str) -> object:
                 self.servers = {r: ModelServer(store, r) for r in refs}
             self.handles = {r: Local(s) for r, s in self.servers.items()}
 
-        async def _states(self):  # loaded in __init__: ready
+        async def _states(self):  # loaded on the first reconfigure, before any request: ready
             return {r: "HEALTHY" for r in self.handles}
 
-    config = {"deployments": {ref: "in-process"}, "batching": {ref: [32, 2.0]},
+    opts = app.ModelOptions()  # the batching `kiln serve` uses by default
+    config = {"deployments": {ref: "in-process"}, "batching": {ref: [opts.batch_size, opts.batch_wait_ms]},
               "methods": {ref: Store(store).get(ref).manifest.get("methods", {})},
               "failed": {}, "labels": {}, "traffic": {}}
     dep = serve.deployment(InProcessIngress, name="KilnIngress", ray_actor_options={"num_cpus": 1},
                            max_ongoing_requests=256, user_config=config,
-                           logging_config={"enable_access_log": False, "log_level": "WARNING"})
+                           logging_config=app.logging_config(False))
     return dep.bind({}, asdict(Limits()), None, None)
 
 
