@@ -15,7 +15,9 @@ Debian: `apt install wrk`), for the CNN on single-image JSON requests:
 7. Kiln, batching on, behind Serve's default Python HTTP proxy, at 32 connections;
 8. the same model in a Serve deployment that is its own HTTP ingress (the plugin's ``classify``
    in a worker thread, as Kiln's replica runs it), at 1 connection: what a request would cost
-   without the hop from Kiln's ingress to a model replica.
+   without the hop from Kiln's ingress to a model replica;
+9. ``kiln serve --colocate`` (the model in the ingress's replicas: no hop) at 1 and 32
+   connections, each against the plain server right after it, and on the 256-image v2 request.
 
 At one connection it also prints the CPU time each process spent per request (from /proc, so
 Linux only): where a lone client's time goes.
@@ -175,6 +177,30 @@ def direct_app(store: str) -> object:
     return Direct.bind()
 
 
+def v2_batch(base: str, store: str, n: int = 20) -> tuple[float, float]:
+    """Images/s of 256 images in one v2 request, then of in-process ``model.predict`` on the same
+    batch right after (Serve idle meanwhile)."""
+    import requests
+
+    from kiln import data, models
+
+    x = np.stack([a.numpy() for a, _ in data.load("mnist", "test", limit=256).ds]).astype("float32")
+    body = {"inputs": [{"name": "images", "shape": [256, 28, 28, 1], "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}
+    requests.post(f"{base}/v2/models/cnn/infer", json=body)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        assert requests.post(f"{base}/v2/models/cnn/infer", json=body).status_code == 200
+    served = 256 * n / (time.perf_counter() - t0)
+    plugin, model, _ = models.load("cnn", store)
+    batch = x.reshape(-1, 28, 28, 1) / 255.0
+    model.predict(batch, verbose=0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        model.predict(batch, verbose=0, batch_size=256)
+    return served, 256 * n / (time.perf_counter() - t0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="store with a trained cnn")
@@ -249,24 +275,21 @@ def main() -> None:
                 measure("GET /v2/health/live, /ready probed every 0.5 s", live, None, 1, 10)
                 stop.set()
                 prober.join()
-                # 256 images in one v2 request
-                body = {"inputs": [{"name": "images", "shape": [256, 28, 28, 1], "datatype": "FP32",
-                                    "data": x.ravel().tolist()}]}
-                requests.post(f"{base}/v2/models/cnn/infer", json=body)
-                t0, n = time.perf_counter(), 20
-                for _ in range(n):
-                    assert requests.post(f"{base}/v2/models/cnn/infer", json=body).status_code == 200
-                v2_ips = 256 * n / (time.perf_counter() - t0)
-                # in-process model.predict on the same batch, right after (Serve idle meanwhile)
-                plugin, model, _ = models.load("cnn", store)
-                batch = x.reshape(-1, 28, 28, 1) / 255.0
-                model.predict(batch, verbose=0)
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    model.predict(batch, verbose=0, batch_size=256)
-                local_ips = 256 * n / (time.perf_counter() - t0)
+                v2_ips, local_ips = v2_batch(base, store)
             serve.delete("kiln")
         if not label:
+            # the models in the ingress's replicas (kiln serve --colocate): no hop
+            spec = app.ServeSpec(store=store, refs=[app.resolve_refs(store, ["cnn"])[0]], port=port,
+                                 options={app.INGRESS: app.ModelOptions(num_cpus=1)}, colocate=True)
+            app.start(spec)
+            wait(f"{base}/v2/health/ready")
+            requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})
+            for c in (1, 32):
+                measure("Kiln --colocate", f"{base}/models/cnn/classify", one, c, args.seconds,
+                        per_process=c == 1)
+                measure("plain FastAPI/uvicorn, 1 process", plain_url, one, c, args.seconds)
+            colocated_ips, colocated_local_ips = v2_batch(base, store)
+            serve.delete("kiln")
             serve.run(noop_app(), name="noop", route_prefix="/", blocking=False)
             wait(f"{base}/docs")
             measure("Serve ingress doing nothing (floor)", f"{base}/models/cnn/classify", one, 32,
@@ -318,6 +341,11 @@ def main() -> None:
           "while /v2/health/ready is probed every 0.5 s")
     print(f"256 images in one v2 request: {v2_ips:.0f} images/s; in-process model.predict: "
           f"{local_ips:.0f} images/s; ratio {v2_ips / local_ips:.2f}")
+    c1, c32 = (next(i for i, (n, c, r) in enumerate(rows) if n == "Kiln --colocate" and c == k) for k in (1, 32))
+    print(f"Kiln --colocate: one connection p50 {rows[c1][2]['p50']:.2f} ms, "
+          f"{rows[c1][2]['p50'] / after[c1]['p50']:.2f}x the plain server's {after[c1]['p50']:.2f} ms; "
+          f"32 connections {rows[c32][2]['rps'] / after[c32]['rps']:.2f}x its req/s; 256 images in one v2 "
+          f"request {colocated_ips:.0f} images/s, {colocated_ips / colocated_local_ips:.2f}x in-process predict")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ one replica"): with many small models, ``--shared-replicas`` puts them in one de
 (``kiln.serve.replica.ModelPool``, Serve's model multiplexing), where each costs only its own
 weights and traced graphs, and ``--own-replicas NAME`` keeps a hot model apart.
 
+With ``--colocate`` there is no model deployment: the ingress's replicas hold every version
+(``kiln.serve.replica.Colocated``), which spares each request the hop between processes and
+gives up the isolation above (docs/design.md, "Where a lone request's time goes").
+
 The replicas are ``kiln.serve.replica.ModelServer`` (or ``ModelPool``), the HTTP API
 ``kiln.serve.ingress.KilnIngress``, the Ray underneath ``kiln.serve.runtime``.
 """
@@ -27,10 +31,8 @@ from ray import serve
 from kiln import settings
 from kiln.plugin import KilnError
 from kiln.serve.codecs import Limits
-from kiln.serve.replica import POOL, ModelPool, ModelServer
+from kiln.serve.replica import INGRESS, POOL, ModelPool, ModelServer
 from kiln.serve.runtime import SERVE_HOOK, init_ray, quiet_serve_process
-
-INGRESS = "KilnIngress"
 
 
 @dataclass
@@ -83,11 +85,15 @@ class ServeSpec:
     shared: bool = False
     own: list[str] = field(default_factory=list)
     models_per_replica: int = 0           # in a shared replica, at most this many loaded (0: all)
+    # every version in the ingress's own replicas: no hop between processes per request
+    colocate: bool = False
 
     def pooled(self, ref: str) -> bool:
         return self.shared and ref.split(":")[0] not in self.own
 
     def deployment_of(self, ref: str) -> str:
+        if self.colocate:
+            return INGRESS
         return POOL if self.pooled(ref) else deployment_name(ref)
 
 
@@ -152,7 +158,8 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
          body_timeout_s: float = 60.0, client_timeout_s: int = 60, max_connections: int = 4096,
          poll_seconds: float = 10.0, access_log: bool = False,
          traffic: list[str] | None = None, shared_replicas: bool = False,
-         own_replicas: list[str] | None = None, models_per_replica: int = 0) -> ServeSpec:
+         own_replicas: list[str] | None = None, models_per_replica: int = 0,
+         colocate: bool = False) -> ServeSpec:
     """Validate a serving request and return its spec (as ``kiln.run.plan`` does for training);
     raises KilnError naming what is wrong, before Ray starts."""
     from kiln.spec import parse_span
@@ -174,6 +181,9 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
     if own_replicas and not shared_replicas:
         raise KilnError("--own-replicas names the models kept out of shared replicas: use it with "
                         "--shared-replicas")
+    if colocate and (shared_replicas or models_per_replica):
+        raise KilnError("--colocate loads every model in the ingress's replicas: it cannot be combined "
+                        "with --shared-replicas or --models-per-replica")
     if models_per_replica < 0:
         raise KilnError(f"--models-per-replica must be >= 0 (0: no limit), got {models_per_replica}")
     if batch_size < 0 or batch_wait_ms < 0 or poll_seconds < 0:
@@ -194,11 +204,12 @@ def plan(models: list[str] | None, *, store: str | None = None, host: str = "127
                     body_timeout_s=body_timeout_s, client_timeout_s=client_timeout_s,
                     max_connections=max_connections)
     return ServeSpec(store=root, refs=refs, host=host, port=port, limits=limits,
-                     options={**{r: opts for r in refs}, POOL: opts},
+                     options={**{r: opts for r in refs}, POOL: opts, INGRESS: opts},
                      token=settings.api_token(), access_log=access_log, failed=failed,
                      drain_key=secrets.token_urlsafe(24),
                      traffic=split, shared=shared_replicas,
-                     own=[check_name(n) for n in own_replicas or []], models_per_replica=models_per_replica)
+                     own=[check_name(n) for n in own_replicas or []], models_per_replica=models_per_replica,
+                     colocate=colocate)
 
 
 def check_version(store: Any, ref: str) -> None:
@@ -289,7 +300,7 @@ def build_app(spec: ServeSpec) -> Any:
     for ref in spec.refs:
         opts = spec.options.get(ref) or spec.options.get(ref.split(":")[0]) or ModelOptions()
         batching[ref] = (opts.batch_size, opts.batch_wait_ms)
-        if ref in pooled:
+        if ref in pooled or spec.colocate:
             continue
         dep = serve.deployment(ModelServer, name=deployment_name(ref), logging_config=logs,
                                **opts.deployment_options())
@@ -306,14 +317,18 @@ def build_app(spec: ServeSpec) -> Any:
               "batching": {ref: list(b) for ref, b in batching.items()},
               "methods": {ref: store.get(ref).manifest.get("methods", {}) for ref in spec.refs},
               "failed": {ref: reason for ref, (_, reason) in spec.failed.items()},
-              "labels": labels_of(spec.store, spec.refs, spec.labels)}
+              "labels": labels_of(spec.store, spec.refs, spec.labels), "store": spec.store}
     spec.labels = config["labels"]
     config["traffic"] = _traffic_config(spec)
     # Pinned like the models: what changes as versions come and go reaches the running ingress
     # through user_config (reconfigure), without a new ingress replica.
-    pinned = f"ingress-{zlib.crc32(repr((spec.limits, spec.token, spec.access_log, spec.drain_key)).encode()):08x}"
+    placed: dict[str, Any] = {}
+    if spec.colocate:  # the ingress's replicas hold the models: they get the models' resources
+        placed = (spec.options.get(INGRESS) or ModelOptions()).deployment_options()
+        placed.pop("max_ongoing_requests")  # the ingress's own (256): it holds requests while they batch
+    pinned = f"ingress-{zlib.crc32(repr((spec.limits, spec.token, spec.access_log, spec.drain_key, sorted(placed.items()))).encode()):08x}"
     ingress = KilnIngress.options(name=INGRESS, logging_config=logs, user_config=config,
-                                  version=pinned, _internal=True)
+                                  version=pinned, _internal=True, **placed)
     return ingress.bind(models, asdict(spec.limits), spec.token, spec.drain_key)
 
 
@@ -359,9 +374,10 @@ def app_builder(args: dict[str, Any]) -> Any:
 def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
     """A Ray Serve config (``serve deploy FILE``) serving ``spec`` on a remote cluster. Per-model
     deployment options (replicas, resources, autoscaling) are listed so they can be edited there."""
-    if spec.shared:
+    if spec.shared or spec.colocate:
         raise KilnError("--build-config writes one deployment per model version; serve shared replicas "
-                        "with `kiln serve --shared-replicas --address ...` instead")
+                        "or colocated models with `kiln serve --shared-replicas` (or --colocate) "
+                        "`--address ...` instead")
     deployments = []
     for ref in spec.refs:
         opts = spec.options.get(ref) or ModelOptions()
@@ -464,7 +480,13 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
     the new one is up, and switches to a new version only once it is ready."""
     from kiln.store import Store
 
-    before_refs, before_failed = list(spec.refs), dict(spec.failed)
+    before_failed = dict(spec.failed)
+    states = _colocated_states(app_name) if spec.colocate else {}
+    for ref, state in states.items():  # loaded by the ingress: a failed load is known only there
+        if state.startswith("FAILED") and ref in spec.refs:
+            spec.failed[ref] = (_mtime(Store(spec.store), ref), state.partition(": ")[2])
+            spec.refs.remove(ref)
+    before_refs = list(spec.refs)
     try:
         refs = resolve_refs(spec.store, wanted(spec.store, names, spec.traffic), spec.failed,
                             served=tuple(before_refs))
@@ -474,8 +496,9 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
     # moved label names) are ready
     new = [r for r in refs if r not in before_refs]
     refs += [old for old in before_refs if old not in refs
-             and any(not _healthy(app_name, spec.deployment_of(r)) for r in new
-                     if r.split(":")[0] == old.split(":")[0])]
+             and any(not (states.get(r) == "HEALTHY" if spec.colocate else
+                          _healthy(app_name, spec.deployment_of(r)))
+                     for r in new if r.split(":")[0] == old.split(":")[0])]
     news = [f"cannot serve {ref}: {reason}" for ref, (_, reason) in spec.failed.items()
             if before_failed.get(ref, (None,))[0] != spec.failed[ref][0]]
     if sorted(refs) == sorted(before_refs) and spec.failed.keys() == before_failed.keys() \
@@ -493,6 +516,17 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
         serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
         return [], news
     return sorted(set(refs) - set(before_refs)), news
+
+
+def _colocated_states(app_name: str) -> dict[str, str]:
+    """With --colocate: each served version's state in an ingress replica (HEALTHY, UPDATING while
+    it loads, "FAILED: why"). One replica answers; the others load the same files alike, and a
+    request reaching one still loading waits for its load rather than failing."""
+    try:
+        handle = serve.get_deployment_handle(INGRESS, app_name)
+        return handle.colocated_states.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - no answer now (the ingress restarting): ask again next poll
+        return {}
 
 
 def _healthy(app_name: str, deployment: str) -> bool:

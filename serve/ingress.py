@@ -1,4 +1,5 @@
-"""Kiln's HTTP API: one FastAPI ingress deployment in front of the model deployments.
+"""Kiln's HTTP API: one FastAPI ingress deployment in front of the model deployments (with
+``kiln serve --colocate``, holding the models itself).
 
 Routes (the README's table lists them; docs/design.md, "Data flow"):
 
@@ -37,7 +38,7 @@ from ray import serve
 from kiln.plugin import KilnError
 from kiln.serve import codecs, metrics
 from kiln.serve.codecs import ProtocolError
-from kiln.serve.replica import POOL, LoadError
+from kiln.serve.replica import INGRESS, POOL, Colocated, LoadError
 
 RETRIES = 3          # sends of a request whose replica died under it, after the first
 RETRY_AFTER_S = 2    # what a 503 tells the client to wait
@@ -254,12 +255,21 @@ class KilnIngress:
         changes: the served versions (ref -> deployment name), each one's batching and method
         schemas, and the versions that cannot be served."""
         served = config.get("deployments", {})
-        # a version in the shared pool is the pool's deployment, with the version named per call
+        # a version in the shared pool is the pool's deployment, with the version named per call;
+        # one served by the ingress itself (--colocate) is loaded here, beside those serving
         def handle(ref: str, name: str) -> Any:
+            if name == INGRESS:
+                return Colocated(config["store"], ref)
             h = serve.get_deployment_handle(name, self.app_name)
             return h.options(multiplexed_model_id=ref) if name == POOL else h
 
+        first = not hasattr(self, "_configured")
+        self._configured = True
         self.handles = {ref: self.handles.get(ref) or handle(ref, name) for ref, name in served.items()}
+        if first:  # a starting replica (the first, a replacement, autoscaling's) takes requests only
+            # once the versions it holds itself are loaded: Serve routes to it when this returns;
+            # later versions load while the ones they replace answer
+            await asyncio.gather(*(h.loading for h in self.handles.values() if isinstance(h, Colocated)))
         # async, so that it runs on the replica's event loop: a handle's options() needs one
         for ref, name in served.items():  # load new pooled versions now, not on their first request
             if name == POOL and ref not in self.described:
@@ -278,6 +288,12 @@ class KilnIngress:
         self._turns: dict[str, dict[str, int]] = {}  # smooth weighted round robin's running scores
         self._status = (0.0, {})
         api.openapi_schema = None
+
+    async def colocated_states(self) -> dict[str, str]:
+        """With --colocate, for the server's store poll (``kiln.serve.app.refresh``): each version
+        this replica loads, HEALTHY, UPDATING while loading, or "FAILED: why"."""
+        return {ref: f"FAILED: {h.error}" if h.error else h.state
+                for ref, h in self.handles.items() if isinstance(h, Colocated)}
 
     async def _warm(self, ref: str) -> None:
         try:
@@ -303,6 +319,8 @@ class KilnIngress:
         stall the requests in flight. Not ``serve.status()``: it builds pydantic models of the
         whole Serve instance, 28 ms of this process's CPU per call, during which this event
         loop answered nothing; the controller's plain answer takes 6 ms, mostly waiting."""
+        if all(isinstance(h, Colocated) for h in self.handles.values()):  # no controller to ask
+            return {ref: h.state for ref, h in self.handles.items()}
         if time.monotonic() - self._status[0] > 0.5:
             async with self._status_lock:  # probes arriving together share one call
                 if time.monotonic() - self._status[0] > 0.5:
@@ -310,6 +328,9 @@ class KilnIngress:
                     deps = details.get("applications", {}).get(self.app_name, {}).get("deployments", {})
                     states = {}
                     for ref, handle in self.handles.items():
+                        if isinstance(handle, Colocated):
+                            states[ref] = handle.state
+                            continue
                         d = deps.get(handle.deployment_name, {"status": "UNKNOWN"})
                         status = str(getattr(d["status"], "value", d["status"]))
                         # a redeployed application marks its deployments UPDATING for a while, even
@@ -372,6 +393,9 @@ class KilnIngress:
         ref = f"{model}:{version}"
         if ref in self.failed:
             raise ProtocolError(503, f"{ref} cannot be served: {self.failed[ref]}")
+        here = self.handles.get(ref)
+        if isinstance(here, Colocated) and here.error:  # until the server's next poll lists it failed
+            raise ProtocolError(503, f"{ref} cannot be served: {here.error}")
         if not served:
             raise ProtocolError(404, f"model '{model}' is not served; served models: "
                                      f"{', '.join(sorted({r.split(':')[0] for r in self.handles}))}")
@@ -583,8 +607,13 @@ class KilnIngress:
         states = await self._states()
         out = []
         for ref in sorted(self.handles):
+            here = self.handles[ref]
+            if isinstance(here, Colocated) and here.error:
+                out.append({"ref": ref, "name": ref.split(":")[0], "version": int(ref.split(":")[1]),
+                            "state": "FAILED", "error": here.error})
+                continue
             entry = {"ref": ref, "state": "READY" if states.get(ref) == "HEALTHY" else "LOADING",
-                     "shared": self.handles[ref].deployment_name == POOL}
+                     "shared": here.deployment_name == POOL}
             if entry["state"] == "READY":  # fresh: it carries live counters
                 entry.update(await self.handles[ref].describe.remote())
                 if ref not in self.batching:

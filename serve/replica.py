@@ -271,3 +271,54 @@ class ModelPool:
     async def infer_many(self, method: str, items: list[dict[str, Any]],
                          max_values: int | None = None) -> list[dict[str, Any]]:
         return await (await self._server()).infer_many(method, items, max_values)
+
+
+INGRESS = "KilnIngress"  # the ingress deployment, which holds the models with ``kiln serve --colocate``
+
+
+class Colocated:
+    """One model version loaded in the ingress's own process (``kiln serve --colocate``), behind a
+    deployment handle's interface (``.infer.remote(...)`` and the others are awaitables), so that
+    the ingress calls it as it calls a model replica, without the hop between processes
+    (docs/design.md, "Where a lone request's time goes"). It loads in a thread, begun at once: the
+    ingress keeps answering, and reports the version LOADING until it is ready, FAILED if its load
+    raised. A failed load is the version's trouble (503), never the ingress's."""
+
+    deployment_name = INGRESS
+
+    def __init__(self, store: str, ref: str) -> None:
+        self.ref = ref
+        self.server: ModelServer | None = None
+        self.error: str | None = None
+        self.loading = asyncio.get_running_loop().create_task(self._load(store))
+        for name in ("describe", "artifact", "infer", "infer_many"):
+            setattr(self, name, _Method(self, name))
+
+    async def _load(self, store: str) -> None:
+        try:
+            self.server = await asyncio.to_thread(ModelServer, store, self.ref)
+        except Exception as e:  # noqa: BLE001 - whatever the load raised, the version alone fails
+            import logging
+
+            logging.getLogger("ray.serve").exception("kiln: %s failed to load", self.ref)
+            self.error = f"{self.ref} failed to load ({type(e).__name__}: {e})"
+
+    @property
+    def state(self) -> str:
+        """As Serve reports a deployment: HEALTHY once loaded, UPDATING while loading, UNHEALTHY."""
+        return "HEALTHY" if self.server else "UNHEALTHY" if self.error else "UPDATING"
+
+    async def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.shield(self.loading)  # a cancelled request must not cancel the load
+        if self.server is None:
+            raise LoadError(self.error or f"{self.ref} did not load")
+        out = getattr(self.server, name)(*args, **kwargs)
+        return await out if asyncio.iscoroutine(out) else out
+
+
+class _Method:
+    def __init__(self, owner: Colocated, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self.owner.call(self.name, *args, **kwargs)

@@ -42,6 +42,8 @@ def one_line_error(out, *words):
     (["serve", "--traffic", "cnn:1"], ["--traffic takes NAME:VERSION=WEIGHT"]),
     (["models", "rm", "cnn"], ["`kiln models rm` takes NAME:VERSION, got 'cnn'"]),
     (["serve", "--own-replicas", "cnn"], ["use it with --shared-replicas"]),
+    (["serve", "--colocate", "--shared-replicas"], ["--colocate loads every model in the ingress's replicas",
+                                                     "cannot be combined with --shared-replicas"]),
 ])
 def test_bad_input_is_one_clear_line(workdir, args, words):
     one_line_error(run_kiln(*args, cwd=workdir), *words)

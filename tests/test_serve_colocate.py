@@ -1,0 +1,117 @@
+"""`kiln serve --colocate`: the models loaded in the ingress's own replicas, so that a request
+skips the hop to a model replica (the one-connection target of the serving-reliability issue;
+BENCHMARKS.md, "Serving speed"). Under load against a real server on 127.0.0.1 (its own Ray, 2
+ingress replicas): a version whose load fails, a new version stored, an ingress replica killed.
+None may fail a request or restart the ingress."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import start_serve, stop_process
+from kiln.serve.runtime import free_port
+from test_serve_faults import Load, models, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def colocated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("colocate")
+    from kiln import run
+
+    for name in ("cnn", "other"):
+        run.train(run.plan("cnn", name=name, epochs=1, limit=2000, store=root / "store", runs_dir=root / "runs"))
+    port = free_port()
+    proc, lines, _ = start_serve("--store", str(root / "store"), "--port", str(port), "--poll-seconds", "1",
+                                 "--replicas", "2", "--colocate")
+    try:
+        yield f"http://127.0.0.1:{port}", root / "store", proc, lines
+    finally:
+        stop_process(proc, timeout=120)
+
+
+def ingress_replicas() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "ServeReplica:kiln:KilnIngress"], capture_output=True, text=True)
+    return sorted(int(p) for p in found.stdout.split())
+
+
+def store_copy(store, version: int, broken: bool = False) -> None:
+    """cnn:1 stored again as ``version`` (as a save does: a hidden folder, renamed); ``broken``:
+    its weights file is a valid HDF5 file holding no weights, which passes the server's cheap
+    check and fails only when the model loads."""
+    tmp = store / "cnn" / f".incoming-{version}"
+    shutil.copytree(store / "cnn" / "1", tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    (tmp / "manifest.json").write_text(json.dumps({**manifest, "version": version}))
+    if broken:
+        import h5py
+
+        (tmp / "model.weights.h5").unlink()
+        h5py.File(tmp / "model.weights.h5", "w").close()
+    tmp.rename(store / "cnn" / str(version))
+
+
+def test_colocated_models_answer_from_the_ingress_replicas(colocated):
+    base, store, proc, lines = colocated
+    assert len(ingress_replicas()) == 2  # --replicas sets the ingress's
+    model_replicas = subprocess.run(["pgrep", "-f", "ServeReplica:kiln:model-"], capture_output=True, text=True)
+    assert model_replicas.stdout == ""  # no model deployment: no hop
+    r = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((2, 28, 28, 1)).tolist()}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["labels"]) == 2 and r.headers["Kiln-Version"] == "cnn:1"
+    v2 = requests.post(f"{base}/v2/models/other/infer", timeout=30, json={"inputs": [
+        {"name": "images", "shape": [1, 28, 28, 1], "datatype": "FP32", "data": [0.0] * 784}]})
+    assert v2.status_code == 200 and v2.json()["model_version"] == "1"
+    listed = models(base)
+    assert listed["cnn:1"]["state"] == "READY" and listed["cnn:1"]["class_names"][0] == "0"
+    bad = requests.post(f"{base}/models/cnn/classify", json={"images": [[1] * 5]}, timeout=30)
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_a_version_that_fails_to_load_fails_alone_and_a_new_one_switches_under_load(colocated):
+    base, store, proc, lines = colocated
+    started = ingress_replicas()
+    with Load(base, ["cnn", "other"]) as load:
+        store_copy(store, 100, broken=True)
+        assert wait_for(lambda: models(base).get("cnn:100", {}).get("state") == "FAILED", 120)
+        time.sleep(3)  # more polls: reported once, the version before it still answers
+        store_copy(store, 101)
+        assert wait_for(lambda: models(base).get("cnn:101", {}).get("state") == "READY", 180)
+        assert wait_for(lambda: requests.get(f"{base}/v1/models/cnn").json()["model_version_status"][-1]["version"] == "101")
+        time.sleep(3)
+    assert proc.poll() is None, "".join(lines)[-3000:]
+    assert ingress_replicas() == started  # loading, failing and switching restarted no replica
+    assert "failed to load" in models(base)["cnn:100"]["error"]
+    assert requests.get(f"{base}/v2/models/cnn/versions/100/ready", timeout=30).status_code == 503
+    assert sum("cannot serve cnn:100" in line for line in lines) == 1, lines[-20:]
+    assert load.ok > 50 and not load.failed, load.failed[:5]
+
+
+def test_a_killed_ingress_replica_loses_only_the_connections_it_held(colocated):
+    """What --colocate gives up (README, "--colocate"): a killed ingress replica's requests in
+    flight lose their connections (HAProxy retried none of them in runs here: 1-5 per kill at 8
+    clients), where the default layout's ingress sends them to a live model replica. The other
+    replica answers everything else; the replacement takes requests only once its models are
+    loaded (before it did, it answered 503 "loading" for a while)."""
+    base, store, proc, lines = colocated
+    pids = ingress_replicas()
+    assert len(pids) == 2, pids
+    with Load(base, ["cnn", "other"], clients=8, seconds=120) as load:
+        time.sleep(2)
+        before = load.ok
+        subprocess.run(["kill", "-9", str(pids[0])], check=True)
+        assert wait_for(lambda: len(ingress_replicas()) == 2 and pids[0] not in ingress_replicas(), 180)
+        assert wait_for(lambda: requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200, 120)
+        replaced = load.ok
+        time.sleep(5)  # the new replica takes its share
+    assert proc.poll() is None
+    assert load.ok > replaced + 20 > before + 40
+    assert all(status == "exception" and "closed connection" in text for _, status, text in load.failed), load.failed
+    assert len(load.failed) <= 8, load.failed
