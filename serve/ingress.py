@@ -734,7 +734,10 @@ class KilnIngress:
     @api.get("/v2/health/ready")
     async def v2_ready(self) -> Any:
         states = await self._states()
-        loading = sorted(r for r, s in states.items() if s != "HEALTHY")
+        # a version that failed to load is no version still loading (the default layout lists it
+        # in ``failed``, outside ``handles``): it must not hold the server's readiness back
+        loading = sorted(r for r, s in states.items() if s != "HEALTHY"
+                         and not (isinstance(self.handles.get(r), Colocated) and self.handles[r].error))
         if loading:
             return JSONResponse({"ready": False, "error": f"loading: {', '.join(loading)}"},
                                 status_code=503)

@@ -29,6 +29,7 @@ def colocated(tmp_path_factory):
 
     for name in ("cnn", "other"):
         run.train(run.plan("cnn", name=name, epochs=1, limit=2000, store=root / "store", runs_dir=root / "runs"))
+    store_copy(root / "store", 1, broken=True, name="broken")  # its load fails while the server starts
     port = free_port()
     proc, lines, _ = start_serve("--store", str(root / "store"), "--port", str(port), "--poll-seconds", "1",
                                  "--replicas", "2", "--colocate")
@@ -43,20 +44,21 @@ def ingress_replicas() -> list[int]:
     return sorted(int(p) for p in found.stdout.split())
 
 
-def store_copy(store, version: int, broken: bool = False) -> None:
-    """cnn:1 stored again as ``version`` (as a save does: a hidden folder, renamed); ``broken``:
-    its weights file is a valid HDF5 file holding no weights, which passes the server's cheap
-    check and fails only when the model loads."""
-    tmp = store / "cnn" / f".incoming-{version}"
+def store_copy(store, version: int, broken: bool = False, name: str = "cnn") -> None:
+    """cnn:1 stored again as ``name:version`` (as a save does: a hidden folder, renamed);
+    ``broken``: its weights file is a valid HDF5 file holding no weights, which passes the
+    server's cheap check and fails only when the model loads."""
+    (store / name).mkdir(exist_ok=True)
+    tmp = store / name / f".incoming-{version}"
     shutil.copytree(store / "cnn" / "1", tmp)
     manifest = json.loads((tmp / "manifest.json").read_text())
-    (tmp / "manifest.json").write_text(json.dumps({**manifest, "version": version}))
+    (tmp / "manifest.json").write_text(json.dumps({**manifest, "name": name, "version": version}))
     if broken:
         import h5py
 
         (tmp / "model.weights.h5").unlink()
         h5py.File(tmp / "model.weights.h5", "w").close()
-    tmp.rename(store / "cnn" / str(version))
+    tmp.rename(store / name / str(version))
 
 
 def test_colocated_models_answer_from_the_ingress_replicas(colocated):
@@ -73,6 +75,12 @@ def test_colocated_models_answer_from_the_ingress_replicas(colocated):
     assert listed["cnn:1"]["state"] == "READY" and listed["cnn:1"]["class_names"][0] == "0"
     bad = requests.post(f"{base}/models/cnn/classify", json={"images": [[1] * 5]}, timeout=30)
     assert bad.status_code == 400 and "error" in bad.json()
+    # a version whose load failed at start: the server got ready without it, and says why once
+    assert wait_for(lambda: any("cannot serve broken:1" in line for line in lines), 60), lines[-10:]
+    assert listed["broken:1"]["state"] == "FAILED" and "failed to load" in listed["broken:1"]["error"]
+    answer = requests.post(f"{base}/models/broken/classify", json={"images": np.zeros((1, 28, 28, 1)).tolist()},
+                           timeout=30)
+    assert answer.status_code in (404, 503) and "broken" in answer.json()["error"]
 
 
 def test_a_version_that_fails_to_load_fails_alone_and_a_new_one_switches_under_load(colocated):
