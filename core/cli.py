@@ -741,7 +741,7 @@ def parser() -> argparse.ArgumentParser:
                         "used unloaded beyond (default 0: no limit)")
     s.add_argument("--colocate", action="store_true",
                    help="load the models in the ingress's own replicas: a request skips the hop to a model "
-                        "replica (about half the latency at low load); --replicas and --cpus-per-replica "
+                        "replica (lower latency at low load); --replicas and --cpus-per-replica "
                         "then set the ingress's, and a model whose load crashes its process takes the "
                         "server's replica with it")
     s.add_argument("--access-log", action="store_true",

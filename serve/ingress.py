@@ -289,6 +289,12 @@ class KilnIngress:
         self._status = (0.0, {})
         api.openapi_schema = None
 
+    def _failed(self) -> dict[str, str]:
+        """The versions that cannot be served, with why: those the server's poll found, and (with
+        --colocate) those whose load failed here, until the next poll lists them too."""
+        here = {r: h.error for r, h in self.handles.items() if isinstance(h, Colocated) and h.error}
+        return {**self.failed, **here} if here else self.failed
+
     async def colocated_states(self) -> dict[str, str]:
         """With --colocate, for the server's store poll (``kiln.serve.app.refresh``): each version
         this replica loads, HEALTHY, UPDATING while loading, or "FAILED: why"."""
@@ -319,8 +325,8 @@ class KilnIngress:
         stall the requests in flight. Not ``serve.status()``: it builds pydantic models of the
         whole Serve instance, 28 ms of this process's CPU per call, during which this event
         loop answered nothing; the controller's plain answer takes 6 ms, mostly waiting."""
-        if all(isinstance(h, Colocated) for h in self.handles.values()):  # no controller to ask
-            return {ref: h.state for ref, h in self.handles.items()}
+        if all(isinstance(h, Colocated) for h in self.handles.values()):  # --colocate: all or none
+            return {ref: h.state for ref, h in self.handles.items()}  # no controller to ask
         if time.monotonic() - self._status[0] > 0.5:
             async with self._status_lock:  # probes arriving together share one call
                 if time.monotonic() - self._status[0] > 0.5:
@@ -328,9 +334,6 @@ class KilnIngress:
                     deps = details.get("applications", {}).get(self.app_name, {}).get("deployments", {})
                     states = {}
                     for ref, handle in self.handles.items():
-                        if isinstance(handle, Colocated):
-                            states[ref] = handle.state
-                            continue
                         d = deps.get(handle.deployment_name, {"status": "UNKNOWN"})
                         status = str(getattr(d["status"], "value", d["status"]))
                         # a redeployed application marks its deployments UPDATING for a while, even
@@ -391,11 +394,9 @@ class KilnIngress:
                                          f"{', '.join(r.split(':')[1] for r in self._versions(model)) or 'none'}")
         served = self._versions(model)
         ref = f"{model}:{version}"
-        if ref in self.failed:
-            raise ProtocolError(503, f"{ref} cannot be served: {self.failed[ref]}")
-        here = self.handles.get(ref)
-        if isinstance(here, Colocated) and here.error:  # until the server's next poll lists it failed
-            raise ProtocolError(503, f"{ref} cannot be served: {here.error}")
+        failed = self._failed()
+        if ref in failed:
+            raise ProtocolError(503, f"{ref} cannot be served: {failed[ref]}")
         if not served:
             raise ProtocolError(404, f"model '{model}' is not served; served models: "
                                      f"{', '.join(sorted({r.split(':')[0] for r in self.handles}))}")
@@ -605,22 +606,18 @@ class KilnIngress:
         """Served models: versions, plugin, dataset, metrics, methods and input schemas."""
         self._check_auth(request)
         states = await self._states()
+        failed = self._failed()
         out = []
-        for ref in sorted(self.handles):
-            here = self.handles[ref]
-            if isinstance(here, Colocated) and here.error:
-                out.append({"ref": ref, "name": ref.split(":")[0], "version": int(ref.split(":")[1]),
-                            "state": "FAILED", "error": here.error})
-                continue
+        for ref in sorted(r for r in self.handles if r not in failed):
             entry = {"ref": ref, "state": "READY" if states.get(ref) == "HEALTHY" else "LOADING",
-                     "shared": here.deployment_name == POOL}
+                     "shared": self.handles[ref].deployment_name == POOL}
             if entry["state"] == "READY":  # fresh: it carries live counters
                 entry.update(await self.handles[ref].describe.remote())
                 if ref not in self.batching:
                     entry["batchable"] = []
             out.append(entry)
         out += [{"ref": ref, "name": ref.split(":")[0], "version": int(ref.split(":")[1]), "state": "FAILED",
-                 "error": why} for ref, why in sorted(self.failed.items())]
+                 "error": why} for ref, why in sorted(failed.items())]
         traffic = {}
         for name in sorted(self.traffic):
             rows = await self._split(name)
@@ -734,10 +731,10 @@ class KilnIngress:
     @api.get("/v2/health/ready")
     async def v2_ready(self) -> Any:
         states = await self._states()
-        # a version that failed to load is no version still loading (the default layout lists it
-        # in ``failed``, outside ``handles``): it must not hold the server's readiness back
-        loading = sorted(r for r, s in states.items() if s != "HEALTHY"
-                         and not (isinstance(self.handles.get(r), Colocated) and self.handles[r].error))
+        # a version that failed to load is no version still loading: it must not hold the server's
+        # readiness back (the default layout's are outside ``handles``; --colocate's, until a poll)
+        failed = self._failed()
+        loading = sorted(r for r, s in states.items() if s != "HEALTHY" and r not in failed)
         if loading:
             return JSONResponse({"ready": False, "error": f"loading: {', '.join(loading)}"},
                                 status_code=503)

@@ -2,7 +2,8 @@
 skips the hop to a model replica (the one-connection target of the serving-reliability issue;
 BENCHMARKS.md, "Serving speed"). Under load against a real server on 127.0.0.1 (its own Ray, 2
 ingress replicas): a version whose load fails, a new version stored, an ingress replica killed.
-None may fail a request or restart the ingress."""
+None may take the server down or restart the ingress; only a killed replica may cost requests:
+the connections of those it held."""
 
 from __future__ import annotations
 
