@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/kiln train cnn --workers 2
 
+# Every run ends with its 25 slowest steps and the kiln package's line coverage, so that growth
+# shows in every CI log (the budget is in README.md, "Tests").
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest --durations=25 --cov=kiln --cov-report=term
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(VENV)/bin/python -m pytest -m "not slow" --durations=10
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/train_throughput.py

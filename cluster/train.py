@@ -165,10 +165,11 @@ def _root_cause(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def local_cluster(num_cpus: int | None = None, num_gpus: int | None = None) -> Iterator[None]:
-    """Start (and afterwards stop) a local Ray cluster, for tests and benchmarks."""
+    """Start (and afterwards stop) a local Ray cluster, for tests and benchmarks; its own even
+    where a `ray start` head runs on this machine (which ``ray.init()`` would join)."""
     import ray
 
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
              logging_level=logging.WARNING, runtime_env=logs.runtime_env())
     try:
         yield

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import NOISY_TF, TF_NOTICES, run_kiln
+from helpers import NOISY_TF, TF_NOTICES, run_kiln
 
 
 def one_line_error(out, *words):

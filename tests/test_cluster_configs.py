@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from kiln import cli, registry, run
 from kiln.serve import app as serve_app
 

@@ -7,6 +7,8 @@ import time
 import numpy as np
 import pytest
 
+from helpers import write_folder
+
 from kiln import KilnError, data
 
 
@@ -77,27 +79,6 @@ def test_fashion_mnist_is_not_mnist():
 
 
 # --------------------------------------------------------------------------- image folders
-
-
-def write_folder(root, classes=("cats", "dogs"), n=6, broken: str | None = None):
-    """Real picture files: per class, RGB JPEGs and grayscale PNGs of different sizes in that
-    class's colour (cats red, dogs blue), plus ``broken`` (a file named like a JPEG that is not
-    one) and a text file that is no picture."""
-    from PIL import Image
-
-    colours = {"cats": (220, 30, 30), "dogs": (30, 30, 220), "owls": (30, 200, 30)}
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            size = (40 + 7 * i, 30 + 5 * i)
-            if i % 3 == 2:  # grayscale PNG
-                Image.new("L", size, 60 if c == "cats" else 200).save(root / c / f"{i}.png")
-            else:
-                Image.new("RGB", size, colours[c]).save(root / c / f"{i}.jpg", quality=95)
-        (root / c / "notes.txt").write_text("not a picture")
-    if broken:
-        (root / broken).write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG")
-    return root
 
 
 def test_an_image_folder_is_classes_of_pictures_at_the_plugins_size(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ EPOCHS = 5
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(own_ray):
     from ray.cluster_utils import Cluster
 
     # After a node dies, an elastic run may first ask for the old worker count (the node is not

@@ -10,20 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_kiln
-from test_data import write_folder
+from helpers import run_kiln
+from helpers import write_folder
 
 pytestmark = [pytest.mark.slow]
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def own_ray():
-    """Ray Train starts a local Ray in this process: stopped when the module is done."""
-    yield
-    import ray
-
-    ray.shutdown()
 
 
 def photo(path: Path, shape):
@@ -33,7 +24,7 @@ def photo(path: Path, shape):
 
 
 @pytest.mark.ray
-def test_cnn_learns_ants_and_bees_on_two_ray_workers_with_augmentation(workdir):
+def test_cnn_learns_ants_and_bees_on_two_ray_workers_with_augmentation(workdir, shared_ray):
     """The hymenoptera photos (JPEGs of many sizes) at 32 px on 2 Ray Train workers, with random
     flips, shifts and rotations in training: the stored model names its classes, answers
     "ants"/"bees" for a real photo, and its augmentation is off at inference (the same photo

@@ -10,21 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import NOISY_TF, TEST_PLUGINS, assert_no_tf_notices, run_kiln
+from helpers import NOISY_TF, TEST_PLUGINS, assert_no_tf_notices, run_kiln
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def weights(path):
-    with np.load(path) as f:
-        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
-
-
-def assert_same_weights(probe, epoch, prefix=""):
-    a, b = weights(probe / f"{prefix}rank0-epoch{epoch}.npz"), weights(probe / f"{prefix}rank1-epoch{epoch}.npz")
-    assert len(a) == len(b) > 0
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x, y)
 
 
 def test_logged_metrics_are_global_not_one_workers(workdir):

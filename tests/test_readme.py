@@ -8,7 +8,7 @@ import shlex
 
 import pytest
 
-from conftest import ROOT, run_kiln
+from helpers import ROOT, run_kiln
 
 README = (ROOT / "README.md").read_text()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_PLUGINS, run_kiln
+from helpers import TEST_PLUGINS, run_kiln
 
 
 def make_package(root: Path, dist: str, module: str, files: dict[str, str], eps: dict[str, str]) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import NOISY_TF, ROOT, run_kiln
+from helpers import NOISY_TF, ROOT, copy_models, run_kiln
 from kiln.serve.codecs import Limits
 from kiln.serve.runtime import free_port
 
@@ -26,21 +26,12 @@ LIMITS = Limits(max_body_bytes=1024 * 1024, max_items=64, max_chars=20_000,
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """cnn, autoencoder, lstm, cgan and vae trained briefly, served by app "kiln" at / and, with a token, by app
-    "secure" at /secure; yields (base URL, store, what was seen while the models loaded)."""
+def server(tmp_path_factory, trained, own_ray):
+    """The session's cnn, autoencoder, lstm, cgan, vae and photos (a cnn on the ants and bees
+    photos), served by app "kiln" at / and, with a token, by app "secure" at /secure; yields
+    (base URL, store, what was seen while the models loaded)."""
     root = tmp_path_factory.mktemp("serve")
-    from kiln import run
-
-    # trained in this process (the CLI path of `kiln train` is tested elsewhere)
-    for plugin, kw in (("cnn", dict(limit=6000)), ("autoencoder", dict(limit=2000)),
-                       ("lstm", dict(limit=300, overrides={"units": "32"})),
-                       ("cgan", dict(limit=2560, overrides={"sample_every": "0"})),
-                       ("vae", dict(limit=3000)),
-                       # a user's photos (the ants and bees of ../shared/data), read at 32 px
-                       ("cnn", dict(name="photos", dataset=str(ROOT.parent / "shared" / "data" / "hymenoptera"),
-                                    overrides={"image_size": "32"}))):
-        run.train(run.plan(plugin, epochs=1, store=root / "store", runs_dir=root / "runs", **kw))
+    copy_models(trained, root / "store", "cnn", "autoencoder", "lstm", "cgan", "vae", "photos")
 
     import ray
 
@@ -442,7 +433,7 @@ def test_cli_serve_errors_are_one_line(tmp_path):
 def test_a_port_in_use_is_one_line_and_starts_nothing(server):
     """Another server on the port: `kiln serve` printed a 47-line Ray traceback from HAProxy's
     failed bind and exited 1, after starting Ray for nothing."""
-    from conftest import ray_processes
+    from helpers import ray_processes
 
     _, store, *_ = server
     before = set(ray_processes())
@@ -461,7 +452,7 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     """`kiln serve` as a user runs it (its own local Ray cluster): it prints each route once the
     model is ready, answers, and Ctrl-C stops Serve and Ray, leaving no process behind. SIGTERM
     is tested on the operations module's server (test_serve_ops)."""
-    from conftest import ray_processes, start_serve, stop_server_and_check
+    from helpers import ray_processes, start_serve, stop_server_and_check
 
     _, store, *_ = server
     before = set(ray_processes())
@@ -487,7 +478,7 @@ def test_a_killed_server_leaves_nothing_on_its_port(server):
     follow it down, but Serve's HAProxy, a child of one of them, kept listening on the server's
     port for hours, so the next `kiln serve` there could not start. Within a bounded wait the
     port must be free and none of the killed server's processes left."""
-    from conftest import ray_processes, start_serve
+    from helpers import ray_processes, start_serve
 
     _, store, *_ = server
     before = set(ray_processes())

@@ -7,8 +7,6 @@ the connections of those it held."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import time
 
@@ -16,20 +14,18 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import start_serve, stop_process
+from helpers import start_serve, stop_process
 from kiln.serve.runtime import free_port
-from test_serve_faults import Load, models, wait_for
+from helpers import Load, copy_models, models, store_copy, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def colocated(tmp_path_factory):
+def colocated(tmp_path_factory, trained):
     root = tmp_path_factory.mktemp("colocate")
-    from kiln import run
-
-    for name in ("cnn", "other"):
-        run.train(run.plan("cnn", name=name, epochs=1, limit=2000, store=root / "store", runs_dir=root / "runs"))
+    copy_models(trained, root / "store", "cnn")
+    store_copy(root / "store", 1, name="other")
     store_copy(root / "store", 1, broken=True, name="broken")  # its load fails while the server starts
     port = free_port()
     proc, lines, _ = start_serve("--store", str(root / "store"), "--port", str(port), "--poll-seconds", "1",
@@ -43,23 +39,6 @@ def colocated(tmp_path_factory):
 def ingress_replicas() -> list[int]:
     found = subprocess.run(["pgrep", "-f", "ServeReplica:kiln:KilnIngress"], capture_output=True, text=True)
     return sorted(int(p) for p in found.stdout.split())
-
-
-def store_copy(store, version: int, broken: bool = False, name: str = "cnn") -> None:
-    """cnn:1 stored again as ``name:version`` (as a save does: a hidden folder, renamed);
-    ``broken``: its weights file is a valid HDF5 file holding no weights, which passes the
-    server's cheap check and fails only when the model loads."""
-    (store / name).mkdir(exist_ok=True)
-    tmp = store / name / f".incoming-{version}"
-    shutil.copytree(store / "cnn" / "1", tmp)
-    manifest = json.loads((tmp / "manifest.json").read_text())
-    (tmp / "manifest.json").write_text(json.dumps({**manifest, "name": name, "version": version}))
-    if broken:
-        import h5py
-
-        (tmp / "model.weights.h5").unlink()
-        h5py.File(tmp / "model.weights.h5", "w").close()
-    tmp.rename(store / name / str(version))
 
 
 def test_colocated_models_answer_from_the_ingress_replicas(colocated):

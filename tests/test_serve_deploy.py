@@ -14,8 +14,8 @@ import pytest
 import requests
 import yaml
 
-from conftest import run_kiln
-from test_serve import free_port
+from helpers import run_kiln
+from helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent

@@ -12,66 +12,24 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 import time
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import haproxy_folders, run_kiln, start_serve, stop_process
-from conftest import ray_processes as running
+from helpers import Load, copy_models, store_copy, haproxy_folders, models, replicas, run_kiln, start_serve, stop_process, wait_for
+from helpers import ray_processes as running
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-IMAGE = {"images": np.zeros((28, 28, 1)).tolist()}
-
-
-class Load:
-    """Clients sending classify requests in a loop, bounded in count and time; every answer that
-    is not 200 is kept."""
-
-    def __init__(self, base: str, models: list[str], clients: int = 4, seconds: float = 240) -> None:
-        self.base, self.models, self.seconds = base, models, seconds
-        self.ok, self.failed = 0, []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(k,), daemon=True) for k in range(clients)]
-
-    def run(self, k: int) -> None:
-        session = requests.Session()
-        deadline = time.time() + self.seconds
-        for i in range(100_000):
-            if self.stop.is_set() or time.time() > deadline:
-                return
-            model = self.models[(i + k) % len(self.models)]
-            try:
-                r = session.post(f"{self.base}/models/{model}/classify", json=IMAGE, timeout=30)
-                if r.status_code == 200:
-                    self.ok += 1
-                else:
-                    self.failed.append((model, r.status_code, r.text[:200]))
-            except requests.RequestException as e:
-                self.failed.append((model, "exception", str(e)[:200]))
-            time.sleep(0.02)
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, trained):
     root = tmp_path_factory.mktemp("faults")
-    from kiln import run
-
-    for name in ("cnn", "other"):
-        run.train(run.plan("cnn", name=name, epochs=1, limit=2000, store=root / "store", runs_dir=root / "runs"))
+    copy_models(trained, root / "store", "cnn")
+    store_copy(root / "store", 1, name="other")
     port = free_port()
     proc, lines, _ = start_serve("--store", str(root / "store"), "--port", str(port), "--poll-seconds", "1",
                                  "--replicas", "2")
@@ -80,25 +38,6 @@ def served(tmp_path_factory):
         yield base, root / "store", proc, lines
     finally:
         stop_process(proc, timeout=120)
-
-
-def models(base: str) -> dict[str, dict]:
-    return {m["ref"]: m for m in requests.get(f"{base}/models", timeout=30).json()["models"]}
-
-
-def replicas(deployment: str) -> list[int]:
-    """The process ids of a model deployment's replicas (named ray::ServeReplica:APP:DEPLOYMENT)."""
-    found = subprocess.run(["pgrep", "-f", f"ServeReplica:kiln:model-{deployment}"], capture_output=True, text=True)
-    return sorted(int(p) for p in found.stdout.split())
-
-
-def wait_for(check, seconds: float = 120) -> bool:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if check():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_a_corrupt_folder_and_broken_weights_are_reported_and_skipped(served):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import NOISY_TF, ray_processes, run_kiln, start_serve, stop_process, stop_server_and_check
-from test_serve_faults import replicas, wait_for  # replicas("pool"): the processes of model-pool
+from helpers import NOISY_TF, ray_processes, run_kiln, start_serve, stop_process, stop_server_and_check
+from helpers import copy_models, copy_version, replicas, wait_for  # replicas("pool"): the processes of model-pool
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -26,35 +26,13 @@ IMAGE = {"images": np.zeros((1, 28, 28, 1)).tolist()}
 HYMENOPTERA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
 
 
-def copy_version(store, src: str, name: str) -> str:
-    """Store a new version of ``name`` holding ``src``'s files (what a second training run would
-    store, without the minutes)."""
-    from kiln.store import Store
-
-    s = Store(store)
-    old = s.get(src)
-
-    def write(tmp):
-        for p in old.path.iterdir():
-            if p.is_dir():
-                shutil.copytree(p, tmp / p.name)
-            elif p.name != "manifest.json":
-                shutil.copy(p, tmp / p.name)
-        return {k: v for k, v in old.manifest.items() if k not in ("name", "version", "created")}
-    return s.save(name, write).ref
-
-
 @pytest.fixture(scope="module")
-def ops(tmp_path_factory):
+def ops(tmp_path_factory, trained):
     root = tmp_path_factory.mktemp("ops")
-    store = root / "store"
-    from kiln import run
-
-    run.train(run.plan("cnn", name="m", epochs=1, limit=1500, store=store, runs_dir=root / "runs"))
-    # a user's photos (the ants and bees of ../shared/data), read at 32 px
-    run.train(run.plan("cnn", name="photos", dataset=str(HYMENOPTERA), epochs=1, overrides={"image_size": "32"},
-                       store=store, runs_dir=root / "runs"))
+    store = copy_models(trained, root / "store", "cnn", "photos")  # photos: a user's ants and bees
+    copy_version(store, "cnn:1", "m")    # m:1
     copy_version(store, "m:1", "m")      # m:2
+    shutil.rmtree(store / "cnn")         # served here as m only
     copy_version(store, "m:1", "other")  # other:1, outside any split
     assert run_kiln("models", "label", "m:1", "stable", "--store", str(store)).returncode == 0
     assert run_kiln("models", "label", "m:2", "canary", "--store", str(store)).returncode == 0

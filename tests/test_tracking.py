@@ -8,7 +8,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_kiln
+from helpers import run_kiln
 
 
 def _read(folder) -> EventAccumulator:

@@ -1,4 +1,6 @@
-"""Training in-process end to end on real MNIST: train, store, reload, evaluate, resume."""
+"""Training in-process end to end on real MNIST: train, store, reload, evaluate, resume. `kiln
+train` runs as a user's process (its output and a SIGKILL are the behaviour); the commands that
+read the store run through the CLI's main in this process."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TEST_PLUGINS, run_kiln
+from helpers import TEST_PLUGINS, kiln_here, run_kiln
 
 pytestmark = pytest.mark.slow
 
@@ -40,29 +42,29 @@ def test_progress_metrics_and_store(trained):
 
 def test_a_label_names_a_version_wherever_a_model_is_named(trained):
     root, env, _ = trained
-    label = run_kiln("models", "label", "cnn:1", "stable", env=env)
+    label = kiln_here("models", "label", "cnn:1", "stable", env=env)
     assert label.returncode == 0 and "cnn@stable -> cnn:1" in label.stdout, label.stderr
-    listing = run_kiln("models", env=env)
+    listing = kiln_here("models", env=env)
     row = next(line for line in listing.stdout.splitlines() if line.startswith("cnn "))
     assert row.split()[:3] == ["cnn", "1", "stable"] and "LABELS" in listing.stdout
-    samples = run_kiln("samples", "cnn@stable", env=env)
+    samples = kiln_here("samples", "cnn@stable", env=env)
     assert samples.returncode == 0 and "cnn/1/artifacts/confusion.png" in samples.stdout
-    bad = run_kiln("evaluate", "cnn@nightly", env=env)
+    bad = kiln_here("evaluate", "cnn@nightly", env=env)
     assert bad.returncode == 2 and "model 'cnn' has no label 'nightly'" in bad.stderr
-    gone = run_kiln("models", "unlabel", "cnn", "stable", env=env)
+    gone = kiln_here("models", "unlabel", "cnn", "stable", env=env)
     assert gone.returncode == 0 and "removed cnn@stable (it named cnn:1)" in gone.stdout
     assert json.loads((root / "store" / "cnn" / "labels.json").read_text()) == {}
 
 
 def test_models_and_evaluate_agree_with_the_manifest(trained):
     root, env, _ = trained
-    models = run_kiln("models", env=env)
+    models = kiln_here("models", env=env)
     assert models.returncode == 0 and "cnn" in models.stdout and "mnist" in models.stdout
     manifest = json.loads((root / "store" / "cnn" / "1" / "manifest.json").read_text())
-    samples = run_kiln("samples", "cnn", "--out", str(root / "pictures"), env=env)
+    samples = kiln_here("samples", "cnn", "--out", str(root / "pictures"), env=env)
     assert samples.returncode == 0 and "cnn-1-confusion.png" in samples.stdout
     assert (root / "pictures" / "cnn-1-predictions.png").stat().st_size > 1000
-    ev = run_kiln("evaluate", "cnn:1", env=env)
+    ev = kiln_here("evaluate", "cnn:1", env=env)
     assert ev.returncode == 0, ev.stderr
     assert f"accuracy={manifest['metrics']['accuracy']:.4f}" in ev.stdout
 
@@ -104,7 +106,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(workdir):
     ckpt = sorted((workdir / "runs" / "interrupted").glob("checkpoint_*"))[-1]
     with np.load(ckpt / "optimizers.npz") as f:
         assert int(f["0/0"]) == 3 * ((2048 - 205) // 128)  # 205 (10%) held out for validation
-    again = run_kiln(*args, cwd=workdir, env=env)
+    again = kiln_here(*args, cwd=workdir, env=env)
     assert again.returncode == 2 and "already finished 3/3 epochs" in again.stderr
 
 

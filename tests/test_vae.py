@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import run_kiln
+from helpers import run_kiln
 from kiln import KilnError
 
 

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_kiln
+from helpers import run_kiln
 from kiln import checkpoint, data
 
 

@@ -1,0 +1,296 @@
+"""What tests share besides fixtures (those are in conftest.py): running the CLI (as a
+subprocess where the process is the behaviour, in this process elsewhere), starting and stopping
+`kiln serve`, copying stored versions, load generators, and the checks several modules make.
+Test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+from kiln.serve.runtime import free_port  # noqa: F401  (the tests' free ports come from here)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+
+
+def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the kiln CLI as a user would; returns the finished process (text output)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def kiln_here(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The kiln CLI's ``main`` in this process: the same parsing, work, output and exit status as
+    ``run_kiln``, without starting a new Python that imports TensorFlow again (seconds a call).
+    For errors raised before any work and for fixtures that need only what a command stores;
+    what a fresh process prints while TensorFlow loads is tested with ``run_kiln``."""
+    import contextlib
+    import io
+
+    from kiln import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        os.environ.update(env or {})
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as e:  # argparse's errors and --help
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["kiln", *args], code, out.getvalue(), err.getvalue())
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (what a service manager sends), then SIGKILL if it has not exited in ``timeout``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def start_serve(*args: str, env: dict | None = None, timeout: float = 300):
+    """`kiln serve ARGS` as a user starts it, its output appended to ``lines`` by ``reader`` (a
+    thread); returns (proc, lines, reader) once it prints that it is ready. A server that exits
+    or is not ready within ``timeout`` is killed and fails the test with its output."""
+    proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while not any("[kiln] ready:" in line for line in lines):
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            reader.join(timeout=30)
+            raise AssertionError("kiln serve did not get ready:\n" + "".join(lines)[-3000:])
+        time.sleep(0.5)
+    return proc, lines, reader
+
+
+# What TensorFlow prints while it loads on AVX-512 CPUs; TF_ENABLE_ONEDNN_OPTS=1 forces it on any
+# x86-64 machine, so the tests that check Kiln's output is its own force it (machines differ).
+TF_NOTICES = ("oneDNN custom operations are on", "absl::InitializeLog()")
+NOISY_TF = {"TF_ENABLE_ONEDNN_OPTS": "1"}
+
+
+def assert_no_tf_notices(text: str) -> None:
+    noise = [line for line in text.splitlines() if any(n in line for n in TF_NOTICES)]
+    assert not noise, noise[:4]
+
+
+def ray_processes() -> dict[str, str]:
+    """Running Ray processes (and Serve's HAProxy), pid -> command line. Compare pids: an actor's
+    title changes with the task it runs (``ray::ServeController.listen_for_change``)."""
+    out = subprocess.run(["pgrep", "-af", "raylet|gcs_server|ray::|haproxy"], capture_output=True, text=True)
+    # a <defunct> entry is a process that has exited and waits for its parent to reap it
+    return {line.split()[0]: line for line in out.stdout.splitlines()
+            if "pgrep" not in line and "<defunct>" not in line}
+
+
+def haproxy_folders(command_lines) -> set[Path]:
+    """The folders of the HAProxy processes among ``command_lines`` (Serve runs it as
+    ``haproxy ... -f FOLDER/<node id>/haproxy.cfg``), and the per-node folder under Ray's default
+    path for any of its files left unset (/tmp/haproxy-serve/<node id>): what a stopped server
+    must not leave behind."""
+    import re
+
+    found = [m.groups() for line in command_lines
+             for m in [re.search(r" -f (\S+)/([0-9a-f]+)/haproxy\.cfg", line)] if m]
+    return {Path(folder) for folder, _ in found} | {Path("/tmp/haproxy-serve", node) for _, node in found}
+
+
+def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, before: set[str], stop: str,
+                          sent: bool = False) -> None:
+    """Send ``stop`` (SIGINT: Ctrl-C; SIGTERM: what systemd, Docker and Kubernetes send; ``sent``:
+    the caller sent it already) to a
+    running `kiln serve` whose output ``reader`` (a thread) appends to ``lines``, and check it
+    stops as a user expects: its exit status, one closing line, no stack dump, no TensorFlow
+    notice from any of its processes, none of the Ray processes it started (``before``: those
+    running before it) left behind, and no folder of its HAProxy's left in /tmp. SIGTERM once
+    printed a Ray stack dump and left Ray's agents running; every server left a folder."""
+    import signal
+
+    folders = haproxy_folders(line for pid, line in ray_processes().items() if pid not in before)
+    assert folders or sent, "no HAProxy of this server found"  # sent: it may be stopping already
+    if not sent:
+        proc.send_signal(getattr(signal, stop))
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=30)  # the reader owns the output: it ends at the last line
+    text = "".join(lines)
+    assert proc.returncode == (130 if stop == "SIGINT" else 0) and "[kiln] server stopped" in text, text[-2000:]
+    assert "SIGTERM received" not in text and "Traceback" not in text, text[-2000:]
+    # Serve's shutdown call was reported as a failed task ("Task ServeController.graceful_shutdown
+    # failed ... killed by `ray.kill`") on every stop: a clean stop reports nothing failed
+    assert not [line for line in lines if "failed" in line and "ServeController" in line], text[-2000:]
+    assert_no_tf_notices(text)  # the replicas load TensorFlow quietly too
+    deadline = time.time() + 30
+    while set(ray_processes()) - before and time.time() < deadline:
+        time.sleep(0.5)
+    left = {pid: line for pid, line in ray_processes().items() if pid not in before}
+    assert not left, list(left.values())
+    assert not [f for f in folders if f.exists()], folders
+
+
+IMAGE = {"images": np.zeros((28, 28, 1)).tolist()}
+
+
+def store_copy(store, version: int, broken: bool = False, name: str = "cnn") -> None:
+    """cnn:1 stored again as ``name:version`` (as a save does: a hidden folder, renamed);
+    ``broken``: its weights file is a valid HDF5 file holding no weights, which passes the
+    server's cheap check and fails only when the model loads."""
+    (store / name).mkdir(exist_ok=True)
+    tmp = store / name / f".incoming-{version}"
+    shutil.copytree(store / "cnn" / "1", tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    (tmp / "manifest.json").write_text(json.dumps({**manifest, "name": name, "version": version}))
+    if broken:
+        import h5py
+
+        (tmp / "model.weights.h5").unlink()
+        h5py.File(tmp / "model.weights.h5", "w").close()
+    tmp.rename(store / name / str(version))
+
+
+def copy_models(source, store, *names: str) -> Path:
+    """The folders of models ``names`` (every version) copied from the store ``source`` (the
+    session's ``trained`` store) into ``store``: a module gets models it may change, label or
+    break without training its own."""
+    store = Path(store)
+    for name in names:
+        shutil.copytree(Path(source) / name, store / name)
+    return store
+
+
+def copy_version(store, src: str, name: str) -> str:
+    """Store a new version of ``name`` holding ``src``'s files (what a second training run would
+    store, without the minutes)."""
+    from kiln.store import Store
+
+    s = Store(store)
+    old = s.get(src)
+
+    def write(tmp):
+        for p in old.path.iterdir():
+            if p.is_dir():
+                shutil.copytree(p, tmp / p.name)
+            elif p.name != "manifest.json":
+                shutil.copy(p, tmp / p.name)
+        return {k: v for k, v in old.manifest.items() if k not in ("name", "version", "created")}
+    return s.save(name, write).ref
+
+
+def write_folder(root, classes=("cats", "dogs"), n=6, broken: str | None = None):
+    """Real picture files: per class, RGB JPEGs and grayscale PNGs of different sizes in that
+    class's colour (cats red, dogs blue), plus ``broken`` (a file named like a JPEG that is not
+    one) and a text file that is no picture."""
+    from PIL import Image
+
+    colours = {"cats": (220, 30, 30), "dogs": (30, 30, 220), "owls": (30, 200, 30)}
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            size = (40 + 7 * i, 30 + 5 * i)
+            if i % 3 == 2:  # grayscale PNG
+                Image.new("L", size, 60 if c == "cats" else 200).save(root / c / f"{i}.png")
+            else:
+                Image.new("RGB", size, colours[c]).save(root / c / f"{i}.jpg", quality=95)
+        (root / c / "notes.txt").write_text("not a picture")
+    if broken:
+        (root / broken).write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG")
+    return root
+
+
+class Load:
+    """Clients sending classify requests in a loop, bounded in count and time; every answer that
+    is not 200 is kept."""
+
+    def __init__(self, base: str, models: list[str], clients: int = 4, seconds: float = 240) -> None:
+        self.base, self.models, self.seconds = base, models, seconds
+        self.ok, self.failed = 0, []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, args=(k,), daemon=True) for k in range(clients)]
+
+    def run(self, k: int) -> None:
+        session = requests.Session()
+        deadline = time.time() + self.seconds
+        for i in range(100_000):
+            if self.stop.is_set() or time.time() > deadline:
+                return
+            model = self.models[(i + k) % len(self.models)]
+            try:
+                r = session.post(f"{self.base}/models/{model}/classify", json=IMAGE, timeout=30)
+                if r.status_code == 200:
+                    self.ok += 1
+                else:
+                    self.failed.append((model, r.status_code, r.text[:200]))
+            except requests.RequestException as e:
+                self.failed.append((model, "exception", str(e)[:200]))
+            time.sleep(0.02)
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def models(base: str) -> dict[str, dict]:
+    return {m["ref"]: m for m in requests.get(f"{base}/models", timeout=30).json()["models"]}
+
+
+def replicas(deployment: str) -> list[int]:
+    """The process ids of a model deployment's replicas (named ray::ServeReplica:APP:DEPLOYMENT)."""
+    found = subprocess.run(["pgrep", "-f", f"ServeReplica:kiln:model-{deployment}"], capture_output=True, text=True)
+    return sorted(int(p) for p in found.stdout.split())
+
+
+def wait_for(check, seconds: float = 120) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if check():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def weights(path):
+    with np.load(path) as f:
+        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def assert_same_weights(probe, epoch, prefix=""):
+    a, b = weights(probe / f"{prefix}rank0-epoch{epoch}.npz"), weights(probe / f"{prefix}rank1-epoch{epoch}.npz")
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
