@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import Load, copy_models, store_copy, haproxy_folders, models, replicas, run_kiln, start_serve, stop_process, wait_for
+from helpers import (Load, copy_models, haproxy_folders, kiln_here, models, replicas, start_serve,
+                     stop_process, store_copy, wait_for)
 from helpers import ray_processes as running
 from kiln.serve.runtime import free_port
 
@@ -106,7 +107,7 @@ def test_a_label_routes_to_its_version_and_moving_it_needs_no_restart(served):
                      key=lambda r: int(r.split(":")[1]))
     missing = requests.post(f"{base}/models/cnn@stable/classify", json=image, timeout=30)
     assert missing.status_code == 404 and "has no label 'stable'" in missing.json()["error"]
-    out = run_kiln("models", "label", served_now, "stable", "--store", str(store))
+    out = kiln_here("models", "label", served_now, "stable", "--store", str(store))
     assert out.returncode == 0, out.stderr
 
     def answers() -> bool:
@@ -118,7 +119,7 @@ def test_a_label_routes_to_its_version_and_moving_it_needs_no_restart(served):
     status = requests.get(f"{base}/v1/models/cnn/labels/stable", timeout=30).json()
     assert status["model_version_status"][0]["version"] == served_now.split(":")[1]
     # moved to a version this server does not serve (an older one): a 404 that says so
-    assert run_kiln("models", "label", "cnn:1", "stable", "--store", str(store)).returncode == 0
+    assert kiln_here("models", "label", "cnn:1", "stable", "--store", str(store)).returncode == 0
 
     def moved() -> bool:
         r = requests.post(f"{base}/models/cnn@stable/classify", json=image, timeout=30)

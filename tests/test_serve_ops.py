@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import NOISY_TF, ray_processes, run_kiln, start_serve, stop_process, stop_server_and_check
+from helpers import NOISY_TF, kiln_here, ray_processes, start_serve, stop_process, stop_server_and_check
 from helpers import copy_models, copy_version, replicas, wait_for  # replicas("pool"): the processes of model-pool
 from kiln.serve.runtime import free_port
 
@@ -34,8 +34,8 @@ def ops(tmp_path_factory, trained):
     copy_version(store, "m:1", "m")      # m:2
     shutil.rmtree(store / "cnn")         # served here as m only
     copy_version(store, "m:1", "other")  # other:1, outside any split
-    assert run_kiln("models", "label", "m:1", "stable", "--store", str(store)).returncode == 0
-    assert run_kiln("models", "label", "m:2", "canary", "--store", str(store)).returncode == 0
+    assert kiln_here("models", "label", "m:1", "stable", "--store", str(store)).returncode == 0
+    assert kiln_here("models", "label", "m:2", "canary", "--store", str(store)).returncode == 0
     port = free_port()
     before = set(ray_processes())
     proc, lines, reader = start_serve("--store", str(store), "--port", str(port), "--poll-seconds", "1",
@@ -134,7 +134,7 @@ def test_moving_a_label_moves_its_traffic_under_load_without_a_failed_request(op
         t.start()
     try:
         new = copy_version(store, "m:1", "m")  # m:3
-        assert run_kiln("models", "label", new, "canary", "--store", str(store)).returncode == 0
+        assert kiln_here("models", "label", new, "canary", "--store", str(store)).returncode == 0
 
         def moved() -> bool:
             split = requests.get(f"{base}/models", headers=AUTH, timeout=30).json()["traffic"]["m"]
@@ -158,14 +158,14 @@ def test_rm_refuses_a_version_the_server_serves_and_deletes_a_free_one(ops):
     one line, exit 2, nothing deleted. The canary's old version, no longer served once its label
     moved, goes."""
     base, store, *_ = ops
-    served = run_kiln("models", "rm", "other:1", "--store", str(store))
+    served = kiln_here("models", "rm", "other:1", "--store", str(store))
     assert served.returncode == 2 and "other:1 is served by `kiln serve`" in served.stderr, served.stderr
-    labelled = run_kiln("models", "rm", "m:1", "--store", str(store))
+    labelled = kiln_here("models", "rm", "m:1", "--store", str(store))
     assert labelled.returncode == 2 and "m:1 has label stable" in labelled.stderr
     assert (store / "other" / "1").is_dir() and (store / "m" / "1").is_dir()
 
     def freed() -> bool:  # the server's record follows what it serves within a poll
-        return run_kiln("models", "rm", "m:2", "--store", str(store)).returncode == 0
+        return kiln_here("models", "rm", "m:2", "--store", str(store)).returncode == 0
     assert wait_for(freed, 60) and not (store / "m" / "2").exists()
     assert requests.post(f"{base}/models/m/classify", json=IMAGE, headers=AUTH, timeout=30).status_code == 200
 

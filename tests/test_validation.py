@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import run_kiln
+from helpers import kiln_here, run_kiln
 from kiln import checkpoint, data
 
 
@@ -57,7 +57,7 @@ def test_arrays_hold_out_a_seeded_sample(tmp_path):
 def test_early_stop_stops_when_the_metric_stops_improving(workdir):
     """Learning rate 0: the validation accuracy never improves on epoch 1, so with patience 2 the
     run stops after epoch 3 and keeps epoch 1's weights."""
-    out = run_kiln("train", "cnn", "--epochs", "8", "--limit", "2000", "--set", "learning_rate=0",
+    out = kiln_here("train", "cnn", "--epochs", "8", "--limit", "1000", "--set", "learning_rate=0",
                    "--early-stop", "accuracy:2", "--run", "flat", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "val_accuracy=" in out.stdout
@@ -67,12 +67,12 @@ def test_early_stop_stops_when_the_metric_stops_improving(workdir):
     assert manifest["early_stop"]["epoch"] == 1 and manifest["early_stop"]["stopped"] == 3
     assert manifest["train"]["early_stop"] == "accuracy:2"
     # resuming a run that stopped early trains no further
-    again = run_kiln("train", "--resume", "flat", "--epochs", "9", cwd=workdir)
+    again = kiln_here("train", "--resume", "flat", "--epochs", "9", cwd=workdir)
     assert again.returncode == 0 and "stopped early at epoch 3" in again.stdout, again.stderr[-2000:]
 
 
 def test_the_stored_model_is_the_best_epochs(workdir):
-    out = run_kiln("train", "cnn", "--epochs", "4", "--limit", "3000", "--early-stop", "val_loss:4",
+    out = kiln_here("train", "cnn", "--epochs", "4", "--limit", "1000", "--early-stop", "val_loss:4",
                    "--run", "best", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     manifest = json.loads((workdir / "store" / "cnn" / "1" / "manifest.json").read_text())
@@ -86,14 +86,14 @@ def test_the_stored_model_is_the_best_epochs(workdir):
         np.testing.assert_array_equal(stored, best)
 
     # `kiln runs` lists it; `kiln runs compare` draws its validation curve
-    listed = run_kiln("runs", cwd=workdir)
+    listed = kiln_here("runs", cwd=workdir)
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if line.startswith("best "))
     best_acc = max(h["val_accuracy"] for h in manifest["history"])
     assert "finished" in row and "4/4" in row and f"val_accuracy={best_acc:.4f}" in row and "cnn:1" in row
-    drawn = run_kiln("runs", "compare", "best", "--metric", "val_loss", "--out", "curves.png", cwd=workdir)
+    drawn = kiln_here("runs", "compare", "best", "--metric", "val_loss", "--out", "curves.png", cwd=workdir)
     assert drawn.returncode == 0 and (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    unknown = run_kiln("runs", "compare", "best", "nope", cwd=workdir)
+    unknown = kiln_here("runs", "compare", "best", "nope", cwd=workdir)
     assert unknown.returncode == 2 and "no run 'nope'" in unknown.stderr and len(unknown.stderr.strip().splitlines()) == 1
 
 
