@@ -14,22 +14,20 @@ import pytest
 import requests
 import yaml
 
-from helpers import run_kiln
+from helpers import copy_models, kiln_here
 from helpers import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent
 
 
-def test_build_config_deploys_on_a_ray_head(tmp_path):
-    from kiln import run
-
+def test_build_config_deploys_on_a_ray_head(tmp_path, trained):
     env = {"KILN_STORE": str(tmp_path / "store"), "KILN_RUNS": str(tmp_path / "runs")}
-    run.train(run.plan("cnn", epochs=1, limit=3000, store=tmp_path / "store", runs_dir=tmp_path / "runs"))
+    copy_models(trained, tmp_path / "store", "cnn")
     port, gcs, dash = free_port(), free_port(), free_port()
     config = tmp_path / "serve.yaml"
-    out = run_kiln("serve", "--model", "cnn", "--port", str(port), "--replicas", "1-2",
-                   "--build-config", str(config), cwd=tmp_path, env=env)
+    out = kiln_here("serve", "--model", "cnn", "--port", str(port), "--replicas", "1-2",
+                    "--build-config", str(config), cwd=tmp_path, env=env)
     assert out.returncode == 0 and "serve deploy" in out.stdout, out.stderr
     doc = yaml.safe_load(config.read_text())
     application = doc["applications"][0]

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from helpers import run_kiln
+from helpers import kiln_here
 from kiln import KilnError
 
 
@@ -19,7 +19,7 @@ from kiln import KilnError
 def vae(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     env = {"KILN_STORE": str(root / "store"), "KILN_RUNS": str(root / "runs")}
-    out = run_kiln("train", "vae", "--epochs", "3", "--limit", "6000", cwd=root, env=env)
+    out = kiln_here("train", "vae", "--epochs", "3", "--limit", "6000", cwd=root, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     from kiln import models
 
