@@ -19,11 +19,8 @@ import requests
 
 from kiln.serve.runtime import free_port  # noqa: F401  (the tests' free ports come from here)
 
-
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
-
-
 
 
 def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,
@@ -37,7 +34,8 @@ def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,
 def kiln_here(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """The kiln CLI's ``main`` in this process: the same parsing, work, output and exit status as
     ``run_kiln``, without starting a new Python that imports TensorFlow again (seconds a call).
-    For errors raised before any work and for fixtures that need only what a command stores;
+    For whatever a command does rather than what its process does: its work, what it stores and
+    prints, errors found before any work; commands that need Ray join the test's ``shared_ray``;
     what a fresh process prints while TensorFlow loads is tested with ``run_kiln``."""
     import contextlib
     import io
@@ -158,6 +156,7 @@ def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, befo
     assert not [f for f in folders if f.exists()], folders
 
 
+# one blank MNIST-sized picture: a valid classify request for any model of the session's cnn
 IMAGE = {"images": np.zeros((28, 28, 1)).tolist()}
 
 
