@@ -62,18 +62,22 @@ _shared_ray = contextlib.ExitStack()
 
 
 @pytest.fixture
-def shared_ray():
+def shared_ray(tmp_path_factory) -> Path:
     """A local Ray (2 CPUs) in this process for tests that only need a Ray to run on, started on
     first use and kept for the next test that needs one, as Ray's own suites share one
     (ray_start_regular_shared). Kiln's commands run in this process join it instead of starting
-    their own. A module that must own its cluster takes ``own_ray``, which stops this one."""
+    their own. A module that must own its cluster takes ``own_ray``, which stops this one.
+
+    Yields the folder where the test plugins' probes (tests/plugins) write from its workers: its
+    workers took their environment when it started, so KILN_PROBE_DIR is set then, once."""
     import ray
 
     if not ray.is_initialized():
         from kiln.cluster.train import local_cluster
 
+        os.environ["KILN_PROBE_DIR"] = str(tmp_path_factory.mktemp("probes"))
         _shared_ray.enter_context(local_cluster(num_cpus=2))
-    yield
+    yield Path(os.environ["KILN_PROBE_DIR"])
 
 
 @pytest.fixture(scope="module")

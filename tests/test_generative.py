@@ -164,16 +164,14 @@ def test_evaluate_without_a_classifier_fails_clearly(store, tmp_path):
 
 
 @pytest.mark.ray
-def test_every_generative_plugin_keeps_two_workers_identical(tmp_path, monkeypatch, shared_ray):
+def test_every_generative_plugin_keeps_two_workers_identical(tmp_path, shared_ray):
     """A few steps of each plugin's own train_step on 2 Ray Train workers: afterwards both
     workers hold identical weights, batch-norm statistics and optimizer states. (dcgan and cgan
     share one GAN model and train_step; cgan, the conditional one, covers both.)"""
     from kiln import data, run
     from kiln.cluster.train import fit
 
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    monkeypatch.setenv("KILN_PROBE_DIR", str(probe))
+    probe = shared_ray  # where the dump plugin's workers write their state
     for name in ("autoencoder", "vae", "cgan"):
         spec = run.plan(f"dump_{name}", workers=2, epochs=1, limit=256, batch_size=64,
                         plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",

@@ -255,17 +255,15 @@ def test_transfer_bad_base_is_one_line(workdir, sets, msg):
 
 
 @pytest.mark.ray
-def test_sequence_and_transfer_plugins_keep_two_workers_identical(tmp_path, monkeypatch, trained, shared_ray):
+def test_sequence_and_transfer_plugins_keep_two_workers_identical(tmp_path, trained, shared_ray):
     from kiln import data, run
     from kiln.cluster.train import fit
 
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    monkeypatch.setenv("KILN_PROBE_DIR", str(probe))
+    probe = shared_ray  # where the dump plugin's workers write their state
     common = dict(plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",
                   runs_dir=tmp_path / "runs")
     copy_models(trained, tmp_path / "store", "cnn")  # transfer's base
-    jobs = [("har", dict(limit=256, batch_size=64, epochs=2)),
+    jobs = [("har", dict(limit=512, batch_size=64, epochs=2)),  # 512: windows of 2 subjects, for validation
             ("lstm", dict(limit=128, batch_size=64, epochs=2, overrides={"units": "32"})),
             ("transfer", dict(batch_size=32, epochs=2,
                               overrides={"labels_per_class": "8", "head_epochs": "1"}))]
