@@ -206,9 +206,11 @@ def test_metrics_count_known_traffic_across_replicas(ops):
         seen[:] = [(sum(series(text, "ray_kiln_requests_total", **want, status="200")),
                     sum(series(text, "ray_kiln_requests_total", **{**want, "protocol": "tfserving"}, status="200")),
                     sum(series(text, "ray_kiln_requests_total", **want, status="400")),
-                    len(series(text, "ray_kiln_model_load_seconds", model="other", version="1")))]
-        return seen[0] == (7, 3, 2, 2)
-    # what was counted last (kiln 200s, tfserving 200s, kiln 400s, replicas reporting a load) if not
+                    len(series(text, "ray_kiln_model_load_seconds", model="other", version="1")),
+                    sum(series(text, "ray_kiln_batch_size_count", model="other", version="1")))]
+        return seen[0] == (7, 3, 2, 2, 10)
+    # what was counted last (kiln 200s, tfserving 200s, kiln 400s, replicas reporting a load, the
+    # model's calls: the model replicas export theirs apart from the ingress's) if not
     assert wait_for(counted, 90), seen
     r = session.get(f"{base}/metrics", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
