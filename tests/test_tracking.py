@@ -23,6 +23,7 @@ def _scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
     return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
 
 
+@pytest.mark.slow  # trains 2 epochs: beyond the fast tier's few batches
 def test_a_run_writes_what_tensorboard_shows(workdir):
     out = run_kiln("train", "cnn", "--epochs", "2", "--limit", "3000", "--run", "tb", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -41,6 +42,7 @@ def test_a_run_writes_what_tensorboard_shows(workdir):
     assert hparams and b"learning_rate" in b"".join(hparams.values())
 
 
+@pytest.mark.slow  # trains 2 epochs: beyond the fast tier's few batches
 def test_pictures_drawn_while_training_are_images_in_tensorboard(workdir):
     out = run_kiln("train", "dcgan", "--epochs", "2", "--limit", "1280", "--set", "sample_every=1",
                    "--run", "gan", cwd=workdir)
@@ -52,6 +54,7 @@ def test_pictures_drawn_while_training_are_images_in_tensorboard(workdir):
     assert set(_scalars(train, "epoch_d_loss")) == {1, 2}
 
 
+@pytest.mark.slow  # trains 2 epochs: beyond the fast tier's few batches
 def test_on_a_terminal_each_epoch_shows_a_progress_bar_and_in_logs_one_line(workdir):
     """Under a pseudo-terminal (a user's shell) a bar moves within each epoch and is wiped before
     the epoch's line; captured output (logs, Ray jobs) keeps one line per epoch, no bar."""
