@@ -19,9 +19,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # tests count those lines.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-from helpers import ROOT, ray_processes  # noqa: E402  (after the environment above)
-
-HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
+from helpers import HYMENOPTERA, ray_processes  # noqa: E402  (after the environment above)
 
 
 @pytest.fixture

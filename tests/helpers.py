@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from kiln.serve.runtime import free_port  # noqa: F401  (the tests' free ports come from here)
-
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
+# the ants and bees photos of ../shared/data (MANIFEST.md there): a user's own image folder
+HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
 
 
 def run_kiln(*args: str, cwd: Path | None = None, env: dict | None = None,

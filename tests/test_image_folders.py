@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_kiln
-from helpers import write_folder
+from helpers import HYMENOPTERA, run_kiln, write_folder
 
 pytestmark = [pytest.mark.slow]
-HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
 
 
 def photo(path: Path, shape):

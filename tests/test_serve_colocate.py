@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import start_serve, stop_process
+from helpers import Load, copy_models, copy_version, models, start_serve, stop_process, store_copy, wait_for
 from kiln.serve.runtime import free_port
-from helpers import Load, copy_models, models, store_copy, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -25,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 def colocated(tmp_path_factory, trained):
     root = tmp_path_factory.mktemp("colocate")
     copy_models(trained, root / "store", "cnn")
-    store_copy(root / "store", 1, name="other")
+    copy_version(root / "store", "cnn:1", "other")
     store_copy(root / "store", 1, broken=True, name="broken")  # its load fails while the server starts
     port = free_port()
     proc, lines, _ = start_serve("--store", str(root / "store"), "--port", str(port), "--poll-seconds", "1",

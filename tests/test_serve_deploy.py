@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from helpers import copy_models, kiln_here
-from helpers import free_port
+from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import (Load, copy_models, haproxy_folders, kiln_here, models, replicas, start_serve,
-                     stop_process, store_copy, wait_for)
+from helpers import (Load, copy_models, copy_version, haproxy_folders, kiln_here, models, replicas, start_serve,
+                     stop_process, wait_for)
 from helpers import ray_processes as running
 from kiln.serve.runtime import free_port
 
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 def served(tmp_path_factory, trained):
     root = tmp_path_factory.mktemp("faults")
     copy_models(trained, root / "store", "cnn")
-    store_copy(root / "store", 1, name="other")
+    copy_version(root / "store", "cnn:1", "other")
     port = free_port()
     proc, lines, _ = start_serve("--store", str(root / "store"), "--port", str(port), "--poll-seconds", "1",
                                  "--replicas", "2")

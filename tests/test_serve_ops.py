@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import NOISY_TF, kiln_here, ray_processes, start_serve, stop_process, stop_server_and_check
+from helpers import HYMENOPTERA, NOISY_TF, kiln_here, ray_processes, start_serve, stop_process, stop_server_and_check
 from helpers import copy_models, copy_version, replicas, wait_for  # replicas("pool"): the processes of model-pool
 from kiln.serve.runtime import free_port
 
@@ -23,7 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "ops-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 IMAGE = {"images": np.zeros((1, 28, 28, 1)).tolist()}
-HYMENOPTERA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
 
 
 @pytest.fixture(scope="module")
