@@ -289,6 +289,9 @@ class KilnIngress:
         self._status = (0.0, {})
         api.openapi_schema = None
 
+    def check_health(self) -> None:
+        metrics.refresh()  # the versions loaded here with --colocate (ModelServer.check_health)
+
     def _failed(self) -> dict[str, str]:
         """The versions that cannot be served, with why: those the server's poll found, and (with
         --colocate) those whose load failed here, until the next poll lists them too."""

@@ -6,8 +6,9 @@ tags each series with the deployment and replica, and each node's metrics agent 
 families in Prometheus text, so one scrape covers every replica on every node, not only the
 process that answered it. Ray reports to its agent every few seconds (``metrics_report_interval_ms``,
 10 s by default): a scrape shows what was recorded up to then. The agent drops a gauge a replica
-has not re-exported within two such intervals, so a replica too busy to export in time can miss
-its load and warm-up gauges in a scrape until its next export.
+has not re-exported within two such intervals: every replica records its load and warm-up gauges
+again at each of Serve's health checks (``refresh``); one too busy to export in time can miss them
+in a scrape until its next export.
 
 What is recorded (all counters are per replica; Prometheus sums them):
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import http
 import time
+import weakref
 from typing import Any
 
 MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
@@ -67,9 +69,29 @@ def _split(ref: str) -> tuple[str, str]:
     return name, version
 
 
-def loaded(ref: str, load_s: float, warmup_s: float) -> None:
-    name, version = _split(ref)
+# The model versions loaded in this process (``kiln.serve.replica.ModelServer``), held weakly: a
+# version the pool unloads leaves with its last reference.
+_loaded: weakref.WeakSet = weakref.WeakSet()
+
+
+def loaded(server: Any) -> None:
+    """Record ``server``'s load and warm-up times (its ``ref`` and ``timings``)."""
+    _loaded.add(server)
+    _record(server)
+
+
+def refresh() -> None:
+    """Record every loaded version's load and warm-up gauges again. A gauge set once is dropped
+    by Ray's metrics agent two report intervals later; each replica's health check (every 10 s)
+    calls this, so a scrape at any time finds them."""
+    for server in list(_loaded):
+        _record(server)
+
+
+def _record(server: Any) -> None:
+    name, version = _split(server.ref)
     made = _instruments()
+    load_s, warmup_s = server.timings
     made["load"].set(load_s, tags={"model": name, "version": version})
     made["warmup"].set(warmup_s, tags={"model": name, "version": version})
 

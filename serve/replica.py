@@ -105,8 +105,13 @@ class ModelServer:
                     continue
                 self.output_specs[method.name] = {k: _spec(v) for k, v in out.items()}
         self.load_seconds = time.perf_counter() - t0
-        metrics.loaded(self.ref, loaded - t0, time.perf_counter() - loaded)
+        self.timings = (loaded - t0, time.perf_counter() - loaded)  # load, warm-up
+        metrics.loaded(self)
         self.started = time.time()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: keeps the load and warm-up gauges in the scrapes."""
+        metrics.refresh()
 
     def describe(self) -> dict[str, Any]:
         m = self.version.manifest
@@ -258,6 +263,9 @@ class ModelPool:
             return await self._load(ref)
         except Exception as e:  # noqa: BLE001 - a version that does not load is no crash of the pool
             raise LoadError(f"{ref} failed to load in the shared replica ({type(e).__name__}: {e})") from None
+
+    def check_health(self) -> None:
+        metrics.refresh()  # every version loaded here (ModelServer.check_health)
 
     async def describe(self) -> dict[str, Any]:
         return (await self._server()).describe()
