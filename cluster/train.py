@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from kiln import logs
 from kiln.plugin import DatasetInfo, KilnError
@@ -42,17 +42,19 @@ def connect(address: str | None) -> None:
 class RayContext:
     """The loop's view of a Ray Train worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, resume: bool = True) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
+        self.resume = resume  # False: a run after the group's first (fit's ``then``) starts fresh
 
     def restore_dir(self) -> Iterator[Path | None]:
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
+        # once a run in the group has reported, Ray hands its newest checkpoint to the next
+        ckpt = ray.train.get_checkpoint() if self.resume else None
         if ckpt is None:
             yield None
             return
@@ -84,7 +86,8 @@ def _worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: set TF up, create the strategy, run the shared loop."""
     from kiln.trainer import setup_tensorflow, train_loop
 
-    spec = TrainSpec.from_dict(config["spec"])
+    runs = [(TrainSpec.from_dict(s), DatasetInfo.from_dict(i)) for s, i in config["runs"]]
+    spec = runs[0][0]
     setup_tensorflow(max(1, math.floor(spec.cpus_per_worker)), gpus=spec.gpus_per_worker > 0)
     import tensorflow as tf
 
@@ -97,14 +100,20 @@ def _worker(config: dict[str, Any]) -> None:
 
     say(f"worker {ctx.rank}/{ctx.world_size} on node {ray.util.get_node_ip_address()}, "
         f"GPUs {ray.get_gpu_ids() or 'none'}")
-    train_loop(spec, DatasetInfo.from_dict(config["info"]), strategy, ctx)
+    for i, (spec, info) in enumerate(runs):
+        train_loop(spec, info, strategy, ctx if i == 0 else RayContext(resume=False))
 
 
-def fit(spec: TrainSpec, info: DatasetInfo, callbacks: list[Any] | None = None) -> Path:
+def fit(spec: TrainSpec, info: DatasetInfo, callbacks: list[Any] | None = None,
+        then: Sequence[tuple[TrainSpec, DatasetInfo]] = ()) -> Path:
     """Train on ``spec.workers`` Ray Train workers (elastic up to ``spec.max_workers``); returns
     the run folder holding checkpoints. A failed worker or lost node restarts the group from the
     last checkpoint, up to ``spec.max_failures`` times. ``callbacks``: Ray Train callbacks (a Tune
-    trial passes Tune's, which hands each epoch's report up to the search)."""
+    trial passes Tune's, which hands each epoch's report up to the search). ``then``: runs the
+    same worker group trains after ``spec``, each with its own model, data and run folder, for
+    checks that cover several plugins at the price of one group's start (its processes import
+    TensorFlow and set up the collective). Such a group is never restarted: its checkpoints,
+    in ``spec``'s run folder, each belong to one of its models."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -133,13 +142,13 @@ def fit(spec: TrainSpec, info: DatasetInfo, callbacks: list[Any] | None = None) 
         per_worker["GPU"] = spec.gpus_per_worker
     trainer = TensorflowTrainer(
         _worker,
-        train_loop_config={"spec": spec.to_dict(), "info": info.to_dict()},
+        train_loop_config={"runs": [(s.to_dict(), i.to_dict()) for s, i in [(spec, info), *then]]},
         scaling_config=ScalingConfig(num_workers=(spec.workers, spec.max_workers) if spec.elastic
                                      else spec.workers, use_gpu=spec.gpus_per_worker > 0,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(
             name=spec.run, storage_path=spec.runs_dir,
-            failure_config=FailureConfig(max_failures=spec.max_failures),
+            failure_config=FailureConfig(max_failures=0 if then else spec.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks,

@@ -36,14 +36,20 @@ class Context(Protocol):
 
 
 def setup_tensorflow(threads: int | None, gpus: bool) -> None:
-    """Limit CPU threads per worker and stop TF from grabbing the whole GPU. Call before any op."""
+    """Limit CPU threads per worker and stop TF from grabbing the whole GPU. Call before any op.
+    A process that runs a second training (a reused Tune trial actor, in-process runs one after
+    another) keeps the settings of its first: TF refuses to change them once it is initialised."""
     import tensorflow as tf
 
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
-    for gpu in tf.config.list_physical_devices("GPU") if gpus else []:
-        tf.config.experimental.set_memory_growth(gpu, True)
+    try:
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
+        for gpu in tf.config.list_physical_devices("GPU") if gpus else []:
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as e:
+        if "initialized" not in str(e):
+            raise
 
 
 def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) -> None:

@@ -392,7 +392,10 @@ def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
             tune_config=tune.TuneConfig(
                 metric=s.metric, mode=s.mode, num_samples=s.samples, scheduler=scheduler,
                 search_alg=BasicVariantGenerator(random_state=base.seed, max_concurrent=concurrent),
-                trial_dirname_creator=lambda t: t.trial_id),
+                trial_dirname_creator=lambda t: t.trial_id,
+                # a trial's process is kept for the next one: TensorFlow and Kiln are imported
+                # once per concurrent trial instead of once per trial
+                reuse_actors=True),
             run_config=tune.RunConfig(name="tune", storage_path=str(s.dir), verbose=0,
                                       callbacks=[_Lines(s)]),
         )

@@ -172,11 +172,13 @@ def test_every_generative_plugin_keeps_two_workers_identical(tmp_path, shared_ra
     from kiln.cluster.train import fit
 
     probe = shared_ray  # where the dump plugin's workers write their state
+    runs = []
     for name in ("autoencoder", "vae", "cgan"):
         spec = run.plan(f"dump_{name}", workers=2, epochs=1, limit=256, batch_size=64,
                         plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",
                         runs_dir=tmp_path / "runs")
-        fit(spec, data.prepare(spec.dataset))  # training only: evaluation is tested elsewhere
+        runs.append((spec, data.prepare(spec.dataset)))
+    fit(*runs[0], then=runs[1:])  # one worker group trains each in turn; evaluation: elsewhere
     for name in ("autoencoder", "vae", "cgan"):
         with np.load(probe / f"dump_{name}-rank0-epoch1.npz") as f0, \
                 np.load(probe / f"dump_{name}-rank1-epoch1.npz") as f1:

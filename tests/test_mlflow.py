@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from helpers import TEST_PLUGINS, run_kiln, stop_process
+from helpers import TEST_PLUGINS, kiln_here, run_kiln, stop_process
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow]
@@ -68,7 +68,7 @@ def artifacts(url: str, run_id: str, path: str | None = None) -> set[str]:
 
 def test_a_run_logs_params_metrics_pictures_and_its_stored_version(workdir, mlflow_server):
     """MLFLOW_TRACKING_URI alone turns it on, as for any MLflow-aware tool."""
-    out = run_kiln("train", "cnn", "--limit", "2000", "--epochs", "2", "--run", "tracked", "--set", "dropout=0.3",
+    out = kiln_here("train", "cnn", "--limit", "2000", "--epochs", "2", "--run", "tracked", "--set", "dropout=0.3",
                    cwd=workdir, env={"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "tests-train"})
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     run = runs_named(mlflow_server, "tests-train")["tracked"]
@@ -90,8 +90,8 @@ def test_a_run_logs_params_metrics_pictures_and_its_stored_version(workdir, mlfl
 
 
 @pytest.mark.ray
-def test_a_run_on_ray_train_workers_logs_once_per_epoch_from_rank_0(workdir, mlflow_server):
-    out = run_kiln("train", "cnn", "--limit", "512", "--epochs", "2", "--workers", "2", "--run", "two",
+def test_a_run_on_ray_train_workers_logs_once_per_epoch_from_rank_0(workdir, mlflow_server, shared_ray):
+    out = kiln_here("train", "cnn", "--limit", "512", "--epochs", "2", "--workers", "2", "--run", "two",
                    "--mlflow", mlflow_server, cwd=workdir, env={"MLFLOW_EXPERIMENT_NAME": "tests-workers"})
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     run = runs_named(mlflow_server, "tests-workers")["two"]
@@ -102,7 +102,7 @@ def test_a_run_on_ray_train_workers_logs_once_per_epoch_from_rank_0(workdir, mlf
 
 
 def test_pictures_drawn_while_training_reach_mlflow_as_they_are_drawn(workdir, mlflow_server):
-    out = run_kiln("train", "dcgan", "--epochs", "2", "--limit", "256", "--set", "sample_every=1",
+    out = kiln_here("train", "dcgan", "--epochs", "2", "--limit", "256", "--set", "sample_every=1",
                    "--run", "gan", "--mlflow", mlflow_server, cwd=workdir, env={"MLFLOW_EXPERIMENT_NAME": "tests-gan"})
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     run = runs_named(mlflow_server, "tests-gan")["gan"]
@@ -114,8 +114,8 @@ def test_pictures_drawn_while_training_reach_mlflow_as_they_are_drawn(workdir, m
 
 
 @pytest.mark.ray
-def test_a_search_logs_its_trials_as_child_runs(workdir, mlflow_server):
-    out = run_kiln("--plugin-path", str(TEST_PLUGINS / "flaky.py"), "tune", "flaky",
+def test_a_search_logs_its_trials_as_child_runs(workdir, mlflow_server, shared_ray):
+    out = kiln_here("--plugin-path", str(TEST_PLUGINS / "flaky.py"), "tune", "flaky",
                    "--search", "dropout=grid:0.2/0.5", "--limit", "300", "--epochs", "2", "--scheduler", "fifo",
                    "--run", "searched", "--mlflow", mlflow_server, cwd=workdir,
                    env={"MLFLOW_EXPERIMENT_NAME": "tests-tune"})

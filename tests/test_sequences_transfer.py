@@ -267,9 +267,11 @@ def test_sequence_and_transfer_plugins_keep_two_workers_identical(tmp_path, trai
             ("lstm", dict(limit=128, batch_size=64, epochs=2, overrides={"units": "32"})),
             ("transfer", dict(batch_size=32, epochs=2,
                               overrides={"labels_per_class": "8", "head_epochs": "1"}))]
+    runs = []
     for name, kw in jobs:
         spec = run.plan(f"dump_{name}", workers=2, **common, **kw)
-        fit(spec, data.prepare(spec.dataset))  # training only: evaluation is tested elsewhere
+        runs.append((spec, data.prepare(spec.dataset)))
+    fit(*runs[0], then=runs[1:])  # one worker group trains each in turn; evaluation: elsewhere
     for name, _ in jobs:
         with np.load(probe / f"dump_{name}-rank0-epoch2.npz") as f0, \
                 np.load(probe / f"dump_{name}-rank1-epoch2.npz") as f1:
