@@ -1,6 +1,7 @@
-"""Fixtures only (shared helpers are in helpers.py): every test gets its own store and runs
-folder; the session trains one small model of each kind the tests serve, export or judge with,
-once, for modules to copy; the session checks that no Ray process outlives the suite."""
+"""Fixtures and the hooks that place tests (shared helpers are in helpers.py): every test gets
+its own store and runs folder; the session trains one small model of each kind the tests serve,
+export or judge with, once, for modules to copy; the session checks that no Ray process outlives
+the suite."""
 
 from __future__ import annotations
 
@@ -44,15 +45,23 @@ TRAINED = (("cnn", dict(limit=2000)),
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
     """A store holding cnn:1, autoencoder:1, lstm:1, cgan:1, vae:1 and photos:1 (a cnn on the
-    ants and bees photos at 32 px), trained once per session in this process, one epoch each.
+    ants and bees photos at 32 px), trained once per run, one epoch each, by the first test
+    process that needs it (the other pytest-xdist worker waits for it and reads the same store).
     Read-only for tests: copy what you need with helpers.copy_models."""
+    from filelock import FileLock
+
     from kiln import run
 
-    root = tmp_path_factory.mktemp("trained")
-    for name, kw in TRAINED:
-        kw = dict(kw)
-        plugin = kw.pop("plugin", name)
-        run.train(run.plan(plugin, name=name, epochs=1, store=root / "store", runs_dir=root / "runs", **kw))
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained"
+    with FileLock(f"{root}.lock"):
+        if not (root / "complete").is_file():
+            for name, kw in TRAINED:
+                kw = dict(kw)
+                plugin = kw.pop("plugin", name)
+                run.train(run.plan(plugin, name=name, epochs=1, store=root / "store",
+                                   runs_dir=root / "runs", **kw))
+            (root / "complete").touch()
     return root / "store"
 
 
@@ -91,12 +100,40 @@ def own_ray():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_ray_left_behind():
-    before = set(ray_processes())
+def close_shared_ray():
     yield
     _shared_ray.close()
+
+
+# Under pytest-xdist (`make test` runs two workers) every test marked `ray` runs in one worker,
+# one after another: tests check which Ray processes a server or cluster leaves behind, which
+# another test's Ray would confuse. The other tests go module by module (a module's fixtures are
+# set up once) to whichever worker is free.
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = "ray" if item.get_closest_marker("ray") else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+# No Ray process outlives the suite: checked by the process that runs the session (xdist's
+# controller, once its workers are done), after every fixture is torn down.
+_RAY_BEFORE = pytest.StashKey[set]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        session.config.stash[_RAY_BEFORE] = set(ray_processes())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") or _RAY_BEFORE not in session.config.stash:
+        return
+    before = session.config.stash[_RAY_BEFORE]
     left = [line for pid, line in ray_processes().items() if pid not in before]
     if left:
         subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
                        capture_output=True)
-        pytest.fail("Ray processes outlived the test suite:\n" + "\n".join(left))
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line("Ray processes outlived the test suite:\n" + "\n".join(left), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
