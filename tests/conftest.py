@@ -109,10 +109,21 @@ def close_shared_ray():
 # one after another: tests check which Ray processes a server or cluster leaves behind, which
 # another test's Ray would confuse. The other tests go module by module (a module's fixtures are
 # set up once) to whichever worker is free.
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         group = "ray" if item.get_closest_marker("ray") else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A pytest that xdist cannot tag (9.2: pytest-dev/pytest-xdist#1386) would run Ray tests
+    side by side, whose failures would say nothing of the cause: stop here instead."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup") \
+            and any("@" not in item.nodeid for item in session.items):
+        raise pytest.UsageError("pytest-xdist did not group the tests (--dist loadgroup): install "
+                                "the pytest that pyproject.toml's dev extra names")
 
 
 # No Ray process outlives the suite: checked by the process that runs the session (xdist's

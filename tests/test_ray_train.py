@@ -1,7 +1,8 @@
 """Ray Train: 2 real workers with MultiWorkerMirroredStrategy through Kiln's one loop.
 
-Also exercised elsewhere: identical weights on 2 workers (test_cluster, the same `kiln train` run
-as a Ray job), restarts after a lost node and rerunning a run by name (test_fault_tolerance)."""
+Also exercised elsewhere: identical weights on 2 workers, and a quiet driver, Train controller
+and workers with oneDNN's notice forced on (test_cluster, the same `kiln train` run as a Ray job),
+restarts after a lost node and rerunning a run by name (test_fault_tolerance)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import json
 import numpy as np
 import pytest
 
-from helpers import NOISY_TF, TEST_PLUGINS, assert_no_tf_notices, run_kiln
+from helpers import TEST_PLUGINS, kiln_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def test_logged_metrics_are_global_not_one_workers(workdir):
+def test_logged_metrics_are_global_not_one_workers(workdir, shared_ray):
     """With learning rate 0 the weights never change, so each worker's loss is the mean loss of
     its shard. The shards hold different digits: the logged loss must be the mean of both, for
     the training and the validation metrics alike."""
@@ -27,15 +28,10 @@ def test_logged_metrics_are_global_not_one_workers(workdir):
     order = np.argsort(y, kind="stable")[:2560]  # shard 0: low digits, shard 1: higher digits
     path = workdir / "sorted.npz"
     np.savez(path, x_train=x[order], y_train=y[order], x_test=x[:256], y_test=y[:256])
-    probe = workdir / "probe"
-    probe.mkdir()
-    out = run_kiln("--plugin-path", str(TEST_PLUGINS / "probe.py"), "train", "probe", "--workers", "2",
-                   "--epochs", "1", "--dataset", str(path), "--set", "learning_rate=0",
-                   "--set", "dropout=0", "--val-fraction", "0.2", cwd=workdir,
-                   env={"KILN_PROBE_DIR": str(probe), **NOISY_TF})
+    out = kiln_here("--plugin-path", str(TEST_PLUGINS / "probe.py"), "train", "probe", "--workers", "2",
+                    "--epochs", "1", "--dataset", str(path), "--set", "learning_rate=0",
+                    "--set", "dropout=0", "--val-fraction", "0.2", cwd=workdir)
     assert out.returncode == 0, out.stderr[-4000:]
-    # the driver, the Train controller and both workers load TensorFlow: none of them is noisy
-    assert_no_tf_notices(out.stdout + out.stderr)
     manifest = json.loads((workdir / "store" / "probe" / "1" / "manifest.json").read_text())
     run.registry.load_file(TEST_PLUGINS / "probe.py")
     plugin, model, _ = models.load("probe", workdir / "store")
