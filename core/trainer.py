@@ -47,8 +47,8 @@ def setup_tensorflow(threads: int | None, gpus: bool) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
         for gpu in tf.config.list_physical_devices("GPU") if gpus else []:
             tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError as e:
-        if "initialized" not in str(e):
+    except RuntimeError as e:  # "... after initialization" (threads), "... after being initialized" (GPUs)
+        if "initializ" not in str(e):
             raise
 
 
