@@ -31,6 +31,7 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from kiln import net
+from kiln.cluster.train import WORKER_HOOK
 from kiln.logs import runtime_env as quiet_runtime_env
 from kiln.plugin import KilnError
 
@@ -173,7 +174,7 @@ def submit(train_args: list[str], *, plugin: str, address: str | None, store: st
         size = sum(p.stat().st_size for p in working_dir.rglob("*") if p.is_file())
         # the job's workers start as quietly as its driver (kiln.logs)
         runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": ["__pycache__"],
-                                       **quiet_runtime_env(env)}
+                                       **quiet_runtime_env(env, hook=WORKER_HOOK)}
         kwargs: dict[str, Any] = {}
         if workers == 0 and command == "train":
             kwargs = {"entrypoint_num_cpus": cpus_per_worker, "entrypoint_num_gpus": gpus_per_worker}

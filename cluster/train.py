@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from kiln import logs
+from kiln import logs, net
 from kiln.plugin import DatasetInfo, KilnError
 from kiln.spec import TrainSpec
 from kiln.logs import say
@@ -30,13 +30,29 @@ def connect(address: str | None) -> None:
     try:
         # ERROR: Ray's start-up warnings (e.g. about its default token auth) would otherwise be
         # mixed into Kiln's one-line errors; worker output still reaches the driver.
-        ray.init(address=address, logging_level=logging.ERROR,
-                 runtime_env=None if logs.in_ray_job() else logs.runtime_env())
+        ray.init(address=net.ray_address(address), logging_level=logging.ERROR,
+                 runtime_env=None if logs.in_ray_job() else logs.runtime_env(hook=WORKER_HOOK))
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KilnError(f"cannot reach a Ray cluster at {address!r}: {first}; check the address "
                         "(e.g. 127.0.0.1:6379 or ray://host:10001) or start one with `ray start --head`") \
             from None
+
+
+WORKER_HOOK = "kiln.cluster.train.worker_setup"
+
+
+def worker_setup() -> None:
+    """The setup hook of the Ray worker processes of training (Kiln's quiet output), which also
+    points Ray's state API at the worker's own cluster. Ray Train's placement-group cleaner asks
+    that API, through the dashboard, whether the run's controller is alive; without an address
+    the API takes the last `ray start` head recorded on this machine (and waits 40 s when that
+    head is gone, holding the end of every run for the cleaner's 12 s stop timeout) or fails
+    where two local Rays run."""
+    import ray
+
+    logs.quiet_process()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 class RayContext:
@@ -178,8 +194,8 @@ def local_cluster(num_cpus: int | None = None, num_gpus: int | None = None) -> I
     where a `ray start` head runs on this machine (which ``ray.init()`` would join)."""
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             logging_level=logging.WARNING, runtime_env=logs.runtime_env())
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+             logging_level=logging.WARNING, runtime_env=logs.runtime_env(hook=WORKER_HOOK))
     try:
         yield
     finally:

@@ -45,6 +45,14 @@ def check_port_free(host: str, port: int) -> None:
             raise KilnError(f"cannot listen on {host}:{port}: {e.strerror or e}; check --host") from None
 
 
+def ray_address(address: str | None) -> str:
+    """What ``ray.init`` gets: ``address``, else ``$RAY_ADDRESS`` (a Ray job's driver has it),
+    else "local", a Ray of this process's own. ``ray.init()`` without an address would join the
+    last `ray start` head recorded in /tmp/ray/ray_current_cluster instead, and wait minutes on
+    that address when the head has died without `ray stop`."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
 def check_ray_address(address: str) -> None:
     """Fail in seconds, not minutes, when nothing listens at a Ray address (host:port or
     ray://host:port); Ray itself retries an unreachable GCS for a long time."""

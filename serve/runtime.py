@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kiln import KilnError, settings
+from kiln import KilnError, net, settings
 from kiln.logs import runtime_env as quiet_runtime_env
 from kiln.serve.codecs import Limits
 
@@ -148,7 +148,7 @@ def init_ray(address: str | None = None, client_timeout_s: int = Limits.client_t
     env = {k: v for k, v in made.items() if k not in os.environ}
     os.environ.update(env)  # Ray's processes inherit this process's environment when it starts them
     try:
-        ray.init(address=address, **{"logging_level": logging.ERROR, "include_dashboard": False,
+        ray.init(address=net.ray_address(address), **{"logging_level": logging.ERROR, "include_dashboard": False,
                                      "runtime_env": _runtime_env(), **kwargs})
     finally:
         for k in env:

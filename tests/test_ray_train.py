@@ -47,3 +47,53 @@ def test_logged_metrics_are_global_not_one_workers(workdir, shared_ray):
         shard0, shard1 = per_example[:half].mean(), per_example[half:].mean()
         assert abs(shard0 - shard1) > 0.05  # the shards really differ
         assert manifest["history"][0][key] == pytest.approx((shard0 + shard1) / 2, rel=1e-3), key
+
+
+def test_a_dead_head_recorded_on_this_machine_is_neither_joined_nor_asked():
+    """`ray start` records its head in <tmp>/ray/ray_current_cluster, and a head that died
+    without `ray stop` leaves it there. `ray.init()` joins the address in that file, so
+    `kiln train --workers 2` and `kiln serve` waited minutes on a dead address. And Ray's state
+    API, which Ray Train's placement-group cleaner asks at the end of every run, asked the dead
+    head too. Kiln's own Ray starts anyway, and the state API in its workers answers about it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from kiln.net import ray_address
+    from kiln.serve.runtime import free_port
+
+    assert ray_address("10.0.0.5:6379") == "10.0.0.5:6379"
+    temp = Path(tempfile.mkdtemp(prefix="kr-"))  # short: Ray's socket paths must fit 107 bytes
+    (temp / "ray").mkdir()
+    (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nothing there
+    script = """if True:
+        import json, ray
+        from kiln.cluster.train import connect
+        from kiln.serve.runtime import init_ray
+
+        connect(None)  # what `kiln train --workers N` does without --address
+
+        @ray.remote
+        def nodes():
+            from ray.util.state import list_nodes
+            return [n.node_id for n in list_nodes(timeout=20)]
+
+        print(json.dumps([ray.get_runtime_context().get_node_id(), ray.get(nodes.remote())]))
+        ray.shutdown()
+        init_ray()  # `kiln serve` without --address
+        print(json.dumps(ray.get_runtime_context().get_node_id()))
+        ray.shutdown()
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        out = subprocess.run([sys.executable, "-c", script], env={**env, "RAY_TMPDIR": str(temp)},
+                             capture_output=True, text=True, timeout=240)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith(("[", '"'))]
+    (node, seen), served = lines
+    assert seen == [node] and served != node, lines  # its own one-node Ray, then a new one
