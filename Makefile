@@ -27,7 +27,7 @@ demo: $(STAMP)
 # whichever is free (tests/conftest.py). Every run ends with its 25 slowest steps and the kiln
 # package's line coverage, so that growth shows in every CI log (the budget: README.md, "Tests").
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup --durations=25 --cov=kiln --cov-report=term
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder --durations=25 --cov=kiln --cov-report=term
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow" --durations=10

@@ -105,15 +105,26 @@ def close_shared_ray():
     _shared_ray.close()
 
 
-# Under pytest-xdist (`make test` runs two workers) every test marked `ray` runs in one worker,
-# one after another: tests check which Ray processes a server or cluster leaves behind, which
-# another test's Ray would confuse. The other tests go module by module (a module's fixtures are
-# set up once) to whichever worker is free.
+# Under pytest-xdist (`make test` runs two workers) the tests marked `ray` run in two groups,
+# each in one worker, one test after another: "ray-here", the tests on a Ray in the test
+# process (``shared_ray``, ``own_ray``), and "ray", those that start Ray in processes of their
+# own (servers, heads, jobs) and check which processes those leave behind: a check looks at the
+# processes its own server or head started, never at all of the machine's. The two groups run
+# first, side by side; the other tests go module by module (a module's fixtures are set up
+# once) to whichever worker is free.
+def xdist_group(item: pytest.Item) -> str:
+    if not item.get_closest_marker("ray"):
+        return item.module.__name__
+    return "ray-here" if {"shared_ray", "own_ray"} & set(item.fixturenames) else "ray"
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    groups = {item.nodeid: xdist_group(item) for item in items}
+    # xdist hands out groups in the order of their first test: the two long ones first
+    items.sort(key=lambda item: {"ray-here": 0, "ray": 1}.get(groups[item.nodeid], 2))
     for item in items:
-        group = "ray" if item.get_closest_marker("ray") else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
 
 
 @pytest.hookimpl(trylast=True)

@@ -120,19 +120,57 @@ def haproxy_folders(command_lines) -> set[Path]:
     return {Path(folder) for folder, _ in found} | {Path("/tmp/haproxy-serve", node) for _, node in found}
 
 
-def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, before: set[str], stop: str,
-                          sent: bool = False) -> None:
-    """Send ``stop`` (SIGINT: Ctrl-C; SIGTERM: what systemd, Docker and Kubernetes send; ``sent``:
-    the caller sent it already) to a
+def server_processes(proc: subprocess.Popen) -> dict[str, str]:
+    """The Ray processes (and HAProxy) a running `kiln serve` started, pid -> command line: its
+    descendants, so that another test's Ray running beside it (the suite runs Ray tests in two
+    processes) is never taken for the server's."""
+    import psutil
+
+    try:
+        mine = {str(p.pid) for p in psutil.Process(proc.pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return {}
+    return {pid: line for pid, line in ray_processes().items() if pid in mine}
+
+
+def kill_ray_under(folder) -> None:
+    """Stop a Ray started with ``--temp-dir=folder`` (as `kiln cluster down` stops a head): the
+    processes whose command line names the folder, and their children. `ray stop` would stop
+    every Ray on the machine, a neighbouring test's too."""
+    import psutil
+
+    procs = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(folder) in a for a in p.info["cmdline"] or []):
+            try:
+                for q in [p, *p.children(recursive=True)]:
+                    procs[q.pid] = q
+            except psutil.Error:
+                pass
+    for q in procs.values():
+        try:
+            q.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, stop: str,
+                          mine: dict[str, str] | None = None) -> None:
+    """Send ``stop`` (SIGINT: Ctrl-C; SIGTERM: what systemd, Docker and Kubernetes send) to a
     running `kiln serve` whose output ``reader`` (a thread) appends to ``lines``, and check it
     stops as a user expects: its exit status, one closing line, no stack dump, no TensorFlow
-    notice from any of its processes, none of the Ray processes it started (``before``: those
-    running before it) left behind, and no folder of its HAProxy's left in /tmp. SIGTERM once
-    printed a Ray stack dump and left Ray's agents running; every server left a folder."""
+    notice from any of its processes, none of the Ray processes it started left behind, and no
+    folder of its HAProxy's left in /tmp. ``mine``: the caller sent the signal already, and took
+    ``server_processes`` before it. SIGTERM once printed a Ray stack dump and left Ray's agents
+    running; every server left a folder."""
     import signal
 
-    folders = haproxy_folders(line for pid, line in ray_processes().items() if pid not in before)
-    assert folders or sent, "no HAProxy of this server found"  # sent: it may be stopping already
+    sent = mine is not None
+    mine = mine if sent else server_processes(proc)
+    folders = haproxy_folders(mine.values())
+    assert folders, "no HAProxy of this server found"
     if not sent:
         proc.send_signal(getattr(signal, stop))
     try:
@@ -149,10 +187,10 @@ def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, befo
     assert not [line for line in lines if "failed" in line and "ServeController" in line], text[-2000:]
     assert_no_tf_notices(text)  # the replicas load TensorFlow quietly too
     deadline = time.time() + 30
-    while set(ray_processes()) - before and time.time() < deadline:
+    while set(mine) & set(ray_processes()) and time.time() < deadline:
         time.sleep(0.5)
-    left = {pid: line for pid, line in ray_processes().items() if pid not in before}
-    assert not left, list(left.values())
+    left = [line for pid, line in ray_processes().items() if pid in mine]
+    assert not left, left
     assert not [f for f in folders if f.exists()], folders
 
 

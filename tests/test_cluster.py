@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from helpers import NOISY_TF, TEST_PLUGINS, assert_no_tf_notices, run_kiln
-from helpers import assert_same_weights, weights
+from helpers import assert_same_weights, kill_ray_under, weights
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -217,7 +217,6 @@ def test_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path, monkeypatch)
 
     try:
         assert len(bystander()) == 1
-        folders = set(Path(tempfile.gettempdir()).glob("kiln-haproxy-*"))
         for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
             monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where Ray keeps its token: none yet
@@ -226,6 +225,14 @@ def test_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path, monkeypatch)
                       cwd=tmp_path)
         assert up.returncode == 0, up.stderr[-2000:]
         assert (tmp_path / "home" / ".ray" / "auth_token").read_text().strip()  # made by `cluster up`
+        # the head's HAProxy folder, as its processes got it (the GCS's temp dir names its port)
+        from kiln.serve.runtime import HAPROXY_FOLDER
+
+        gcs_server = [p for p in psutil.process_iter(["cmdline", "name"]) if p.info["name"] == "gcs_server"
+                      and any(f"kiln-ray-{gcs}-" in a for a in p.info["cmdline"] or [])]
+        assert len(gcs_server) == 1
+        folder = Path(gcs_server[0].environ()[HAPROXY_FOLDER])
+        assert folder.is_dir(), folder
         ran = run_kiln("submit", "--address", f"http://127.0.0.1:{dash}", "--follow", "train", "nope",
                        cwd=tmp_path)  # the job runs (and fails on its unknown plugin): the API works
         assert "No available agent" not in ran.stderr + ran.stdout and "unknown plugin 'nope'" in ran.stdout + ran.stderr, \
@@ -235,18 +242,9 @@ def test_cluster_down_stops_its_own_head_and_no_other_ray(tmp_path, monkeypatch)
         assert not [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port in (gcs, dash)]
         assert len(bystander()) == 1 and bystander()[0].is_running()  # the other Ray goes on
         # the head's HAProxy folder goes with it (every head and server left one in /tmp)
-        assert not set(Path(tempfile.gettempdir()).glob("kiln-haproxy-*")) - folders
+        assert folder.name.startswith("kiln-haproxy-") and not folder.exists(), folder
         again = run_kiln("cluster", "down", "--port", str(gcs))
         assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
         assert "no Ray head started by `kiln cluster up` on port" in again.stderr
     finally:
-        for p in psutil.process_iter(["cmdline"]):
-            if any(str(other) in a for a in p.info["cmdline"] or []):
-                for q in [p, *p.children(recursive=True)]:
-                    try:
-                        q.kill()
-                    except psutil.Error:
-                        pass
-        import shutil
-
-        shutil.rmtree(other, ignore_errors=True)
+        kill_ray_under(other)

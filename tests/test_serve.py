@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import re
 import select
+import shutil
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -452,29 +454,30 @@ def test_cli_serve_errors_are_one_line(tmp_path):
 def test_a_port_in_use_is_one_line_and_starts_nothing(server):
     """Another server on the port: `kiln serve` printed a 47-line Ray traceback from HAProxy's
     failed bind and exited 1, after starting Ray for nothing."""
-    from helpers import ray_processes
+    import tempfile
 
     _, store, *_ = server
-    before = set(ray_processes())
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kr-"))  # where this server's Ray would keep its session
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        out = run_kiln("serve", "--store", store, "--model", "cnn", "--port", str(port), timeout=300)
+        out = run_kiln("serve", "--store", store, "--model", "cnn", "--port", str(port), timeout=300,
+                       env={"RAY_TMPDIR": str(ray_tmp)})
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
     assert f"port {port}" in lines[0] and "in use" in lines[0] and "--port" in lines[0], lines
-    assert set(ray_processes()) <= before  # refused before Ray started
+    assert not list(ray_tmp.rglob("session_*")), list(ray_tmp.rglob("*"))  # refused before Ray started
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     """`kiln serve` as a user runs it (its own local Ray cluster): it prints each route once the
     model is ready, answers, and Ctrl-C stops Serve and Ray, leaving no process behind. SIGTERM
     is tested on the operations module's server (test_serve_ops)."""
-    from helpers import ray_processes, start_serve, stop_server_and_check
+    from helpers import start_serve, stop_server_and_check
 
     _, store, *_ = server
-    before = set(ray_processes())
     port = free_port()
     proc, lines, reader = start_serve("--store", store, "--model", "cnn", "--port", str(port),
                                       "--poll-seconds", "0", env=NOISY_TF)
@@ -489,7 +492,7 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     except BaseException:
         proc.kill()
         raise
-    stop_server_and_check(proc, lines, reader, before, "SIGINT")
+    stop_server_and_check(proc, lines, reader, "SIGINT")
 
 
 def test_a_killed_server_leaves_nothing_on_its_port(server):
@@ -497,15 +500,15 @@ def test_a_killed_server_leaves_nothing_on_its_port(server):
     follow it down, but Serve's HAProxy, a child of one of them, kept listening on the server's
     port for hours, so the next `kiln serve` there could not start. Within a bounded wait the
     port must be free and none of the killed server's processes left."""
-    from helpers import ray_processes, start_serve
+    from helpers import ray_processes, server_processes, start_serve
 
     _, store, *_ = server
-    before = set(ray_processes())
     port = free_port()
     proc, lines, _ = start_serve("--store", store, "--model", "cnn", "--port", str(port), "--poll-seconds", "0")
     try:
         assert requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30).status_code == 200, lines
-        haproxy = {pid for pid, line in ray_processes().items() if pid not in before and "haproxy" in line}
+        killed = set(server_processes(proc))  # once killed, its processes are no one's children
+        haproxy = {pid for pid, line in ray_processes().items() if pid in killed and "haproxy" in line}
         assert haproxy  # the listener whose fate is tested
     finally:
         proc.kill()
@@ -523,7 +526,6 @@ def test_a_killed_server_leaves_nothing_on_its_port(server):
     # Ray's two agents see their raylet die at once, then spend 60 s trying to report it to the
     # dead GCS (publish_error_to_driver's fixed timeout in Ray 2.60) before they exit: the module's
     # last step checks that none of the killed server's processes is left, while others test
-    killed = {pid for pid in ray_processes() if pid not in before}
     LATE_CHECKS.append(("the killed server's processes", lambda: killed & set(ray_processes())))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from helpers import copy_models, kiln_here
+from helpers import copy_models, kill_ray_under, kiln_here
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -43,7 +44,9 @@ def test_build_config_deploys_on_a_ray_head(tmp_path, trained):
     # turns it on by itself depends on whether ~/.ray/auth_token exists on this machine already.
     ray_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], capture_output=True, env=ray_env)
-    start = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2",
+    # its own temporary folder marks the head's processes, to stop them and no other Ray
+    temp = tempfile.mkdtemp(prefix="kr-")  # short: Ray's socket paths must fit 107 bytes
+    start = subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={temp}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                             "--disable-usage-stats"], capture_output=True, text=True, env=ray_env)
     assert start.returncode == 0, start.stderr[-2000:]
@@ -64,4 +67,4 @@ def test_build_config_deploys_on_a_ray_head(tmp_path, trained):
         r = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=60)
         assert r.status_code == 200 and len(r.json()["probabilities"][0]) == 10
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=ray_env)
+        kill_ray_under(temp)

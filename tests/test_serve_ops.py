@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import HYMENOPTERA, NOISY_TF, kiln_here, ray_processes, start_serve, stop_process, stop_server_and_check
+from helpers import HYMENOPTERA, NOISY_TF, kiln_here, server_processes, start_serve, stop_process, stop_server_and_check
 from helpers import copy_models, copy_version, replicas, wait_for  # replicas("pool"): the processes of model-pool
 from kiln.serve.runtime import free_port
 
@@ -37,14 +37,13 @@ def ops(tmp_path_factory, trained):
     assert kiln_here("models", "label", "m:1", "stable", "--store", str(store)).returncode == 0
     assert kiln_here("models", "label", "m:2", "canary", "--store", str(store)).returncode == 0
     port = free_port()
-    before = set(ray_processes())
     proc, lines, reader = start_serve("--store", str(store), "--port", str(port), "--poll-seconds", "1",
                                       "--replicas", "2", "--shared-replicas", "--own-replicas", "other",
                                       "--traffic", "m@stable=3", "--traffic", "m@canary=1",
                                       env={"KILN_API_TOKEN": TOKEN, **NOISY_TF})
     READY_AT.append(time.time())
     try:
-        yield f"http://127.0.0.1:{port}", store, proc, lines, (reader, before)
+        yield f"http://127.0.0.1:{port}", store, proc, lines, reader
     finally:
         stop_process(proc, timeout=120)
 
@@ -248,7 +247,7 @@ def test_sigterm_stops_the_server_and_its_ray_cleanly(ops):
     import signal
     import socket
 
-    base, _, proc, lines, (reader, before) = ops
+    base, _, proc, lines, reader = ops
     assert any(f"POST {base}/models/m/classify" in line for line in lines), lines
     assert proc.poll() is None
     # the route the stopping server drains through exists only for the process that started it
@@ -262,6 +261,7 @@ def test_sigterm_stops_the_server_and_its_ray_cleanly(ops):
                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                  + body[:len(body) // 2])
     time.sleep(1)
+    mine = server_processes(proc)  # before they start to stop
     proc.send_signal(signal.SIGTERM)
     time.sleep(1)
     new = requests.post(f"{base}/models/other/classify", json=IMAGE, headers=AUTH, timeout=30)
@@ -278,4 +278,4 @@ def test_sigterm_stops_the_server_and_its_ray_cleanly(ops):
         answer += chunk
     sock.close()
     assert answer.startswith(b"HTTP/1.1 200") and b'"classes"' in answer, answer[:500]
-    stop_server_and_check(proc, lines, reader, before, "SIGTERM", sent=True)
+    stop_server_and_check(proc, lines, reader, "SIGTERM", mine)
