@@ -95,16 +95,20 @@ def free_port() -> int:
 
     It is drawn from below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999),
     where no process binding port 0 can take it in the meantime: Ray's processes do that while
-    they start, and once took HAProxy's stats port between the choice and HAProxy's bind."""
+    they start, and once took HAProxy's stats port between the choice and HAProxy's bind. The
+    draw is the operating system's, not Python's global random, which training seeds: processes
+    that trained with one seed drew the same ports."""
     import random
     import socket
+
+    draw = random.SystemRandom()
 
     try:
         ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral = 32768  # Linux's default; macOS's range starts at 49152
     for _ in range(100 if ephemeral > 20100 else 0):
-        port = random.randint(20000, ephemeral - 1)
+        port = draw.randint(20000, ephemeral - 1)
         with socket.socket() as s:
             try:
                 s.bind(("", port))
