@@ -23,8 +23,9 @@ def data_path_env(client_timeout_s: int = Limits.client_timeout_s,
     server, and the ingress calls model replicas over gRPC. On this 2-core machine that is 4x the
     requests/s of the default path (BENCHMARKS.md, "Serving speed"). Like Serve's proxy, HAProxy
     listens for the API only on ``--host``; its read-only stats page and Prometheus metrics get
-    free ports (on all interfaces, as Ray's own metrics do) and its files a folder of their own, so
-    two servers on one machine do not collide. ``RAY_SERVE_ENABLE_HA_PROXY=0`` in the environment
+    free ports (on all interfaces, as Ray's own metrics do), Serve's fallback proxy behind it a free
+    port, and its files a folder of their own, so two servers on one machine share no port and no
+    file. ``RAY_SERVE_ENABLE_HA_PROXY=0`` in the environment
     keeps Serve's Python proxy.
 
     HAProxy faces the clients, so its limits are the server's: a client silent for
@@ -55,6 +56,11 @@ def data_path_env(client_timeout_s: int = Limits.client_timeout_s,
             # (inference changes nothing). It did not save the 1-5 requests a killed --colocate
             # replica held in runs here (tests/test_serve_colocate.py bounds those)
             "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+            # HAProxy's backup while an ingress replica restarts, Serve's Python proxy, listens
+            # on a fixed port with SO_REUSEPORT: a second server's proxy shared that port, and
+            # the kernel gave it half of this server's fallback connections
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),

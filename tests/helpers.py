@@ -133,6 +133,20 @@ def server_processes(proc: subprocess.Popen) -> dict[str, str]:
     return {pid: line for pid, line in ray_processes().items() if pid in mine}
 
 
+def shared_listeners(mine) -> dict[int, set[int]]:
+    """The TCP ports that processes ``mine`` (pids) listen on where a process outside them listens
+    too (SO_REUSEPORT lets several bind one port; the kernel then shares its connections out
+    among them): port -> the other pids. Two servers on one machine must share none."""
+    import psutil
+
+    mine = {int(p) for p in mine}
+    listeners: dict[int, set[int]] = {}
+    for c in psutil.net_connections("tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid:
+            listeners.setdefault(c.laddr.port, set()).add(c.pid)
+    return {port: pids - mine for port, pids in listeners.items() if pids & mine and pids - mine}
+
+
 def kill_ray_under(folder) -> None:
     """Stop a Ray started with ``--temp-dir=folder`` (as `kiln cluster down` stops a head): the
     processes whose command line names the folder, and their children. `ray stop` would stop

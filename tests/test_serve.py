@@ -475,13 +475,26 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     """`kiln serve` as a user runs it (its own local Ray cluster): it prints each route once the
     model is ready, answers, and Ctrl-C stops Serve and Ray, leaving no process behind. SIGTERM
     is tested on the operations module's server (test_serve_ops)."""
-    from helpers import start_serve, stop_server_and_check
+    from helpers import haproxy_folders, server_processes, shared_listeners, start_serve, stop_server_and_check
 
     _, store, *_ = server
     port = free_port()
     proc, lines, reader = start_serve("--store", store, "--model", "cnn", "--port", str(port),
                                       "--poll-seconds", "0", env=NOISY_TF)
     try:
+        # Two servers on one machine (this one and the module's): both Serve fallback proxies,
+        # HAProxy's backup while an ingress replica restarts, listened on 127.0.0.1:8500 with
+        # SO_REUSEPORT, so a server's requests were answered by the other's models
+        mine = server_processes(proc)
+        assert not shared_listeners(mine), shared_listeners(mine)
+        backup = {int(m.group(1)) for folder in haproxy_folders(mine.values())
+                  for cfg in folder.glob("*/haproxy.cfg")
+                  for m in re.finditer(r"^\s*server \S+ 127\.0\.0\.1:(\d+) .*\bbackup\b", cfg.read_text(), re.M)}
+        assert len(backup) == 1, backup
+        (fallback,) = backup
+        for _ in range(20):  # a new connection each: the kernel picks a listener per connection
+            listed = requests.get(f"http://127.0.0.1:{fallback}/models", timeout=30)
+            assert [m["ref"] for m in listed.json()["models"]] == ["cnn:1"], listed.text[:300]
         assert any(f"POST http://127.0.0.1:{port}/models/cnn/classify" in l for l in lines), lines
         # Kiln's lines, not Ray Serve's start-up notices: its controller's nine lines of data path
         # settings, and "New http_options ... will not be applied" (they were)
