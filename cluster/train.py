@@ -194,8 +194,13 @@ def local_cluster(num_cpus: int | None = None, num_gpus: int | None = None) -> I
     where a `ray start` head runs on this machine (which ``ray.init()`` would join)."""
     import ray
 
+    from kiln.serve.runtime import free_port
+
+    # the dashboard answers the state API that Ray Train's placement-group cleaner asks; on a port
+    # of its own, since 8265 is where `kiln cluster up` and `kiln submit` expect a head
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
-             logging_level=logging.WARNING, runtime_env=logs.runtime_env(hook=WORKER_HOOK))
+             dashboard_port=free_port(), logging_level=logging.WARNING,
+             runtime_env=logs.runtime_env(hook=WORKER_HOOK))
     try:
         yield
     finally:

@@ -187,10 +187,13 @@ def test_bad_job_requests_get_one_line(head, args, message):
 
 
 @pytest.mark.parametrize("command", [["jobs"], ["jobs", "logs", "x"], ["cluster", "status"],
-                                     ["submit", "train", "cnn"]])
+                                     ["submit", "ADDRESS", "train", "cnn"]])
 def test_an_unreachable_cluster_is_one_line(command):
+    """``ADDRESS``: where --address goes (after `submit train`, it is the training's own flag)."""
     port = free_port()  # nothing listens there
-    out = run_kiln(*command, "--address", f"http://127.0.0.1:{port}", timeout=60)
+    address = ["--address", f"http://127.0.0.1:{port}"]
+    args = [a for c in command for a in (address if c == "ADDRESS" else [c])]
+    out = run_kiln(*args, *([] if "ADDRESS" in command else address), timeout=60)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "cannot reach a Ray cluster" in out.stderr, out.stderr
 

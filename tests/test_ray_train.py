@@ -97,3 +97,13 @@ def test_a_dead_head_recorded_on_this_machine_is_neither_joined_nor_asked():
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith(("[", '"'))]
     (node, seen), served = lines
     assert seen == [node] and served != node, lines  # its own one-node Ray, then a new one
+
+
+def test_a_local_training_ray_leaves_the_default_dashboard_port_to_a_head(shared_ray):
+    """The Ray that `kiln train --workers N` starts for itself runs a dashboard (Ray Train asks
+    its state API). On Ray's default port 8265 it answered `kiln submit` and `kiln jobs`, which
+    look for a `kiln cluster up` head there, and kept such a head from starting."""
+    import ray
+
+    url = ray._private.worker._global_node.address_info["webui_url"]
+    assert url and not url.endswith(":8265"), url
