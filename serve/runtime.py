@@ -57,8 +57,8 @@ def data_path_env(client_timeout_s: int = Limits.client_timeout_s,
             # replica held in runs here (tests/test_serve_colocate.py bounds those)
             "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
             # HAProxy's backup while an ingress replica restarts, Serve's Python proxy, listens
-            # on a fixed port with SO_REUSEPORT: a second server's proxy shared that port, and
-            # the kernel gave it half of this server's fallback connections
+            # with SO_REUSEPORT: on Ray's fixed port a second server's proxy would share it, and
+            # the kernel would hand it this server's fallback connections
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
             "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
@@ -103,7 +103,7 @@ def free_port() -> int:
     where no process binding port 0 can take it in the meantime: Ray's processes do that while
     they start, and once took HAProxy's stats port between the choice and HAProxy's bind. The
     draw is the operating system's, not Python's global random, which training seeds: processes
-    that trained with one seed drew the same ports."""
+    that trained with one seed would draw the same ports."""
     import random
     import socket
 

@@ -1,5 +1,5 @@
-"""The README is executed: its plugin example trains, and every `kiln ...` command it shows
-parses with the real CLI (so the docs cannot drift from the flags)."""
+"""The README and the pages of docs/ are executed: the plugin example trains, and every
+`kiln ...` command they show parses with the real CLI (so the docs cannot drift from the flags)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,19 @@ import pytest
 from helpers import ROOT, run_kiln
 
 README = (ROOT / "README.md").read_text()
+PAGES = {p.relative_to(ROOT).as_posix(): p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
 
 
 def example(name: str) -> str:
-    m = re.search(rf"<!-- example: {re.escape(name)} -->\s*```python\n(.*?)```", README, re.S)
-    assert m, f"README example {name} not found"
-    return m.group(1)
+    found = [m.group(1) for text in PAGES.values()
+             for m in re.finditer(rf"<!-- example: {re.escape(name)} -->\s*```python\n(.*?)```", text, re.S)]
+    assert len(found) == 1, f"example {name} found {len(found)} times in README.md and docs/"
+    return found[0]
 
 
 def readme_commands() -> list[str]:
     cmds = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", "".join(PAGES.values()), re.S):
         block = re.sub(r"\\\n\s*", " ", block)  # a command continued on the next line
         for line in block.splitlines():
             line = line.split("#", 1)[0].strip()
@@ -33,6 +35,15 @@ def readme_commands() -> list[str]:
 def test_readme_shows_the_two_main_commands():
     assert "make demo" in README and "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_is_a_door_whose_links_lead_somewhere():
+    """The README introduces, installs and tours (the rest is in docs/), and every relative link
+    in it and in docs/ names a file that exists."""
+    assert len(README.splitlines()) <= 250
+    for page, text in PAGES.items():
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            assert ((ROOT / page).parent / target).exists(), f"{page} links to {target}, which is missing"
 
 
 @pytest.mark.parametrize("command", readme_commands())
