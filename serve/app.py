@@ -295,7 +295,7 @@ def build_app(spec: ServeSpec) -> Any:
         opts = spec.options.get(POOL) or ModelOptions()
         dep = serve.deployment(ModelPool, name=POOL, logging_config=logs, **opts.deployment_options())
         # its arguments never name a version: versions come and go without restarting it
-        pinned = f"pool-{zlib.crc32(repr((sorted(opts.deployment_options().items()), spec.models_per_replica)).encode()):08x}"
+        pinned = f"pool-{_digest(opts.deployment_options(), spec.models_per_replica)}"
         models[POOL] = dep.options(version=pinned, _internal=True).bind(spec.store, spec.models_per_replica)
     for ref in spec.refs:
         opts = spec.options.get(ref) or spec.options.get(ref.split(":")[0]) or ModelOptions()
@@ -308,7 +308,7 @@ def build_app(spec: ServeSpec) -> Any:
         # options) keeps its replicas running when the application is redeployed for another
         # model. Without one, Serve draws a random version per serve.run and restarted every model
         # (18.6 s without a cnn answer when cnn:2 was stored). Ray 2.60 takes it with _internal.
-        pinned = f"{ref}-{zlib.crc32(repr(sorted(opts.deployment_options().items())).encode()):08x}"
+        pinned = f"{ref}-{_digest(opts.deployment_options())}"
         models[ref] = dep.options(version=pinned, _internal=True).bind(spec.store, ref)
     from kiln.store import Store
 
@@ -326,10 +326,16 @@ def build_app(spec: ServeSpec) -> Any:
     if spec.colocate:  # the ingress's replicas hold the models: they get the models' resources
         placed = (spec.options.get(INGRESS) or ModelOptions()).deployment_options()
         placed.pop("max_ongoing_requests")  # the ingress's own (256): it holds requests while they batch
-    pinned = f"ingress-{zlib.crc32(repr((spec.limits, spec.token, spec.access_log, spec.drain_key, sorted(placed.items()))).encode()):08x}"
+    pinned = f"ingress-{_digest(asdict(spec.limits), spec.token, spec.access_log, spec.drain_key, placed)}"
     ingress = KilnIngress.options(name=INGRESS, logging_config=logs, user_config=config,
                                   version=pinned, _internal=True, **placed)
     return ingress.bind(models, asdict(spec.limits), spec.token, spec.drain_key)
+
+
+def _digest(*parts: Any) -> str:
+    """A short digest of options, the same for equal options whatever their dicts' key order (a
+    Serve config read back from YAML has its keys sorted)."""
+    return f"{zlib.crc32(json.dumps(parts, sort_keys=True, default=repr).encode()):08x}"
 
 
 def _traffic_config(spec: ServeSpec) -> dict[str, list[list[Any]]]:
@@ -354,41 +360,66 @@ def _traffic_config(spec: ServeSpec) -> dict[str, list[list[Any]]]:
     return out
 
 
+BUILD_ARGS = ("store", "models", "limits", "options", "traffic", "access_log", "shared_replicas",
+              "own_replicas", "models_per_replica", "colocate")  # what serve_config writes
+
+
 def app_builder(args: dict[str, Any]) -> Any:
     """Serve application builder for config files (``import_path: kiln.serve.app:app_builder``):
-    ``args`` holds ``store``, optional ``models`` and ``limits`` (``kiln.serve.codecs.Limits``'s
-    fields). The token, if any, comes from
-    the cluster's KILN_API_TOKEN environment variable, never from the file."""
-
+    ``args`` is what ``serve_config`` writes from a ``ServeSpec`` (``BUILD_ARGS``), so that a
+    deployed config builds the application `kiln serve` with the same flags builds. The token,
+    if any, comes from the cluster's KILN_API_TOKEN environment variable, never from the file."""
+    unknown = set(args) - set(BUILD_ARGS)
+    if unknown:
+        raise KilnError(f"the Serve config's args take {', '.join(BUILD_ARGS)}; got {', '.join(sorted(unknown))}")
     store = args.get("store")
     if not store:
         raise KilnError("the Serve config's args need 'store': the model store's path on the cluster")
-    refs = resolve_refs(store, args.get("models") or None)
     limits = args.get("limits") or {}
     known = set(Limits.__dataclass_fields__)
     if not isinstance(limits, dict) or set(limits) - known:
         raise KilnError(f"the Serve config's args.limits takes {', '.join(sorted(known))}; got {limits!r}")
-    return build_app(ServeSpec(store=store, refs=refs, limits=Limits(**limits), token=settings.api_token()))
+    fields = set(ModelOptions.__dataclass_fields__)
+    options = args.get("options") or {}
+    if not isinstance(options, dict) or any(not isinstance(o, dict) or set(o) - fields for o in options.values()):
+        raise KilnError(f"the Serve config's args.options maps a deployment or model to "
+                        f"{', '.join(sorted(fields))}; got {options!r}")
+    traffic = args.get("traffic") or {}
+    if not isinstance(traffic, dict) or not all(isinstance(e, dict) for e in traffic.values()):
+        raise KilnError(f"the Serve config's args.traffic maps a model to {{entry: weight}}; got {traffic!r}")
+    split = parse_traffic([f"{e}={w}" for entries in traffic.values() for e, w in entries.items()])
+    return build_app(ServeSpec(
+        store=store, refs=resolve_refs(store, wanted(store, args.get("models") or None, split)),
+        limits=Limits(**limits), options={k: ModelOptions(**o) for k, o in options.items()},
+        token=settings.api_token(), access_log=bool(args.get("access_log")), traffic=split,
+        shared=bool(args.get("shared_replicas")), own=list(args.get("own_replicas") or []),
+        models_per_replica=int(args.get("models_per_replica") or 0), colocate=bool(args.get("colocate"))))
 
 
 def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
-    """A Ray Serve config (``serve deploy FILE``) serving ``spec`` on a remote cluster. Per-model
-    deployment options (replicas, resources, autoscaling) are listed so they can be edited there."""
-    if spec.shared or spec.colocate:
-        raise KilnError("--build-config writes one deployment per model version; serve shared replicas "
-                        "or colocated models with `kiln serve --shared-replicas` (or --colocate) "
-                        "`--address ...` instead")
+    """A Ray Serve config (``serve deploy FILE``) serving ``spec`` on a remote cluster: every
+    option of the spec travels in the builder's args (``app_builder``), and each deployment's
+    options (replicas, resources, autoscaling) are listed as well, to be edited there."""
+    args = {"store": spec.store, "models": list(spec.refs), "limits": asdict(spec.limits),
+            "options": {k: asdict(o) for k, o in spec.options.items()}, "traffic": spec.traffic,
+            "access_log": spec.access_log, "shared_replicas": spec.shared, "own_replicas": spec.own,
+            "models_per_replica": spec.models_per_replica, "colocate": spec.colocate}
     deployments = []
     for ref in spec.refs:
-        opts = spec.options.get(ref) or ModelOptions()
-        d = {"name": deployment_name(ref), **opts.deployment_options()}
-        deployments.append(d)
+        name = spec.deployment_of(ref)
+        if name in (d["name"] for d in deployments):
+            continue
+        opts = spec.options.get(ref if name not in (POOL, INGRESS) else name) or ModelOptions()
+        options = opts.deployment_options()
+        if name == INGRESS:  # the ingress's own limit holds (build_app): it holds requests while they batch
+            options.pop("max_ongoing_requests")
+        deployments.append({"name": name, **options})
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": spec.host, "port": spec.port},
         "applications": [{
             "name": app_name, "route_prefix": "/", "import_path": "kiln.serve.app:app_builder",
-            "args": {"store": spec.store, "models": list(spec.refs), "limits": asdict(spec.limits)},
+            "args": args,
             "runtime_env": {"worker_process_setup_hook": SERVE_HOOK},
             "deployments": deployments,
         }],

@@ -15,7 +15,7 @@ import pytest
 import requests
 import yaml
 
-from helpers import copy_models, kill_ray_under, kiln_here
+from helpers import copy_models, copy_version, kill_ray_under, kiln_here
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -25,19 +25,22 @@ BIN = Path(sys.executable).parent
 def test_build_config_deploys_on_a_ray_head(tmp_path, trained):
     env = {"KILN_STORE": str(tmp_path / "store"), "KILN_RUNS": str(tmp_path / "runs")}
     copy_models(trained, tmp_path / "store", "cnn")
+    copy_version(tmp_path / "store", "cnn:1", "cnn")  # cnn:2, the canary
     port, gcs, dash = free_port(), free_port(), free_port()
     config = tmp_path / "serve.yaml"
+    # a canary split: the option --build-config dropped (the server then answered from cnn:2 only)
     out = kiln_here("serve", "--model", "cnn", "--port", str(port), "--replicas", "1-2",
+                    "--traffic", "cnn:1=1", "--traffic", "cnn:2=1",
                     "--build-config", str(config), cwd=tmp_path, env=env)
     assert out.returncode == 0 and "serve deploy" in out.stdout, out.stderr
     doc = yaml.safe_load(config.read_text())
     application = doc["applications"][0]
     assert application["import_path"] == "kiln.serve.app:app_builder"
-    assert application["args"]["models"] == ["cnn:1"] and Path(application["args"]["store"]).is_dir()
-    assert application["deployments"][0]["name"] == "model-cnn-v1"
+    assert sorted(application["args"]["models"]) == ["cnn:1", "cnn:2"] and Path(application["args"]["store"]).is_dir()
+    assert sorted(d["name"] for d in application["deployments"]) == ["model-cnn-v1", "model-cnn-v2"]
     # --replicas MIN-MAX: Ray Serve autoscaling (validated for real when the head deploys it)
-    assert application["deployments"][0]["autoscaling_config"] == {
-        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2.0}
+    assert all(d["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2.0}
+               for d in application["deployments"])
     assert doc["http_options"] == {"host": "127.0.0.1", "port": port}
 
     # Token authentication on both sides, as the README tells users to run a head: whether Ray
@@ -64,7 +67,59 @@ def test_build_config_deploys_on_a_ray_head(tmp_path, trained):
             except requests.ConnectionError:
                 pass
             time.sleep(1)
-        r = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=60)
-        assert r.status_code == 200 and len(r.json()["probabilities"][0]) == 10
+        answered = []
+        for _ in range(8):  # the split is 1:1, in a smooth round robin
+            r = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=60)
+            assert r.status_code == 200 and len(r.json()["probabilities"][0]) == 10, r.text[:300]
+            answered.append(r.headers["Kiln-Version"])
+        assert sorted(answered) == ["cnn:1"] * 4 + ["cnn:2"] * 4, answered
     finally:
         kill_ray_under(temp)
+
+
+def describe(application) -> dict:
+    """What Serve deploys for an application: each deployment's options and arguments."""
+    from ray.serve import Application
+
+    found: dict = {}
+
+    def value(v):
+        if isinstance(v, Application):
+            d = v._bound_deployment
+            found[d.name] = {"user_config": d.user_config, "version": d.version,
+                             "replicas": d.num_replicas, "actor": d.ray_actor_options,
+                             "max_ongoing_requests": d.max_ongoing_requests,
+                             "autoscaling": repr(d._deployment_config.autoscaling_config),
+                             "args": value(list(d.init_args)), "kwargs": value(d.init_kwargs)}
+            return d.name
+        if isinstance(v, dict):
+            return {k: value(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [value(x) for x in v]
+        return v
+
+    value(application)
+    return found
+
+
+@pytest.mark.parametrize("layout", [{}, dict(shared_replicas=True, own_replicas=["other"], models_per_replica=2),
+                                    dict(colocate=True)], ids=["own", "shared", "colocate"])
+def test_a_built_config_builds_the_application_kiln_serve_builds(tmp_path, trained, layout):
+    """Every `kiln serve` option reaches the config --build-config writes: deployed, it builds
+    the application that `kiln serve` with the same flags deploys (a deployed app has no
+    `kiln serve` process to drain it, so no drain key)."""
+    from kiln.serve import app
+
+    store = copy_models(trained, tmp_path / "store", "cnn")
+    copy_version(store, "cnn:1", "cnn")
+    copy_version(store, "cnn:1", "other")
+    assert kiln_here("models", "label", "cnn:2", "canary", "--store", str(store)).returncode == 0
+    flags = dict(replicas="1-3", target_ongoing_requests=3.0, cpus_per_replica=0.5, max_ongoing_requests=7,
+                 batch_size=8, batch_wait_ms=5.0, max_body_mb=3.0, max_items=99, max_chars=777,
+                 max_response_mb=9.0, body_timeout_s=11.0, client_timeout_s=13, max_connections=55,
+                 access_log=True, traffic=["cnn:1=3", "cnn@canary=1"], **layout)
+    spec = app.plan(None, store=str(store), **flags)
+    spec.drain_key = None
+    config = yaml.safe_load(yaml.safe_dump(app.serve_config(spec)))  # through the file
+    built = app.app_builder(config["applications"][0]["args"])
+    assert describe(built) == describe(app.build_app(spec))
