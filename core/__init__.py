@@ -21,8 +21,22 @@ from kiln.plugin import (  # noqa: E402
     param,
 )
 
+# What a plugin author imports, all from ``kiln``. The picture helpers and the pictures base
+# class load on first use (PEP 562), so that importing kiln stays light (no matplotlib).
+_LAZY = {"Pictures": "kiln.plugins", "line": "kiln.plugins", "grid": "kiln.images",
+         "confusion": "kiln.images", "scatter": "kiln.images", "traces": "kiln.images",
+         "curves": "kiln.images"}
+
 __all__ = ["DatasetInfo", "ImageOptions", "KilnError", "Method", "NoConfig", "Plugin", "Scalar", "Tensor",
-           "config_help", "inference", "make_config", "param", "replicas", "__version__"]
+           "config_help", "inference", "make_config", "param", "replicas", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")
 
 
 def replicas() -> int:

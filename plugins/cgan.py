@@ -15,9 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln import KilnError, Scalar, inference, param
-from kiln.images import grid
-from kiln.plugins import line
+from kiln import KilnError, Scalar, grid, inference, line, param
 from kiln.plugins.dcgan import DCGANConfig, GANPlugin, latent, to_unit
 
 

@@ -14,8 +14,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from kiln import ImageOptions, KilnError, Plugin, Scalar, Tensor, inference, param
-from kiln.images import confusion, grid
+from kiln import ImageOptions, KilnError, Plugin, Scalar, Tensor, confusion, grid, inference, param
 
 
 @dataclass

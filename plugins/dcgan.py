@@ -27,9 +27,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from kiln import ImageOptions, KilnError, Scalar, Tensor, inference, param
-from kiln.images import grid
-from kiln.plugins import Pictures, line
+from kiln import ImageOptions, KilnError, Pictures, Scalar, Tensor, grid, inference, line, param
 
 
 @dataclass

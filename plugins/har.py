@@ -25,8 +25,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from kiln import KilnError, Plugin, Tensor, inference, param
-from kiln.images import confusion, traces
+from kiln import KilnError, Plugin, Tensor, confusion, inference, param, traces
 
 EXAMPLES = 3  # test windows of each activity kept with the model, for `examples`
 

@@ -27,8 +27,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from kiln import ImageOptions, KilnError, Plugin, param
-from kiln.images import confusion, grid
+from kiln import ImageOptions, KilnError, Plugin, confusion, grid, param
 from kiln.plugins.cnn import CNN, augmentation
 
 # keras.applications networks Kiln can feed, and how each expects its 0-255 RGB input scaled

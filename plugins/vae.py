@@ -18,9 +18,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from kiln import ImageOptions, KilnError, Scalar, Tensor, inference, param, replicas
-from kiln.images import grid, scatter
-from kiln.plugins import Pictures, line
+from kiln import (ImageOptions, KilnError, Pictures, Scalar, Tensor, grid, inference, line, param,
+                  replicas, scatter)
 
 
 @dataclass

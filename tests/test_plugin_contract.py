@@ -163,3 +163,20 @@ def test_every_builtin_plugin_builds_and_documents_its_methods():
             assert m.doc and m.outputs, f"{name}.{m.name} needs a docstring and described outputs"
             assert isinstance(m.describe(info)["inputs"], dict)  # {} for methods without arguments
     assert registry.get("cgan").condition == "digit" and registry.get("dcgan").judged_by == "cnn"
+
+
+def test_a_plugin_author_imports_kilns_api_from_kiln_alone():
+    """Everything a plugin uses, the picture helpers and the pictures base class included, comes
+    from ``kiln``: the built-ins, which a plugin author copies from, import them from nowhere
+    else. Importing kiln stays light (tests/test_boundaries.py)."""
+    import re
+
+    import kiln
+    from helpers import ROOT
+
+    for name in kiln.__all__:
+        assert getattr(kiln, name) is not None, name
+    assert issubclass(kiln.Pictures, kiln.Plugin) and callable(kiln.grid)
+    for path in sorted((ROOT / "plugins").glob("*.py")):
+        elsewhere = re.findall(r"^from kiln\.(?:images|plugins) import .+$", path.read_text(), re.M)
+        assert not elsewhere, (path.name, elsewhere)
