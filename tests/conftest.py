@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -138,24 +136,42 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 # No Ray process outlives the suite: checked by the process that runs the session (xdist's
-# controller, once its workers are done), after every fixture is torn down.
-_RAY_BEFORE = pytest.StashKey[set]()
+# controller, once its workers are done), after every fixture is torn down. The session marks the
+# environment that every process it starts inherits, Ray's included, so that the check looks at
+# this session's processes only, and stops those, never another session's Ray on the machine.
+SESSION = "KILN_TEST_SESSION"
+os.environ.setdefault(SESSION, os.urandom(8).hex())
 
 
-def pytest_sessionstart(session: pytest.Session) -> None:
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        session.config.stash[_RAY_BEFORE] = set(ray_processes())
+def _this_sessions(pids) -> list:
+    import psutil
+
+    mine = []
+    for pid in pids:
+        try:
+            p = psutil.Process(int(pid))
+            if p.environ().get(SESSION) == os.environ[SESSION]:
+                mine.append(p)
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            pass
+    return mine
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    if os.environ.get("PYTEST_XDIST_WORKER") or _RAY_BEFORE not in session.config.stash:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    before = session.config.stash[_RAY_BEFORE]
-    left = [line for pid, line in ray_processes().items() if pid not in before]
+    import psutil
+
+    running = ray_processes()
+    left = _this_sessions(running)
     if left:
-        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-                       capture_output=True)
+        for p in left:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        reporter.write_line("Ray processes outlived the test suite:\n" + "\n".join(left), red=True)
+        reporter.write_line("Ray processes outlived the test suite:\n" +
+                            "\n".join(running[str(p.pid)] for p in left), red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
