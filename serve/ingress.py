@@ -87,7 +87,32 @@ class Drain:
             Drain.active -= 1
 
 
-api.add_middleware(Drain)
+class Auth:
+    """ASGI middleware: ``Authorization: Bearer <KILN_API_TOKEN>`` on every request but the
+    public ones (``_public``) when the ingress has a token, checked before routing, so that no
+    route can forget it (a test sends every route of the app without one). The scheme name is
+    case-insensitive (RFC 7235)."""
+
+    token: Optional[str] = None  # the ingress's, set when it starts (one ingress replica per process)
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and Auth.token is not None and not _public(scope):
+            headers = dict(scope.get("headers") or [])
+            scheme, _, given = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), Auth.token.encode()):
+                answer = JSONResponse({"error": "missing or wrong token: send the header "
+                                                "'Authorization: Bearer <KILN_API_TOKEN>'"},
+                                      status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(Auth)
+api.add_middleware(Drain)   # a stopping server says so before it asks for a token
 api.add_middleware(metrics.Measure)  # outermost: it counts the 503s of a stopping server too
 
 
@@ -128,11 +153,13 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
                                   "the server's log has the details", "request_id": rid}, status_code=500)
 
 
-def _public(request: Request) -> bool:
-    path = request.scope.get("path", "")
-    root = request.scope.get("root_path", "")
+def _public(scope: dict[str, Any]) -> bool:
+    """Whether a request needs no token: health, the gallery's files, and the drain route (which
+    checks a key of its own)."""
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
     rel = path[len(root):] if root and path.startswith(root) else path
-    return rel in OPEN_PATHS or rel == "" or rel.startswith("/gallery/")
+    return rel in OPEN_PATHS or rel in ("", "/-/drain") or rel.startswith("/gallery/")
 
 
 def _replica_gone(e: BaseException) -> bool:
@@ -241,7 +268,7 @@ class KilnIngress:
         self.batchers: dict[str, Any] = {}
         self.methods: dict[str, dict[str, Any]] = {}
         self.limits = codecs.Limits(**limits)
-        self.token = token
+        Auth.token = token
         self.drain_key = drain_key                  # what POST /-/drain needs (kiln.serve.app.drain)
         self.described: dict[str, dict[str, Any]] = {}
         self.inflight: dict[str, int] = {}          # requests in flight per model ref
@@ -311,16 +338,6 @@ class KilnIngress:
             pass
 
     # -- plumbing -------------------------------------------------------------------------
-    def _check_auth(self, request: Request) -> None:
-        """``Authorization: Bearer <KILN_API_TOKEN>`` on every route but the public ones; the
-        scheme name is case-insensitive (RFC 7235)."""
-        if self.token is None or _public(request):
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise ProtocolError(401, "missing or wrong token: send the header "
-                                     "'Authorization: Bearer <KILN_API_TOKEN>'")
-
     async def _states(self) -> dict[str, str]:
         """Deployment status by model ref, refreshed at most every half second.
 
@@ -432,7 +449,6 @@ class KilnIngress:
         return codecs.parse_json(await self._body(request), request.headers.get("content-type", ""))
 
     async def _body(self, request: Request) -> bytes:
-        self._check_auth(request)
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise ProtocolError(413, f"request body of {declared} bytes is over the limit of "
@@ -497,8 +513,8 @@ class KilnIngress:
             try:
                 if batch:
                     out = await self._batcher(ref)((method, args, time.perf_counter()))
-                    if "__kiln_error__" in out:
-                        raise ProtocolError(out.get("__kiln_status__", 400), out["__kiln_error__"])
+                    if isinstance(out, ProtocolError):  # this request's failure in the batch
+                        raise out
                     return out
                 return await self.handles[ref].infer.remote(method, args, self.limits.max_values())
             except LoadError as e:
@@ -582,14 +598,12 @@ class KilnIngress:
     # -- the API's description: every served method with its own argument schema ------------
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi_document(self, request: Request) -> Any:
-        self._check_auth(request)
         return openapi(self.methods)
 
     @api.get("/docs", include_in_schema=False)
     async def docs_page(self, request: Request) -> Response:
         """Swagger UI; its script and style come from FastAPI's default CDN (jsdelivr), which an
         offline site cannot reach: /openapi.json is the same description as plain JSON."""
-        self._check_auth(request)
         from fastapi.openapi.docs import get_swagger_ui_html
 
         return get_swagger_ui_html(openapi_url="openapi.json", title="Kiln API")
@@ -598,7 +612,6 @@ class KilnIngress:
     async def prometheus(self, request: Request) -> Response:
         """Prometheus metrics of every replica on every node (kiln.serve.metrics); needs the
         token when one is set (the series name every served model)."""
-        self._check_auth(request)
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(await asyncio.to_thread(metrics.gather), media_type=CONTENT_TYPE_LATEST)
@@ -607,7 +620,6 @@ class KilnIngress:
     @api.get("/models")
     async def models(self, request: Request) -> dict[str, Any]:
         """Served models: versions, plugin, dataset, metrics, methods and input schemas."""
-        self._check_auth(request)
         states = await self._states()
         failed = self._failed()
         out = []
@@ -636,7 +648,6 @@ class KilnIngress:
     async def artifact(self, model: str, name: str, request: Request, version: Optional[str] = None) -> Response:
         """A stored picture of a served version (sample grids, reconstructions, curves...; names:
         GET /models, 'artifacts'); the latest version without /versions/{version}."""
-        self._check_auth(request)
         ref = await self._ref(model, version)
         await self._ready(ref)
         try:
@@ -700,7 +711,6 @@ class KilnIngress:
     @api.get("/v1/models/{model}/labels/{label}")
     async def tf_status(self, model: str, request: Request, version: Optional[str] = None,
                         label: Optional[str] = None) -> Any:
-        self._check_auth(request)
         if ":" in model or ":" in (label or ""):  # GET .../m:predict
             verb = (label or model).partition(":")[2]
             raise ProtocolError(405, f"{verb!r} takes POST with a JSON body, not GET")
@@ -715,14 +725,12 @@ class KilnIngress:
     @api.get("/v1/models/{model}/labels/{label}/metadata")
     async def tf_metadata(self, model: str, request: Request, version: Optional[str] = None,
                           label: Optional[str] = None) -> Any:
-        self._check_auth(request)
         ref = await self._ref(model, version, label)
         return codecs.tf_metadata(model, ref.split(":")[1], await self._describe(ref))
 
     # -- Open Inference Protocol v2 ---------------------------------------------------------
     @api.get("/v2")
     async def v2_server(self, request: Request) -> Any:
-        self._check_auth(request)
         from kiln import __version__
 
         return {"name": "kiln", "version": __version__, "extensions": ["kiln-methods"]}
@@ -746,7 +754,6 @@ class KilnIngress:
     @api.get("/v2/models/{model}")
     @api.get("/v2/models/{model}/versions/{version}")
     async def v2_model(self, model: str, request: Request, version: Optional[str] = None) -> Any:
-        self._check_auth(request)
         ref = await self._ref(model, version)
         return codecs.v2_model_metadata(model, [r.split(":")[1] for r in self._versions(model)],
                                         await self._describe(ref))
@@ -754,7 +761,6 @@ class KilnIngress:
     @api.get("/v2/models/{model}/ready")
     @api.get("/v2/models/{model}/versions/{version}/ready")
     async def v2_model_ready(self, model: str, request: Request, version: Optional[str] = None) -> Any:
-        self._check_auth(request)
         ref = await self._ref(model, version)
         ready = (await self._states()).get(ref) == "HEALTHY"
         return JSONResponse({"name": model, "ready": ready}, status_code=200 if ready else 503)

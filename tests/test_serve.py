@@ -367,6 +367,26 @@ def test_token_protects_every_route_but_health(server):
     # the scheme name is case-insensitive (RFC 7235); the gallery's static files are public
     assert requests.get(f"{secure}/models", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
     assert requests.get(f"{secure}/").status_code == 200 and requests.get(f"{secure}/gallery/gallery.js").status_code == 200
+    # every route the ingress declares, today's and any added later: one middleware checks them
+    # all (the routes read from its source: Serve moves them off the module's FastAPI app)
+    import ast
+
+    from kiln.serve import ingress
+
+    values = {"model": "cnn", "version": "1", "label": "stable", "method": "classify",
+              "name": "confusion.png", "verb": "predict"}
+    public = {"/", "/gallery/{name}", "/v2/health/live", "/v2/health/ready", "/-/drain"}
+    routes = [(d.func.attr.upper(), d.args[0].value)
+              for node in ast.walk(ast.parse(Path(ingress.__file__).read_text()))
+              if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for d in node.decorator_list
+              if isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute)
+              and isinstance(d.func.value, ast.Name) and d.func.value.id == "api"
+              and d.func.attr in ("get", "post", "put", "patch", "delete")]
+    assert len(routes) >= 30, routes
+    for method, path in routes:
+        r = requests.request(method, f"{secure}{path.format(**values)}", json=image, timeout=30)
+        assert (r.status_code == 401) == (path not in public), (method, path, r.status_code, r.text[:200])
 
 
 def test_the_official_triton_client_json_and_binary(server):
