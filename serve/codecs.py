@@ -18,11 +18,16 @@ PREDICT_ORDER = ("classify", "reconstruct", "encode", "decode")
 
 
 class ProtocolError(Exception):
-    """A request the protocol cannot accept: an HTTP status and a message for the client."""
+    """A request the server cannot answer: an HTTP status and a message for the client. Kiln's one
+    error type between its serving processes: a model replica returns it as one request's result
+    in a batch (the others' results beside it), and the ingress raises it."""
 
     def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
+
+    def __reduce__(self) -> tuple:  # pickled between processes with all three fields
+        return ProtocolError, (self.status, self.message, self.retry_after)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 
 from kiln.plugin import KilnError, Scalar, Tensor
 from kiln.serve import metrics
+from kiln.serve.codecs import ProtocolError
 from kiln.values import plain
 
 
@@ -36,8 +37,6 @@ def example_args(method: Any, info: Any) -> dict[str, Any] | None:
     return args
 
 
-def _split_error(message: str, status: int = 400) -> dict[str, Any]:
-    return {"__kiln_error__": message, "__kiln_status__": status}
 
 
 # what a method raises on arguments it cannot use (a 401-digit integer, 990 nested lists, a lone
@@ -49,16 +48,16 @@ def _bad_arguments(method: str, e: Exception) -> KilnError:
     return KilnError(f"{method}: the arguments cannot be used ({type(e).__name__}: {e})")
 
 
-def _failure(method: str, e: Exception) -> dict[str, Any]:
+def _failure(method: str, e: Exception) -> ProtocolError:
     """One request's failure: its own input's fault (400) or the method's (500, logged)."""
     if isinstance(e, KilnError):
-        return _split_error(str(e))
+        return ProtocolError(400, str(e))
     if isinstance(e, BAD_ARGUMENTS):
-        return _split_error(str(_bad_arguments(method, e)))
+        return ProtocolError(400, str(_bad_arguments(method, e)))
     import logging
 
     logging.getLogger("ray.serve").exception("kiln: %s failed", method)
-    return _split_error(f"{method} failed inside the model server ({type(e).__name__}: {e})", 500)
+    return ProtocolError(500, f"{method} failed inside the model server ({type(e).__name__}: {e})")
 
 
 class ModelServer:
@@ -151,15 +150,15 @@ class ModelServer:
         return plain(out)
 
     async def infer_many(self, method: str, items: list[dict[str, Any]],
-                         max_values: int | None = None) -> list[dict[str, Any]]:
+                         max_values: int | None = None) -> list[dict[str, Any] | ProtocolError]:
         """One batchable method on many requests' arguments, as one model call; each result is
-        the method's outputs or ``{"__kiln_error__": message}`` for a request that was bad."""
+        the method's outputs, or the ProtocolError of a request that failed."""
         arg = self.batchable.get(method)
         if arg is None or any(set(a) != {arg} for a in items):
             return [await self._one(method, a, max_values) for a in items]
         fn = self.plugin.methods()[method]
         schema = fn.inputs[arg]
-        results: list[dict[str, Any]] = [{} for _ in items]
+        results: list[dict[str, Any] | ProtocolError] = [{} for _ in items]
         parts, owners = [], []
         for k, a in enumerate(items):
             try:
@@ -184,12 +183,12 @@ class ModelServer:
                         _check_size(mine, max_values)
                         results[k] = {name: plain(v) for name, v in mine.items()}
                     except KilnError as e:
-                        results[k] = _split_error(str(e))
+                        results[k] = ProtocolError(400, str(e))
                     start += n
         self.largest_batch = max(self.largest_batch, len(items))
         return results
 
-    async def _one(self, method: str, args: dict[str, Any], max_values: int | None) -> dict[str, Any]:
+    async def _one(self, method: str, args: dict[str, Any], max_values: int | None) -> dict[str, Any] | ProtocolError:
         try:
             return await self.infer(method, args, max_values)
         except Exception as e:  # noqa: BLE001 - this request's failure, never its neighbours'

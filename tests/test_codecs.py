@@ -135,3 +135,13 @@ def test_a_plugin_names_the_method_the_standard_protocols_call():
     with pytest.raises(ProtocolError, match="names 'nope' as its predict method"):
         codecs.predict_method({**regress, "predict": "nope"})
     assert codecs.predict_method(INFO) == ("classify", "images")  # the default order
+
+
+def test_a_protocol_error_travels_between_processes_whole():
+    """A model replica returns one request's failure in a batch as a ProtocolError, which Ray
+    pickles to the ingress: its status and Retry-After must arrive with its message (the default
+    pickling of an exception keeps only the message, and could not even rebuild this one)."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(ProtocolError(503, "the model is loading", retry_after=2)))
+    assert (back.status, back.message, back.retry_after, str(back)) == (503, "the model is loading", 2, "the model is loading")
