@@ -320,10 +320,12 @@ def models(base: str) -> dict[str, dict]:
     return {m["ref"]: m for m in requests.get(f"{base}/models", timeout=30).json()["models"]}
 
 
-def replicas(deployment: str) -> list[int]:
-    """The process ids of a model deployment's replicas (named ray::ServeReplica:APP:DEPLOYMENT)."""
-    found = subprocess.run(["pgrep", "-f", f"ServeReplica:kiln:model-{deployment}"], capture_output=True, text=True)
-    return sorted(int(p) for p in found.stdout.split())
+def replicas(server: subprocess.Popen, deployment: str) -> list[int]:
+    """The process ids of the replicas of a deployment of ``server`` (a running `kiln serve`):
+    Serve names them ray::ServeReplica:APP:DEPLOYMENT; another server's are not its."""
+    found = subprocess.run(["pgrep", "-f", f"ServeReplica:kiln:{deployment}"], capture_output=True, text=True)
+    mine = server_processes(server)
+    return sorted(int(p) for p in found.stdout.split() if p in mine)
 
 
 def wait_for(check, seconds: float = 120) -> bool:

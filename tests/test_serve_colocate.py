@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import Load, copy_models, copy_version, models, start_serve, stop_process, store_copy, wait_for
+from helpers import Load, copy_models, copy_version, models, replicas, start_serve, stop_process, store_copy, wait_for
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -35,16 +35,14 @@ def colocated(tmp_path_factory, trained):
         stop_process(proc, timeout=120)
 
 
-def ingress_replicas() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", "ServeReplica:kiln:KilnIngress"], capture_output=True, text=True)
-    return sorted(int(p) for p in found.stdout.split())
+def ingress_replicas(proc) -> list[int]:
+    return replicas(proc, "KilnIngress")
 
 
 def test_colocated_models_answer_from_the_ingress_replicas(colocated):
     base, store, proc, lines = colocated
-    assert len(ingress_replicas()) == 2  # --replicas sets the ingress's
-    model_replicas = subprocess.run(["pgrep", "-f", "ServeReplica:kiln:model-"], capture_output=True, text=True)
-    assert model_replicas.stdout == ""  # no model deployment: no hop
+    assert len(ingress_replicas(proc)) == 2  # --replicas sets the ingress's
+    assert replicas(proc, "model-") == []  # no model deployment: no hop
     r = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((2, 28, 28, 1)).tolist()}, timeout=30)
     assert r.status_code == 200 and len(r.json()["labels"]) == 2 and r.headers["Kiln-Version"] == "cnn:1"
     v2 = requests.post(f"{base}/v2/models/other/infer", timeout=30, json={"inputs": [
@@ -64,7 +62,7 @@ def test_colocated_models_answer_from_the_ingress_replicas(colocated):
 
 def test_a_version_that_fails_to_load_fails_alone_and_a_new_one_switches_under_load(colocated):
     base, store, proc, lines = colocated
-    started = ingress_replicas()
+    started = ingress_replicas(proc)
     with Load(base, ["cnn", "other"]) as load:
         store_copy(store, 100, broken=True)
         assert wait_for(lambda: models(base).get("cnn:100", {}).get("state") == "FAILED", 120)
@@ -74,7 +72,7 @@ def test_a_version_that_fails_to_load_fails_alone_and_a_new_one_switches_under_l
         assert wait_for(lambda: requests.get(f"{base}/v1/models/cnn").json()["model_version_status"][-1]["version"] == "101")
         time.sleep(3)
     assert proc.poll() is None, "".join(lines)[-3000:]
-    assert ingress_replicas() == started  # loading, failing and switching restarted no replica
+    assert ingress_replicas(proc) == started  # loading, failing and switching restarted no replica
     assert "failed to load" in models(base)["cnn:100"]["error"]
     assert requests.get(f"{base}/v2/models/cnn/versions/100/ready", timeout=30).status_code == 503
     assert sum("cannot serve cnn:100" in line for line in lines) == 1, lines[-20:]
@@ -88,13 +86,13 @@ def test_a_killed_ingress_replica_loses_only_the_connections_it_held(colocated):
     replica answers everything else; the replacement takes requests only once its models are
     loaded (before it did, it answered 503 "loading" for a while)."""
     base, store, proc, lines = colocated
-    pids = ingress_replicas()
+    pids = ingress_replicas(proc)
     assert len(pids) == 2, pids
     with Load(base, ["cnn", "other"], clients=8, seconds=120) as load:
         time.sleep(2)
         before = load.ok
         subprocess.run(["kill", "-9", str(pids[0])], check=True)
-        assert wait_for(lambda: len(ingress_replicas()) == 2 and pids[0] not in ingress_replicas(), 180)
+        assert wait_for(lambda: len(ingress_replicas(proc)) == 2 and pids[0] not in ingress_replicas(proc), 180)
         assert wait_for(lambda: requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200, 120)
         replaced = load.ok
         time.sleep(5)  # the new replica takes its share

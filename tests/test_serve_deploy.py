@@ -64,7 +64,7 @@ def test_build_config_deploys_on_a_ray_head(tmp_path, trained):
             try:
                 if requests.get(f"{base}/v2/health/ready", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or the proxy not answering yet
                 pass
             time.sleep(1)
         answered = []

@@ -66,7 +66,7 @@ def test_a_corrupt_folder_and_broken_weights_are_reported_and_skipped(served):
 
 def test_a_version_stored_under_load_switches_without_a_failed_request(served):
     base, store, proc, lines = served
-    started = replicas("other-v1")
+    started = replicas(proc, "model-other-v1")
     with Load(base, ["cnn", "other"]) as load:
         tmp = store / "cnn" / ".incoming"
         shutil.copytree(store / "cnn" / "1", tmp)
@@ -77,7 +77,7 @@ def test_a_version_stored_under_load_switches_without_a_failed_request(served):
         assert wait_for(lambda: requests.get(f"{base}/v1/models/cnn").json()["model_version_status"][-1]["version"] == "101")
         time.sleep(3)
     assert proc.poll() is None
-    assert replicas("other-v1") == started  # the unchanged model's replicas were not restarted
+    assert replicas(proc, "model-other-v1") == started  # the unchanged model's replicas were not restarted
     assert load.ok > 50 and not load.failed, load.failed[:5]
 
 
@@ -85,13 +85,13 @@ def test_a_killed_replica_costs_no_request_when_another_answers(served):
     """Before: killing the model replica gave 9.6-13 s without an answer and plain-text 500s.
     Now the ingress sends a request whose replica died to a live one; Serve starts a new one."""
     base, store, proc, lines = served
-    pids = replicas("other-v1")
+    pids = replicas(proc, "model-other-v1")
     assert len(pids) == 2, pids  # --replicas 2
     with Load(base, ["other"], clients=12, seconds=120) as load:
         time.sleep(2)
         before = load.ok
         subprocess.run(["kill", "-9", str(pids[0])], check=True)
-        assert wait_for(lambda: len(replicas("other-v1")) == 2 and pids[0] not in replicas("other-v1"), 180)
+        assert wait_for(lambda: len(replicas(proc, "model-other-v1")) == 2 and pids[0] not in replicas(proc, "model-other-v1"), 180)
         time.sleep(2)
     assert proc.poll() is None
     assert load.ok > before + 20 and not load.failed, load.failed[:5]

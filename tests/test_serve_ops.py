@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from helpers import HYMENOPTERA, NOISY_TF, kiln_here, server_processes, start_serve, stop_process, stop_server_and_check
-from helpers import copy_models, copy_version, replicas, wait_for  # replicas("pool"): the processes of model-pool
+from helpers import copy_models, copy_version, replicas, wait_for
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -52,7 +52,7 @@ def test_a_canary_split_answers_by_weight_on_every_protocol(ops):
     """--traffic m@stable=3 --traffic m@canary=1: the unversioned routes of every protocol answer
     3 of 4 requests from the stable version and 1 from the canary, each saying which in its
     Kiln-Version header; a versioned route is never split; GET /models shows the split."""
-    base, _, _, lines, _ = ops
+    base, _, proc, lines, _ = ops
     assert any("m: unversioned traffic split m@stable 75%, m@canary 25%" in line for line in lines), lines
     session = requests.Session()
     session.headers.update(AUTH)
@@ -76,7 +76,7 @@ def test_a_canary_split_answers_by_weight_on_every_protocol(ops):
     assert {m["ref"]: m["shared"] for m in listing["models"]} == {"m:1": True, "m:2": True, "other:1": False,
                                                                    "photos:1": True}
     # two versions, one shared set of replicas: no process per version
-    assert len(replicas("pool")) == 2 and not replicas("m-") and len(replicas("other-v1")) == 2
+    assert len(replicas(proc, "model-pool")) == 2 and not replicas(proc, "model-m-") and len(replicas(proc, "model-other-v1")) == 2
     split = listing["traffic"]
     assert split == {"m": [{"to": "m@stable", "answering": "m:1", "weight": 3, "percent": 75.0},
                            {"to": "m@canary", "answering": "m:2", "weight": 1, "percent": 25.0}]}
@@ -128,7 +128,7 @@ def test_moving_a_label_moves_its_traffic_under_load_without_a_failed_request(op
                 failed.append(("exception", str(e)[:200]))
             time.sleep(0.02)
 
-    pool = replicas("pool")
+    pool = replicas(proc, "model-pool")
     threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
@@ -150,7 +150,7 @@ def test_moving_a_label_moves_its_traffic_under_load_without_a_failed_request(op
     after = Counter(seen[mark:])
     assert set(after) == {"m:1", new} and after["m:1"] > after[new], after
     assert "m:2" in seen[:mark] and proc.poll() is None
-    assert replicas("pool") == pool  # the new version joined the running shared replicas
+    assert replicas(proc, "model-pool") == pool  # the new version joined the running shared replicas
 
 
 def test_rm_refuses_a_version_the_server_serves_and_deletes_a_free_one(ops):
