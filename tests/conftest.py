@@ -119,8 +119,14 @@ def xdist_group(item: pytest.Item) -> str:
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     groups = {item.nodeid: xdist_group(item) for item in items}
-    # xdist hands out groups in the order of their first test: the two long ones first
-    items.sort(key=lambda item: {"ray-here": 0, "ray": 1}.get(groups[item.nodeid], 2))
+    # xdist hands out groups in the order of their first test (`make test` turns its reordering
+    # off): the two Ray groups first, then the groups with the most slow tests, so that no long
+    # module is left to start when the other process has nothing more to do
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[groups[item.nodeid]] = slow.get(groups[item.nodeid], 0) + bool(item.get_closest_marker("slow"))
+    rank = {"ray-here": 0, "ray": 1}
+    items.sort(key=lambda item: (rank.get(groups[item.nodeid], 2), -slow[groups[item.nodeid]]))
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
 

@@ -120,19 +120,19 @@ def test_asha_stops_poor_trials_and_the_best_trial_is_stored_with_its_search(wor
 @pytest.mark.slow
 @pytest.mark.ray
 def test_trials_train_on_ray_train_workers(workdir, shared_ray, capfd):
-    out = kiln_here("tune", "har", "--search", "dropout=grid:0.2/0.6", "--workers", "2", "--batch-size", "64",
+    out = kiln_here("tune", "har", "--search", "dropout=grid:0.3", "--workers", "2", "--batch-size", "64",
                     "--limit", "600", "--epochs", "2", "--scheduler", "fifo", "--run", "w", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     r = results(workdir, "w")
-    assert sorted(t["config"]["dropout"] for t in r["trials"]) == [0.2, 0.6]
+    assert [t["config"]["dropout"] for t in r["trials"]] == [0.3]  # one trial: searches are tested above
     for t in r["trials"]:
         assert t["status"] == "finished" and t["epochs"] == 2, t
         # Tune saw both epochs' validation accuracy, reported by the Ray Train workers
         reported = (workdir / "runs" / "w" / "tune" / t["trial"] / "result.json").read_text().splitlines()
         assert [(json.loads(x)["epoch"], "val_accuracy" in json.loads(x)) for x in reported] == [(1, True), (2, True)]
-    # each trial ran its own 2-worker Ray Train run (its workers' lines may reach this process
-    # after the command returns)
-    assert (out.stdout + capfd.readouterr().out).count("worker 1/2") == 2
+    # the trial ran a 2-worker Ray Train run (its workers' lines may reach this process after the
+    # command returns)
+    assert (out.stdout + capfd.readouterr().out).count("worker 1/2") == 1
     assert manifest(workdir, r["version"])["train"]["workers"] == 2
 
 
