@@ -611,29 +611,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"kiln: error: {message} (see `{self.prog} --help`)\n")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
-    p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
-    p.add_argument("--plugin-path", default=None, metavar="FILE.py",
-                   help="also load the plugins defined in this Python file (for development)")
-    p.add_argument("--verbose", action="store_true",
-                   help="also show TensorFlow's and Ray's start-up notices (or set KILN_VERBOSE=1)")
-    sub = p.add_subparsers(dest="command", required=True)
-    # --store and --plugin-path work before or after the subcommand
-    common = _Parser(add_help=False)
-    common.add_argument("--store", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--plugin-path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+JOBS_URL = "Ray head's jobs API (default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
 
+
+def _plugins_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("plugins", parents=[common], help="list registered plugins")
     s.add_argument("-v", "--config", action="store_true", help="also list each plugin's config keys")
     s.set_defaults(fn=cmd_plugins)
+    return s
 
+
+def _train_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("train", parents=[common], help="train a plugin and store the model as a new version")
     _training_flags(s, "train")
     s.set_defaults(fn=cmd_train)
-    p.train_parser = s  # type: ignore[attr-defined]  # kiln submit rebuilds train arguments with it
+    return s
 
+
+def _tune_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("tune", parents=[common], help="search hyperparameters on Ray Tune; store the best model",
                        description="Hyperparameter search on Ray Tune: each trial is a Kiln run of one "
                                    "sampled config, judged on the validation split; ASHA stops poor trials "
@@ -654,8 +649,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at a time (default: as many as the cluster's CPUs and GPUs fit)")
     s.set_defaults(fn=cmd_tune)
-    p.tune_parser = s  # type: ignore[attr-defined]
+    return s
 
+
+def _runs_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("runs", help="list training runs, or draw their validation curves together")
     s.add_argument("action", nargs="?", choices=["list", "compare"], default="list")
     s.add_argument("names", nargs="*", metavar="RUN")
@@ -663,7 +660,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default=None, help="compare: the metric to draw (default: val_ of the plugin's headline)")
     s.add_argument("--out", default="runs-compare.png", help="compare: the PNG to write")
     s.set_defaults(fn=cmd_runs)
+    return s
 
+
+def _models_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("models", parents=[common], help="list the models in the store; label and delete versions",
                        description="`kiln models` lists every version with its labels; `kiln models label "
                                    "cnn:3 stable` points a label at a version (moving it if it named "
@@ -674,14 +674,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("action", nargs="?", choices=["list", "label", "unlabel", "rm"], default="list")
     s.add_argument("args", nargs="*", metavar="NAME[:VERSION] LABEL")
     s.set_defaults(fn=cmd_models)
+    return s
 
+
+def _evaluate_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", parents=[common], help="re-evaluate a stored model on its test split")
     s.add_argument("model", metavar="NAME[:VERSION]")
     s.add_argument("--classifier", default=None, metavar="NAME[:VERSION]",
                    help="stored classifier that judges a generative model's samples (default: the "
                         "plugin's, e.g. cnn for dcgan and cgan)")
     s.set_defaults(fn=cmd_evaluate)
+    return s
 
+
+def _export_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("export", parents=[common], help="write a stored model's network as SavedModel, ONNX or LiteRT",
                        description="Export the network behind a stored model's predict method (raw "
                                    "inputs in, preprocessing included) for other servers: TF Serving's "
@@ -691,12 +697,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="exported", metavar="DIR",
                    help="folder to write into (SavedModel: DIR/NAME/VERSION/; default ./exported)")
     s.set_defaults(fn=cmd_export)
+    return s
 
+
+def _samples_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("samples", parents=[common], help="list (or copy) a stored model's pictures")
     s.add_argument("model", metavar="NAME[:VERSION]")
     s.add_argument("--out", default=None, metavar="DIR", help="copy the PNGs into DIR")
     s.set_defaults(fn=cmd_samples)
+    return s
 
+
+def _serve_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="serve stored models over HTTP with Ray Serve")
     s.add_argument("--model", action="append", default=None, metavar="NAME[:VERSION]",
                    help="model to serve (repeatable; default: the latest version of every model)")
@@ -750,47 +762,61 @@ def parser() -> argparse.ArgumentParser:
                    help="write a Ray Serve config for `serve deploy` on a cluster instead of serving")
     s.set_defaults(fn=cmd_serve)
 
-    jobs_url = "Ray head's jobs API (default $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
+    return s
+
+
+def _submit_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("submit", parents=[common], help="run `kiln train ...` or `kiln tune ...` as a job on a Ray cluster",
                        description="Submit a training job or a search through the Ray Jobs API: `kiln submit "
                                    "[options] train PLUGIN [kiln train options]` or `... tune PLUGIN "
                                    "[kiln tune options]`. The job carries Kiln's code; data and stores stay "
                                    "on the cluster.")
-    s.add_argument("--address", default=None, help=jobs_url)
+    s.add_argument("--address", default=None, help=JOBS_URL)
     s.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job, e.g. KILN_DATA_DIR=/data (repeatable)")
     s.add_argument("--job-id", default=None, help="job id (default kiln-PLUGIN-TIME-XXXX; also the run name)")
     s.add_argument("train_args", nargs=argparse.REMAINDER, metavar="train|tune PLUGIN ...")
     s.set_defaults(fn=cmd_submit)
+    return s
 
+
+def _jobs_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("jobs", help="list Kiln's jobs on a Ray cluster, show their logs, stop them")
     s.add_argument("action", nargs="?", choices=["list", "logs", "stop"], default="list")
     s.add_argument("id", nargs="?", help="job id (for logs and stop)")
     s.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
-    s.add_argument("--address", default=None, help=jobs_url)
+    s.add_argument("--address", default=None, help=JOBS_URL)
     s.set_defaults(fn=cmd_jobs)
+    return s
 
+
+def _cluster_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("cluster", help="start, inspect or stop a Ray head on this machine")
     s.add_argument("action", choices=["up", "down", "status"])
-    s.add_argument("--address", default=None, help="status: " + jobs_url)
+    s.add_argument("--address", default=None, help="status: " + JOBS_URL)
     s.add_argument("--port", type=int, default=None,
                    help="up: the head's GCS port (default 6379); down: stop only this one "
                         "(default: every head `kiln cluster up` started here, no other Ray)")
     s.add_argument("--dashboard-port", type=int, default=8265, help="up: dashboard and jobs API port")
     s.add_argument("--dashboard-host", default="127.0.0.1",
-                   help="up: address the jobs API binds (default loopback; see README before widening)")
+                   help="up: address the jobs API binds (default loopback; see docs/cluster.md before widening)")
     s.add_argument("--num-cpus", type=int, default=None, help="up: CPUs the head offers (default all)")
     s.add_argument("--num-gpus", type=int, default=None, help="up: GPUs the head offers (default all)")
     s.set_defaults(fn=cmd_cluster)
+    return s
 
-    url = settings.url()
+
+def _predict_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("predict", parents=[common], help="classify an image file with a served model")
     s.add_argument("model", metavar="NAME[:VERSION]")
     s.add_argument("--image", required=True, help="PNG or JPEG file (resized to the model's input)")
-    s.add_argument("--url", default=url, help="Kiln server (default $KILN_URL or %(default)s)")
+    s.add_argument("--url", default=settings.url(), help="Kiln server (default $KILN_URL or %(default)s)")
     s.set_defaults(fn=cmd_predict)
+    return s
 
+
+def _generate_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("generate", parents=[common], help="sample images or text from a served model")
     s.add_argument("model", metavar="NAME[:VERSION]")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -798,8 +824,36 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=None, help="how many samples")
     s.add_argument("--method", default=None, help="method to call (default: sample, else generate)")
     s.add_argument("--out", default=None, metavar="FILE.png", help="write the images as one PNG grid")
-    s.add_argument("--url", default=url, help="Kiln server (default $KILN_URL or %(default)s)")
+    s.add_argument("--url", default=settings.url(), help="Kiln server (default $KILN_URL or %(default)s)")
     s.set_defaults(fn=cmd_generate)
+    return s
+
+
+# each builds one subcommand's parser, its flags beside the command they belong to (cmd_*)
+COMMANDS = (_plugins_command, _train_command, _tune_command, _runs_command, _models_command,
+            _evaluate_command, _export_command, _samples_command, _serve_command, _submit_command,
+            _jobs_command, _cluster_command, _predict_command, _generate_command)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="kiln", description="Train and serve Keras model plugins on Ray.")
+    p.add_argument("--store", default=None, help="model store folder (default $KILN_STORE or ./kiln-store)")
+    p.add_argument("--plugin-path", default=None, metavar="FILE.py",
+                   help="also load the plugins defined in this Python file (for development)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show TensorFlow's and Ray's start-up notices (or set KILN_VERBOSE=1)")
+    sub = p.add_subparsers(dest="command", required=True)
+    # --store and --plugin-path work before or after the subcommand
+    common = _Parser(add_help=False)
+    common.add_argument("--store", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--plugin-path", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    commands = {}
+    for add in COMMANDS:
+        s = add(sub, common)
+        commands[s.prog.split()[-1]] = s
+    # kiln submit rebuilds a job's `kiln train`/`kiln tune` arguments with these
+    p.train_parser, p.tune_parser = commands["train"], commands["tune"]  # type: ignore[attr-defined]
     return p
 
 

@@ -1,7 +1,7 @@
 """Kiln's HTTP API: one FastAPI ingress deployment in front of the model deployments (with
 ``kiln serve --colocate``, holding the models itself).
 
-Routes (the README's table lists them; docs/design.md, "Data flow"):
+Routes (docs/serving.md's table lists them; docs/design.md, "Data flow"):
 
 * Kiln: ``GET /models``; ``POST /models/{m}[/versions/{v}]/{method}`` with the method's arguments as
   a JSON object, answered with its outputs as a JSON object.
