@@ -208,9 +208,8 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import time
-
     from kiln.serve import app
+    from kiln.serve.server import Server
 
     spec = app.plan(args.model, store=args.store, host=args.host, port=args.port, address=args.address,
                     replicas=args.replicas, target_ongoing_requests=args.target_ongoing_requests,
@@ -223,7 +222,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     poll_seconds=args.poll_seconds, access_log=args.access_log, traffic=args.traffic,
                     shared_replicas=args.shared_replicas, own_replicas=args.own_replicas,
                     models_per_replica=args.models_per_replica, colocate=args.colocate)
-    refs, store = spec.refs, spec.store
     if args.build_config:
         import yaml
 
@@ -231,94 +229,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"[kiln] wrote {args.build_config}; deploy it with `serve deploy {args.build_config} "
               "--address http://HEAD:8265` (the store path must exist on the cluster)")
         return 0
-    print(f"[kiln] serving {', '.join(refs)} from {store}; loading...", flush=True)
-    # the store learns what this server serves (before loading: that takes a while), so that
-    # `kiln models rm` refuses to delete it; a record whose process died counts for nothing
-    from kiln.store import Store
-
-    records, address = Store(store), f"http://{args.host}:{args.port}"
-    beat = min(args.poll_seconds or 30.0, 30.0)
-    record, recorded = records.record_server(spec.refs, address, beat), list(spec.refs)
-    next_beat = time.monotonic() + beat
-    app.start(spec, address=args.address)
+    server = Server(spec, models=args.model, address=args.address, poll_seconds=args.poll_seconds)
+    server.start()
     # SIGTERM (systemd, Docker, Kubernetes) stops the server as Ctrl-C does: after Ray's own
     # handler is installed, which printed a stack dump and left Ray's agents running
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        models = app.wait_ready(args.host, args.port, timeout=args.ready_timeout, token=spec.token)
-        base = f"http://{args.host}:{args.port}"
-        for m in models["models"]:
-            for method in sorted(m.get("methods", {})):
-                print(f"[kiln] {m['ref']:<16} POST {base}/models/{m['name']}/{method}", flush=True)
-        for name, entries in spec.traffic.items():
-            total = sum(entries.values())
-            print(f"[kiln] {name}: unversioned traffic split "
-                  + ", ".join(f"{e} {100 * w / total:.0f}%" for e, w in entries.items()), flush=True)
-        print(f"[kiln] ready: {base}/models  {base}/docs  (Ctrl-C stops)", flush=True)
-        next_poll = time.monotonic() + args.poll_seconds
-        import threading
-
-        import ray
-
-        gcs_host, _, gcs_port = ray.get_runtime_context().gcs_address.rpartition(":")
-        # in a thread of its own: a poll that was redeploying when Ray died waits forever in
-        # Ray's client, and must not keep the server from noticing
-        threading.Thread(target=_watch_ray, args=(gcs_host, int(gcs_port)), daemon=True,
-                         name="kiln-ray-watch").start()
-        while True:
-            time.sleep(1)
-            if args.poll_seconds and time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + args.poll_seconds
-                added, problems = app.refresh(spec, args.model)
-                for line in problems:
-                    print(f"[kiln] {line}; still serving the version before it", flush=True)
-                for ref in added:
-                    print(f"[kiln] new version in the store: now serving {ref}", flush=True)
-            if time.monotonic() >= next_beat or spec.refs != recorded:
-                next_beat, recorded = time.monotonic() + beat, list(spec.refs)
-                try:
-                    records.record_server(recorded, address, beat)
-                except KilnError as e:  # a store gone read-only must not stop the serving
-                    print(f"[kiln] warning: {e}", flush=True)
+        server.wait_ready(args.ready_timeout)
+        server.serve_forever()
     except _Terminated:
         return 0
     finally:
-        import ray
-
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
-        records.forget_server(record)
-        left = app.drain(spec)
-        if left:
-            print(f"[kiln] stopping with {left} request(s) still unanswered after {app.DRAIN_S:g} s", flush=True)
-        app.stop()
-        ray.shutdown()
-        print("[kiln] server stopped", flush=True)
-
-
-def _watch_ray(host: str, port: int) -> None:
-    """Ray dying under the server (stopped, killed, out of memory) left a process with nothing
-    listening for over a minute, then a GCS error: say so and exit."""
-    silent = 0
-    while True:
-        time.sleep(2)
-        silent = 0 if _answers(host, port) else silent + 1
-        if silent >= 3:
-            print(f"[kiln] error: the Ray cluster under the server stopped (its GCS at {host}:{port} "
-                  "does not answer); start `kiln serve` again", file=sys.stderr, flush=True)
-            from kiln.serve.runtime import remove_haproxy_folders
-
-            remove_haproxy_folders()
-            os._exit(1)  # Ray's shutdown would wait on the dead cluster
-
-
-def _answers(host: str, port: int) -> bool:
-    from kiln.net import reachable
-
-    try:
-        reachable(host, port, "Ray's GCS", "")
-        return True
-    except KilnError:
-        return False
+        server.stop()
 
 
 class _Terminated(Exception):

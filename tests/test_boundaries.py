@@ -24,7 +24,7 @@ LAYERS = [
     {"kiln.cluster", "kiln.cluster.train", "kiln.serve", "kiln.serve.runtime", "kiln.serve.haproxy",
      "kiln.serve.codecs", "kiln.serve.replica", "kiln.serve.metrics"},
     {"kiln.run", "kiln.serve.app", "kiln.serve.ingress"},
-    {"kiln.cluster.jobs", "kiln.tune"},
+    {"kiln.cluster.jobs", "kiln.tune", "kiln.serve.server"},
     {"kiln.cli"},
 ]
 
