@@ -52,113 +52,230 @@ def setup_tensorflow(threads: int | None, gpus: bool) -> None:
             raise
 
 
+class Batches:
+    """How a run's examples are cut into steps: the global batch (rounded down to a multiple of the
+    replicas), the steps per epoch, and the validation batches, the same on every worker."""
+
+    def __init__(self, spec: TrainSpec, info: DatasetInfo, per_class: int | None, n_rep: int,
+                 world_size: int) -> None:
+        self.spec, self.per_class, self.n_rep = spec, per_class, n_rep
+        # An elastic run may restart with a worker count that does not divide --batch-size: the
+        # global batch is then rounded down to a multiple of it (fixed sizes are checked by run.plan).
+        self.per_replica = spec.batch_size // n_rep
+        self.global_batch = self.per_replica * n_rep
+        if self.per_replica < 1:
+            raise KilnError(f"--batch-size {spec.batch_size} is smaller than the {n_rep} replicas")
+        self.held = dict(limit=spec.limit, val_fraction=spec.val_fraction, seed=spec.seed)
+        train_size = data.split_size(spec.dataset, info, "train", per_class=per_class, **self.held)
+        self.steps = (train_size // world_size) // (self.global_batch // world_size)
+        if self.steps < 1:
+            raise KilnError(f"{train_size} training examples cannot fill one batch of {spec.batch_size} "
+                            f"per step; lower --batch-size")
+        val_size = data.split_size(spec.dataset, info, "val", **self.held) if spec.val_fraction else 0
+        self.val_per_replica = min(self.per_replica, val_size // n_rep) if val_size else 0
+        per_worker = max(1, self.val_per_replica * n_rep // world_size)
+        self.val_steps = (val_size // world_size) // per_worker if self.val_per_replica else 0
+        if spec.val_fraction and self.val_steps < 1:
+            raise KilnError(f"the validation split holds {val_size} examples, too few for {n_rep} "
+                            "replicas; raise --val-fraction or --limit, or pass --val-fraction 0")
+
+    def iterators(self, strategy: Any, preprocess: Any) -> tuple[Any, Any]:
+        """The distributed training iterator (shuffled, endless) and the validation one (the same
+        batches every epoch, or None without a validation split)."""
+        import tensorflow as tf
+
+        spec = self.spec
+
+        def train_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+            shard = (input_context.input_pipeline_id, input_context.num_input_pipelines)
+            split = data.load(spec.dataset, "train", shard=shard, per_class=self.per_class, **self.held)
+            batch = input_context.get_per_replica_batch_size(self.global_batch)
+            ds = split.ds.shuffle(min(split.size, 20000), seed=spec.seed + shard[0])
+            ds = ds.batch(batch, drop_remainder=True).repeat()
+            ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+            return ds.prefetch(tf.data.AUTOTUNE)
+
+        def val_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+            shard = (input_context.input_pipeline_id, input_context.num_input_pipelines)
+            split = data.load(spec.dataset, "val", shard=shard, **self.held)
+            batch = self.val_per_replica * self.n_rep // input_context.num_input_pipelines
+            ds = split.ds.batch(batch, drop_remainder=True).take(self.val_steps)
+            ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE).cache().repeat()
+            return ds.prefetch(tf.data.AUTOTUNE)
+
+        train = iter(strategy.distribute_datasets_from_function(train_fn))
+        val = iter(strategy.distribute_datasets_from_function(val_fn)) if self.val_steps else None
+        return train, val
+
+
+class EarlyStop:
+    """--early-stop METRIC[:PATIENCE]: the best epoch so far (its value and weights), and whether
+    the run has stopped; both are kept in the checkpoint so a resumed run goes on where it was."""
+
+    def __init__(self, rule: str | None) -> None:
+        self.rule = rule
+        self.watch = parse_early_stop(rule) if rule else None
+        self.best: dict[str, Any] | None = None
+
+    def restore(self, state: dict[str, Any], restore: Path) -> None:
+        if state.get("early_stop") and self.watch:
+            self.best = {**state["early_stop"], "weights": checkpoint.best_weights(restore)}
+
+    @property
+    def stopped(self) -> int | None:
+        return self.best.get("stopped") if self.best else None
+
+    def update(self, epoch: int, metrics: dict[str, float], model: Any, loud: bool) -> bool:
+        """Record ``epoch``; True when the run should stop now."""
+        if not self.watch:
+            return False
+        name, patience, mode = self.watch
+        if name not in metrics:
+            raise KilnError(f"--early-stop {self.rule}: this run reports no {name}; its validation "
+                            f"metrics: {', '.join(k for k in metrics if k.startswith('val_'))}")
+        value, best = metrics[name], self.best
+        if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
+            self.best = {"metric": name, "mode": mode, "epoch": epoch, "value": value,
+                         "weights": model.get_weights()}
+            return False
+        if epoch - best["epoch"] < patience:
+            return False
+        best["stopped"] = epoch
+        if loud:
+            say(f"early stop: {name} has not improved on epoch {best['epoch']} "
+                f"({best['value']:.4f}) for {patience} epochs; keeping epoch {best['epoch']}'s weights")
+        return True
+
+    def state(self) -> dict[str, Any] | None:
+        return {k: v for k, v in self.best.items() if k != "weights"} if self.best else None
+
+    def weights(self) -> Any:
+        return self.best["weights"] if self.best else None
+
+
+class Tracking:
+    """Rank 0's record of a run: TensorBoard always, MLflow with --mlflow; the other ranks' is
+    empty."""
+
+    def __init__(self, spec: TrainSpec, config: dict[str, Any], world_size: int, on: bool) -> None:
+        self.board = self.mlflow = None
+        if not on:
+            return
+        from kiln.tracking import Board, Mlflow
+
+        self.mlflow = Mlflow.of(spec.mlflow)
+        self.board = Board(spec.run_dir, spec.run, {**config, "plugin": spec.plugin,
+                                                    "dataset": spec.dataset, "batch_size": spec.batch_size,
+                                                    "epochs": spec.epochs, "workers": world_size,
+                                                    "seed": spec.seed, "val_fraction": spec.val_fraction})
+
+    def steps(self, step: int, logs: dict[str, Any]) -> None:
+        if self.board is not None:
+            self.board.steps(step, {k: float(v) for k, v in logs.items()})
+
+    def epoch(self, epoch: int, metrics: dict[str, float], model: Any, pictures: Path) -> None:
+        if self.board is None:
+            return
+        from kiln.tracking import learning_rate
+
+        lr = learning_rate(model)
+        self.board.epoch(epoch, metrics, lr)
+        self.board.pictures(epoch, pictures)
+        if self.mlflow is not None:
+            self.mlflow.metrics({**metrics, **({"learning_rate": lr} if lr is not None else {})}, step=epoch)
+            self.mlflow.pictures(pictures)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def repeated(strategy: Any, step: Any) -> Any:
+    """``step`` run ``n`` times in one compiled call. Many steps per call keep Python out of the
+    hot path; logs are reduced across workers once per epoch (a collective per logged value per
+    step would cost more than the step itself)."""
+    import tensorflow as tf
+
+    @tf.function
+    def run(iterator: Any, n: Any) -> dict[str, Any]:
+        logs = strategy.run(step, args=(next(iterator),))
+        for _ in tf.range(n - 1):
+            logs = strategy.run(step, args=(next(iterator),))
+        return logs
+
+    return run
+
+
+def reduced(strategy: Any, logs: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Each replica's metric over its share, averaged: the global figure on every worker."""
+    n_rep = strategy.num_replicas_in_sync
+    return {prefix + k: float(strategy.reduce("SUM", v, axis=None)) / n_rep for k, v in logs.items()}
+
+
+def save(ctx: Context, model: Any, state: dict[str, Any], stop: EarlyStop,
+         metrics: dict[str, float]) -> None:
+    """Every worker reports; rank 0 alone writes the checkpoint (checkpoint.py owns its format)."""
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-ckpt-"))
+    try:
+        if ctx.rank == 0:
+            if stop.best is not None:
+                state = {**state, "early_stop": stop.state()}
+            checkpoint.save(model, tmp, state, best=stop.weights())
+        ctx.report(metrics, tmp if ctx.rank == 0 else None)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resume(ctx: Context, model: Any, stop: EarlyStop) -> tuple[int, list[dict[str, float]], list[dict[str, Any]]]:
+    """Restore the latest checkpoint, if any, into ``model`` and ``stop``: the epoch to go on from,
+    the history so far, and each restart's epoch and worker count."""
+    start, history, resumed = 0, [], []
+    for restore in ctx.restore_dir():
+        if restore is not None:
+            state = checkpoint.restore(model, restore)
+            start, history = state["epoch"], state["history"]
+            resumed = state.get("resumed", []) + [{"epoch": start, "workers": ctx.world_size}]
+            stop.restore(state, restore)
+            if ctx.rank == 0:
+                say(f"resuming from checkpoint at epoch {start} on {ctx.world_size} worker(s) ({restore})")
+    return start, history, resumed
+
+
 def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) -> None:
     """Train ``spec`` under ``strategy``; report metrics and a checkpoint after every epoch."""
     import keras
     import tensorflow as tf
+
+    from kiln.logs import Progress
 
     keras.utils.set_random_seed(spec.seed)
     plugin = models.for_spec(spec, info)
     if ctx.rank == 0:
         plugin.progress_dir = spec.progress_dir
         plugin.progress_dir.mkdir(parents=True, exist_ok=True)
-    n_rep = strategy.num_replicas_in_sync
-    # An elastic run may restart with a worker count that does not divide --batch-size: the
-    # global batch is then rounded down to a multiple of it (fixed sizes are checked by run.plan).
-    per_replica = spec.batch_size // n_rep
-    global_batch = per_replica * n_rep
-    if per_replica < 1:
-        raise KilnError(f"--batch-size {spec.batch_size} is smaller than the {n_rep} replicas")
-    if global_batch != spec.batch_size and ctx.rank == 0:
-        say(f"global batch {global_batch}: --batch-size {spec.batch_size} rounded down to a multiple "
-            f"of {n_rep} replicas")
-    per_class = plugin.train_per_class()
-    held = dict(limit=spec.limit, val_fraction=spec.val_fraction, seed=spec.seed)
-    train_size = data.split_size(spec.dataset, info, "train", per_class=per_class, **held)
-    steps = (train_size // ctx.world_size) // (global_batch // ctx.world_size)
-    if steps < 1:
-        raise KilnError(f"{train_size} training examples cannot fill one batch of {spec.batch_size} "
-                        f"per step; lower --batch-size")
-    # Validation: the same number of whole batches on every worker, the same batches every epoch
-    val_size = data.split_size(spec.dataset, info, "val", **held) if spec.val_fraction else 0
-    val_per_replica = min(per_replica, val_size // n_rep) if val_size else 0
-    val_steps = (val_size // ctx.world_size) // max(1, val_per_replica * n_rep // ctx.world_size) if val_per_replica else 0
-    if spec.val_fraction and val_steps < 1:
-        raise KilnError(f"the validation split holds {val_size} examples, too few for {n_rep} replicas; "
-                        "raise --val-fraction or --limit, or pass --val-fraction 0")
-    watch = parse_early_stop(spec.early_stop) if spec.early_stop else None
-
-    def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
-        shard = (input_context.input_pipeline_id, input_context.num_input_pipelines)
-        split = data.load(spec.dataset, "train", shard=shard, per_class=per_class, **held)
-        batch = input_context.get_per_replica_batch_size(global_batch)
-        ds = split.ds.shuffle(min(split.size, 20000), seed=spec.seed + shard[0])
-        ds = ds.batch(batch, drop_remainder=True).repeat()
-        ds = ds.map(plugin.preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE)
-
-    def val_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
-        shard = (input_context.input_pipeline_id, input_context.num_input_pipelines)
-        split = data.load(spec.dataset, "val", shard=shard, **held)
-        batch = val_per_replica * n_rep // input_context.num_input_pipelines
-        ds = split.ds.batch(batch, drop_remainder=True).take(val_steps)
-        ds = ds.map(plugin.preprocess, num_parallel_calls=tf.data.AUTOTUNE).cache().repeat()
-        return ds.prefetch(tf.data.AUTOTUNE)
-
+    n_rep, loud = strategy.num_replicas_in_sync, ctx.rank == 0
+    sizes = Batches(spec, info, plugin.train_per_class(), n_rep, ctx.world_size)
+    if sizes.global_batch != spec.batch_size and loud:
+        say(f"global batch {sizes.global_batch}: --batch-size {spec.batch_size} rounded down to a "
+            f"multiple of {n_rep} replicas")
+    steps, stop = sizes.steps, EarlyStop(spec.early_stop)
     plugin.total_steps = spec.epochs * steps
     with strategy.scope():
         model = models.build(plugin)
 
-    history: list[dict[str, float]] = []
-    resumed: list[dict[str, Any]] = []  # each restart: the epoch it resumed from, on how many workers
-    start = 0
-    best: dict[str, Any] | None = None  # --early-stop: the best epoch so far, its value and weights
-    for restore in ctx.restore_dir():
-        if restore is not None:
-            state = checkpoint.restore(model, restore)
-            start, history = state["epoch"], state["history"]
-            resumed = state.get("resumed", []) + [{"epoch": start, "workers": ctx.world_size}]
-            if state.get("early_stop") and watch:
-                best = {**state["early_stop"], "weights": checkpoint.best_weights(restore)}
-            if ctx.rank == 0:
-                say(f"resuming from checkpoint at epoch {start} on {ctx.world_size} worker(s) ({restore})")
-    if best and best.get("stopped"):
-        if ctx.rank == 0:
-            say(f"this run stopped early at epoch {best['stopped']}: {best['metric']} had not improved "
-                f"on epoch {best['epoch']} for {watch[1]} epochs")
+    start, history, resumed = resume(ctx, model, stop)
+    if stop.stopped:
+        if loud:
+            say(f"this run stopped early at epoch {stop.stopped}: {stop.best['metric']} had not "
+                f"improved on epoch {stop.best['epoch']} for {stop.watch[1]} epochs")
         return
 
-    board = mlflow = None
-    if ctx.rank == 0:
-        from kiln.tracking import Board, Mlflow
-
-        mlflow = Mlflow.of(spec.mlflow)
-
-        board = Board(spec.run_dir, spec.run, {**vars(plugin.config), "plugin": spec.plugin,
-                                               "dataset": spec.dataset, "batch_size": spec.batch_size,
-                                               "epochs": spec.epochs, "workers": ctx.world_size,
-                                               "seed": spec.seed, "val_fraction": spec.val_fraction})
-
-    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    val_iterator = iter(strategy.distribute_datasets_from_function(val_fn)) if val_steps else None
-
-    # Many steps per call keep Python out of the hot path; logs are reduced across workers once
-    # per epoch (a collective per logged value per step would cost more than the step itself).
-    def repeated(step: Any) -> Any:
-        @tf.function
-        def run(iterator: Any, n: Any) -> dict[str, Any]:
-            logs = strategy.run(step, args=(next(iterator),))
-            for _ in tf.range(n - 1):
-                logs = strategy.run(step, args=(next(iterator),))
-            return logs
-
-        return run
-
-    run_steps, run_val = repeated(model.train_step), repeated(model.test_step)
-    from kiln.logs import Progress
-
-    bar = Progress(spec.epochs, steps, global_batch)
-    bar.on = bar.on and ctx.rank == 0 and ctx.world_size == 1 and n_rep == 1
+    track = Tracking(spec, vars(plugin.config), ctx.world_size, on=loud)
+    iterator, val_iterator = sizes.iterators(strategy, plugin.preprocess)
+    run_steps, run_val = repeated(strategy, model.train_step), repeated(strategy, model.test_step)
+    one_process = ctx.world_size == 1 and n_rep == 1
+    bar = Progress(spec.epochs, steps, sizes.global_batch)
+    bar.on = bar.on and loud and one_process
     # on a terminal the bar moves about 20 times an epoch; elsewhere Python stays out of the way
     per_call = max(1, min(STEPS_PER_CALL, steps // 20)) if bar.on else STEPS_PER_CALL
 
@@ -173,67 +290,30 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
             done += n
             if bar.on:
                 bar.update(done, {k: float(v) for k, v in logs.items()})
-            if board is not None and ctx.world_size == 1 and n_rep == 1:
-                # one process: the step's logs are already global (N workers would need a
-                # collective per call, so they log per epoch only)
-                board.steps((epoch - 1) * steps + done, {k: float(v) for k, v in logs.items()})
-        metrics = {k: float(strategy.reduce("SUM", v, axis=None)) / n_rep for k, v in logs.items()}
+            if one_process:  # the step's logs are already global; N workers log per epoch only
+                track.steps((epoch - 1) * steps + done, logs)
+        metrics = reduced(strategy, logs)
         seconds = time.perf_counter() - t0
         if val_iterator is not None:
-            # global, as the training metrics are: each replica's metric over its share, averaged
             model.reset_metrics()
-            val_logs = run_val(val_iterator, tf.constant(val_steps))
-            metrics.update({f"val_{k}": float(strategy.reduce("SUM", v, axis=None)) / n_rep
-                            for k, v in val_logs.items()})
-        metrics.update(epoch=epoch, examples_per_s=steps * global_batch / seconds, seconds=seconds,
-                       workers=ctx.world_size)
+            metrics.update(reduced(strategy, run_val(val_iterator, tf.constant(sizes.val_steps)), "val_"))
+        metrics.update(epoch=epoch, examples_per_s=steps * sizes.global_batch / seconds,
+                       seconds=seconds, workers=ctx.world_size)
         history.append(metrics)
         bar.clear()
-        if ctx.rank == 0:
+        if loud:
             shown = "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                               if k not in ("epoch", "examples_per_s", "seconds", "workers"))
             say(f"epoch {epoch}/{spec.epochs}  {shown}  "
                 f"{metrics['examples_per_s']:.0f} examples/s  {seconds:.1f}s")
-        stop = False
-        if watch:
-            name, patience, mode = watch
-            if name not in metrics:
-                raise KilnError(f"--early-stop {spec.early_stop}: this run reports no {name}; its "
-                                f"validation metrics: {', '.join(k for k in metrics if k.startswith('val_'))}")
-            value = metrics[name]
-            if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
-                best = {"metric": name, "mode": mode, "epoch": epoch, "value": value,
-                        "weights": model.get_weights()}
-            elif epoch - best["epoch"] >= patience:
-                stop = True
-                best["stopped"] = epoch
-                if ctx.rank == 0:
-                    say(f"early stop: {name} has not improved on epoch {best['epoch']} "
-                        f"({best['value']:.4f}) for {patience} epochs; keeping epoch {best['epoch']}'s weights")
+        stopping = stop.update(epoch, metrics, model, loud)
         plugin.on_epoch_end(model, epoch, metrics, ctx.rank)
-        if board is not None:
-            from kiln.tracking import learning_rate
-
-            lr = learning_rate(model)
-            board.epoch(epoch, metrics, lr)
-            board.pictures(epoch, plugin.progress_dir)
-            if mlflow is not None:
-                mlflow.metrics({**metrics, **({"learning_rate": lr} if lr is not None else {})}, step=epoch)
-                mlflow.pictures(plugin.progress_dir)
-        tmp = Path(tempfile.mkdtemp(prefix="kiln-ckpt-"))
-        try:
-            if ctx.rank == 0:
-                state = {"epoch": epoch, "history": history, "resumed": resumed, "spec": spec.to_dict()}
-                if best is not None:
-                    state["early_stop"] = {k: v for k, v in best.items() if k != "weights"}
-                checkpoint.save(model, tmp, state, best=best["weights"] if best else None)
-            ctx.report(metrics, tmp if ctx.rank == 0 else None)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if stop:
+        track.epoch(epoch, metrics, model, plugin.progress_dir)
+        state = {"epoch": epoch, "history": history, "resumed": resumed, "spec": spec.to_dict()}
+        save(ctx, model, state, stop, metrics)
+        if stopping:
             break
-    if board is not None:
-        board.close()
+    track.close()
 
 
 def metric_names(spec: TrainSpec, info: DatasetInfo) -> list[str]:

@@ -325,6 +325,47 @@ def _resources(base: TrainSpec) -> tuple[dict[str, float], float, float]:
     return {"cpu": 0, "memory": 1}, base.workers * base.cpus_per_worker, base.workers * base.gpus_per_worker
 
 
+def _mlflow_parent(s: SearchSpec) -> str:
+    """The MLflow run that holds the search's trials as its children; its id."""
+    from kiln.tracking import Mlflow
+
+    base = s.base_spec
+    parent = Mlflow.start(base.mlflow["uri"], base.mlflow["experiment"], s.name,
+                          {"search": "; ".join(d.text for d in s.dims), "scheduler": s.scheduler,
+                           "samples": s.samples, "metric": s.metric, "mode": s.mode,
+                           "plugin": base.plugin, "dataset": base.dataset, "epochs": base.epochs,
+                           **{f"set.{k}": v for k, v in base.overrides.items()}},
+                          {"kiln.plugin": base.plugin, "kiln.search": s.name})
+    return parent.run_id
+
+
+def _new_tuner(s: SearchSpec, trainable: Any, concurrent: int) -> Any:
+    """A fresh Tuner for ``s``: its sampler, scheduler and storage under the search's folder."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    base = s.base_spec
+    if s.scheduler == "asha":
+        scheduler: Any = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=s.grace_epochs,
+                                       reduction_factor=s.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space={d.key: d.domain() for d in s.dims},
+        tune_config=tune.TuneConfig(
+            metric=s.metric, mode=s.mode, num_samples=s.samples, scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=base.seed, max_concurrent=concurrent),
+            trial_dirname_creator=lambda t: t.trial_id,
+            # a trial's process is kept for the next one: TensorFlow and Kiln are imported
+            # once per concurrent trial instead of once per trial
+            reuse_actors=True),
+        run_config=tune.RunConfig(name="tune", storage_path=str(s.dir), verbose=0,
+                                  callbacks=[_Lines(s)]),
+    )
+
+
 def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) search ``s`` on Ray Tune, store its best trial's model; the results."""
     # Kiln prints a line per trial and the table; Tune's own reporter would repeat them, and Ray's
@@ -332,8 +373,6 @@ def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     from kiln import data, models
     from kiln.cluster.train import connect
@@ -349,15 +388,7 @@ def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
         check_metric(s, info)
         s.dir.mkdir(parents=True, exist_ok=True)
         if base.mlflow:
-            from kiln.tracking import Mlflow
-
-            parent = Mlflow.start(base.mlflow["uri"], base.mlflow["experiment"], s.name,
-                                  {"search": "; ".join(d.text for d in s.dims), "scheduler": s.scheduler,
-                                   "samples": s.samples, "metric": s.metric, "mode": s.mode,
-                                   "plugin": base.plugin, "dataset": base.dataset, "epochs": base.epochs,
-                                   **{f"set.{k}": v for k, v in base.overrides.items()}},
-                                  {"kiln.plugin": base.plugin, "kiln.search": s.name})
-            s.base["mlflow"]["run_id"] = parent.run_id
+            s.base["mlflow"]["run_id"] = _mlflow_parent(s)
         (s.dir / SEARCH_FILE).write_text(json.dumps(s.to_dict(), indent=2))
     connect(base.address)
     import ray
@@ -381,24 +412,7 @@ def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                    restart_errored=False)
     else:
-        if s.scheduler == "asha":
-            scheduler: Any = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=s.grace_epochs,
-                                           reduction_factor=s.reduction_factor)
-        else:
-            scheduler = FIFOScheduler()
-        tuner = tune.Tuner(
-            trainable,
-            param_space={d.key: d.domain() for d in s.dims},
-            tune_config=tune.TuneConfig(
-                metric=s.metric, mode=s.mode, num_samples=s.samples, scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=base.seed, max_concurrent=concurrent),
-                trial_dirname_creator=lambda t: t.trial_id,
-                # a trial's process is kept for the next one: TensorFlow and Kiln are imported
-                # once per concurrent trial instead of once per trial
-                reuse_actors=True),
-            run_config=tune.RunConfig(name="tune", storage_path=str(s.dir), verbose=0,
-                                      callbacks=[_Lines(s)]),
-        )
+        tuner = _new_tuner(s, trainable, concurrent)
     grid = tuner.fit()
     # Tune returns (it does not raise) when Ctrl-C stopped it; its state is saved for a resume
     expected = s.samples * math.prod(len(d.values) for d in s.dims if d.kind == "grid")
