@@ -213,6 +213,7 @@ def main() -> None:
 
     from kiln import data
     from kiln.serve import app, runtime
+    from kiln.serve.options import ServeOptions
 
     store = str(Path(args.store).resolve())
     x = np.stack([a.numpy() for a, _ in data.load("mnist", "test", limit=256).ds]).astype("float32")
@@ -248,9 +249,8 @@ def main() -> None:
         port = runtime.free_port()
         base = f"http://127.0.0.1:{port}"
         for batching in ((True, False) if not label else (True,)):
-            opts = app.ModelOptions(num_cpus=1, batch_size=32 if batching else 0)
-            spec = app.ServeSpec(store=store, refs=[app.resolve_refs(store, ["cnn"])[0]], port=port,
-                                 options={"cnn": opts})
+            opts = ServeOptions(port=port, cpus_per_replica=1, batch_size=32 if batching else 0)
+            spec = app.ServeSpec(store=store, refs=[app.resolve_refs(store, ["cnn"])[0]], opts=opts)
             app.start(spec)
             wait(f"{base}/v2/health/ready")
             requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})
@@ -278,8 +278,8 @@ def main() -> None:
             serve.delete("kiln")
         if not label:
             # the models in the ingress's replicas (kiln serve --colocate): no hop
-            spec = app.ServeSpec(store=store, refs=[app.resolve_refs(store, ["cnn"])[0]], port=port,
-                                 options={app.INGRESS: app.ModelOptions(num_cpus=1)}, colocate=True)
+            spec = app.ServeSpec(store=store, refs=[app.resolve_refs(store, ["cnn"])[0]],
+                                 opts=ServeOptions(port=port, cpus_per_replica=1, colocate=True))
             app.start(spec)
             wait(f"{base}/v2/health/ready")
             requests.post(f"{base}/models/cnn/classify", data=one, headers={"Content-Type": "application/json"})

@@ -208,20 +208,12 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from kiln import options
     from kiln.serve import app
+    from kiln.serve.options import ServeOptions
     from kiln.serve.server import Server
 
-    spec = app.plan(args.model, store=args.store, host=args.host, port=args.port, address=args.address,
-                    replicas=args.replicas, target_ongoing_requests=args.target_ongoing_requests,
-                    cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-                    max_ongoing_requests=args.max_ongoing_requests, batch_size=args.batch_size,
-                    batch_wait_ms=args.batch_wait_ms, max_body_mb=args.max_body_mb,
-                    max_items=args.max_items, max_chars=args.max_chars,
-                    max_response_mb=args.max_response_mb, body_timeout_s=args.body_timeout_s,
-                    client_timeout_s=args.client_timeout_s, max_connections=args.max_connections,
-                    poll_seconds=args.poll_seconds, access_log=args.access_log, traffic=args.traffic,
-                    shared_replicas=args.shared_replicas, own_replicas=args.own_replicas,
-                    models_per_replica=args.models_per_replica, colocate=args.colocate)
+    spec = app.plan(args.model, options.from_args(ServeOptions, args), store=args.store)
     if args.build_config:
         import yaml
 
@@ -229,13 +221,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"[kiln] wrote {args.build_config}; deploy it with `serve deploy {args.build_config} "
               "--address http://HEAD:8265` (the store path must exist on the cluster)")
         return 0
-    server = Server(spec, models=args.model, address=args.address, poll_seconds=args.poll_seconds)
+    server = Server(spec, models=args.model)
     server.start()
     # SIGTERM (systemd, Docker, Kubernetes) stops the server as Ctrl-C does: after Ray's own
     # handler is installed, which printed a stack dump and left Ray's agents running
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        server.wait_ready(args.ready_timeout)
+        server.wait_ready()
         server.serve_forever()
     except _Terminated:
         return 0
@@ -635,52 +627,10 @@ def _serve_command(sub: Any, common: argparse.ArgumentParser) -> argparse.Argume
     s = sub.add_parser("serve", parents=[common], help="serve stored models over HTTP with Ray Serve")
     s.add_argument("--model", action="append", default=None, metavar="NAME[:VERSION]",
                    help="model to serve (repeatable; default: the latest version of every model)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local one)")
-    s.add_argument("--replicas", default="1", metavar="N|MIN-MAX",
-                   help="replicas per model; MIN-MAX lets Ray Serve autoscale between the two")
-    s.add_argument("--target-ongoing-requests", type=float, default=2.0,
-                   help="with --replicas MIN-MAX: requests per replica that autoscaling aims at")
-    s.add_argument("--cpus-per-replica", type=float, default=0.25)
-    s.add_argument("--gpus-per-replica", type=float, default=0.0)
-    s.add_argument("--max-ongoing-requests", type=int, default=16, help="per replica")
-    s.add_argument("--batch-size", type=int, default=32,
-                   help="requests merged into one model call (0: no batching)")
-    s.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
-    s.add_argument("--max-body-mb", type=float, default=16.0,
-                   help="larger request bodies get 413, chunked ones as soon as they pass it")
-    s.add_argument("--max-items", type=int, default=1024,
-                   help="images/windows per request and samples asked for (more: 400)")
-    s.add_argument("--max-chars", type=int, default=100_000, help="characters of a text argument (more: 400)")
-    s.add_argument("--max-response-mb", type=float, default=64.0,
-                   help="answers that would be larger get 400 before they are built")
-    s.add_argument("--body-timeout-s", type=float, default=60.0,
-                   help="a request body must arrive within this (else 408)")
-    s.add_argument("--client-timeout-s", type=int, default=60,
-                   help="HAProxy drops a client silent this long")
-    s.add_argument("--max-connections", type=int, default=4096, help="HAProxy's open connections at most")
-    s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for models to load")
-    s.add_argument("--poll-seconds", type=float, default=10.0,
-                   help="look for new model versions in the store this often (0: never)")
-    s.add_argument("--traffic", action="append", default=None, metavar="NAME:VERSION=WEIGHT",
-                   help="split a model's unversioned traffic by weight, e.g. --traffic cnn:3=90 --traffic "
-                        "cnn:4=10 (a canary), or by label, cnn@stable=90; repeatable")
-    s.add_argument("--shared-replicas", action="store_true",
-                   help="serve the models in one shared set of replicas (Ray Serve's model multiplexing): "
-                        "each extra small model costs tens of MB instead of a TensorFlow process")
-    s.add_argument("--own-replicas", action="append", default=None, metavar="NAME",
-                   help="with --shared-replicas: this model keeps replicas of its own (a hot model; repeatable)")
-    s.add_argument("--models-per-replica", type=int, default=0,
-                   help="with --shared-replicas: versions loaded in one replica at most, least recently "
-                        "used unloaded beyond (default 0: no limit)")
-    s.add_argument("--colocate", action="store_true",
-                   help="load the models in the ingress's own replicas: a request skips the hop to a model "
-                        "replica (lower latency at low load); --replicas and --cpus-per-replica "
-                        "then set the ingress's, and a model whose load crashes its process takes the "
-                        "server's replica with it")
-    s.add_argument("--access-log", action="store_true",
-                   help="log every request (Serve's access log; off by default: it costs time per request)")
+    from kiln import options
+    from kiln.serve.options import ServeOptions
+
+    options.add_flags(s, ServeOptions)
     s.add_argument("--build-config", default=None, metavar="FILE.yaml",
                    help="write a Ray Serve config for `serve deploy` on a cluster instead of serving")
     s.set_defaults(fn=cmd_serve)

@@ -23,38 +23,16 @@ import json
 import secrets
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
 
 from kiln import settings
 from kiln.plugin import KilnError
-from kiln.serve.codecs import Limits
+from kiln.serve.options import ServeOptions
 from kiln.serve.replica import INGRESS, POOL, ModelPool, ModelServer
 from kiln.serve.runtime import SERVE_HOOK, init_ray, quiet_serve_process
-
-
-@dataclass
-class ModelOptions:
-    """How one model version is served (CLI flags or the Serve config file set these)."""
-
-    num_cpus: float = 0.25
-    num_gpus: float = 0.0
-    num_replicas: int = 1
-    max_ongoing_requests: int = 16
-    autoscaling_config: dict[str, Any] | None = None
-    batch_size: int = 32          # requests merged into one model call (0 or 1: no batching)
-    batch_wait_ms: float = 2.0    # how long a batch waits to fill
-
-    def deployment_options(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-                               "max_ongoing_requests": self.max_ongoing_requests}
-        if self.autoscaling_config:
-            out["autoscaling_config"] = self.autoscaling_config
-        else:
-            out["num_replicas"] = self.num_replicas
-        return out
 
 
 @dataclass
@@ -63,36 +41,30 @@ class ServeSpec:
 
     store: str
     refs: list[str]                       # resolved "name:version"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    limits: Limits = field(default_factory=Limits)
-    options: dict[str, ModelOptions] = field(default_factory=dict)
+    opts: ServeOptions = field(default_factory=ServeOptions)
     token: str | None = None              # with a token, every route but health needs it
-    access_log: bool = False              # Serve's log line per request (costs time per request)
     # versions found in the store that cannot be served, with why (GET /models lists them); keyed
     # by ref, with the folder's modification time so that a fixed folder is tried again
     failed: dict[str, tuple[float, str]] = field(default_factory=dict)
     # the store's labels of the served models (name -> label -> version), as last deployed
     labels: dict[str, dict[str, int]] = field(default_factory=dict)
-    # a weighted split of a model's unversioned routes: name -> {"cnn:3" or "cnn@stable": weight}
-    traffic: dict[str, dict[str, int]] = field(default_factory=dict)
     # each traffic entry's version as last deployed ("cnn@canary" -> "cnn:4"): while a moved
     # label's new version loads, its share still goes to this one
     routes: dict[str, str] = field(default_factory=dict)
     # what the ingress's POST /-/drain needs: only the process that started the server knows it
     drain_key: str | None = None
-    # share replicas among models (Serve's multiplexing), except the models named in ``own``
-    shared: bool = False
-    own: list[str] = field(default_factory=list)
-    models_per_replica: int = 0           # in a shared replica, at most this many loaded (0: all)
-    # every version in the ingress's own replicas: no hop between processes per request
-    colocate: bool = False
+    # opts.traffic as name -> {"cnn:3" or "cnn@stable": weight}: a weighted split of the model's
+    # unversioned routes
+    traffic: dict[str, dict[str, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.traffic = parse_traffic(self.opts.traffic)
 
     def pooled(self, ref: str) -> bool:
-        return self.shared and ref.split(":")[0] not in self.own
+        return self.opts.shared_replicas and ref.split(":")[0] not in self.opts.own_replicas
 
     def deployment_of(self, ref: str) -> str:
-        if self.colocate:
+        if self.opts.colocate:
             return INGRESS
         return POOL if self.pooled(ref) else deployment_name(ref)
 
@@ -150,66 +122,32 @@ def deployment_name(ref: str) -> str:
     return "model-" + ref.replace(":", "-v")
 
 
-def plan(models: list[str] | None, *, store: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-         address: str | None = None, replicas: str = "1", target_ongoing_requests: float = 2.0,
-         cpus_per_replica: float = 0.25, gpus_per_replica: float = 0.0, max_ongoing_requests: int = 16,
-         batch_size: int = 32, batch_wait_ms: float = 2.0, max_body_mb: float = 16.0,
-         max_items: int = 1024, max_chars: int = 100_000, max_response_mb: float = 64.0,
-         body_timeout_s: float = 60.0, client_timeout_s: int = 60, max_connections: int = 4096,
-         poll_seconds: float = 10.0, access_log: bool = False,
-         traffic: list[str] | None = None, shared_replicas: bool = False,
-         own_replicas: list[str] | None = None, models_per_replica: int = 0,
-         colocate: bool = False) -> ServeSpec:
+def plan(models: list[str] | None, opts: ServeOptions | None = None, *, store: str | None = None) -> ServeSpec:
     """Validate a serving request and return its spec (as ``kiln.run.plan`` does for training);
     raises KilnError naming what is wrong, before Ray starts."""
-    from kiln.spec import parse_span
+    from kiln import options
     from kiln.store import check_name, resolve_root
 
-    low, high = parse_span(replicas, "--replicas")
-    autoscaling = {"min_replicas": low, "max_replicas": high,
-                   "target_ongoing_requests": target_ongoing_requests} if "-" in str(replicas) else None
-    if max_body_mb <= 0 or cpus_per_replica < 0 or gpus_per_replica < 0 or target_ongoing_requests <= 0:
-        raise KilnError("--max-body-mb and --target-ongoing-requests must be positive, "
-                        "--cpus/--gpus-per-replica >= 0")
-    for flag, value in (("--max-items", max_items), ("--max-chars", max_chars),
-                        ("--max-response-mb", max_response_mb), ("--body-timeout-s", body_timeout_s),
-                        ("--client-timeout-s", client_timeout_s), ("--max-connections", max_connections)):
-        if value <= 0:
-            raise KilnError(f"{flag} must be positive, got {value:g}")
-    if not 0 < port < 65536:
-        raise KilnError(f"--port must be 1-65535, got {port}")
-    if own_replicas and not shared_replicas:
+    opts = options.check(opts or ServeOptions())
+    opts.deployment_options()  # --replicas
+    if opts.own_replicas and not opts.shared_replicas:
         raise KilnError("--own-replicas names the models kept out of shared replicas: use it with "
                         "--shared-replicas")
-    if colocate and (shared_replicas or models_per_replica):
+    if opts.colocate and (opts.shared_replicas or opts.models_per_replica):
         raise KilnError("--colocate loads every model in the ingress's replicas: it cannot be combined "
                         "with --shared-replicas or --models-per-replica")
-    if models_per_replica < 0:
-        raise KilnError(f"--models-per-replica must be >= 0 (0: no limit), got {models_per_replica}")
-    if batch_size < 0 or batch_wait_ms < 0 or poll_seconds < 0:
-        raise KilnError("--batch-size, --batch-wait-ms and --poll-seconds must be >= 0")
-    if address:
+    for name in opts.own_replicas:
+        check_name(name)
+    if opts.address:
         from kiln.net import check_ray_address
 
-        check_ray_address(address)
+        check_ray_address(opts.address)
     root = resolve_root(store)
-    split = parse_traffic(traffic)
+    split = parse_traffic(opts.traffic)
     failed: dict[str, tuple[float, str]] = {}  # serving every model's latest: skip a broken one
     refs = resolve_refs(root, wanted(root, models, split), None if models else failed)
-    opts = ModelOptions(num_cpus=cpus_per_replica, num_gpus=gpus_per_replica, num_replicas=low,
-                        autoscaling_config=autoscaling, max_ongoing_requests=max_ongoing_requests,
-                        batch_size=batch_size, batch_wait_ms=batch_wait_ms)
-    limits = Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_items=max_items,
-                    max_chars=max_chars, max_response_bytes=int(max_response_mb * 1024 * 1024),
-                    body_timeout_s=body_timeout_s, client_timeout_s=client_timeout_s,
-                    max_connections=max_connections)
-    return ServeSpec(store=root, refs=refs, host=host, port=port, limits=limits,
-                     options={**{r: opts for r in refs}, POOL: opts, INGRESS: opts},
-                     token=settings.api_token(), access_log=access_log, failed=failed,
-                     drain_key=secrets.token_urlsafe(24),
-                     traffic=split, shared=shared_replicas,
-                     own=[check_name(n) for n in own_replicas or []], models_per_replica=models_per_replica,
-                     colocate=colocate)
+    return ServeSpec(store=root, refs=refs, opts=opts, token=settings.api_token(), failed=failed,
+                     drain_key=secrets.token_urlsafe(24))
 
 
 def check_version(store: Any, ref: str) -> None:
@@ -288,33 +226,31 @@ def build_app(spec: ServeSpec) -> Any:
     """The Serve application: the ingress bound to one deployment per model version."""
     from kiln.serve.ingress import KilnIngress
 
-    logs = logging_config(spec.access_log)
-    models, batching = {}, {}
+    opts = spec.opts
+    logs = logging_config(opts.access_log)
+    deployment = opts.deployment_options()
+    models = {}
     pooled = [ref for ref in spec.refs if spec.pooled(ref)]
     if pooled:
-        opts = spec.options.get(POOL) or ModelOptions()
-        dep = serve.deployment(ModelPool, name=POOL, logging_config=logs, **opts.deployment_options())
+        dep = serve.deployment(ModelPool, name=POOL, logging_config=logs, **deployment)
         # its arguments never name a version: versions come and go without restarting it
-        pinned = f"pool-{_digest(opts.deployment_options(), spec.models_per_replica)}"
-        models[POOL] = dep.options(version=pinned, _internal=True).bind(spec.store, spec.models_per_replica)
+        pinned = f"pool-{_digest(deployment, opts.models_per_replica)}"
+        models[POOL] = dep.options(version=pinned, _internal=True).bind(spec.store, opts.models_per_replica)
     for ref in spec.refs:
-        opts = spec.options.get(ref) or spec.options.get(ref.split(":")[0]) or ModelOptions()
-        batching[ref] = (opts.batch_size, opts.batch_wait_ms)
-        if ref in pooled or spec.colocate:
+        if ref in pooled or opts.colocate:
             continue
-        dep = serve.deployment(ModelServer, name=deployment_name(ref), logging_config=logs,
-                               **opts.deployment_options())
+        dep = serve.deployment(ModelServer, name=deployment_name(ref), logging_config=logs, **deployment)
         # A stored version never changes: pinning the deployment's version to it (and to its
         # options) keeps its replicas running when the application is redeployed for another
         # model. Without one, Serve draws a random version per serve.run and restarted every model
         # (18.6 s without a cnn answer when cnn:2 was stored). Ray 2.60 takes it with _internal.
-        pinned = f"{ref}-{_digest(opts.deployment_options())}"
+        pinned = f"{ref}-{_digest(deployment)}"
         models[ref] = dep.options(version=pinned, _internal=True).bind(spec.store, ref)
     from kiln.store import Store
 
     store = Store(spec.store)  # each method's argument schema, for the OpenAPI document
     config = {"deployments": {ref: spec.deployment_of(ref) for ref in spec.refs},
-              "batching": {ref: list(b) for ref, b in batching.items()},
+              "batching": {ref: [opts.batch_size, opts.batch_wait_ms] for ref in spec.refs},
               "methods": {ref: store.get(ref).manifest.get("methods", {}) for ref in spec.refs},
               "failed": {ref: reason for ref, (_, reason) in spec.failed.items()},
               "labels": labels_of(spec.store, spec.refs, spec.labels), "store": spec.store}
@@ -323,13 +259,14 @@ def build_app(spec: ServeSpec) -> Any:
     # Pinned like the models: what changes as versions come and go reaches the running ingress
     # through user_config (reconfigure), without a new ingress replica.
     placed: dict[str, Any] = {}
-    if spec.colocate:  # the ingress's replicas hold the models: they get the models' resources
-        placed = (spec.options.get(INGRESS) or ModelOptions()).deployment_options()
-        placed.pop("max_ongoing_requests")  # the ingress's own (256): it holds requests while they batch
-    pinned = f"ingress-{_digest(asdict(spec.limits), spec.token, spec.access_log, spec.drain_key, placed)}"
+    if opts.colocate:  # the ingress's replicas hold the models: they get the models' resources
+        placed = {k: v for k, v in deployment.items() if k != "max_ongoing_requests"}  # the
+        # ingress's own limit (256) holds: it holds requests while they batch
+    limits = opts.limits()
+    pinned = f"ingress-{_digest(limits, spec.token, opts.access_log, spec.drain_key, placed)}"
     ingress = KilnIngress.options(name=INGRESS, logging_config=logs, user_config=config,
                                   version=pinned, _internal=True, **placed)
-    return ingress.bind(models, asdict(spec.limits), spec.token, spec.drain_key)
+    return ingress.bind(models, limits, spec.token, spec.drain_key)
 
 
 def _digest(*parts: Any) -> str:
@@ -360,63 +297,47 @@ def _traffic_config(spec: ServeSpec) -> dict[str, list[list[Any]]]:
     return out
 
 
-BUILD_ARGS = ("store", "models", "limits", "options", "traffic", "access_log", "shared_replicas",
-              "own_replicas", "models_per_replica", "colocate")  # what serve_config writes
+BUILD_ARGS = ("store", "models", "options")  # what serve_config writes
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """Serve application builder for config files (``import_path: kiln.serve.app:app_builder``):
-    ``args`` is what ``serve_config`` writes from a ``ServeSpec`` (``BUILD_ARGS``), so that a
-    deployed config builds the application `kiln serve` with the same flags builds. The token,
-    if any, comes from the cluster's KILN_API_TOKEN environment variable, never from the file."""
-    unknown = set(args) - set(BUILD_ARGS)
-    if unknown:
-        raise KilnError(f"the Serve config's args take {', '.join(BUILD_ARGS)}; got {', '.join(sorted(unknown))}")
+    ``args`` is what ``serve_config`` writes from a ``ServeSpec`` (``BUILD_ARGS``: the store, the
+    versions, and every ``kiln serve`` option but those of the process), so that a deployed config
+    builds the application `kiln serve` with the same flags builds. The token, if any, comes
+    from the cluster's KILN_API_TOKEN environment variable, never from the file."""
+    from kiln import options
+
+    if not isinstance(args, dict) or set(args) - set(BUILD_ARGS):
+        raise KilnError(f"the Serve config's args take {', '.join(BUILD_ARGS)}; got {args!r}")
     store = args.get("store")
     if not store:
         raise KilnError("the Serve config's args need 'store': the model store's path on the cluster")
-    limits = args.get("limits") or {}
-    known = set(Limits.__dataclass_fields__)
-    if not isinstance(limits, dict) or set(limits) - known:
-        raise KilnError(f"the Serve config's args.limits takes {', '.join(sorted(known))}; got {limits!r}")
-    fields = set(ModelOptions.__dataclass_fields__)
-    options = args.get("options") or {}
-    if not isinstance(options, dict) or any(not isinstance(o, dict) or set(o) - fields for o in options.values()):
-        raise KilnError(f"the Serve config's args.options maps a deployment or model to "
-                        f"{', '.join(sorted(fields))}; got {options!r}")
-    traffic = args.get("traffic") or {}
-    if not isinstance(traffic, dict) or not all(isinstance(e, dict) for e in traffic.values()):
-        raise KilnError(f"the Serve config's args.traffic maps a model to {{entry: weight}}; got {traffic!r}")
-    split = parse_traffic([f"{e}={w}" for entries in traffic.values() for e, w in entries.items()])
-    return build_app(ServeSpec(
-        store=store, refs=resolve_refs(store, wanted(store, args.get("models") or None, split)),
-        limits=Limits(**limits), options={k: ModelOptions(**o) for k, o in options.items()},
-        token=settings.api_token(), access_log=bool(args.get("access_log")), traffic=split,
-        shared=bool(args.get("shared_replicas")), own=list(args.get("own_replicas") or []),
-        models_per_replica=int(args.get("models_per_replica") or 0), colocate=bool(args.get("colocate"))))
+    opts = options.from_dict(ServeOptions, args.get("options") or {}, "the Serve config's args.options")
+    split = parse_traffic(opts.traffic)
+    refs = resolve_refs(store, wanted(store, args.get("models") or None, split))
+    return build_app(ServeSpec(store=store, refs=refs, opts=opts, token=settings.api_token()))
 
 
 def serve_config(spec: ServeSpec, app_name: str = "kiln") -> dict[str, Any]:
     """A Ray Serve config (``serve deploy FILE``) serving ``spec`` on a remote cluster: every
     option of the spec travels in the builder's args (``app_builder``), and each deployment's
     options (replicas, resources, autoscaling) are listed as well, to be edited there."""
-    args = {"store": spec.store, "models": list(spec.refs), "limits": asdict(spec.limits),
-            "options": {k: asdict(o) for k, o in spec.options.items()}, "traffic": spec.traffic,
-            "access_log": spec.access_log, "shared_replicas": spec.shared, "own_replicas": spec.own,
-            "models_per_replica": spec.models_per_replica, "colocate": spec.colocate}
+    from kiln import options
+
+    args = {"store": spec.store, "models": list(spec.refs), "options": options.to_dict(spec.opts)}
     deployments = []
     for ref in spec.refs:
         name = spec.deployment_of(ref)
         if name in (d["name"] for d in deployments):
             continue
-        opts = spec.options.get(ref if name not in (POOL, INGRESS) else name) or ModelOptions()
-        options = opts.deployment_options()
+        dep = spec.opts.deployment_options()
         if name == INGRESS:  # the ingress's own limit holds (build_app): it holds requests while they batch
-            options.pop("max_ongoing_requests")
-        deployments.append({"name": name, **options})
+            dep.pop("max_ongoing_requests")
+        deployments.append({"name": name, **dep})
     return {
         "proxy_location": "EveryNode",
-        "http_options": {"host": spec.host, "port": spec.port},
+        "http_options": {"host": spec.opts.host, "port": spec.opts.port},
         "applications": [{
             "name": app_name, "route_prefix": "/", "import_path": "kiln.serve.app:app_builder",
             "args": args,
@@ -434,16 +355,17 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
     from kiln import net
 
     quiet_serve_process()
+    host, port = spec.opts.host, spec.opts.port
     if not ray.is_initialized():
         if address is None:  # the listener will be on this machine: say so before starting Ray
-            net.check_port_free(spec.host, spec.port)
-        init_ray(address, client_timeout_s=spec.limits.client_timeout_s,
-                 max_connections=spec.limits.max_connections)
+            net.check_port_free(host, port)
+        init_ray(address, client_timeout_s=spec.opts.client_timeout_s,
+                 max_connections=spec.opts.max_connections)
     try:
-        serve.start(http_options={"host": spec.host, "port": spec.port})
+        serve.start(http_options={"host": host, "port": port})
     except Exception as e:  # a joined cluster's node, or a process that bound it meanwhile
         if "Address already in use" in str(e):  # HAProxy's or Serve's proxy's failed bind
-            raise KilnError(net.port_taken(spec.host, spec.port)) from None
+            raise KilnError(net.port_taken(host, port)) from None
         raise
     serve.run(build_app(spec), name=app_name, route_prefix=route_prefix, blocking=False)
 
@@ -460,7 +382,7 @@ def drain(spec: ServeSpec, prefix: str = "", timeout_s: float = DRAIN_S) -> int 
 
     if not spec.drain_key:
         return None
-    req = urllib.request.Request(f"http://{local_host(spec.host)}:{spec.port}{prefix}/-/drain?timeout_s={timeout_s:g}",
+    req = urllib.request.Request(f"http://{local_host(spec.opts.host)}:{spec.opts.port}{prefix}/-/drain?timeout_s={timeout_s:g}",
                                  data=b"", method="POST", headers={"Kiln-Drain-Key": spec.drain_key})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s + 10) as r:
@@ -512,7 +434,7 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
     from kiln.store import Store
 
     before_failed = dict(spec.failed)
-    states = _colocated_states(app_name) if spec.colocate else {}
+    states = _colocated_states(app_name) if spec.opts.colocate else {}
     for ref, state in states.items():  # loaded by the ingress: a failed load is known only there
         if state.startswith("FAILED") and ref in spec.refs:
             spec.failed[ref] = (_mtime(Store(spec.store), ref), state.partition(": ")[2])
@@ -527,7 +449,7 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
     # moved label names) are ready
     new = [r for r in refs if r not in before_refs]
     refs += [old for old in before_refs if old not in refs
-             and any(not (states.get(r) == "HEALTHY" if spec.colocate else
+             and any(not (states.get(r) == "HEALTHY" if spec.opts.colocate else
                           _healthy(app_name, spec.deployment_of(r)))
                      for r in new if r.split(":")[0] == old.split(":")[0])]
     news = [f"cannot serve {ref}: {reason}" for ref, (_, reason) in spec.failed.items()

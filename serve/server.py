@@ -1,9 +1,10 @@
 """A running server, what `kiln serve` runs and a user's own Python can run too:
 
     from kiln.serve import app
+    from kiln.serve.options import ServeOptions
     from kiln.serve.server import Server
 
-    with Server(app.plan(["cnn"], port=8000)) as server:
+    with Server(app.plan(["cnn"], ServeOptions(port=8000))) as server:
         server.wait_ready()
         server.serve_forever()      # until Ctrl-C; leaving the block stops Serve and its Ray
 
@@ -27,17 +28,17 @@ from kiln.serve.app import ServeSpec
 
 class Server:
     """``spec`` served: ``models`` are the names the server was asked for (None: every model, so a
-    new model in the store is served too), ``address`` a Ray cluster to join (None: a local one),
-    ``poll_seconds`` how often the store is looked at (0: never)."""
+    new model in the store is served too). ``spec.opts`` says which Ray to join (``address``,
+    None: a local one) and how often the store is looked at (``poll_seconds``, 0: never)."""
 
-    def __init__(self, spec: ServeSpec, *, models: list[str] | None = None, address: str | None = None,
-                 poll_seconds: float = 10.0) -> None:
+    def __init__(self, spec: ServeSpec, *, models: list[str] | None = None) -> None:
         from kiln.store import Store
 
-        self.spec, self.models, self.address, self.poll_seconds = spec, models, address, poll_seconds
-        self.base = f"http://{spec.host}:{spec.port}"
+        self.spec, self.models = spec, models
+        self.address, self.poll_seconds = spec.opts.address, spec.opts.poll_seconds
+        self.base = f"http://{spec.opts.host}:{spec.opts.port}"
         self.records = Store(spec.store)
-        self.beat = min(poll_seconds or 30.0, 30.0)  # how often the store's record is renewed
+        self.beat = min(self.poll_seconds or 30.0, 30.0)  # how often the store's record is renewed
         self.record: Any = None
         self.recorded: list[str] = []
 
@@ -56,10 +57,11 @@ class Server:
         self.record = self.records.record_server(self.recorded, self.base, self.beat)
         app.start(self.spec, address=self.address)
 
-    def wait_ready(self, timeout: float = 300.0) -> dict[str, Any]:
+    def wait_ready(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait until every model answers; say each route and traffic split. Returns GET /models."""
         spec = self.spec
-        models = app.wait_ready(spec.host, spec.port, timeout=timeout, token=spec.token)
+        models = app.wait_ready(spec.opts.host, spec.opts.port, token=spec.token,
+                                timeout=spec.opts.ready_timeout if timeout is None else timeout)
         for m in models["models"]:
             for method in sorted(m.get("methods", {})):
                 say(f"{m['ref']:<16} POST {self.base}/models/{m['name']}/{method}")

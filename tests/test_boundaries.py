@@ -15,14 +15,14 @@ PACKAGES = {"kiln": ROOT / "core", "kiln.plugins": ROOT / "plugins", "kiln.serve
             "kiln.cluster": ROOT / "cluster"}
 # lowest first; a module may import its own layer or lower ones
 LAYERS = [
-    {"kiln", "kiln.plugin", "kiln.settings", "kiln.spec", "kiln.images", "kiln.values"},
+    {"kiln", "kiln.plugin", "kiln.settings", "kiln.spec", "kiln.images", "kiln.values", "kiln.options"},
     {"kiln.logs", "kiln.store", "kiln.registry", "kiln.sensors", "kiln.checkpoint", "kiln.client", "kiln.net",
      "kiln.tracking"},
     {"kiln.data", "kiln.models"},
     {"kiln.plugins", "kiln.plugins.*"},
     {"kiln.quality", "kiln.trainer", "kiln.export"},
     {"kiln.cluster", "kiln.cluster.train", "kiln.serve", "kiln.serve.runtime", "kiln.serve.haproxy",
-     "kiln.serve.codecs", "kiln.serve.replica", "kiln.serve.metrics"},
+     "kiln.serve.codecs", "kiln.serve.options", "kiln.serve.replica", "kiln.serve.metrics"},
     {"kiln.run", "kiln.serve.app", "kiln.serve.ingress"},
     {"kiln.cluster.jobs", "kiln.tune", "kiln.serve.server"},
     {"kiln.cli"},

@@ -151,6 +151,11 @@ def test_the_rayservice_serves_kiln_with_its_api_token():
     application, want = config["applications"][0], expected["applications"][0]
     assert application["import_path"] == want["import_path"]
     assert set(application["args"]) <= set(want["args"]) and application["args"]["store"] == "/mnt/kiln/store"
+    # its options are kiln serve's, as the builder reads them
+    from kiln import options
+    from kiln.serve.options import ServeOptions
+
+    assert options.from_dict(ServeOptions, application["args"]["options"], "args.options").max_items == 1024
     names = {e.name for e in registry.entries()}
     assert set(application["args"]["models"]) <= names
     for c in containers(doc):

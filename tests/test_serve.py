@@ -17,14 +17,13 @@ import pytest
 import requests
 
 from helpers import NOISY_TF, ROOT, copy_models, copy_version, run_kiln
-from kiln.serve.codecs import Limits
+from kiln.serve.options import ServeOptions
 from kiln.serve.runtime import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "s3cret-token"
 # small, so that the limit tests stay small; the CLI's defaults are larger (kiln serve --help)
-LIMITS = Limits(max_body_bytes=1024 * 1024, max_items=64, max_chars=20_000,
-                max_response_bytes=2 * 1024 * 1024, body_timeout_s=4)
+LIMITS = dict(max_body_mb=1.0, max_items=64, max_chars=20_000, max_response_mb=2.0, body_timeout_s=4.0)
 
 
 # (what, check): a check returning what is still wrong, run once the module's tests are done;
@@ -56,7 +55,7 @@ def server(tmp_path_factory, trained, own_ray):
 
     port = free_port()
     store = str(root / "store")
-    spec = app.ServeSpec(store=store, refs=app.resolve_refs(store, None), port=port, limits=LIMITS)
+    spec = app.ServeSpec(store=store, refs=app.resolve_refs(store, None), opts=ServeOptions(port=port, **LIMITS))
     runtime.init_ray(num_cpus=2)  # as `kiln serve` starts it: HAProxy in front, gRPC between replicas
     try:
         app.start(spec)
@@ -73,7 +72,7 @@ def server(tmp_path_factory, trained, own_ray):
             c = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=30)
             seen.append((c.status_code, c.json()))
             time.sleep(0.2)
-        app.start(app.ServeSpec(store=store, refs=["cnn:1"], port=port, token=TOKEN),
+        app.start(app.ServeSpec(store=store, refs=["cnn:1"], opts=ServeOptions(port=port), token=TOKEN),
                   app_name="secure", route_prefix="/secure")
         app.wait_ready("127.0.0.1", port, prefix="/secure", token=TOKEN, timeout=300)
         yield base, store, seen, spec
@@ -466,7 +465,7 @@ def test_cli_serve_errors_are_one_line(tmp_path):
     out = run_kiln("serve", "--store", str(tmp_path / "empty"))
     assert out.returncode == 2 and "holds no models" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = run_kiln("serve", "--port", "70000")
-    assert out.returncode == 2 and "--port must be 1-65535" in out.stderr
+    assert out.returncode == 2 and "--port must be at most 65535, got 70000" in out.stderr
     out = run_kiln("serve", "--replicas", "3-1")
     assert out.returncode == 2 and "--replicas takes N or MIN-MAX" in out.stderr
 

@@ -118,7 +118,9 @@ def test_a_built_config_builds_the_application_kiln_serve_builds(tmp_path, train
                  batch_size=8, batch_wait_ms=5.0, max_body_mb=3.0, max_items=99, max_chars=777,
                  max_response_mb=9.0, body_timeout_s=11.0, client_timeout_s=13, max_connections=55,
                  access_log=True, traffic=["cnn:1=3", "cnn@canary=1"], **layout)
-    spec = app.plan(None, store=str(store), **flags)
+    from kiln.serve.options import ServeOptions
+
+    spec = app.plan(None, ServeOptions(**flags), store=str(store))
     spec.drain_key = None
     config = yaml.safe_load(yaml.safe_dump(app.serve_config(spec)))  # through the file
     built = app.app_builder(config["applications"][0]["args"])
