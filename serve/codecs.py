@@ -41,6 +41,7 @@ class Limits:
     max_chars: int            # --max-chars: characters of a text argument
     max_response_bytes: int   # --max-response-mb: the answer's size
     body_timeout_s: float     # --body-timeout-s: to send the whole body
+    request_timeout_s: float  # --request-timeout-s: for the model's answer (0: none)
 
     def check(self, args: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> None:
         """ProtocolError 400 when an argument asks for more than the limits allow; ``inputs``

@@ -500,7 +500,11 @@ class KilnIngress:
                  and self.inflight.get(ref, 0) > 0)
         self.inflight[ref] = self.inflight.get(ref, 0) + 1
         try:
-            return await self._send(ref, method, args, batch)
+            deadline = self.limits.request_timeout_s or None
+            return await asyncio.wait_for(self._send(ref, method, args, batch), deadline)
+        except asyncio.TimeoutError:
+            raise ProtocolError(504, f"{ref} did not answer {method} within {deadline:g} s (kiln serve "
+                                     "--request-timeout-s); ask for less, or retry later") from None
         finally:
             self.inflight[ref] -= 1
 

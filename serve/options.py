@@ -36,6 +36,9 @@ class ServeOptions:
     max_response_mb: float = option(64.0, "answers that would be larger get 400 before they are built",
                                     above=0)
     body_timeout_s: float = option(60.0, "a request body must arrive within this (else 408)", above=0)
+    request_timeout_s: float = option(
+        0.0, "a model that has not answered within this gets 504; the call itself runs on (0: no limit)",
+        low=0)
     client_timeout_s: int = option(60, "HAProxy drops a client silent this long", above=0)
     max_connections: int = option(4096, "HAProxy's open connections at most", above=0)
     # the kiln serve process
@@ -81,4 +84,4 @@ class ServeOptions:
         """The options that bound one request, as the ingress takes them (``codecs.Limits``)."""
         return {"max_body_bytes": int(self.max_body_mb * MIB), "max_items": self.max_items,
                 "max_chars": self.max_chars, "max_response_bytes": int(self.max_response_mb * MIB),
-                "body_timeout_s": self.body_timeout_s}
+                "body_timeout_s": self.body_timeout_s, "request_timeout_s": self.request_timeout_s}

@@ -44,7 +44,8 @@ def late_checks():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, trained, own_ray):
     """The session's cnn, autoencoder, lstm, cgan, vae and photos (a cnn on the ants and bees
-    photos), served by app "kiln" at / and, with a token, by app "secure" at /secure; yields
+    photos), served by app "kiln" at / and, with a token, by app "secure" at /secure (and an lstm
+    with a request timeout no call meets by app "hasty" at /hasty); yields
     (base URL, store, what was seen while the models loaded)."""
     root = tmp_path_factory.mktemp("serve")
     copy_models(trained, root / "store", "cnn", "autoencoder", "lstm", "cgan", "vae", "photos")
@@ -75,6 +76,10 @@ def server(tmp_path_factory, trained, own_ray):
         app.start(app.ServeSpec(store=store, refs=["cnn:1"], opts=ServeOptions(port=port), token=TOKEN),
                   app_name="secure", route_prefix="/secure")
         app.wait_ready("127.0.0.1", port, prefix="/secure", token=TOKEN, timeout=300)
+        # a deadline no model call meets: every call there gets 504
+        app.start(app.ServeSpec(store=store, refs=["lstm:1"], opts=ServeOptions(port=port, request_timeout_s=1e-6)),
+                  app_name="hasty", route_prefix="/hasty")
+        app.wait_ready("127.0.0.1", port, prefix="/hasty", timeout=300)
         yield base, store, seen, spec
     finally:
         app.stop()
@@ -167,6 +172,16 @@ def test_kiln_routes_generate_text_deterministically(server):
     assert a == b and a["text"].startswith("ROMEO:") and len(a["continuation"]) == 30
     score = requests.post(f"{base}/models/lstm/score", json={"text": "To be"}).json()
     assert len(score["per_char"]) == 4
+
+
+def test_a_model_past_the_request_timeout_gets_504_and_its_neighbours_do_not(server):
+    base, *_ = server
+    args = {"prompt": "ROMEO:", "max_chars": 2000}
+    late = requests.post(f"{base}/hasty/models/lstm/generate", json=args, timeout=60)
+    assert late.status_code == 504 and "--request-timeout-s" in late.json()["error"], late.text
+    # the same model without a deadline answers, and so does the late one's app afterwards
+    assert requests.post(f"{base}/models/lstm/generate", json=args, timeout=60).status_code == 200
+    assert requests.get(f"{base}/hasty/v2/models/lstm/ready", timeout=10).status_code == 200
 
 
 BAD = [
