@@ -12,17 +12,8 @@ from typing import Any, Sequence
 
 from kiln import settings
 from kiln.logs import table
+from kiln.options import pairs
 from kiln.plugin import KilnError
-
-
-def _overrides(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise KilnError(f"--set takes key=value, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -53,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.plugin:
             raise KilnError("name a plugin to train (see `kiln plugins`), or --resume RUN")
-        spec = run.plan(args.plugin, **_train_kwargs(args))
+        spec = run.plan(args.plugin, _train_options(args), store=args.store, plugin_path=args.plugin_path)
     try:
         run.train(spec)
     except KeyboardInterrupt:
@@ -61,15 +52,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """``kiln train``'s flags as run.plan takes them (``kiln tune`` passes them for its trials)."""
-    return dict(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size,
-                overrides=_overrides(args.set), workers=args.workers,
-                gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                seed=args.seed, name=args.name, run=args.run, store=args.store,
-                runs_dir=args.runs_dir, limit=args.limit, plugin_path=args.plugin_path,
-                max_failures=args.max_failures, address=args.address,
-                val_fraction=args.val_fraction, early_stop=args.early_stop, mlflow=args.mlflow)
+def _train_options(args: argparse.Namespace) -> Any:
+    from kiln import options
+    from kiln.spec import TrainOptions
+
+    return options.from_args(TrainOptions, args)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -80,10 +67,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         if not args.plugin:
             raise KilnError("name a plugin to search (see `kiln plugins`), or --resume SEARCH")
-        search = tune.plan(args.plugin, args.search, samples=args.samples, metric=args.metric, mode=args.mode,
-                           scheduler=args.scheduler, grace_epochs=args.grace_epochs,
-                           reduction_factor=args.reduction_factor, max_concurrent=args.max_concurrent,
-                           **_train_kwargs(args))
+        from kiln import options
+
+        search = tune.plan(args.plugin, options.from_args(tune.SearchOptions, args), _train_options(args),
+                           store=args.store, plugin_path=args.plugin_path)
     try:
         summary = tune.run(search, resume=bool(args.resume))
     except KeyboardInterrupt:
@@ -284,7 +271,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         from kiln import registry, tune
 
         # a bad space fails here, not in the job (the plugin file is loaded by main())
-        tune.parse_search(ns.search, registry.get(ns.plugin).Config, _overrides(ns.set))
+        tune.parse_search(ns.search, registry.get(ns.plugin).Config, pairs(ns.overrides or [], "--set"))
     workers, _ = run.parse_workers(ns.workers)
     # Named here (flag or environment): made absolute here. Else the cluster's own $KILN_STORE.
     store = getattr(ns, "store", None) or args.store or settings.store_named()
@@ -300,7 +287,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     job_id = jobs.submit(rest, plugin=ns.plugin or "resume", address=args.address, store=store, runs_dir=runs_dir,
                          plugin_path=plugin_path, workers=workers, gpus_per_worker=ns.gpus_per_worker,
                          cpus_per_worker=ns.cpus_per_worker, resume=bool(ns.resume or ns.run),
-                         env=_overrides(args.env), job_id=args.job_id, command=command)
+                         env=pairs(args.env, "--env"), job_id=args.job_id, command=command)
     address = jobs.dashboard_address(args.address)
     print(job_id)
     print(f"[kiln] submitted to {address}; the model goes to "
@@ -469,7 +456,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if method is None or method not in methods:
         raise KilnError(f"model '{model['name']}' has no {args.method or 'sample or generate'} method; its "
                         f"methods: {', '.join(sorted(methods))}")
-    call = {k: _value(v) for k, v in _overrides(args.set).items()}
+    call = {k: _value(v) for k, v in pairs(args.set, "--set").items()}
     if args.n is not None:
         call["n"] = args.n
     if args.out:
@@ -483,40 +470,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _training_flags(s: argparse.ArgumentParser, command: str) -> None:
     """The flags of one training run; ``kiln tune`` takes them for each of its trials."""
+    from kiln import options
+    from kiln.spec import TrainOptions
+
     s.add_argument("plugin", nargs="?", help="plugin name (see `kiln plugins`)")
-    s.add_argument("--epochs", type=int, default=None, help="epochs (default: the plugin's)")
-    s.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the plugin's)")
-    s.add_argument("--workers", default="0", metavar="N|MIN-MAX",
-                   help="Ray Train workers; MIN-MAX scales elastically between the two; 0 trains "
-                        "in-process (default)")
-    s.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray gives each worker")
-    s.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray gives each worker")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value of the plugin (repeatable; `kiln plugins -v` lists keys)")
-    s.add_argument("--dataset", default=None,
-                   help="a tfds name, a folder of pictures in class subfolders (or its name under "
-                        "$KILN_DATA_DIR), an .npz, a text file or a HAR folder (default: the plugin's)")
-    s.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--val-fraction", type=float, default=None, metavar="F",
-                   help="training data held out for validation (default: the plugin's, 0.1; 0: none)")
-    s.add_argument("--early-stop", default=None, metavar="METRIC[:PATIENCE]",
-                   help="stop when a validation metric stops improving (e.g. val_accuracy:3); "
-                        "the best epoch's weights are stored")
-    s.add_argument("--name", default=None, help="model name in the store (default: the plugin name)")
-    if command == "tune":
-        s.add_argument("--run", default=None, help="search name (default NAME-search-TIME): its folder in --runs-dir")
-        s.add_argument("--resume", default=None, metavar="SEARCH",
-                       help="continue an interrupted search with its original settings")
-    else:
-        s.add_argument("--run", default=None, help="run name; rerunning an interrupted run resumes it")
-        s.add_argument("--resume", default=None, metavar="RUN", help="resume run RUN with its original settings")
-    s.add_argument("--runs-dir", default=None, help="checkpoints folder (default $KILN_RUNS or ./kiln-runs)")
-    s.add_argument("--address", default=None, help="Ray cluster address to join (default: start a local one)")
-    s.add_argument("--max-failures", type=int, default=1, help="worker failures Ray Train may recover from")
-    s.add_argument("--mlflow", default=None, metavar="URI",
-                   help="also log to this MLflow tracking server (default $MLFLOW_TRACKING_URI; the "
-                        "experiment is $MLFLOW_EXPERIMENT_NAME or 'kiln')")
+    options.add_flags(s, TrainOptions)
+    what = "SEARCH" if command == "tune" else "RUN"
+    s.add_argument("--resume", default=None, metavar=what,
+                   help=f"continue the interrupted {what.lower()} {what} with its original settings")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -549,20 +510,10 @@ def _tune_command(sub: Any, common: argparse.ArgumentParser) -> argparse.Argumen
                                    "sampled config, judged on the validation split; ASHA stops poor trials "
                                    "early. The best trial's model is stored with the search in its manifest.")
     _training_flags(s, "tune")
-    s.add_argument("--search", action="append", default=[], metavar="KEY=KIND:ARGS",
-                   help="a config key to search (repeatable): loguniform:LO:HI, uniform:LO:HI, "
-                        "randint:LO:HI, choice:A/B/C or grid:A/B/C (tuple items: 32,64/64,128)")
-    s.add_argument("--samples", type=int, default=None,
-                   help="configurations sampled (default 8; with grid: 1, each repeating the grid)")
-    s.add_argument("--metric", default=None, help="validation metric that ranks trials (default val_ of "
-                                                  "the plugin's headline, e.g. val_accuracy)")
-    s.add_argument("--mode", default=None, choices=["max", "min"], help="default: from the metric's name")
-    s.add_argument("--scheduler", default="asha", choices=["asha", "fifo"],
-                   help="asha stops poor trials early (default); fifo runs every trial to the end")
-    s.add_argument("--grace-epochs", type=int, default=1, help="asha: epochs every trial gets")
-    s.add_argument("--reduction-factor", type=int, default=4, help="asha: 1 in N trials goes on at each rung")
-    s.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials at a time (default: as many as the cluster's CPUs and GPUs fit)")
+    from kiln import options
+    from kiln.tune import SearchOptions
+
+    options.add_flags(s, SearchOptions)
     s.set_defaults(fn=cmd_tune)
     return s
 

@@ -17,19 +17,24 @@ from kiln.plugin import KilnError
 
 
 def option(default: Any, help: str = "", *, low: float | None = None, above: float | None = None,
-           high: float | None = None, metavar: str | None = None, process: bool = False) -> Any:
-    """A field of an options dataclass. ``low``/``high`` bound it inclusively, ``above``
-    exclusively; ``process`` marks an option of the running command alone (how it reaches Ray,
+           high: float | None = None, below: float | None = None, choices: tuple[str, ...] | None = None,
+           metavar: str | None = None, flag: str | None = None, process: bool = False) -> Any:
+    """A field of an options dataclass. ``low``/``high`` bound it inclusively, ``above``/``below``
+    exclusively; ``flag`` names its flag where the field's name is not it (``--set`` for
+    ``overrides``); ``process`` marks an option of the running command alone (how it reaches Ray,
     how long it waits), which a written config does not carry. A ``list[str]`` option is a
-    repeatable flag; a ``bool`` one a switch."""
-    meta = {"help": help, "low": low, "above": above, "high": high, "metavar": metavar, "process": process}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    repeatable flag, a ``dict[str, str]`` one a repeatable KEY=VALUE flag, a ``bool`` one a switch."""
+    meta = {"help": help, "low": low, "above": above, "high": high, "below": below, "choices": choices,
+            "metavar": metavar, "flag": flag, "process": process}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flag(name: str, f: Any = None) -> str:
+    """The flag of field ``name`` (``f``: the field, whose declaration may name another)."""
+    named = f.metadata.get("flag") if f is not None else None
+    return "--" + (named or name).replace("_", "-")
 
 
 def _types(cls: type) -> dict[str, Any]:
@@ -45,17 +50,19 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = _types(cls)
     for f in fields(cls):
         meta, kind, default = f.metadata, hints[f.name], _default(f)
-        help = meta["help"]
-        if not (default is None or default is False or default == []) and "default" not in help:
+        help, name = meta["help"], flag(f.name, f)
+        if not (default is None or default is False or default in ([], {})) and "default" not in help:
             help = f"{help} (default: {default})" if help else f"default: {default}"
         if kind is bool:
-            parser.add_argument(flag(f.name), action="store_true", help=help)
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(flag(f.name), action="append", default=None, metavar=meta["metavar"], help=help)
+            parser.add_argument(name, dest=f.name, action="store_true", help=help)
+        elif typing.get_origin(kind) in (list, dict):
+            parser.add_argument(name, dest=f.name, action="append", default=None, metavar=meta["metavar"],
+                                help=help)
         else:
             base = _scalar(kind)
             metavar = meta["metavar"] or ("N" if base in (int, float) else None)
-            parser.add_argument(flag(f.name), type=base, default=default, metavar=metavar, help=help)
+            parser.add_argument(name, dest=f.name, type=base, default=default, metavar=metavar,
+                                choices=meta["choices"], help=help)
 
 
 def _scalar(kind: Any) -> type:
@@ -68,29 +75,47 @@ def from_args(cls: type, args: argparse.Namespace) -> Any:
     """``cls`` from the flags ``add_flags`` made, checked."""
     values = {f.name: getattr(args, f.name) for f in fields(cls)}
     for f in fields(cls):
-        if values[f.name] is None and typing.get_origin(_types(cls)[f.name]) is list:
-            values[f.name] = []
+        origin = typing.get_origin(_types(cls)[f.name])
+        if origin is list:
+            values[f.name] = values[f.name] or []
+        elif origin is dict:
+            values[f.name] = pairs(values[f.name] or [], flag(f.name, f))
     return check(cls(**values))
+
+
+def pairs(items: list[str], name: str) -> dict[str, str]:
+    """Repeated ``name KEY=VALUE`` flags as a mapping; KilnError naming the one without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise KilnError(f"{name} takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def check(opts: Any) -> Any:
     """``opts`` if every field is within its bounds; else KilnError naming the flag."""
     for f in fields(opts):
-        value, meta = getattr(opts, f.name), f.metadata
-        if value is None or isinstance(value, (str, list, bool)):
+        value, meta, name = getattr(opts, f.name), f.metadata, flag(f.name, f)
+        if meta["choices"] and value is not None and value not in meta["choices"]:
+            raise KilnError(f"{name} takes {' or '.join(meta['choices'])}, got {value!r}")
+        if value is None or isinstance(value, (str, list, dict, bool)):
             continue
         if meta["above"] is not None and not value > meta["above"]:
-            raise KilnError(f"{flag(f.name)} must be greater than {meta['above']:g}, got {value:g}")
+            raise KilnError(f"{name} must be greater than {meta['above']:g}, got {value:g}")
         if meta["low"] is not None and value < meta["low"]:
-            raise KilnError(f"{flag(f.name)} must be at least {meta['low']:g}, got {value:g}")
+            raise KilnError(f"{name} must be at least {meta['low']:g}, got {value:g}")
+        if meta["below"] is not None and not value < meta["below"]:
+            raise KilnError(f"{name} must be below {meta['below']:g}, got {value:g}")
         if meta["high"] is not None and value > meta["high"]:
-            raise KilnError(f"{flag(f.name)} must be at most {meta['high']:g}, got {value:g}")
+            raise KilnError(f"{name} must be at most {meta['high']:g}, got {value:g}")
     return opts
 
 
 def to_dict(opts: Any) -> dict[str, Any]:
     """Every option a written config carries (not the ``process`` ones), in declaration order."""
-    return {f.name: (list(v) if isinstance(v := getattr(opts, f.name), list) else v)
+    return {f.name: (type(v)(v) if isinstance(v := getattr(opts, f.name), (list, dict)) else v)
             for f in fields(opts) if not f.metadata["process"]}
 
 
@@ -108,6 +133,8 @@ def from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
         kind = hints[name]
         if typing.get_origin(kind) is list:
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        elif typing.get_origin(kind) is dict:
+            ok = isinstance(value, dict)
         elif kind is bool:
             ok = isinstance(value, bool)
         elif value is None:
@@ -125,5 +152,7 @@ def from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
 def _name(kind: Any) -> str:
     if typing.get_origin(kind) is list:
         return "a list of strings"
+    if typing.get_origin(kind) is dict:
+        return "a mapping"
     return {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}.get(
         _scalar(kind), str(kind))

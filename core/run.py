@@ -18,7 +18,7 @@ from typing import Any
 
 from kiln import __version__, checkpoint, data, models, net, registry, settings, store as store_mod
 from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
-from kiln.spec import TrainSpec, parse_early_stop, parse_span
+from kiln.spec import TrainOptions, TrainSpec, parse_early_stop, parse_span
 from kiln.logs import say
 from kiln.values import plain
 
@@ -30,40 +30,32 @@ def parse_workers(text: str | int) -> tuple[int, int]:
     return parse_span(text, "--workers", least=0)
 
 
-def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
-         batch_size: int | None = None, overrides: dict[str, Any] | None = None,
-         workers: int | str = 0,
-         gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0, seed: int = 0,
-         name: str | None = None, run: str | None = None, store: str | Path | None = None,
-         runs_dir: str | Path | None = None, limit: int | None = None,
-         plugin_path: str | None = None, max_failures: int = 1, address: str | None = None,
-         val_fraction: float | None = None, early_stop: str | None = None,
-         mlflow: str | None = None) -> TrainSpec:
+def plan(plugin: str, opts: TrainOptions | None = None, *, store: str | Path | None = None,
+         plugin_path: str | None = None, **options_: Any) -> TrainSpec:
     """Validate a training request and return its spec; raises KilnError naming what is wrong.
+    ``opts`` are the run's options (``TrainOptions``), or give them as keywords:
+    ``plan("cnn", epochs=3, workers=2, overrides={"dropout": "0.3"})``.
 
     Everything that does not need the plugin's code is checked first, so a bad flag or a missing
     file is one line in a fraction of a second, before the plugin (and TensorFlow) is imported."""
-    workers, max_workers = parse_workers(workers)
-    for flag, value, low in (("--epochs", epochs, 1), ("--batch-size", batch_size, 1),
-                             ("--workers", workers, 0), ("--limit", limit, 1),
-                             ("--max-failures", max_failures, 0)):
-        if value is not None and value < low:
-            raise KilnError(f"{flag} must be >= {low}, got {value}")
-    if gpus_per_worker < 0 or cpus_per_worker <= 0:
-        raise KilnError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
-    if val_fraction is not None and not 0 <= val_fraction < 1:
-        raise KilnError(f"--val-fraction must be in [0, 1), got {val_fraction:g}")
-    if early_stop:
-        parse_early_stop(early_stop)
-        if val_fraction == 0:
+    from kiln import options
+
+    if opts is not None and options_:
+        raise TypeError("give plan() its options as TrainOptions or as keywords, not both")
+    o = options.check(opts or TrainOptions(**options_))
+    workers, max_workers = parse_workers(o.workers)
+    if o.early_stop:
+        parse_early_stop(o.early_stop)
+        if o.val_fraction == 0:
             raise KilnError("--early-stop watches a validation metric; it needs --val-fraction above 0")
+    dataset, overrides, address = o.dataset, o.overrides, o.address
     if dataset and data.is_file_dataset(dataset):
         dataset = data.check_path(dataset)
     tracking = None
-    if mlflow or settings.mlflow_uri():
+    if o.mlflow or settings.mlflow_uri():
         from kiln.tracking import check_mlflow
 
-        tracking = {"uri": check_mlflow(mlflow or settings.mlflow_uri() or ""),
+        tracking = {"uri": check_mlflow(o.mlflow or settings.mlflow_uri() or ""),
                     "experiment": settings.mlflow_experiment()}
     if address:
         net.check_ray_address(address)
@@ -83,26 +75,26 @@ def plan(plugin: str, *, dataset: str | None = None, epochs: int | None = None,
         plugin_obj.store = store
         size, channels = plugin_obj.image_view()
         dataset = data.image_key(dataset, size, channels, getattr(config, "skip_broken", False))
-    batch = batch_size or cls.batch_size
+    batch = o.batch_size or cls.batch_size
     if workers and max_workers == workers and batch % workers:
         raise KilnError(f"--batch-size {batch} must be divisible by --workers {workers}: each worker "
                         f"takes an equal share (try {batch - batch % workers or workers})")
     if batch < max_workers:
         raise KilnError(f"--batch-size {batch} is smaller than the {max_workers} workers")
-    name = store_mod.check_name(name or plugin)
-    run = run or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = store_mod.check_name(o.name or plugin)
+    run = o.run or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     store_mod.check_name(run)
-    return TrainSpec(plugin=plugin, dataset=dataset, epochs=epochs or cls.epochs,
+    return TrainSpec(plugin=plugin, dataset=dataset, epochs=o.epochs or cls.epochs,
                      batch_size=batch, run=run, name=name,
                      store=store,
-                     runs_dir=str(Path(runs_dir or settings.runs_dir()).resolve()),
+                     runs_dir=str(Path(o.runs_dir or settings.runs_dir()).resolve()),
                      overrides=dict(overrides or {}), workers=workers,
                      max_workers=max_workers if max_workers > workers else 0,
-                     gpus_per_worker=gpus_per_worker,
-                     cpus_per_worker=cpus_per_worker, seed=seed, limit=limit, plugin_path=plugin_path,
-                     max_failures=max_failures, address=address,
-                     val_fraction=cls.val_fraction if val_fraction is None else val_fraction,
-                     early_stop=early_stop, mlflow=tracking)
+                     gpus_per_worker=o.gpus_per_worker,
+                     cpus_per_worker=o.cpus_per_worker, seed=o.seed, limit=o.limit, plugin_path=plugin_path,
+                     max_failures=o.max_failures, address=address,
+                     val_fraction=cls.val_fraction if o.val_fraction is None else o.val_fraction,
+                     early_stop=o.early_stop, mlflow=tracking)
 
 
 def resume_spec(run: str, runs_dir: str | Path | None = None, epochs: int | None = None) -> TrainSpec:
@@ -320,7 +312,7 @@ def evaluate(ref: str, store: str | Path | None = None,
 def runs(runs_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Every run in ``runs_dir`` with its status, epochs, best validation value of its plugin's
     headline metric and the stored version it made (``kiln runs``)."""
-    from kiln.spec import HIGHER_IS_BETTER
+    from kiln.spec import mode_of
 
     root = Path(runs_dir or settings.runs_dir()).resolve()
     stored: dict[tuple[str, str], str] = {}
@@ -346,7 +338,7 @@ def runs(runs_dir: str | Path | None = None) -> list[dict[str, Any]]:
         values = [h[key] for h in history if key in h]
         best = None
         if values:
-            best = max(values) if any(w in key for w in HIGHER_IS_BETTER) else min(values)
+            best = max(values) if mode_of(key) == "max" else min(values)
         if (spec.store, spec.run) not in stored:
             try:
                 for v in store_mod.Store(spec.store).list():

@@ -1,4 +1,6 @@
-"""TrainSpec: everything one training run needs, as a plain value that travels to Ray workers."""
+"""What one training run is asked for (``TrainOptions``, the options of ``kiln train``, declared
+once) and what it is once planned (``TrainSpec``: everything the run needs, as a plain value that
+travels to Ray workers)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiln.options import option
 from kiln.plugin import KilnError
+
+
+@dataclass
+class TrainOptions:
+    """Every option of one training run (``kiln train``; ``kiln tune`` takes them for each
+    trial); ``kiln.run.plan`` turns them into a ``TrainSpec``."""
+
+    epochs: int | None = option(None, "epochs (default: the plugin's)", low=1)
+    batch_size: int | None = option(None, "global batch size (default: the plugin's)", low=1)
+    workers: str = option("0", "Ray Train workers; MIN-MAX scales elastically between the two; 0 trains "
+                               "in-process (default)", metavar="N|MIN-MAX")
+    gpus_per_worker: float = option(0.0, "GPUs Ray gives each worker", low=0)
+    cpus_per_worker: float = option(1.0, "CPUs Ray gives each worker", above=0)
+    overrides: dict[str, Any] = option({}, "override a config value of the plugin (repeatable; `kiln "
+                                           "plugins -v` lists keys)", flag="set", metavar="KEY=VALUE")
+    dataset: str | None = option(None, "a tfds name, a folder of pictures in class subfolders (or its "
+                                       "name under $KILN_DATA_DIR), an .npz, a text file or a HAR folder "
+                                       "(default: the plugin's)")
+    limit: int | None = option(None, "use only the first N examples of each split", low=1)
+    seed: int = option(0)
+    val_fraction: float | None = option(None, "training data held out for validation (default: the "
+                                              "plugin's, 0.1; 0: none)", low=0, below=1, metavar="F")
+    early_stop: str | None = option(None, "stop when a validation metric stops improving (e.g. "
+                                          "val_accuracy:3); the best epoch's weights are stored",
+                                    metavar="METRIC[:PATIENCE]")
+    name: str | None = option(None, "model name in the store (default: the plugin name)")
+    run: str | None = option(None, "run name (a search's, with kiln tune); rerunning an interrupted run "
+                                   "resumes it")
+    runs_dir: str | None = option(None, "checkpoints folder (default $KILN_RUNS or ./kiln-runs)")
+    address: str | None = option(None, "Ray cluster address to join (default: start a local one)")
+    max_failures: int = option(1, "worker failures Ray Train may recover from", low=0)
+    mlflow: str | None = option(None, "also log to this MLflow tracking server (default "
+                                      "$MLFLOW_TRACKING_URI; the experiment is $MLFLOW_EXPERIMENT_NAME "
+                                      "or 'kiln')", metavar="URI")
 
 
 @dataclass
@@ -87,6 +124,12 @@ def parse_span(text: str | int, flag: str, least: int = 1) -> tuple[int, int]:
 HIGHER_IS_BETTER = ("acc", "psnr", "auc", "precision", "recall", "f1", "d_real")
 
 
+def mode_of(metric: str) -> str:
+    """"max" where a higher ``metric`` is better, else "min": the one rule early stopping, a
+    search and a run's summary all use."""
+    return "max" if any(h in metric for h in HIGHER_IS_BETTER) else "min"
+
+
 def parse_early_stop(text: str) -> tuple[str, int, str]:
     """``--early-stop METRIC[:PATIENCE]`` -> (val_METRIC, patience, "max" or "min")."""
     metric, _, patience = str(text).strip().partition(":")
@@ -96,5 +139,4 @@ def parse_early_stop(text: str) -> tuple[str, int, str]:
         raise KilnError(f"--early-stop takes METRIC[:PATIENCE], e.g. val_accuracy:3 or val_loss; "
                         f"got {text!r}")
     metric = metric if metric.startswith("val_") else f"val_{metric}"
-    mode = "max" if any(h in metric for h in HIGHER_IS_BETTER) else "min"
-    return metric, int(patience or 3), mode
+    return metric, int(patience or 3), mode_of(metric)

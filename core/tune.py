@@ -30,7 +30,8 @@ from typing import Any
 from kiln import registry, settings
 from kiln.logs import say, table
 from kiln.plugin import KilnError, make_config
-from kiln.spec import HIGHER_IS_BETTER, TrainSpec, known_fields
+from kiln.options import option
+from kiln.spec import TrainOptions, TrainSpec, known_fields, mode_of
 
 SEARCH_FILE = "kiln-search.json"
 RESULTS_FILE = "search.json"
@@ -196,47 +197,56 @@ class SearchSpec:
         return spec
 
 
-def plan(plugin: str, search: list[str], *, samples: int | None = None, metric: str | None = None,
-         mode: str | None = None, scheduler: str = "asha", grace_epochs: int = 1,
-         reduction_factor: int = 4, max_concurrent: int | None = None, **train: Any) -> SearchSpec:
-    """Validate a search before any work; KilnError names what is wrong."""
-    from kiln import run
+@dataclass
+class SearchOptions:
+    """``kiln tune``'s own options (each trial also takes every ``TrainOptions``)."""
 
-    if not search:
+    search: list[str] = option([], "a config key to search (repeatable): loguniform:LO:HI, uniform:LO:HI, "
+                                   "randint:LO:HI, choice:A/B/C or grid:A/B/C (tuple items: 32,64/64,128)",
+                               metavar="KEY=KIND:ARGS")
+    samples: int | None = option(None, "configurations sampled (default 8; with grid: 1, each repeating "
+                                       "the grid)", low=1)
+    metric: str | None = option(None, "validation metric that ranks trials (default val_ of the plugin's "
+                                      "headline, e.g. val_accuracy)")
+    mode: str | None = option(None, "default: from the metric's name", choices=("max", "min"))
+    scheduler: str = option("asha", "asha stops poor trials early (default); fifo runs every trial to "
+                                    "the end", choices=("asha", "fifo"))
+    grace_epochs: int = option(1, "asha: epochs every trial gets", low=1)
+    reduction_factor: int = option(4, "asha: 1 in N trials goes on at each rung", low=2)
+    max_concurrent: int | None = option(None, "trials at a time (default: as many as the cluster's CPUs "
+                                              "and GPUs fit)", low=1)
+
+
+def plan(plugin: str, s: SearchOptions, train: TrainOptions, *, store: str | Path | None = None,
+         plugin_path: str | None = None) -> SearchSpec:
+    """Validate a search before any work; KilnError names what is wrong."""
+    from kiln import options, run
+
+    options.check(s)
+    if not s.search:
         raise KilnError(f"name what to search: {USAGE} (repeatable); `kiln plugins -v` lists the keys")
-    for flag, value, low in (("--samples", samples, 1), ("--grace-epochs", grace_epochs, 1),
-                             ("--reduction-factor", reduction_factor, 2), ("--max-concurrent", max_concurrent, 1)):
-        if value is not None and value < low:
-            raise KilnError(f"{flag} must be >= {low}, got {value}")
-    if scheduler not in ("asha", "fifo"):
-        raise KilnError(f"--scheduler takes asha (stop poor trials early) or fifo (run all to the end), "
-                        f"got {scheduler!r}")
-    if mode not in (None, "max", "min"):
-        raise KilnError(f"--mode takes max or min, got {mode!r}")
-    if train.get("val_fraction") == 0:
+    if train.val_fraction == 0:
         raise KilnError("a search chooses by a validation metric; it needs --val-fraction above 0")
-    if train.get("run") is None:
-        train["run"] = f"{train.get('name') or plugin}-search-{time.strftime('%Y%m%d-%H%M%S')}"
-    base = run.plan(plugin, **train)
+    if train.run is None:
+        train = dataclasses.replace(train, run=f"{train.name or plugin}-search-{time.strftime('%Y%m%d-%H%M%S')}")
+    base = run.plan(plugin, train, store=store, plugin_path=plugin_path)
     cls = registry.get(plugin)
-    metric = metric or f"val_{cls.headline}"
+    metric = s.metric or f"val_{cls.headline}"
     if not metric.startswith("val_"):
         raise KilnError(f"--metric {metric}: a search chooses by validation, never by training or test "
                         f"data; name a val_ metric, e.g. val_{metric.removeprefix('train_')}")
-    mode = mode or ("max" if any(h in metric for h in HIGHER_IS_BETTER) else "min")
+    mode = s.mode or mode_of(metric)
     if base.early_stop and not base.early_stop.startswith(metric):
         raise KilnError(f"--early-stop {base.early_stop} watches another metric than --metric {metric}; "
                         "trials keep their best epoch by the search's metric")
     if (base.run_dir / SEARCH_FILE).exists() or (base.run_dir / run.RUN_FILE).exists():
         raise KilnError(f"'{base.run}' already exists in {base.runs_dir}; continue it with "
                         f"`kiln tune --resume {base.run}` or pick a new --run name")
-    dims = parse_search(search, cls.Config, base.overrides)
-    grid = [d for d in dims if d.kind == "grid"]
-    if samples is None:
-        samples = 1 if grid else 8
+    dims = parse_search(s.search, cls.Config, base.overrides)
+    samples = s.samples or (1 if any(d.kind == "grid" for d in dims) else 8)
     return SearchSpec(base=base.to_dict(), space=[dataclasses.asdict(d) for d in dims], samples=samples,
-                      metric=metric, mode=mode, scheduler=scheduler, grace_epochs=grace_epochs,
-                      reduction_factor=reduction_factor, max_concurrent=max_concurrent)
+                      metric=metric, mode=mode, scheduler=s.scheduler, grace_epochs=s.grace_epochs,
+                      reduction_factor=s.reduction_factor, max_concurrent=s.max_concurrent)
 
 
 def load(name: str, runs_dir: str | Path | None = None) -> SearchSpec:

@@ -24,8 +24,8 @@ def one_line_error(out, *words):
     (["train", "cnn", "--dataset", "no_such_dataset"], ["unknown dataset 'no_such_dataset'"]),
     (["train", "cnn", "--set", "dropout=lots"], ["'dropout'", "float"]),
     (["train", "cnn", "--set", "colour=red"], ["unknown config key 'colour'", "dropout"]),
-    (["train", "cnn", "--set", "dropout"], ["key=value"]),
-    (["train", "cnn", "--epochs", "0"], ["--epochs must be >= 1"]),
+    (["train", "cnn", "--set", "dropout"], ["--set takes KEY=VALUE, got 'dropout'"]),
+    (["train", "cnn", "--epochs", "0"], ["--epochs must be at least 1, got 0"]),
     (["train", "cnn", "--dataset", "/nonexistent/x.npz"], ["dataset file not found"]),
     (["train", "--resume", "never-ran"], ["no run 'never-ran'"]),
     (["evaluate", "ghost"], ["no model 'ghost'"]),
@@ -72,8 +72,8 @@ def test_verbose_brings_tensorflows_notices_back(workdir):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["train", "cnn", "--epochs", "0"], ["--epochs must be >= 1"]),
-    (["train", "cnn", "--batch-size", "0"], ["--batch-size must be >= 1"]),
+    (["train", "cnn", "--epochs", "0"], ["--epochs must be at least 1, got 0"]),
+    (["train", "cnn", "--batch-size", "0"], ["--batch-size must be at least 1, got 0"]),
     (["train", "cnn", "--dataset", "missing.npz"], ["dataset file not found", "missing.npz"]),
     (["train", "cnn", "--workers", "two"], ["--workers takes N or MIN-MAX"]),
     (["train", "nope"], ["unknown plugin 'nope'"]),

@@ -4,6 +4,8 @@ settings, and every Kiln command they run or document, parsed and planned by Kil
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 import shlex
 from pathlib import Path
@@ -61,9 +63,8 @@ def check_kiln_command(command: str) -> None:
         assert args.train_args[0] == "train"
         args = cli.parser().parse_args(args.train_args)
     if args.command == "train":
-        run.plan(args.plugin, epochs=args.epochs, batch_size=args.batch_size, workers=args.workers,
-                 gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                 overrides=cli._overrides(args.set), store="/mnt/kiln/store", runs_dir="/mnt/kiln/runs")
+        opts = dataclasses.replace(cli._train_options(args), runs_dir="/mnt/kiln/runs")
+        run.plan(args.plugin, opts, store="/mnt/kiln/store")
 
 
 def test_the_image_is_rays_own_at_the_pinned_ray_and_python_versions():

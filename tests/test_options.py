@@ -41,7 +41,7 @@ def test_a_written_config_carries_every_option_but_the_process_ones():
     every = ServeOptions(host="0.0.0.0", port=9001, replicas="2-4", target_ongoing_requests=3.0,
                          cpus_per_replica=0.5, gpus_per_replica=0.5, max_ongoing_requests=7, batch_size=4,
                          batch_wait_ms=1.0, max_body_mb=3.0, max_items=9, max_chars=99, max_response_mb=5.0,
-                         body_timeout_s=7.0, client_timeout_s=11, max_connections=55,
+                         body_timeout_s=7.0, request_timeout_s=30.0, client_timeout_s=11, max_connections=55,
                          traffic=["cnn:1=1"], shared_replicas=True, own_replicas=["lstm"],
                          models_per_replica=2, colocate=True, access_log=True,
                          address="ray://elsewhere:10001", ready_timeout=9.0, poll_seconds=0.0)
@@ -68,3 +68,20 @@ def test_a_config_file_with_a_wrong_option_says_which(values, words):
 
 def test_a_whole_number_is_a_number():
     assert options.from_dict(ServeOptions, {"max_body_mb": 2}, "x").max_body_mb == 2.0
+
+
+def test_kiln_train_and_tune_take_their_declared_options():
+    from kiln import cli
+    from kiln.spec import TrainOptions
+    from kiln.tune import SearchOptions
+
+    args = cli.parser().parse_args(["tune", "cnn", "--set", "dropout=0.3", "--set", "filters=16,32",
+                                    "--workers", "1-2", "--val-fraction", "0.2", "--search",
+                                    "dropout=uniform:0.1:0.5", "--scheduler", "fifo"])
+    train = options.from_args(TrainOptions, args)
+    assert train.overrides == {"dropout": "0.3", "filters": "16,32"}
+    assert (train.workers, train.val_fraction) == ("1-2", 0.2)
+    search = options.from_args(SearchOptions, args)
+    assert search.search == ["dropout=uniform:0.1:0.5"] and search.scheduler == "fifo"
+    helps = cli.parser().train_parser.format_help()
+    assert all(options.flag(f.name, f) in helps for f in fields(TrainOptions))

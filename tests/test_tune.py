@@ -44,8 +44,8 @@ def manifest(root: Path, ref: str) -> dict:
     (["har", "--search", "dropout=uniform:0.1:0.5", "--metric", "accuracy"],
      "--metric accuracy: a search chooses by validation, never by training or test data"),
     (["har", "--search", "dropout=uniform:0.1:0.5", "--val-fraction", "0"], "needs --val-fraction above 0"),
-    (["har", "--search", "dropout=uniform:0.1:0.5", "--samples", "0"], "--samples must be >= 1"),
-    (["har", "--search", "dropout=uniform:0.1:0.5", "--reduction-factor", "1"], "--reduction-factor must be >= 2"),
+    (["har", "--search", "dropout=uniform:0.1:0.5", "--samples", "0"], "--samples must be at least 1, got 0"),
+    (["har", "--search", "dropout=uniform:0.1:0.5", "--reduction-factor", "1"], "--reduction-factor must be at least 2, got 1"),
     (["--resume", "no-such-search"], "no search 'no-such-search' in"),
 ])
 def test_bad_searches_are_one_line_before_any_work(workdir, args, message):

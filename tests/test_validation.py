@@ -98,7 +98,7 @@ def test_the_stored_model_is_the_best_epochs(workdir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["--val-fraction", "1.5"], "--val-fraction must be below 1, got 1.5"),
     (["--early-stop", "accuracy:x"], "--early-stop takes METRIC[:PATIENCE]"),
     (["--early-stop", "accuracy", "--val-fraction", "0"], "needs --val-fraction above 0"),
 ])
