@@ -419,9 +419,11 @@ def _load_image(path: str, shape: list) -> object:
 
 def _served(client: object, ref: str, url: str) -> dict:
     """The served, ready model that ``ref`` (NAME[:VERSION]) names, as GET /models describes it."""
-    served = {m["ref"].split(":")[0]: m for m in client.models()  # type: ignore[attr-defined]
+    from kiln.store import Ref
+
+    served = {Ref.parse(m["ref"]).name: m for m in client.models()  # type: ignore[attr-defined]
               if m.get("state") == "READY"}
-    name = ref.partition(":")[0]
+    name = Ref.parse(ref).name
     if name not in served or "methods" not in served[name]:
         raise KilnError(f"model '{name}' is not served (ready) at {url}; served: "
                         f"{', '.join(sorted(served)) or 'none'}")

@@ -83,20 +83,37 @@ def check_label(label: str) -> str:
     return label
 
 
+@dataclass(frozen=True)
+class Ref:
+    """How a model version is named everywhere: ``cnn`` (the latest), ``cnn:3``, ``cnn:latest`` or
+    ``cnn@stable`` (the version a label names, which only the store knows: ``Store.get``)."""
+
+    name: str
+    version: int | None = None
+    label: str | None = None
+
+    @classmethod
+    def parse(cls, ref: str) -> "Ref":
+        """KilnError naming the part of ``ref`` that is wrong."""
+        if "@" in ref:
+            name, _, label = ref.partition("@")
+            return cls(check_name(name), label=check_label(label))
+        name, _, version = ref.partition(":")
+        check_name(name)
+        if not version or version == "latest":
+            return cls(name)
+        if not version.isdigit() or int(version) < 1:
+            raise KilnError(f"bad version {version!r} in {ref!r}: versions are integers >= 1 (or 'latest')")
+        return cls(name, int(version))
+
+    def __str__(self) -> str:
+        return self.name + (f":{self.version}" if self.version else "") + (f"@{self.label}" if self.label else "")
+
+
 def parse_ref(ref: str) -> tuple[str, int | None]:
-    """'cnn' -> ('cnn', None = latest); 'cnn:3' -> ('cnn', 3); 'cnn@stable' -> ('cnn', None): a
-    label names a version only the store knows (Store.get resolves it)."""
-    if "@" in ref:
-        name, _, label = ref.partition("@")
-        check_label(label)
-        return check_name(name), None
-    name, _, version = ref.partition(":")
-    check_name(name)
-    if not version or version == "latest":
-        return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise KilnError(f"bad version {version!r} in {ref!r}: versions are integers >= 1 (or 'latest')")
-    return name, int(version)
+    """'cnn' -> ('cnn', None = latest); 'cnn:3' -> ('cnn', 3); 'cnn@stable' -> ('cnn', None)."""
+    r = Ref.parse(ref)
+    return r.name, r.version
 
 
 @dataclass

@@ -32,6 +32,8 @@ from kiln import settings
 from kiln.plugin import KilnError
 from kiln.serve.options import ServeOptions
 from kiln.serve.replica import INGRESS, POOL, ModelPool, ModelServer
+from kiln.serve.routing import name_of, version_of
+from kiln.store import Ref
 from kiln.serve.runtime import SERVE_HOOK, init_ray, quiet_serve_process
 
 
@@ -61,7 +63,7 @@ class ServeSpec:
         self.traffic = parse_traffic(self.opts.traffic)
 
     def pooled(self, ref: str) -> bool:
-        return self.opts.shared_replicas and ref.split(":")[0] not in self.opts.own_replicas
+        return self.opts.shared_replicas and name_of(ref) not in self.opts.own_replicas
 
     def deployment_of(self, ref: str) -> str:
         if self.opts.colocate:
@@ -110,7 +112,7 @@ def labels_of(store: str, refs: list[str], served: dict[str, dict[str, int]]) ->
 
     s = Store(store)
     out = {}
-    for name in sorted({r.split(":")[0] for r in refs}):
+    for name in sorted({name_of(r) for r in refs}):
         try:
             out[name] = s.labels(name)
         except (KilnError, ValueError, OSError):
@@ -165,9 +167,8 @@ def check_version(store: Any, ref: str) -> None:
 
 
 def _mtime(store: Any, ref: str) -> float:
-    name, _, version = ref.partition(":")
     try:
-        return max(p.stat().st_mtime for p in (store.root / name / version).iterdir())
+        return max(p.stat().st_mtime for p in (store.root / name_of(ref) / str(version_of(ref))).iterdir())
     except (OSError, ValueError):
         return 0.0
 
@@ -242,8 +243,8 @@ def build_app(spec: ServeSpec) -> Any:
         dep = serve.deployment(ModelServer, name=deployment_name(ref), logging_config=logs, **deployment)
         # A stored version never changes: pinning the deployment's version to it (and to its
         # options) keeps its replicas running when the application is redeployed for another
-        # model. Without one, Serve draws a random version per serve.run and restarted every model
-        # (18.6 s without a cnn answer when cnn:2 was stored). Ray 2.60 takes it with _internal.
+        # model; without one, Serve draws a random version per serve.run and restarts every model.
+        # Ray 2.60 takes it with _internal.
         pinned = f"{ref}-{_digest(deployment)}"
         models[ref] = dep.options(version=pinned, _internal=True).bind(spec.store, ref)
     from kiln.store import Store
@@ -282,8 +283,9 @@ def _traffic_config(spec: ServeSpec) -> dict[str, list[list[Any]]]:
     for name, entries in spec.traffic.items():
         rows = []
         for entry, weight in entries.items():
-            if "@" in entry:
-                version = spec.labels.get(name, {}).get(entry.partition("@")[2])
+            label = Ref.parse(entry).label
+            if label:
+                version = spec.labels.get(name, {}).get(label)
                 now = f"{name}:{version}" if f"{name}:{version}" in spec.refs else spec.routes.get(entry)
             else:
                 now = entry
@@ -451,7 +453,7 @@ def refresh(spec: ServeSpec, names: list[str] | None, *, app_name: str = "kiln",
     refs += [old for old in before_refs if old not in refs
              and any(not (states.get(r) == "HEALTHY" if spec.opts.colocate else
                           _healthy(app_name, spec.deployment_of(r)))
-                     for r in new if r.split(":")[0] == old.split(":")[0])]
+                     for r in new if name_of(r) == name_of(old))]
     news = [f"cannot serve {ref}: {reason}" for ref, (_, reason) in spec.failed.items()
             if before_failed.get(ref, (None,))[0] != spec.failed[ref][0]]
     if sorted(refs) == sorted(before_refs) and spec.failed.keys() == before_failed.keys() \

@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect
 from ray import serve
 
 from kiln.plugin import KilnError
-from kiln.serve import codecs, metrics
+from kiln.serve import codecs, metrics, routing
 from kiln.serve.codecs import ProtocolError
 from kiln.serve.replica import INGRESS, POOL, Colocated, LoadError
 
@@ -195,10 +195,10 @@ def openapi(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
                          routes=api.routes, servers=api.servers or None)
     latest: dict[str, int] = {}
     for ref in methods:
-        name, version = ref.split(":")
-        latest[name] = max(latest.get(name, 0), int(version))
+        name, version = routing.name_of(ref), routing.version_of(ref)
+        latest[name] = max(latest.get(name, 0), version)
     for ref, ms in sorted(methods.items()):
-        name, version = ref.split(":")
+        name, version = routing.name_of(ref), routing.version_of(ref)
         for method, d in sorted(ms.items()):
             op = _operation(name, version, method, d)
             schema["paths"][f"/models/{name}/versions/{version}/{method}"] = {"post": op}
@@ -210,7 +210,7 @@ def openapi(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return schema
 
 
-def _operation(name: str, version: str, method: str, d: dict[str, Any]) -> dict[str, Any]:
+def _operation(name: str, version: int, method: str, d: dict[str, Any]) -> dict[str, Any]:
     props: dict[str, Any] = {}
     for arg, s in d.get("inputs", {}).items():
         if s.get("type") == "array":  # JSON Schema bounds are for numbers: keep them as x- keys
@@ -343,8 +343,8 @@ class KilnIngress:
 
         The controller is asked in a thread, one call at a time, so that health probes never
         stall the requests in flight. Not ``serve.status()``: it builds pydantic models of the
-        whole Serve instance, 28 ms of this process's CPU per call, during which this event
-        loop answered nothing; the controller's plain answer takes 6 ms, mostly waiting."""
+        whole Serve instance in this process, holding its event loop; the controller's plain
+        answer is mostly waiting, which a thread does without the loop."""
         if all(isinstance(h, Colocated) for h in self.handles.values()):  # --colocate: all or none
             return {ref: h.state for ref, h in self.handles.items()}  # no controller to ask
         if time.monotonic() - self._status[0] > 0.5:
@@ -365,74 +365,27 @@ class KilnIngress:
         return self._status[1]
 
     def _versions(self, model: str) -> list[str]:
-        return sorted((r for r in self.handles if r.split(":")[0] == model), key=lambda r: int(r.split(":")[1]))
+        return routing.versions(self.handles, model)
 
     async def _split(self, model: str) -> list[tuple[str, Optional[str], int]]:
-        """The traffic split of ``model`` as it answers now: (entry, version answering or None
-        while neither it nor the one it replaces is ready, weight)."""
-        states = await self._states()
-        out = []
-        for entry, now, weight, before in self.traffic.get(model, []):
-            if now and states.get(now) == "HEALTHY":
-                out.append((entry, now, weight))
-            elif before and states.get(before) == "HEALTHY":
-                out.append((entry, before, weight))
-            else:
-                out.append((entry, None, weight))
-        return out
-
-    async def _pick(self, model: str) -> Optional[str]:
-        """The next version of a split model's unversioned traffic: smooth weighted round robin
-        (nginx's), so 90/10 is exactly 9 of every 10 requests, interleaved, not a coin's luck.
-        A version not ready yet gets no share until it is."""
-        live = [(e, ref, w) for e, ref, w in await self._split(model) if ref]
-        if not live:
-            return None
-        turns = self._turns.setdefault(model, {})
-        for entry, _, weight in live:
-            turns[entry] = turns.get(entry, 0) + weight
-        entry, ref, _ = max(live, key=lambda e: turns[e[0]])
-        turns[entry] -= sum(w for _, _, w in live)
-        return ref
+        return routing.split_now(self.traffic.get(model, []), await self._states())
 
     async def _ref(self, model: str, version: Optional[str], label: Optional[str] = None,
                    split: bool = False) -> str:
+        """The ref answering a route (``split``: an inference route, which a traffic split picks
+        for when it names no version); routing.py decides, from the ingress's state."""
         if "@" in model and label is None:  # cnn@stable, as the store names it
             model, _, label = model.partition("@")
+        refs = self._versions(model)
         if label is not None:
-            labels = self.labels.get(model, {})
-            if label not in labels:
-                known = ", ".join(f"{k} ({model}:{v})" for k, v in sorted(labels.items())) or "none"
-                raise ProtocolError(404, f"model '{model}' has no label '{label}' on this server; labels: "
-                                         f"{known}; set one with `kiln models label {model}:VERSION {label}`")
-            if version is not None and str(labels[label]) != str(version):
-                raise ProtocolError(400, f"label '{label}' names version {labels[label]}, not {version}")
-            version = str(labels[label])
-            if f"{model}:{version}" not in self.handles:
-                raise ProtocolError(404, f"label '{label}' names {model}:{version}, which this server does "
-                                         f"not serve; served versions: "
-                                         f"{', '.join(r.split(':')[1] for r in self._versions(model)) or 'none'}")
-        served = self._versions(model)
-        ref = f"{model}:{version}"
-        failed = self._failed()
-        if ref in failed:
-            raise ProtocolError(503, f"{ref} cannot be served: {failed[ref]}")
-        if not served:
-            raise ProtocolError(404, f"model '{model}' is not served; served models: "
-                                     f"{', '.join(sorted({r.split(':')[0] for r in self.handles}))}")
+            version = routing.by_label(model, version, label, self.labels.get(model, {}), refs)
+        states, picked = {}, None
         if version is None:
-            if split and model in self.traffic:  # inference on the unversioned routes
-                picked = await self._pick(model)
-                if picked:
-                    return picked
-            # the newest version that is ready: a new one takes over only once it answers
             states = await self._states()
-            ready = [r for r in served if states.get(r) == "HEALTHY"]
-            return (ready or served)[-1]
-        if ref not in served:
-            raise ProtocolError(404, f"model '{model}' has no served version {version!r}; served "
-                                     f"versions: {', '.join(r.split(':')[1] for r in served)}")
-        return ref
+            if split and model in self.traffic:
+                picked = routing.pick(routing.split_now(self.traffic[model], states),
+                                      self._turns.setdefault(model, {}))
+        return routing.resolve(model, version, refs, self.handles, self._failed(), states, picked)
 
     async def _ready(self, ref: str) -> None:
         state = (await self._states()).get(ref)
@@ -484,9 +437,8 @@ class KilnIngress:
             raise ProtocolError(404, f"model {ref} has no method '{method}'; methods: "
                                      f"{', '.join(sorted(info['methods']))}")
         self.limits.check(args, info["methods"][method]["inputs"])
-        # numeric arrays travel to the replica as numpy (Ray pickles them cheaply; 2x faster on a
-        # 256-image request than lists); a list that is no numeric array is refused here, before
-        # it can join a batch
+        # numeric arrays travel to the replica as numpy (Ray pickles them far more cheaply than
+        # lists); a list that is no numeric array is refused here, before it can join a batch
         for k, schema in info["methods"][method]["inputs"].items():
             if schema.get("type") == "array" and isinstance(args.get(k), list):
                 try:
@@ -635,7 +587,7 @@ class KilnIngress:
                 if ref not in self.batching:
                     entry["batchable"] = []
             out.append(entry)
-        out += [{"ref": ref, "name": ref.split(":")[0], "version": int(ref.split(":")[1]), "state": "FAILED",
+        out += [{"ref": ref, "name": routing.name_of(ref), "version": routing.version_of(ref), "state": "FAILED",
                  "error": why} for ref, why in sorted(failed.items())]
         traffic = {}
         for name in sorted(self.traffic):
@@ -719,10 +671,10 @@ class KilnIngress:
             verb = (label or model).partition(":")[2]
             raise ProtocolError(405, f"{verb!r} takes POST with a JSON body, not GET")
         if label is not None:
-            version = (await self._ref(model, None, label)).split(":")[1]
+            version = str(routing.version_of(await self._ref(model, None, label)))
         refs = [await self._ref(model, version)] if version else (self._versions(model) or [await self._ref(model, None)])
         states = await self._states()
-        return codecs.tf_status([(r.split(":")[1], states.get(r) == "HEALTHY") for r in refs])
+        return codecs.tf_status([(str(routing.version_of(r)), states.get(r) == "HEALTHY") for r in refs])
 
     @api.get("/v1/models/{model}/metadata")
     @api.get("/v1/models/{model}/versions/{version}/metadata")
@@ -730,7 +682,7 @@ class KilnIngress:
     async def tf_metadata(self, model: str, request: Request, version: Optional[str] = None,
                           label: Optional[str] = None) -> Any:
         ref = await self._ref(model, version, label)
-        return codecs.tf_metadata(model, ref.split(":")[1], await self._describe(ref))
+        return codecs.tf_metadata(model, str(routing.version_of(ref)), await self._describe(ref))
 
     # -- Open Inference Protocol v2 ---------------------------------------------------------
     @api.get("/v2")
@@ -759,7 +711,7 @@ class KilnIngress:
     @api.get("/v2/models/{model}/versions/{version}")
     async def v2_model(self, model: str, request: Request, version: Optional[str] = None) -> Any:
         ref = await self._ref(model, version)
-        return codecs.v2_model_metadata(model, [r.split(":")[1] for r in self._versions(model)],
+        return codecs.v2_model_metadata(model, [str(routing.version_of(r)) for r in self._versions(model)],
                                         await self._describe(ref))
 
     @api.get("/v2/models/{model}/ready")
@@ -781,7 +733,7 @@ class KilnIngress:
         method, arg = codecs.predict_method(await self._describe(ref))
         request.scope["kiln"] = (ref, method)
         out = await self._call(ref, method, {arg: codecs.v2_infer_request(body, arg, binary)})
-        answer, tail = codecs.v2_infer_response(out, model, ref.split(":")[1],
+        answer, tail = codecs.v2_infer_response(out, model, str(routing.version_of(ref)),
                                                 body.get("id") if isinstance(body, dict) else None, body)
         if not tail:
             return answer
