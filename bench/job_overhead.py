@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kiln.serve.runtime import free_port
+from kiln.net import free_port
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:

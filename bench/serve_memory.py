@@ -61,7 +61,7 @@ def pss_mb(pid: int) -> float:
 def serve(store: str, n: int, shared: bool, seconds: int, measure_speed: bool) -> dict:
     import requests
 
-    from kiln.serve.runtime import free_port
+    from kiln.net import free_port
 
     port = free_port()
     args = [sys.executable, "-m", "kiln.cli", "serve", "--store", store, "--port", str(port),

@@ -296,7 +296,7 @@ def cluster_up(*, port: int = 6379, dashboard_port: int = 8265, dashboard_host: 
     # and no other Ray on the machine (`ray stop` stops them all). Its agents get free ports: on
     # Ray's fixed defaults, another Ray's agent made every submission fail with "No available
     # agent" while `ray start` reported success.
-    from kiln.serve.runtime import free_port
+    from kiln.net import free_port
 
     temp_dir = tempfile.mkdtemp(prefix=f"kiln-ray-{port}-")
     args = ["start", "--head", f"--port={port}", f"--dashboard-host={dashboard_host}",
@@ -393,27 +393,36 @@ def cluster_down(port: int | None = None) -> list[str]:
                         "stops every Ray on this machine)")
     stopped = []
     for key in chosen:
-        marker = heads[key]["temp_dir"]
-        procs: dict[int, Any] = {}
-        for p in psutil.process_iter(["cmdline"]):
-            if any(marker in arg for arg in p.info["cmdline"] or []):
-                for q in [p, *_children(p)]:
-                    procs[q.pid] = q
-        for q in procs.values():
-            with contextlib.suppress(psutil.Error):
-                q.terminate()
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
-        for q in alive:
-            with contextlib.suppress(psutil.Error):
-                q.kill()
-        psutil.wait_procs(alive, timeout=5)
-        for folder in (marker, heads[key].get("haproxy_dir")):
-            if folder:
-                shutil.rmtree(folder, ignore_errors=True)
+        stop_ray_under(heads[key]["temp_dir"])
+        if heads[key].get("haproxy_dir"):
+            shutil.rmtree(heads[key]["haproxy_dir"], ignore_errors=True)
         del heads[key]
         stopped.append(f"127.0.0.1:{key}")
     _save_heads(heads)
     return stopped
+
+
+def stop_ray_under(folder: str | Path, grace_s: float = 10.0) -> None:
+    """Stop the Ray started with ``--temp-dir=folder``: the processes whose command line names
+    the folder, and whatever they started (workers, job drivers), SIGTERM first and SIGKILL after
+    ``grace_s``; then remove the folder. Other Ray instances on the machine go on (`ray stop`
+    would stop them all)."""
+    import psutil
+
+    procs: dict[int, Any] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(folder) in arg for arg in p.info["cmdline"] or []):
+            for q in [p, *_children(p)]:
+                procs[q.pid] = q
+    for q in procs.values():
+        with contextlib.suppress(psutil.Error):
+            q.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    for q in alive:
+        with contextlib.suppress(psutil.Error):
+            q.kill()
+    psutil.wait_procs(alive, timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _children(p: Any) -> list[Any]:

@@ -46,8 +46,8 @@ def worker_setup() -> None:
     """The setup hook of the Ray worker processes of training (Kiln's quiet output), which also
     points Ray's state API at the worker's own cluster. Ray Train's placement-group cleaner asks
     that API, through the dashboard, whether the run's controller is alive; without an address
-    the API takes the last `ray start` head recorded on this machine (and waits 40 s when that
-    head is gone, holding the end of every run for the cleaner's 12 s stop timeout) or fails
+    the API takes the last `ray start` head recorded on this machine (and, when that head is
+    gone, waits on it, holding the end of every run until the cleaner's stop timeout) or fails
     where two local Rays run."""
     import ray
 
@@ -194,7 +194,7 @@ def local_cluster(num_cpus: int | None = None, num_gpus: int | None = None) -> I
     where a `ray start` head runs on this machine (which ``ray.init()`` would join)."""
     import ray
 
-    from kiln.serve.runtime import free_port
+    from kiln.net import free_port
 
     # the dashboard answers the state API that Ray Train's placement-group cleaner asks; on a port
     # of its own, since 8265 is where `kiln cluster up` and `kiln submit` expect a head

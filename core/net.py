@@ -86,3 +86,33 @@ def join_with_token() -> None:
     mode once, when it is imported: call this first."""
     if "RAY_AUTH_MODE" not in os.environ and ray_token():
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now, for a listener that starts a little later.
+
+    It is drawn from below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999),
+    where no process binding port 0 can take it in the meantime: Ray's processes do that while
+    they start, and once took HAProxy's stats port between the choice and HAProxy's bind. The
+    draw is the operating system's, not Python's global random, which training seeds: processes
+    that trained with one seed would draw the same ports."""
+    import random
+    import socket
+
+    draw = random.SystemRandom()
+
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768  # Linux's default; macOS's range starts at 49152
+    for _ in range(100 if ephemeral > 20100 else 0):
+        port = draw.randint(20000, ephemeral - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: any free port
+        s.bind(("", 0))
+        return s.getsockname()[1]

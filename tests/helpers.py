@@ -148,26 +148,11 @@ def shared_listeners(mine) -> dict[int, set[int]]:
 
 
 def kill_ray_under(folder) -> None:
-    """Stop a Ray started with ``--temp-dir=folder`` (as `kiln cluster down` stops a head): the
-    processes whose command line names the folder, and their children. `ray stop` would stop
-    every Ray on the machine, a neighbouring test's too."""
-    import psutil
+    """Stop a Ray started with ``--temp-dir=folder`` as `kiln cluster down` stops a head; a test's
+    Ray gets no grace (`ray stop` would stop every Ray on the machine, a neighbouring test's too)."""
+    from kiln.cluster.jobs import stop_ray_under
 
-    procs = {}
-    for p in psutil.process_iter(["cmdline"]):
-        if any(str(folder) in a for a in p.info["cmdline"] or []):
-            try:
-                for q in [p, *p.children(recursive=True)]:
-                    procs[q.pid] = q
-            except psutil.Error:
-                pass
-    for q in procs.values():
-        try:
-            q.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(list(procs.values()), timeout=30)
-    shutil.rmtree(folder, ignore_errors=True)
+    stop_ray_under(folder, grace_s=0)
 
 
 def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, stop: str,

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import NOISY_TF, TEST_PLUGINS, assert_no_tf_notices, run_kiln
 from helpers import assert_same_weights, kill_ray_under, weights
-from kiln.serve.runtime import free_port
+from kiln.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

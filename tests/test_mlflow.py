@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from helpers import TEST_PLUGINS, kiln_here, run_kiln, stop_process
-from kiln.serve.runtime import free_port
+from kiln.net import free_port
 
 pytestmark = [pytest.mark.slow]
 

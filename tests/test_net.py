@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import socket
 
-from kiln.serve.runtime import free_port
+from kiln.net import free_port
 
 
 def test_free_ports_differ_between_processes_that_seeded_python_random_alike():

@@ -63,7 +63,7 @@ def test_a_dead_head_recorded_on_this_machine_is_neither_joined_nor_asked():
     from pathlib import Path
 
     from kiln.net import ray_address
-    from kiln.serve.runtime import free_port
+    from kiln.net import free_port
 
     assert ray_address("10.0.0.5:6379") == "10.0.0.5:6379"
     temp = Path(tempfile.mkdtemp(prefix="kr-"))  # short: Ray's socket paths must fit 107 bytes

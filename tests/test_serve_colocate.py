@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from helpers import Load, copy_models, copy_version, models, replicas, start_serve, stop_process, store_copy, wait_for
-from kiln.serve.runtime import free_port
+from kiln.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

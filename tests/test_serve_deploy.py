@@ -16,7 +16,7 @@ import requests
 import yaml
 
 from helpers import copy_models, copy_version, kill_ray_under, kiln_here
-from kiln.serve.runtime import free_port
+from kiln.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent

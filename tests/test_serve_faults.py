@@ -21,7 +21,7 @@ import requests
 from helpers import (Load, copy_models, copy_version, haproxy_folders, kiln_here, models, replicas, start_serve,
                      stop_process, wait_for)
 from helpers import ray_processes as running
-from kiln.serve.runtime import free_port
+from kiln.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

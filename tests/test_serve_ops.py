@@ -17,7 +17,7 @@ import requests
 
 from helpers import HYMENOPTERA, NOISY_TF, kiln_here, server_processes, start_serve, stop_process, stop_server_and_check
 from helpers import copy_models, copy_version, replicas, wait_for
-from kiln.serve.runtime import free_port
+from kiln.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "ops-token"
