@@ -18,7 +18,7 @@ import requests
 
 from helpers import NOISY_TF, ROOT, copy_models, copy_version, run_kiln
 from kiln.serve.options import ServeOptions
-from kiln.serve.runtime import free_port
+from kiln.net import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "s3cret-token"
@@ -77,8 +77,9 @@ def server(tmp_path_factory, trained, own_ray):
                   app_name="secure", route_prefix="/secure")
         app.wait_ready("127.0.0.1", port, prefix="/secure", token=TOKEN, timeout=300)
         # a deadline no model call meets: every call there gets 504
-        app.start(app.ServeSpec(store=store, refs=["lstm:1"], opts=ServeOptions(port=port, request_timeout_s=1e-6)),
-                  app_name="hasty", route_prefix="/hasty")
+        # (no CPU reserved: the module's Ray has 2, which the other apps and a new version fill)
+        hasty = ServeOptions(port=port, request_timeout_s=1e-6, cpus_per_replica=0)
+        app.start(app.ServeSpec(store=store, refs=["lstm:1"], opts=hasty), app_name="hasty", route_prefix="/hasty")
         app.wait_ready("127.0.0.1", port, prefix="/hasty", timeout=300)
         yield base, store, seen, spec
     finally:
