@@ -13,11 +13,11 @@ Two real layouts are read:
   128-step windows with 50% overlap, and labelled by the most frequent sample label in the
   window. The last fifth of the subjects (sorted by name) is the test split. Training windows
   start every 16 steps instead of every 64 (87.5% overlap): four times as many, shifted views
-  of the same recordings, which lifted test accuracy from 0.90 to 0.926; test windows keep 50%.
+  of the same recordings, which generalise better (BENCHMARKS.md); test windows keep 50%.
 
   Why 100 Hz and not UCI's 50 Hz: sp_sw_har's transitions (standing up, turning, sitting down)
-  last 1-2 s. At 50 Hz a window spans 2.56 s and 48% of windows had no label covering 60% of
-  them; the same 1D-CNN then reached 0.83 test accuracy against 0.90 with 1.28 s windows.
+  last 1-2 s, and a 50 Hz window spans 2.56 s: many windows then hold no dominant label, and the
+  same 1D-CNN is less accurate (BENCHMARKS.md, "HAR").
 
 Both give ``x`` of shape (n, 128, channels) float32, integer labels and the subject of each window.
 """

@@ -379,7 +379,7 @@ def _new_tuner(s: SearchSpec, trainable: Any, concurrent: int) -> Any:
 def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) search ``s`` on Ray Tune, store its best trial's model; the results."""
     # Kiln prints a line per trial and the table; Tune's own reporter would repeat them, and Ray's
-    # log deduplication would fold the trials' epoch lines into "[repeated 6x across cluster]"
+    # log deduplication would fold the trials' epoch lines into "[repeated Nx across cluster]"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from ray import tune

@@ -102,7 +102,7 @@ def parse_json(body: bytes, content_type: str) -> Any:
     header says (tritonclient sends none; curl -d sends a form type); a body that is not JSON gets
     415 unless its header said JSON, and then 400 saying what is malformed."""
     ctype = content_type.split(";")[0].strip().lower()
-    try:  # orjson: 7x faster than json on a 256-image body (BENCHMARKS.md)
+    try:  # orjson: several times faster than json on large image bodies (BENCHMARKS.md)
         return orjson.loads(body)
     except orjson.JSONDecodeError:
         pass

@@ -94,9 +94,9 @@ class ModelServer:
             if args is not None:
                 try:
                     out = self.plugin.infer(self.model, method.name, args)
-                    # and a batch of two: Keras' predict function, traced for one example, was
-                    # traced again (70-90 ms) for the first batch of another size under traffic;
-                    # from its second size on it takes any size
+                    # and a batch of two: Keras' predict function, traced for one example, is
+                    # traced again for the first batch of another size, under traffic unless
+                    # here; from its second size on it takes any size
                     arg = self.batchable.get(method.name)
                     if arg is not None:
                         self.plugin.infer(self.model, method.name, {arg: np.concatenate([args[arg]] * 2)})
@@ -132,11 +132,11 @@ class ModelServer:
                             f"{', '.join(sorted(self.pictures)) or 'none'}")
         return self.pictures[name].read_bytes()
 
-    # The model runs in a worker thread: on the replica's event loop, a long request (scoring
-    # 100k characters) held up every other request and Serve's health check until Serve killed
-    # the replica. TensorFlow releases the GIL while it computes.
+    # The model runs in a worker thread: on the replica's event loop, a long request (scoring a
+    # long text) would hold up every other request and Serve's health check, and Serve would
+    # kill the replica. TensorFlow releases the GIL while it computes.
     # ``max_values`` (the server's --max-response-mb) is checked before the outputs become lists:
-    # that conversion and their transfer cost more than the model call (141 MB of features).
+    # for a large answer that conversion and its transfer cost more than the model call.
     async def infer(self, method: str, args: dict[str, Any], max_values: int | None = None) -> dict[str, Any]:
         try:
             out = await self._timed(method, 1, self.plugin.infer, self.model, method, args)
