@@ -28,8 +28,6 @@ import time
 import weakref
 from typing import Any
 
-from kiln.serve.routing import served
-
 MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 FAMILIES = ("ray_kiln_", "ray_serve_")  # what GET /metrics passes on from Ray's export
@@ -67,9 +65,10 @@ def _instruments() -> dict[str, Any]:
 
 
 def _split(ref: str) -> tuple[str, str]:
-    """A ref as the metrics' model and version tags."""
-    parts = served(ref)
-    return parts.name, str(parts.version)
+    """A ref as the metrics' model and version tags; "" and "" for a request that reached no
+    served model (a 404 is counted too)."""
+    name, _, version = ref.partition(":")
+    return name, version
 
 
 # The model versions loaded in this process (``kiln.serve.replica.ModelServer``), held weakly: a
