@@ -263,11 +263,13 @@ def build_app(spec: ServeSpec) -> Any:
     if opts.colocate:  # the ingress's replicas hold the models: they get the models' resources
         placed = {k: v for k, v in deployment.items() if k != "max_ongoing_requests"}  # the
         # ingress's own limit (256) holds: it holds requests while they batch
-    limits = opts.limits()
-    pinned = f"ingress-{_digest(limits, spec.token, opts.access_log, spec.drain_key, placed)}"
+    from kiln import options
+
+    written = options.to_dict(opts)  # what the ingress reads per request (codecs.Limits)
+    pinned = f"ingress-{_digest(written, spec.token, spec.drain_key, placed)}"
     ingress = KilnIngress.options(name=INGRESS, logging_config=logs, user_config=config,
                                   version=pinned, _internal=True, **placed)
-    return ingress.bind(models, limits, spec.token, spec.drain_key)
+    return ingress.bind(models, written, spec.token, spec.drain_key)
 
 
 def _digest(*parts: Any) -> str:
@@ -361,8 +363,7 @@ def start(spec: ServeSpec, *, address: str | None = None, app_name: str = "kiln"
     if not ray.is_initialized():
         if address is None:  # the listener will be on this machine: say so before starting Ray
             net.check_port_free(host, port)
-        init_ray(address, client_timeout_s=spec.opts.client_timeout_s,
-                 max_connections=spec.opts.max_connections)
+        init_ray(address, spec.opts)
     try:
         serve.start(http_options={"host": host, "port": port})
     except Exception as e:  # a joined cluster's node, or a process that bound it meanwhile

@@ -8,11 +8,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
+
+from kiln.serve.options import MIB, ServeOptions
 
 PREDICT_ORDER = ("classify", "reconstruct", "encode", "decode")
 
@@ -30,18 +31,21 @@ class ProtocolError(Exception):
         return ProtocolError, (self.status, self.message, self.retry_after)
 
 
-@dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server (``ServeOptions.limits()``, from ``kiln serve``'s
-    flags): checked before any work, so one request cannot stall every model or bloat the
-    ingress. Each 4xx names its flag."""
+    """What one request may ask of the server: ``kiln serve``'s options (``ServeOptions``) as the
+    ingress reads them per request, checked before any work, so one request cannot stall every
+    model or bloat the ingress. Each 4xx names its flag. An option the ingress needs per request
+    is read from here by its field name; only the sizes are converted."""
 
-    max_body_bytes: int       # --max-body-mb: request bodies, while read
-    max_items: int            # --max-items: images/windows per call, samples asked
-    max_chars: int            # --max-chars: characters of a text argument
-    max_response_bytes: int   # --max-response-mb: the answer's size
-    body_timeout_s: float     # --body-timeout-s: to send the whole body
-    request_timeout_s: float  # --request-timeout-s: for the model's answer (0: none)
+    def __init__(self, opts: ServeOptions) -> None:
+        self.opts = opts
+        self.max_body_bytes = int(opts.max_body_mb * MIB)          # --max-body-mb, while read
+        self.max_response_bytes = int(opts.max_response_mb * MIB)  # --max-response-mb
+
+    def __getattr__(self, name: str) -> Any:  # max_items, body_timeout_s, request_timeout_s, ...
+        if name.startswith("__") or name == "opts":  # copy and pickle probe before opts is set
+            raise AttributeError(name)
+        return getattr(self.opts, name)
 
     def check(self, args: dict[str, Any], inputs: dict[str, dict[str, Any]]) -> None:
         """ProtocolError 400 when an argument asks for more than the limits allow; ``inputs``

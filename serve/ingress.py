@@ -38,6 +38,7 @@ from ray import serve
 from kiln.plugin import KilnError
 from kiln.serve import codecs, metrics, routing
 from kiln.serve.codecs import ProtocolError
+from kiln.serve.options import ServeOptions
 from kiln.serve.replica import INGRESS, POOL, Colocated, LoadError
 
 RETRIES = 3          # sends of a request whose replica died under it, after the first
@@ -257,7 +258,7 @@ def _serve_details() -> dict[str, Any]:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class KilnIngress:
-    def __init__(self, models: dict[str, Any], limits: dict[str, Any], token: Optional[str],
+    def __init__(self, models: dict[str, Any], opts: dict[str, Any], token: Optional[str],
                  drain_key: Optional[str] = None) -> None:
         # ``models`` (bound deployments) makes serve.run deploy them; which ones this ingress
         # serves comes from reconfigure(), so that a new version or a failed one changes the
@@ -267,7 +268,7 @@ class KilnIngress:
         self.batching: dict[str, tuple[int, float]] = {}
         self.batchers: dict[str, Any] = {}
         self.methods: dict[str, dict[str, Any]] = {}
-        self.limits = codecs.Limits(**limits)
+        self.limits = codecs.Limits(ServeOptions(**opts))
         Auth.token = token
         self.drain_key = drain_key                  # what POST /-/drain needs (kiln.serve.app.drain)
         self.described: dict[str, dict[str, Any]] = {}

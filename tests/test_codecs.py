@@ -108,7 +108,7 @@ def test_v2_requests_that_cannot_be_read_say_why(body, words):
 
 
 def test_limits_count_examples_not_rows_of_one_example():
-    limits = codecs.Limits(**ServeOptions(max_items=3, max_chars=5).limits())
+    limits = codecs.Limits(ServeOptions(max_items=3, max_chars=5))
     images = {"images": {"type": "array", "x-shape": [None, 4, 4, 1]}}
     limits.check({"images": np.zeros((4, 4, 1)).tolist()}, images)       # one image, no batch axis
     limits.check({"images": np.zeros((3, 4, 4, 1))}, images)              # three, as numpy
@@ -121,7 +121,7 @@ def test_limits_count_examples_not_rows_of_one_example():
     with pytest.raises(ProtocolError, match="asks for 4 items"):
         limits.check({"n": 4}, {"n": {"type": "integer", "x-count": True}})
     limits.check({"seed": 4}, {"seed": {"type": "integer"}})  # a plain integer is no count
-    assert codecs.Limits(**{**ServeOptions().limits(), "max_response_bytes": 400}).max_values() == 100
+    assert codecs.Limits(ServeOptions(max_response_mb=400 / 2**20)).max_values() == 100
 
 
 def test_a_plugin_names_the_method_the_standard_protocols_call():
