@@ -208,6 +208,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"[kiln] wrote {args.build_config}; deploy it with `serve deploy {args.build_config} "
               "--address http://HEAD:8265` (the store path must exist on the cluster)")
         return 0
+    import faulthandler
+
+    # `kill -USR1 PID`: every thread's stack on stderr, for a server that seems stuck
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     server = Server(spec, models=args.model)
     server.start()
     # SIGTERM (systemd, Docker, Kubernetes) stops the server as Ctrl-C does: after Ray's own
@@ -218,6 +222,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.serve_forever()
     except _Terminated:
         return 0
+    except KeyboardInterrupt:
+        server.status = 130
+        raise
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
         server.stop()

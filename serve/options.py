@@ -41,6 +41,11 @@ class ServeOptions:
         low=0)
     client_timeout_s: int = option(60, "HAProxy drops a client silent this long", above=0)
     max_connections: int = option(4096, "HAProxy's open connections at most", above=0)
+    head_timeout_s: float = option(5.0, "a client must send a request's head (its line and headers) "
+                                        "within this, else HAProxy answers 408 and closes", above=0)
+    max_per_source: int = option(1024, "open connections one client address may hold; more are refused "
+                                       "as they connect (0: no cap; raise it behind a proxy that "
+                                       "sends everyone's requests from one address)", low=0)
     # the kiln serve process
     ready_timeout: float = option(300.0, "seconds to wait for models to load", above=0, process=True)
     poll_seconds: float = option(10.0, "look for new model versions in the store this often (0: never)",
@@ -79,9 +84,3 @@ class ServeOptions:
         else:
             out["num_replicas"] = low
         return out
-
-    def limits(self) -> dict[str, Any]:
-        """The options that bound one request, as the ingress takes them (``codecs.Limits``)."""
-        return {"max_body_bytes": int(self.max_body_mb * MIB), "max_items": self.max_items,
-                "max_chars": self.max_chars, "max_response_bytes": int(self.max_response_mb * MIB),
-                "body_timeout_s": self.body_timeout_s, "request_timeout_s": self.request_timeout_s}

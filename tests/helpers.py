@@ -69,12 +69,20 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
         proc.kill()
 
 
-def start_serve(*args: str, env: dict | None = None, timeout: float = 300):
+def start_serve(*args: str, env: dict | None = None, timeout: float = 300, session: bool = False):
     """`kiln serve ARGS` as a user starts it, its output appended to ``lines`` by ``reader`` (a
     thread); returns (proc, lines, reader) once it prints that it is ready. A server that exits
-    or is not ready within ``timeout`` is killed and fails the test with its output."""
+    or is not ready within ``timeout`` is killed and fails the test with its output. ``session``:
+    in a process group of its own, as a terminal or a service manager starts it, so that a signal
+    can go to the whole group as theirs do."""
+    import signal
+
+    # SIGINT as a terminal leaves it to a command it starts: a pytest worker may have it ignored,
+    # and an ignored SIGINT is inherited, so Ctrl-C would never reach the server
     proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                            start_new_session=session,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -156,24 +164,34 @@ def kill_ray_under(folder) -> None:
 
 
 def stop_server_and_check(proc: subprocess.Popen, lines: list[str], reader, stop: str,
-                          mine: dict[str, str] | None = None) -> None:
+                          mine: dict[str, str] | None = None, group: bool = False) -> None:
     """Send ``stop`` (SIGINT: Ctrl-C; SIGTERM: what systemd, Docker and Kubernetes send) to a
     running `kiln serve` whose output ``reader`` (a thread) appends to ``lines``, and check it
     stops as a user expects: its exit status, one closing line, no stack dump, no TensorFlow
     notice from any of its processes, none of the Ray processes it started left behind, and no
     folder of its HAProxy's left in /tmp. ``mine``: the caller sent the signal already, and took
-    ``server_processes`` before it. SIGTERM once printed a Ray stack dump and left Ray's agents
-    running; every server left a folder."""
+    ``server_processes`` before it. ``group``: the signal goes to the server's whole process
+    group (started with ``session``), as Ctrl-C in a terminal and systemd's default KillMode
+    send it: Ray's GCS and raylet get it too."""
     import signal
 
     sent = mine is not None
     mine = mine if sent else server_processes(proc)
     folders = haproxy_folders(mine.values())
     assert folders, "no HAProxy of this server found"
-    if not sent:
+    if not sent and group:
+        os.killpg(proc.pid, getattr(signal, stop))
+    elif not sent:
         proc.send_signal(getattr(signal, stop))
     try:
         proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # kiln serve prints every thread's stack (faulthandler)
+        time.sleep(3)
+        proc.kill()
+        reader.join(timeout=30)
+        raise AssertionError("kiln serve did not stop within 120 s; where its threads were:\n"
+                             + "".join(lines)[-8000:]) from None
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -5,10 +5,13 @@ the server down, and token authentication (a second application with a token).""
 from __future__ import annotations
 
 import json
+import os
 import re
 import select
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -506,6 +509,24 @@ def test_a_port_in_use_is_one_line_and_starts_nothing(server):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_an_open_files_limit_too_low_is_one_line_and_starts_nothing(server):
+    """Under `ulimit -n 8192`, `kiln serve` died at start-up with 51 lines of traceback and
+    HAProxy's "Cannot raise FD limit to 10276, limit is 8192"."""
+    import tempfile
+
+    _, store, *_ = server
+    ray_tmp = Path(tempfile.mkdtemp(prefix="kr-"))  # where this server's Ray would keep its session
+    command = (f"ulimit -n 8192 && exec {sys.executable} -m kiln.cli serve --store {store} --model cnn "
+               f"--port {free_port()} --max-connections 5000")
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "RAY_TMPDIR": str(ray_tmp)})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert "--max-connections 5000" in lines[0] and "limit of 8192" in lines[0] and "ulimit" in lines[0], lines
+    assert not list(ray_tmp.rglob("session_*"))  # refused before Ray started
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     """`kiln serve` as a user runs it (its own local Ray cluster): it prints each route once the
     model is ready, answers, and Ctrl-C stops Serve and Ray, leaving no process behind. SIGTERM
@@ -515,7 +536,7 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     _, store, *_ = server
     port = free_port()
     proc, lines, reader = start_serve("--store", store, "--model", "cnn", "--port", str(port),
-                                      "--poll-seconds", "0", env=NOISY_TF)
+                                      "--poll-seconds", "0", env=NOISY_TF, session=True)
     try:
         # Two servers on one machine (this one and the module's): both Serve fallback proxies,
         # HAProxy's backup while an ingress replica restarts, listened on 127.0.0.1:8500 with
@@ -540,7 +561,19 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     except BaseException:
         proc.kill()
         raise
-    stop_server_and_check(proc, lines, reader, "SIGINT")
+    stop_server_and_check(proc, lines, reader, "SIGINT", group=True)  # as a terminal sends Ctrl-C
+
+
+def test_sigterm_to_the_whole_service_stops_it_with_status_0(server):
+    """systemd's default (KillMode=control-group) sends SIGTERM to every process of the service
+    at once: Ray's GCS went first, and the server reported "the Ray cluster under the server
+    stopped" and exited 1 from a stop that was asked for."""
+    from helpers import start_serve, stop_server_and_check
+
+    _, store, *_ = server
+    proc, lines, reader = start_serve("--store", store, "--model", "cnn", "--port", str(free_port()),
+                                      "--poll-seconds", "0", session=True)
+    stop_server_and_check(proc, lines, reader, "SIGTERM", group=True)
 
 
 def test_a_killed_server_leaves_nothing_on_its_port(server):

@@ -7,6 +7,7 @@ serves; Prometheus metrics that count known traffic across every replica."""
 from __future__ import annotations
 
 import shutil
+import socket
 import threading
 import time
 from collections import Counter
@@ -40,6 +41,8 @@ def ops(tmp_path_factory, trained):
     proc, lines, reader = start_serve("--store", str(store), "--port", str(port), "--poll-seconds", "1",
                                       "--replicas", "2", "--shared-replicas", "--own-replicas", "other",
                                       "--traffic", "m@stable=3", "--traffic", "m@canary=1",
+                                      "--max-connections", "512", "--max-per-source", "64",
+                                      "--head-timeout-s", "2",
                                       env={"KILN_API_TOKEN": TOKEN, **NOISY_TF})
     READY_AT.append(time.time())
     try:
@@ -235,6 +238,58 @@ def test_metrics_count_known_traffic_across_replicas(ops):
     assert len(loads) == 2 and all(v > 0 for v in loads + warmups), (loads, warmups)
     # Serve's own per-replica series come along
     assert series(text, "ray_serve_deployment_request_counter_total", deployment="model-other-v1")
+
+
+def test_one_flooding_address_cannot_take_the_server_from_the_others(ops):
+    """Slowloris: one client opened 4,200 connections, sent an incomplete request head on each
+    and waited; every other client's request timed out for as long as it held them. Here one
+    address (127.0.0.2) opens more connections than the server's --max-connections (512) with
+    half a head each: past --max-per-source (64) they are refused as they connect, the ones
+    held are closed once --head-timeout-s (2 s) passes, and 127.0.0.1 is answered throughout."""
+    base, *_ = ops
+    host, port = base.removeprefix("http://").split(":")
+    flood: list[socket.socket] = []
+    refused = 0
+    started = time.monotonic()
+    try:
+        for _ in range(600):  # bounded in count and time: more than --max-connections
+            if time.monotonic() - started > 20:
+                break
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.settimeout(5)
+            try:
+                s.connect((host, int(port)))
+                s.sendall(b"POST /models/m/classify HTTP/1.1\r\nHost: x\r\nContent-")
+            except OSError:
+                refused += 1
+                s.close()
+                continue
+            flood.append(s)
+        # held or not, the others are answered while the flood lasts
+        answered = []
+        for _ in range(5):
+            t = time.monotonic()
+            r = requests.post(f"{base}/models/m/classify", json=IMAGE, headers=AUTH, timeout=10)
+            answered.append((r.status_code, time.monotonic() - t))
+        assert all(code == 200 for code, _ in answered), answered
+        # what the server did with the flood: refused beyond the cap, closed the rest by the deadline
+        closed = 0
+        deadline = started + 30
+        for s in flood:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                data = s.recv(4096)  # b"" (refused after accept: reset or closed) or HAProxy's 408
+                closed += not data or data.startswith(b"HTTP/1.1 408") or data.startswith(b"HTTP/1.0 408")
+            except (ConnectionResetError, BrokenPipeError):
+                closed += 1
+            except TimeoutError:
+                pass
+        assert closed == len(flood), (closed, len(flood), refused)
+        assert time.monotonic() - started < 30
+    finally:
+        for s in flood:
+            s.close()
 
 
 def test_sigterm_stops_the_server_and_its_ray_cleanly(ops):
