@@ -192,6 +192,14 @@ def gather(timeout_s: float = 5.0) -> bytes:
             else:
                 families[family.name] = family
 
+    refused = _refused_connections(timeout_s)
+    if refused is not None:
+        from prometheus_client.core import CounterMetricFamily
+
+        families["kiln_connections_refused"] = CounterMetricFamily(
+            "kiln_connections_refused", "connections HAProxy refused as they were accepted "
+            "(kiln serve --max-per-source), on this node", value=refused)
+
     class Relay:
         def collect(self) -> Any:
             return list(families.values())
@@ -199,3 +207,25 @@ def gather(timeout_s: float = 5.0) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Relay())
     return generate_latest(registry)
+
+
+def _refused_connections(timeout_s: float) -> float | None:
+    """The API frontend's denied connections from this node's HAProxy's own Prometheus exporter
+    (its port is in the environment Kiln starts Ray with); None without one."""
+    import os
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT")
+    if not port:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == "haproxy_frontend_denied_connections":
+            return sum(s.value for s in family.samples if s.labels.get("proxy") == "http_frontend")
+    return None

@@ -287,6 +287,10 @@ def test_one_flooding_address_cannot_take_the_server_from_the_others(ops):
                 pass
         assert closed == len(flood), (closed, len(flood), refused)
         assert time.monotonic() - started < 30
+        # and counts what it refused where Prometheus looks
+        text = requests.get(f"{base}/metrics", headers=AUTH, timeout=30).text
+        counted = [line for line in text.splitlines() if line.startswith("kiln_connections_refused_total")]
+        assert counted and float(counted[0].split()[-1]) >= 1, counted
     finally:
         for s in flood:
             s.close()
