@@ -74,8 +74,9 @@ def _scalar(kind: Any) -> type:
 def from_args(cls: type, args: argparse.Namespace) -> Any:
     """``cls`` from the flags ``add_flags`` made, checked."""
     values = {f.name: getattr(args, f.name) for f in fields(cls)}
+    hints = _types(cls)
     for f in fields(cls):
-        origin = typing.get_origin(_types(cls)[f.name])
+        origin = typing.get_origin(hints[f.name])
         if origin is list:
             values[f.name] = values[f.name] or []
         elif origin is dict:
@@ -124,7 +125,8 @@ def from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
     checked; KilnError naming ``where`` and the key for an unknown key or a value of the wrong type."""
     if not isinstance(values, dict):
         raise KilnError(f"{where} must be a mapping of options, got {values!r}")
-    hints = {f.name: _types(cls)[f.name] for f in fields(cls) if not f.metadata["process"]}
+    every = _types(cls)
+    hints = {f.name: every[f.name] for f in fields(cls) if not f.metadata["process"]}
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise KilnError(f"{where} has no option {', '.join(map(repr, unknown))}; it takes {', '.join(hints)}")
