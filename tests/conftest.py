@@ -81,6 +81,7 @@ def shared_ray(tmp_path_factory) -> Path:
         from kiln.cluster.train import local_cluster
 
         os.environ["KILN_PROBE_DIR"] = str(tmp_path_factory.mktemp("probes"))
+        _shared_ray.enter_context(reaped())
         _shared_ray.enter_context(local_cluster(num_cpus=2))
     yield Path(os.environ["KILN_PROBE_DIR"])
 
@@ -93,8 +94,38 @@ def own_ray():
 
     _shared_ray.close()
     ray.shutdown()
-    yield
-    ray.shutdown()
+    with reaped():
+        yield
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def reaped(grace_s: float = 15.0):
+    """Stops what a Ray started inside it leaves behind once it is shut down. Its processes
+    inherit a mark from this process's environment; a worker whose node a test killed, or one still
+    busy when its raylet went, can outlive the cluster, so those still running on the way out get
+    ``grace_s`` to exit and are then killed, as `ray stop` would."""
+    import psutil
+
+    mark = os.urandom(6).hex()
+    os.environ[CLUSTER] = mark
+    try:
+        yield
+    finally:
+        del os.environ[CLUSTER]
+        left = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if p.pid != os.getpid() and p.environ().get(CLUSTER) == mark:
+                    left.append(p)
+        _, alive = psutil.wait_procs(left, timeout=grace_s)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
+
+
+CLUSTER = "KILN_TEST_CLUSTER"
 
 
 @pytest.fixture(scope="session", autouse=True)
