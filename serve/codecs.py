@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 
 from kiln.serve.options import MIB, ServeOptions
+from kiln.values import not_a_number
 
 PREDICT_ORDER = ("classify", "reconstruct", "encode", "decode")
 
@@ -106,6 +107,8 @@ def parse_json(body: bytes, content_type: str) -> Any:
     header says (tritonclient sends none; curl -d sends a form type); a body that is not JSON gets
     415 unless its header said JSON, and then 400 saying what is malformed."""
     ctype = content_type.split(";")[0].strip().lower()
+    if not body.strip():  # no body at all says nothing of its type: it is missing
+        raise ProtocolError(400, "the body is empty; send a JSON body, with 'Content-Type: application/json'")
     try:  # orjson: several times faster than json on large image bodies (BENCHMARKS.md)
         return orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -293,40 +296,78 @@ def v2_split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:n], body[n:]
 
 
-def v2_infer_request(body: Any, arg: str, binary: bytes = b"") -> np.ndarray:
+def v2_infer_request(body: Any, tensor: dict[str, Any], binary: bytes = b"") -> np.ndarray:
     """The predict method's array from a v2 request: JSON ``data``, or raw little-endian bytes
-    (``parameters.binary_data_size``, the binary tensor data extension tritonclient uses)."""
-    inputs = body.get("inputs") if isinstance(body, dict) else None
+    (``parameters.binary_data_size``, the binary tensor data extension tritonclient uses).
+    ``tensor`` is the model's input as its metadata states it (``v2_model_metadata``): a request
+    whose tensor differs in name, datatype or shape is refused, as is one that breaks the
+    protocol's request object (an ``id`` that is no string, ``parameters`` that are no object)."""
+    if not isinstance(body, dict):
+        raise ProtocolError(400, "the body must be a JSON inference request object")
+    if "id" in body and not isinstance(body["id"], str):
+        raise ProtocolError(400, f"'id' must be a string, got {_sent(body['id'])}")
+    _parameters(body, "the request's")
+    arg, want = tensor["name"], tensor["shape"]
+    inputs = body.get("inputs")
+    form = f"{{'name': '{arg}', 'shape': {want}, 'datatype': '{tensor['datatype']}', 'data': [...]}}"
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise ProtocolError(400, f"'inputs' must be a list of one tensor "
-                                 f"{{'name': '{arg}', 'shape': [...], 'datatype': 'FP32', 'data': [...]}}")
+        raise ProtocolError(400, f"'inputs' must be a list of one tensor {form}, got {_sent(inputs)}")
     t = inputs[0]
-    if t.get("name") not in (arg, None):
-        raise ProtocolError(400, f"input is named {t.get('name')!r}; this model's input is '{arg}'")
-    shape = t.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise ProtocolError(400, "'shape' must be a list of non-negative integers")
-    size = (t.get("parameters") or {}).get("binary_data_size")
+    missing = [k for k in ("name", "shape", "datatype") if k not in t]
+    if missing or ("data" not in t and "binary_data_size" not in (t.get("parameters") or {})):
+        missing += [] if missing else ["data"]
+        raise ProtocolError(400, f"the input tensor lacks {', '.join(map(repr, missing))}; send {form}")
+    if t["name"] != arg:
+        raise ProtocolError(400, f"input is named {_sent(t['name'])}; this model's input is '{arg}'")
+    if t["datatype"] != tensor["datatype"]:
+        raise ProtocolError(400, f"input '{arg}' has datatype {_sent(t['datatype'])}; this model's "
+                                 f"metadata says '{tensor['datatype']}'")
+    shape = t["shape"]
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise ProtocolError(400, f"'shape' must be a list of non-negative integers, got {_sent(shape)}")
+    if len(shape) != len(want) or any(w != -1 and w != s for w, s in zip(want, shape)):
+        raise ProtocolError(400, f"input '{arg}' has shape {shape}; this model's metadata says {want} "
+                                 "(-1: any size)")
+    size = _parameters(t, f"input '{arg}'").get("binary_data_size")
     if size is not None:
-        dtype = V2_DTYPES.get(str(t.get("datatype")))
-        if dtype is None:
-            raise ProtocolError(400, f"datatype {t.get('datatype')!r} is not a numeric tensor type "
-                                     f"({', '.join(V2_DTYPES)})")
-        if not isinstance(size, int) or size != len(binary):
+        if type(size) is not int or size != len(binary):
             raise ProtocolError(400, f"binary_data_size {size!r} does not match the {len(binary)} "
                                      "bytes after the JSON header")
         try:
-            array = np.frombuffer(binary, dtype=dtype).reshape(shape)
+            array = np.frombuffer(binary, dtype=V2_DTYPES[t["datatype"]]).reshape(shape)
         except ValueError as e:
             raise ProtocolError(400, f"the binary data does not fill shape {shape}: {e}") from None
     else:
+        _numbers(t["data"], arg)
         try:
-            array = np.asarray(t.get("data"), dtype="float64").reshape(shape)
+            array = np.asarray(t["data"], dtype="float64").reshape(shape)
         except (TypeError, ValueError, OverflowError) as e:
             raise ProtocolError(400, f"'data' does not fill shape {shape}: {e}") from None
     if array.size == 0:
         raise ProtocolError(400, f"shape {shape} holds no values; send at least one item")
     return array.astype("float32")
+
+
+def _sent(value: Any) -> str:
+    """What a client sent, for an error message: its JSON type and its start."""
+    kind = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+    return f"{kind} {json.dumps(value)[:60]}"
+
+
+def _parameters(obj: dict[str, Any], whose: str) -> dict[str, Any]:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise ProtocolError(400, f"{whose} 'parameters' must be an object, got {_sent(params)}")
+    return params
+
+
+def _numbers(data: Any, arg: str) -> None:
+    """JSON ``data`` of a numeric tensor: the protocol's FP32 data are numbers only."""
+    bad = not_a_number(data)
+    if bad is not None:
+        raise ProtocolError(400, f"input '{arg}' data must be numbers (nested arrays allowed), "
+                                 f"found {_sent(bad)}")
 
 
 def v2_datatype(arr: np.ndarray) -> str:
@@ -344,23 +385,29 @@ def _v2_bytes(arr: np.ndarray, datatype: str) -> bytes:
     return np.ascontiguousarray(arr, dtype=V2_DTYPES[datatype]).tobytes()
 
 
-def v2_infer_response(out: dict[str, Any], model: str, version: str, request_id: Any,
-                      body: Any = None) -> tuple[dict[str, Any], bytes]:
-    """The v2 answer (JSON header, binary tail): only the ``outputs`` the request names, each in
-    binary when it asks (``parameters.binary_data``, or ``binary_data_output`` for all)."""
-    body = body if isinstance(body, dict) else {}
-    wanted = body.get("outputs")
-    binary_all = bool((body.get("parameters") or {}).get("binary_data_output"))
-    if wanted is None:
-        chosen = {name: binary_all for name in out}
-    else:
-        if not isinstance(wanted, list) or not all(isinstance(w, dict) and isinstance(w.get("name"), str) for w in wanted):
-            raise ProtocolError(400, "'outputs' must be a list of {'name': ...}")
-        unknown = [w["name"] for w in wanted if w["name"] not in out]
-        if unknown:
-            raise ProtocolError(400, f"unknown output(s) {', '.join(unknown)}; this model's outputs: "
-                                     f"{', '.join(out)}")
-        chosen = {w["name"]: bool((w.get("parameters") or {}).get("binary_data", binary_all)) for w in wanted}
+def v2_outputs(body: dict[str, Any], names: list[str]) -> dict[str, bool]:
+    """The outputs a v2 request asks for, each mapped to whether it wants it in binary
+    (``parameters.binary_data``, or ``binary_data_output`` for all); all of them when it names
+    none. Read before the model is called: a request that names a wrong one costs no model time."""
+    binary_all = _parameters(body, "the request's").get("binary_data_output", False)
+    if "outputs" not in body:
+        return {name: bool(binary_all) for name in names}
+    wanted = body["outputs"]
+    if not isinstance(wanted, list) or not all(isinstance(w, dict) and isinstance(w.get("name"), str) for w in wanted):
+        raise ProtocolError(400, f"'outputs' must be a list of {{'name': ...}}, got {_sent(wanted)}")
+    unknown = [w["name"] for w in wanted if w["name"] not in names]
+    if unknown:
+        raise ProtocolError(400, f"unknown output(s) {', '.join(map(repr, unknown))}; this model's outputs: "
+                                 f"{', '.join(names)}")
+    return {w["name"]: bool(_parameters(w, f"output {w['name']!r}").get("binary_data", binary_all))
+            for w in wanted}
+
+
+def v2_infer_response(out: dict[str, Any], model: str, version: str, request_id: str | None,
+                      chosen: dict[str, bool] | None = None) -> tuple[dict[str, Any], bytes]:
+    """The v2 answer (JSON header, binary tail): the ``chosen`` outputs (``v2_outputs``; all, as
+    JSON, if None)."""
+    chosen = {name: False for name in out} if chosen is None else chosen
     outputs, tail = [], []
     for name, binary in chosen.items():
         arr = np.asarray(out[name])
@@ -373,14 +420,22 @@ def v2_infer_response(out: dict[str, Any], model: str, version: str, request_id:
         else:
             entry["data"] = arr.ravel().tolist()
         outputs.append(entry)
-    return {"model_name": model, "model_version": version, "id": request_id, "outputs": outputs}, b"".join(tail)
+    answer = {"model_name": model, "model_version": version, "outputs": outputs}
+    if request_id is not None:  # the protocol's id is a string, there only when the request had one
+        answer["id"] = request_id
+    return answer, b"".join(tail)
+
+
+def v2_input(info: dict[str, Any]) -> dict[str, Any]:
+    """The model's one input tensor as its v2 metadata states it, and as requests must send it."""
+    method, arg = predict_method(info)
+    schema = info["methods"][method]["inputs"][arg]
+    return {"name": arg, "datatype": "FP32", "shape": [-1 if s is None else s for s in schema["x-shape"]]}
 
 
 def v2_model_metadata(model: str, versions: list[str], info: dict[str, Any]) -> dict[str, Any]:
-    method, arg = predict_method(info)
-    schema = info["methods"][method]["inputs"][arg]
+    method, _ = predict_method(info)
     specs = info.get("output_specs", {}).get(method, {})
     return {"name": model, "versions": versions, "platform": f"kiln-{info['plugin']}",
-            "inputs": [{"name": arg, "datatype": "FP32",
-                        "shape": [-1 if s is None else s for s in schema["x-shape"]]}],
+            "inputs": [v2_input(info)],
             "outputs": [{"name": k, **specs.get(k, {})} for k in info["methods"][method]["outputs"]]}

@@ -64,46 +64,78 @@ def test_a_body_that_is_not_json_is_415_unless_it_claimed_to_be_json():
     with pytest.raises(ProtocolError) as e:
         codecs.parse_json(b"{bad", "application/json")
     assert e.value.status == 400 and "malformed JSON" in e.value.message
+    with pytest.raises(ProtocolError) as e:  # a missing body is a bad request, whatever its type
+        codecs.parse_json(b"", "")
+    assert e.value.status == 400 and "the body is empty" in e.value.message
 
 
 def test_predict_method_and_v2_round_trip():
     assert codecs.predict_method(INFO) == ("classify", "images")
     x = codecs.v2_infer_request({"inputs": [{"name": "images", "shape": [1, 2], "datatype": "FP32",
-                                             "data": [1, 2]}]}, "images")
+                                             "data": [[1, 2.5]]}]}, PAIR)
     assert x.dtype == np.float32 and x.shape == (1, 2)
     out, tail = codecs.v2_infer_response({"labels": [3], "probabilities": [[0.5, 0.5]]}, "cnn", "1", "r1")
     assert tail == b"" and out["id"] == "r1"
+    # the protocol's id is a string: a request without one gets an answer without one, not null
+    assert "id" not in codecs.v2_infer_response({"labels": [3]}, "cnn", "1", None)[0]
     assert out["outputs"][0] == {"name": "labels", "shape": [1], "datatype": "INT64", "data": [3]}
 
 
 def test_v2_binary_tensors_both_ways_and_the_outputs_filter():
     """The binary tensor data extension, as tritonclient sends and reads it by default."""
     x = np.arange(6, dtype="float32").reshape(1, 6)
+    six = {"name": "images", "datatype": "FP32", "shape": [-1, 6]}
     body = {"inputs": [{"name": "images", "shape": [1, 6], "datatype": "FP32",
                         "parameters": {"binary_data_size": x.nbytes}}],
             "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}
-    np.testing.assert_array_equal(codecs.v2_infer_request(body, "images", x.tobytes()), x)
-    out, tail = codecs.v2_infer_response({"labels": [3], "probabilities": [[0.25, 0.75]]}, "cnn", "1", None, body)
+    np.testing.assert_array_equal(codecs.v2_infer_request(body, six, x.tobytes()), x)
+    chosen = codecs.v2_outputs(body, ["labels", "probabilities"])
+    out, tail = codecs.v2_infer_response({"labels": [3], "probabilities": [[0.25, 0.75]]}, "cnn", "1", None, chosen)
     assert [o["name"] for o in out["outputs"]] == ["probabilities"]  # only what was asked for
     assert out["outputs"][0]["parameters"] == {"binary_data_size": 8} and "data" not in out["outputs"][0]
     np.testing.assert_array_equal(np.frombuffer(tail, "<f4"), [0.25, 0.75])
     with pytest.raises(ProtocolError, match="unknown output"):
-        codecs.v2_infer_response({"labels": [3]}, "cnn", "1", None, {"outputs": [{"name": "nope"}]})
+        codecs.v2_outputs({"outputs": [{"name": "nope"}]}, ["labels"])
+    with pytest.raises(ProtocolError, match="'outputs' must be a list of {'name': ...}, got null"):
+        codecs.v2_outputs({"outputs": None}, ["labels"])
+    # an output's parameters are an object: a list there was a 500
+    with pytest.raises(ProtocolError, match="output 'labels' 'parameters' must be an object"):
+        codecs.v2_outputs({"outputs": [{"name": "labels", "parameters": []}]}, ["labels"])
     with pytest.raises(ProtocolError, match="binary_data_size"):
-        codecs.v2_infer_request(body, "images", x.tobytes()[:-4])
+        codecs.v2_infer_request(body, six, x.tobytes()[:-4])
     meta = codecs.v2_model_metadata("cnn", ["1"], INFO)
     assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 4, 4, 3]}]
 
 
+PAIR = {"name": "images", "datatype": "FP32", "shape": [-1, 2]}  # a model's input, as its v2 metadata says
+GOOD = {"name": "images", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}
+
+
 @pytest.mark.parametrize("body, words", [
-    ({"inputs": [{"name": "images", "shape": [1], "data": [10 ** 400]}]}, "does not fill shape"),
-    ({"inputs": [{"name": "x", "shape": [1], "data": [1]}]}, "this model's input is 'images'"),
-    ({"inputs": [{"name": "images", "shape": [-1], "data": []}]}, "non-negative integers"),
+    ({"inputs": [{**GOOD, "data": [10 ** 400, 1]}]}, "does not fill shape"),
+    ({"inputs": [{**GOOD, "name": "x"}]}, "this model's input is 'images'"),
+    ({"inputs": [{**GOOD, "shape": [-1, 2], "data": []}]}, "non-negative integers"),
     ({"inputs": "nope"}, "'inputs' must be a list of one tensor"),
+    # what the model's metadata says, checked: datatype, shape, and numbers for FP32 data
+    ({"inputs": [{**GOOD, "datatype": "INT32"}]}, "datatype string \"INT32\"; this model's metadata says 'FP32'"),
+    ({"inputs": [{**GOOD, "datatype": "FOO"}]}, "metadata says 'FP32'"),
+    ({"inputs": [{**GOOD, "shape": [2], "data": [1, 2]}]}, "has shape [2]; this model's metadata says [-1, 2]"),
+    ({"inputs": [{**GOOD, "shape": [1, 3], "data": [1, 2, 3]}]}, "metadata says [-1, 2]"),
+    ({"inputs": [{**GOOD, "data": ["1", 2]}]}, "data must be numbers (nested arrays allowed), found string"),
+    ({"inputs": [{**GOOD, "data": [True, 2]}]}, "found boolean true"),
+    ({"inputs": [{**GOOD, "shape": [1, True]}]}, "non-negative integers"),
+    # the request object as the protocol types it
+    ({"inputs": [{k: v for k, v in GOOD.items() if k != "datatype"}]}, "lacks 'datatype'"),
+    ({"inputs": [{k: v for k, v in GOOD.items() if k != "name"}]}, "lacks 'name'"),
+    ({"inputs": [{k: v for k, v in GOOD.items() if k != "data"}]}, "lacks 'data'"),
+    ({"id": 42, "inputs": [GOOD]}, "'id' must be a string, got number 42"),
+    ({"parameters": [], "inputs": [GOOD]}, "request's 'parameters' must be an object"),
+    ({"inputs": [{**GOOD, "parameters": "x"}]}, "input 'images' 'parameters' must be an object"),
+    ([GOOD], "must be a JSON inference request object"),
 ])
 def test_v2_requests_that_cannot_be_read_say_why(body, words):
     with pytest.raises(ProtocolError) as e:
-        codecs.v2_infer_request(body, "images")
+        codecs.v2_infer_request(body, PAIR)
     assert e.value.status == 400 and words in e.value.message
 
 
