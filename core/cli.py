@@ -403,10 +403,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
-def _value(text: str) -> object:
-    """A --set value for a server call: a JSON literal (7, 0.5, true, [1, 2]) or else the string."""
+def _value(text: str, schema: dict | None = None) -> object:
+    """A --set value for a server call: the text itself for a string argument (the server takes
+    only strings there), else a JSON literal (7, 0.5, true, [1, 2]) or else the string."""
     import json
 
+    if (schema or {}).get("type") == "string":
+        return text
     try:
         return json.loads(text)
     except ValueError:
@@ -465,7 +468,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if method is None or method not in methods:
         raise KilnError(f"model '{model['name']}' has no {args.method or 'sample or generate'} method; its "
                         f"methods: {', '.join(sorted(methods))}")
-    call = {k: _value(v) for k, v in pairs(args.set, "--set").items()}
+    inputs = methods[method]["inputs"]
+    call = {k: _value(v, inputs.get(k)) for k, v in pairs(args.set, "--set").items()}
     if args.n is not None:
         call["n"] = args.n
     if args.out:

@@ -16,6 +16,8 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from kiln.values import not_a_number
+
 
 class KilnError(Exception):
     """An error the user can fix; its message says what was wrong and how to fix it."""
@@ -219,7 +221,8 @@ class Tensor:
             arr = np.asarray(value, dtype=np.float64 if self.dtype.startswith("float") else None)
         except (TypeError, ValueError, OverflowError, RecursionError):
             raise KilnError(f"argument '{name}' must be a numeric array of shape {self.resolve(info)}") from None
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) \
+                or (isinstance(value, list) and not_a_number(value) is not None):
             raise KilnError(f"argument '{name}' must be a numeric array of shape {self.resolve(info)}")
         want = self.resolve(info)
         if arr.ndim == len(want) - 1 and want and want[0] is None:
@@ -253,15 +256,25 @@ class Scalar:
     choices: tuple | None = None
     description: str = ""
     count: bool = False  # how many items the method makes (samples): the server bounds it
+    # a string's characters are the dataset's class names (a character model's vocabulary)
+    alphabet: bool = False
 
     def validate(self, name: str, value: Any, info: DatasetInfo) -> Any:
         if value is None:
             if self.default is None:
                 raise KilnError(f"missing required argument '{name}'")
             return self.default
+        if self.type is str and isinstance(value, str):  # a string's bounds are its length
+            if not (self.min or 0) <= len(value) <= (self.max or math.inf):
+                raise KilnError(f"argument '{name}' has {len(value)} characters; give {self.min or 0} "
+                                f"to {self.max or 'any number of'}")
+            return value
         meta = {"min": self.min, "max": self.max, "choices": self.choices}
         kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[self.type]
-        if (self.type in (int, float) and isinstance(value, str)) or isinstance(value, (list, dict)):
+        # JSON's own types, as the method's schema states them: numpy and Python would read
+        # false as a prompt "False", or "1" as a number
+        json_type = {str: str, bool: bool, int: (int, float), float: (int, float)}[self.type]
+        if not isinstance(value, json_type) or (self.type in (int, float) and isinstance(value, bool)):
             raise KilnError(f"argument '{name}' must be {kind}, got {type(value).__name__} {str(value)[:40]!r}")
         try:
             return _coerce(value, self.type, name, meta)
@@ -271,9 +284,20 @@ class Scalar:
 
     def json_schema(self, info: DatasetInfo) -> dict[str, Any]:
         t = {int: "integer", float: "number", str: "string", bool: "boolean"}[self.type]
-        return {"type": t, "default": self.default, "minimum": self.min, "maximum": self.max,
-                "enum": list(self.choices) if self.choices else None, "description": self.description,
-                "x-count": self.count}
+        out = {"type": t, "default": self.default, "minimum": self.min, "maximum": self.max,
+               "enum": list(self.choices) if self.choices else None, "description": self.description,
+               "x-count": self.count}
+        if self.alphabet:
+            out["pattern"] = f"^[{''.join(_in_class(c) for c in info.class_names)}]*$"
+        return out
+
+
+def _in_class(c: str) -> str:
+    """One character inside a regular expression's [...], as JSON Schema's (ECMA 262) and
+    Python's both read it."""
+    if c in "\\]^-[":
+        return "\\" + c
+    return c if c.isprintable() else f"\\u{ord(c):04x}"
 
 
 Schema = Tensor | Scalar

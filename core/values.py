@@ -3,6 +3,7 @@ outputs, client request bodies)."""
 
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +22,16 @@ def plain(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars, tf tensors' .numpy() results
         return value.tolist()
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def not_a_number(value: Any) -> Any:
+    """The first leaf of a JSON array (nested to any depth) that is no number, else None. numpy
+    reads true and "1" as numbers; a JSON schema's number does not."""
+    level = [value]
+    while level:
+        leaves = [x for x in level if not isinstance(x, list)]
+        bad = next((x for x in leaves if isinstance(x, bool) or not isinstance(x, (int, float))), None)
+        if bad is not None:
+            return bad
+        level = list(chain.from_iterable(x for x in level if isinstance(x, list)))
+    return None

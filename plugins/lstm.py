@@ -145,8 +145,9 @@ class CharLSTM(Plugin):
             self._generate = generate
         return self._generate
 
-    @inference(prompt=Scalar(str, description=f"text to continue (1 to {MAX_PROMPT} characters "
-                                              "of the model's vocabulary)"),
+    @inference(prompt=Scalar(str, min=1, max=MAX_PROMPT, alphabet=True,
+                             description=f"text to continue (1 to {MAX_PROMPT} characters of the "
+                                         "model's vocabulary)"),
                max_chars=Scalar(int, 200, min=1, max=MAX_CHARS, description="characters to add"),
                temperature=Scalar(float, 1.0, min=0.01, max=5.0,
                                   description="below 1: safer, above 1: more surprising"),
@@ -155,21 +156,18 @@ class CharLSTM(Plugin):
                         "continuation": "the generated characters only"})
     def generate(self, model, prompt, max_chars, temperature, seed):
         """Continue a prompt, one sampled character at a time (deterministic for a seed)."""
-        if not 1 <= len(prompt) <= MAX_PROMPT:
-            raise KilnError(f"prompt has {len(prompt)} characters; give 1 to {MAX_PROMPT}")
         ids = self.encode(prompt, "prompt")[None]
         out = self._generator()(ids, np.int32(max_chars), np.float32(temperature), np.int32(seed))
         continuation = "".join(self.vocab[i] for i in out.numpy())
         return {"text": prompt + continuation, "continuation": continuation}
 
-    @inference(text=Scalar(str, description=f"text of 2 to {MAX_PROMPT * 10} characters"),
+    @inference(text=Scalar(str, min=2, max=MAX_PROMPT * 10, alphabet=True,
+                           description=f"text of 2 to {MAX_PROMPT * 10} characters of the model's vocabulary"),
                outputs={"nats_per_char": "mean loss predicting each character from those before",
                         "bits_per_char": "the same in bits",
                         "per_char": "loss of each character after the first, in nats"})
     def score(self, model, text):
         """How surprising a text is to the model: per-character loss after the first character."""
-        if not 2 <= len(text) <= MAX_PROMPT * 10:
-            raise KilnError(f"text has {len(text)} characters; give 2 to {MAX_PROMPT * 10}")
         ids = self.encode(text, "text")
         logits = np.asarray(model.predict_on_batch(ids[None, :-1]), dtype="float64")[0]
         logits -= logits.max(axis=-1, keepdims=True)

@@ -136,8 +136,13 @@ async def _not_found(request: Request, exc: Any) -> JSONResponse:
 
 @api.exception_handler(405)
 async def _bad_method(request: Request, exc: Any) -> JSONResponse:
-    return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}"},
-                        status_code=405)
+    """HTTP's 405 names the methods the path takes in ``Allow`` (RFC 9110, 15.5.6)."""
+    from starlette.routing import Match
+
+    allowed = sorted({m for route in request.app.router.routes if route.matches(request.scope)[0] != Match.NONE
+                      for m in getattr(route, "methods", None) or ()})
+    return JSONResponse({"error": f"{request.method} is not allowed on {request.url.path}; it takes "
+                                  f"{', '.join(allowed)}"}, status_code=405, headers={"Allow": ", ".join(allowed)})
 
 
 @api.exception_handler(Exception)
@@ -185,64 +190,17 @@ def _cause(e: BaseException) -> str:
     return str(getattr(e, "cause", None) or e)
 
 
-def openapi(methods: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """FastAPI's OpenAPI document plus one operation per served model method (latest and each
-    version), with the method's arguments as the request body's JSON schema."""
-    if api.openapi_schema is not None:
-        return api.openapi_schema
-    from fastapi.openapi.utils import get_openapi
+def openapi(methods: dict[str, dict[str, Any]], max_items: int) -> dict[str, Any]:
+    """The OpenAPI document (kiln.serve.openapi), built once per set of served models."""
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
 
-    schema = get_openapi(title=api.title, version=api.version, description=api.description,
-                         routes=api.routes, servers=api.servers or None)
-    latest: dict[str, int] = {}
-    for ref in methods:
-        name, version = routing.name_of(ref), routing.version_of(ref)
-        latest[name] = max(latest.get(name, 0), version)
-    for ref, ms in sorted(methods.items()):
-        name, version = routing.name_of(ref), routing.version_of(ref)
-        for method, d in sorted(ms.items()):
-            op = _operation(name, version, method, d)
-            schema["paths"][f"/models/{name}/versions/{version}/{method}"] = {"post": op}
-            if int(version) == latest[name]:
-                schema["paths"][f"/models/{name}/{method}"] = {
-                    "post": {**op, "operationId": f"{name}_{method}",
-                             "summary": f"{op['summary']} (latest version, {version})"}}
-    api.openapi_schema = schema
-    return schema
+        from kiln.serve.openapi import document
 
-
-def _operation(name: str, version: int, method: str, d: dict[str, Any]) -> dict[str, Any]:
-    props: dict[str, Any] = {}
-    for arg, s in d.get("inputs", {}).items():
-        if s.get("type") == "array":  # JSON Schema bounds are for numbers: keep them as x- keys
-            prop = {"type": "array", "items": {}, "description": s.get("description") or "",
-                    "x-shape": s.get("x-shape"), "x-dtype": s.get("x-dtype"),
-                    "x-minimum": s.get("minimum"), "x-maximum": s.get("maximum")}
-        else:
-            prop = dict(s)
-        props[arg] = {k: v for k, v in prop.items() if v is not None}
-    required = [a for a, s in d.get("inputs", {}).items() if s.get("default") is None and not s.get("x-optional")]
-    outputs = d.get("outputs", {})
-    if "images" in outputs:
-        props["format"] = {"type": "string", "enum": ["json", "png"], "default": "json",
-                           "description": "png: the images output as one PNG grid"}
-    content: dict[str, Any] = {"application/json": {"schema": {
-        "type": "object", "properties": {k: {"description": v} for k, v in outputs.items()}}}}
-    if "images" in outputs:
-        content["image/png"] = {}
-    error = {"content": {"application/json": {"schema": {
-        "type": "object", "properties": {"error": {"type": "string"}}}}}}
-    return {
-        "tags": [name], "summary": f"{name} v{version} {method}: {d.get('doc', '')}",
-        "operationId": f"{name}_v{version}_{method}",
-        "requestBody": {"required": True, "content": {"application/json": {"schema": {
-            "type": "object", "properties": props, "required": required, "additionalProperties": False}}}},
-        "responses": {"200": {"description": "; ".join(f"{k}: {v}" for k, v in outputs.items()),
-                              "content": content},
-                      "400": {"description": "bad arguments", **error},
-                      "404": {"description": "unknown model, version or method", **error},
-                      "503": {"description": "the model is still loading", **error}},
-    }
+        base = get_openapi(title=api.title, version=api.version, description=api.description,
+                           routes=api.routes, servers=api.servers or None)
+        api.openapi_schema = document(base, methods, max_items, token=Auth.token is not None)
+    return api.openapi_schema
 
 
 def _serve_details() -> dict[str, Any]:
@@ -555,7 +513,7 @@ class KilnIngress:
     # -- the API's description: every served method with its own argument schema ------------
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi_document(self, request: Request) -> Any:
-        return openapi(self.methods)
+        return openapi(self.methods, self.limits.max_items)
 
     @api.get("/docs", include_in_schema=False)
     async def docs_page(self, request: Request) -> Response:
@@ -613,8 +571,9 @@ class KilnIngress:
             raise ProtocolError(404, _cause(e)) from None
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
-    @api.post("/models/{model}/{method}")
-    @api.post("/models/{model}/versions/{version}/{method}")
+    # not in /openapi.json: it lists each served method as a path of its own, with its arguments
+    @api.post("/models/{model}/{method}", include_in_schema=False)
+    @api.post("/models/{model}/versions/{version}/{method}", include_in_schema=False)
     async def call(self, model: str, method: str, request: Request, response: Response,
                    version: Optional[str] = None) -> Any:
         body = await self._json(request)
@@ -657,9 +616,12 @@ class KilnIngress:
         out = await self._call(ref, method, {arg: data})
         return codecs.tf_predict_response(out, rows, len(data) if isinstance(data, list) else 1)
 
-    @api.post("/v1/models/{model}:{verb}")
-    @api.post("/v1/models/{model}/versions/{version}:{verb}")
+    @api.post("/v1/models/{model}:{verb}", responses={501: {"description": ":classify and :regress (tf.Example)"}})
+    @api.post("/v1/models/{model}/versions/{version}:{verb}", responses={501: {"description": ":classify and :regress (tf.Example)"}})
     async def tf_other_verbs(self, model: str, verb: str, version: Optional[str] = None) -> Any:
+        if verb not in ("classify", "regress"):  # TF Serving has no such API: no such route
+            raise ProtocolError(404, f"TF Serving's REST API has :predict, :classify and :regress, "
+                                     f"not :{verb}; use POST .../{model}:predict")
         raise ProtocolError(501, f"Kiln answers TF Serving's :predict, not :{verb} (its tf.Example "
                                  f"API); use POST .../{model}:predict, or POST /models/{model}/<method>")
 
@@ -731,11 +693,13 @@ class KilnIngress:
         body = codecs.parse_json(header, "application/json" if binary else request.headers.get("content-type", ""))
         ref = await self._ref(model, version, split=True)
         response.headers[VERSION_HEADER] = ref
-        method, arg = codecs.predict_method(await self._describe(ref))
+        info = await self._describe(ref)
+        method, arg = codecs.predict_method(info)
         request.scope["kiln"] = (ref, method)
-        out = await self._call(ref, method, {arg: codecs.v2_infer_request(body, arg, binary)})
-        answer, tail = codecs.v2_infer_response(out, model, str(routing.version_of(ref)),
-                                                body.get("id") if isinstance(body, dict) else None, body)
+        data = codecs.v2_infer_request(body, codecs.v2_input(info), binary)
+        chosen = codecs.v2_outputs(body, list(info["methods"][method]["outputs"]))
+        out = await self._call(ref, method, {arg: data})
+        answer, tail = codecs.v2_infer_response(out, model, str(routing.version_of(ref)), body.get("id"), chosen)
         if not tail:
             return answer
         head = orjson.dumps(answer)

@@ -51,7 +51,9 @@ def test_tensor_schema_validates_shape_range_and_finiteness():
     assert t.validate("images", np.zeros((2, 28, 28, 1)), info).shape == (2, 28, 28, 1)
     assert t.validate("images", np.zeros((28, 28, 1)), info).shape == (1, 28, 28, 1)  # one example
     for bad, msg in [(np.zeros((2, 27, 28, 1)), "shape"), (np.full((1, 28, 28, 1), np.nan), "NaN"),
-                     (np.full((1, 28, 28, 1), 300.0), "above 255"), ("abc", "numeric")]:
+                     (np.full((1, 28, 28, 1), 300.0), "above 255"), ("abc", "numeric"),
+                     # JSON booleans are no pixel values, even beside numbers (numpy reads them as 1)
+                     ([[[[True]] * 28] * 28], "numeric"), ([[[[1.5]] * 27 + [[False]]] * 28], "numeric")]:
         with pytest.raises(KilnError, match=msg):
             t.validate("images", bad, info)
 
@@ -64,6 +66,12 @@ def test_scalar_schema():
         s.validate("n", 1000, info)
     with pytest.raises(KilnError, match="'n'"):
         s.validate("n", "7", info)
+    # JSON's types as the schema states them: a prompt of false is no prompt "False"
+    with pytest.raises(KilnError, match="argument 'prompt' must be a string, got bool"):
+        Scalar(str).validate("prompt", False, info)
+    with pytest.raises(KilnError, match="argument 'n' must be an integer, got bool"):
+        s.validate("n", True, info)
+    assert s.validate("n", 7.0, info) == 7 and Scalar(float).validate("t", 1, info) == 1.0
 
 
 def test_plugin_declares_inference_methods():

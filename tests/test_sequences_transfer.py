@@ -169,7 +169,7 @@ def test_lstm_generates_deterministically_and_scores(store):
 
 @pytest.mark.parametrize("args, msg", [
     ({"prompt": "Café ☕"}, r"2 character\(s\) outside the model's vocabulary: 'é', '☕'"),
-    ({"prompt": ""}, "prompt has 0 characters; give 1 to"),
+    ({"prompt": ""}, "argument 'prompt' has 0 characters; give 1 to"),
     ({"prompt": "A", "max_chars": 10**6}, "max_chars"),
     ({"prompt": "A", "temperature": 0}, "temperature"),
     ({}, "missing required argument 'prompt'"),

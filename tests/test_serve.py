@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import schemathesis
 
+import conformance
 from helpers import NOISY_TF, ROOT, copy_models, copy_version, run_kiln
 from kiln.serve.options import ServeOptions
 from kiln.net import free_port
@@ -233,13 +235,41 @@ def test_openapi_documents_each_served_method_with_its_arguments(server):
     generate = doc["paths"]["/models/lstm/generate"]["post"]
     body = generate["requestBody"]["content"]["application/json"]["schema"]
     assert {"prompt", "max_chars", "temperature", "seed"} <= set(body["properties"])
-    assert body["properties"]["temperature"]["type"] == "number" and "text" in generate["responses"]["200"]["description"]
+    temperature = body["properties"]["temperature"]  # null or absent takes its default
+    assert temperature["anyOf"] == [{"type": "number", "minimum": 0.01, "maximum": 5.0}, {"type": "null"}]
+    assert "text" in generate["responses"]["200"]["description"]
     classify = doc["paths"]["/models/cnn/versions/1/classify"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert classify["required"] == ["images"] and classify["properties"]["images"]["x-shape"] == [None, 28, 28, 1]
     sample = doc["paths"]["/models/cgan/sample"]["post"]
     assert "image/png" in sample["responses"]["200"]["content"]  # a method with images can answer PNG
     assert "/models/{model}/artifacts/{name}" in doc["paths"] and "/" not in doc["paths"]
     assert "Models" in requests.get(f"{base}/docs").text or requests.get(f"{base}/docs").status_code == 200
+
+
+# The protocols' own specs drive schemathesis against this module's server: every check, positive
+# and negative data, a bounded number of examples (tests/conformance.py says what is adapted, why).
+@pytest.fixture
+def oip_api(server):
+    base, *_ = server
+    return schemathesis.openapi.from_dict(conformance.oip(base, "cnn", "1"), config=conformance.config(base))
+
+
+@pytest.fixture
+def kiln_api(server):
+    base, *_ = server
+    return schemathesis.openapi.from_dict(conformance.kiln(base), config=conformance.config(base))
+
+
+@pytest.mark.usefixtures("server")  # placed with the module's other tests on its Ray (conftest)
+@schemathesis.pytest.from_fixture("oip_api").parametrize()
+def test_the_open_inference_protocol_as_its_rest_spec_states_it(case):
+    conformance.check(case)
+
+
+@pytest.mark.usefixtures("server")
+@schemathesis.pytest.from_fixture("kiln_api").parametrize()
+def test_every_route_as_kilns_own_openapi_states_it(case):
+    conformance.check(case)
 
 
 @pytest.mark.parametrize("what, method, path, kwargs, status, words", BAD, ids=[b[0] for b in BAD])
