@@ -26,12 +26,19 @@ def plain(value: Any) -> Any:
 
 def not_a_number(value: Any) -> Any:
     """The first leaf of a JSON array (nested to any depth) that is no number, else None. numpy
-    reads true and "1" as numbers; a JSON schema's number does not."""
+    reads true and "1" as numbers; a JSON schema's number does not. A numeric numpy array among
+    the items (a decoded picture) counts as numbers."""
     level = [value]
     while level:
         leaves = [x for x in level if not isinstance(x, list)]
-        bad = next((x for x in leaves if isinstance(x, bool) or not isinstance(x, (int, float))), None)
+        bad = next((x for x in leaves if not _number(x)), None)
         if bad is not None:
             return bad
         level = list(chain.from_iterable(x for x in level if isinstance(x, list)))
     return None
+
+
+def _number(x: Any) -> bool:
+    if hasattr(x, "dtype"):  # numpy arrays and scalars
+        return x.dtype.kind in "iuf"
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -216,6 +216,31 @@ def tf_predict_response(out: dict[str, Any], rows: bool, n: int) -> dict[str, An
     return {"predictions": [{k: v[i] for k, v in per_row.items()} for i in range(n)]}
 
 
+def tf_examples(body: Any, arg: str, shape: list[int | None]) -> list[Any]:
+    """The predict method's argument from a TF Serving :classify or :regress body: one item per
+    ``examples`` entry, its feature ``arg``, or the shared ``context``'s (a feature in the
+    context must not appear in the examples)."""
+    if not isinstance(body, dict) or not isinstance(body.get("examples"), list) or not body["examples"]:
+        raise ProtocolError(400, f"send 'examples': a list of at least one {{'{arg}': ...}}")
+    context = body.get("context", {})
+    if not isinstance(context, dict) or not all(isinstance(e, dict) for e in body["examples"]):
+        raise ProtocolError(400, "'context' and each of 'examples' must be objects of features")
+    items = []
+    for i, example in enumerate(body["examples"]):
+        if set(example) & set(context):
+            raise ProtocolError(400, f"example {i} repeats context feature(s) {sorted(set(example) & set(context))}")
+        features = {**context, **example}
+        if set(features) != {arg}:
+            raise ProtocolError(400, f"example {i} has features {sorted(features)}; this model takes exactly '{arg}'")
+        items.append(features[arg])
+    return decode_b64(items, shape)
+
+
+def tf_classify_response(out: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    """``{"result": [[[label, score], ...] per example]}``, every class, as TF Serving writes it."""
+    return {"result": [[[name, float(p)] for name, p in zip(class_names, row)] for row in out["probabilities"]]}
+
+
 def tf_status(versions: list[tuple[str, bool]]) -> dict[str, Any]:
     """``GET /v1/models/m[/versions/v]``: (version, ready) of each served version."""
     return {"model_version_status": [

@@ -23,6 +23,7 @@ wire formats are pure functions in ``kiln.serve.codecs``. Every error is a JSON 
 
 import asyncio
 import hmac
+import json
 import pickle
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ from starlette.requests import ClientDisconnect
 from ray import serve
 
 from kiln.plugin import KilnError
+from kiln.values import not_a_number, plain
 from kiln.serve import codecs, metrics, routing
 from kiln.serve.codecs import ProtocolError
 from kiln.serve.options import ServeOptions
@@ -400,11 +402,15 @@ class KilnIngress:
         # lists); a list that is no numeric array is refused here, before it can join a batch
         for k, schema in info["methods"][method]["inputs"].items():
             if schema.get("type") == "array" and isinstance(args.get(k), list):
+                bad = not_a_number(args[k])  # numpy would read true and "1" as numbers
                 try:
+                    if bad is not None:
+                        raise TypeError(bad)
                     args[k] = np.asarray(args[k], dtype="float32")
                 except (TypeError, ValueError, OverflowError, RecursionError):
+                    found = "" if bad is None else f"; found {json.dumps(plain(bad))[:40]}"
                     raise ProtocolError(400, f"argument '{k}' must be a numeric array of shape "
-                                             f"{schema.get('x-shape')}") from None
+                                             f"{schema.get('x-shape')}{found}") from None
         # A request alone in flight for its model goes straight to the replica: waiting for a
         # batch to fill would only add --batch-wait-ms to every call of a lone client.
         batch = (ref in self.batching and method in info["batchable"] and len(args) == 1
@@ -616,14 +622,30 @@ class KilnIngress:
         out = await self._call(ref, method, {arg: data})
         return codecs.tf_predict_response(out, rows, len(data) if isinstance(data, list) else 1)
 
-    @api.post("/v1/models/{model}:{verb}", responses={501: {"description": ":classify and :regress (tf.Example)"}})
-    @api.post("/v1/models/{model}/versions/{version}:{verb}", responses={501: {"description": ":classify and :regress (tf.Example)"}})
-    async def tf_other_verbs(self, model: str, verb: str, version: Optional[str] = None) -> Any:
+    @api.post("/v1/models/{model}:{verb}")
+    @api.post("/v1/models/{model}/versions/{version}:{verb}")
+    @api.post("/v1/models/{model}/labels/{label}:{verb}")
+    async def tf_examples(self, model: str, verb: str, request: Request, response: Response,
+                          version: Optional[str] = None, label: Optional[str] = None) -> Any:
+        """TF Serving's :classify and :regress, on tf.Example-style JSON features."""
         if verb not in ("classify", "regress"):  # TF Serving has no such API: no such route
             raise ProtocolError(404, f"TF Serving's REST API has :predict, :classify and :regress, "
                                      f"not :{verb}; use POST .../{model}:predict")
-        raise ProtocolError(501, f"Kiln answers TF Serving's :predict, not :{verb} (its tf.Example "
-                                 f"API); use POST .../{model}:predict, or POST /models/{model}/<method>")
+        body = await self._json(request)
+        ref = await self._ref(model, version, label, split=True)
+        response.headers[VERSION_HEADER] = ref
+        info = await self._describe(ref)
+        method, arg = codecs.predict_method(info)
+        if verb == "regress" or method != "classify" or not info.get("class_names"):
+            # TF Serving answers a signature of the wrong kind with 400 too
+            kind = "regression" if verb == "regress" else "classification"
+            raise ProtocolError(400, f"{ref} offers no {kind} signature; use POST .../{model}:predict")
+        request.scope["kiln"] = (ref, method)
+        schema = info["methods"][method]["inputs"][arg]
+        # counted before any {"b64": ...} picture is decoded
+        self.limits.check({arg: body.get("examples") if isinstance(body, dict) else None}, {arg: schema})
+        out = await self._call(ref, method, {arg: codecs.tf_examples(body, arg, schema["x-shape"])})
+        return codecs.tf_classify_response(out, info["class_names"])
 
     @api.get("/v1/models/{model}")
     @api.get("/v1/models/{model}/versions/{version}")

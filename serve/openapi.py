@@ -27,7 +27,7 @@ TOKEN = {"401": "a token is set and the request lacks it: send 'Authorization: B
 TF_PREDICT = {"type": "object", "description": "TF Serving's predict request: the row form "
               "(instances) or the columnar form (inputs)", "properties": {
                   "signature_name": {"type": "string"},
-                  "instances": {"type": "array", "minItems": 1},
+                  "instances": {"type": "array", "minItems": 1, "items": {}},
                   "inputs": {}}}
 V2_INFER = {"type": "object", "description": "the Open Inference Protocol's inference request",
             "required": ["inputs"], "properties": {
@@ -36,11 +36,15 @@ V2_INFER = {"type": "object", "description": "the Open Inference Protocol's infe
                     "type": "object", "required": ["name", "shape", "datatype", "data"], "properties": {
                         "name": {"type": "string"}, "datatype": {"type": "string"},
                         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                        "parameters": {"type": "object"}, "data": {"type": "array"}}}},
+                        "parameters": {"type": "object"}, "data": {"type": "array", "items": {}}}}},
                 "outputs": {"type": "array", "items": {
                     "type": "object", "required": ["name"],
                     "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}}}}
-BODIES = {":predict": TF_PREDICT, "/infer": V2_INFER}
+TF_EXAMPLES = {"type": "object", "description": "TF Serving's classify or regress request",
+               "required": ["examples"], "properties": {
+                   "signature_name": {"type": "string"}, "context": {"type": "object"},
+                   "examples": {"type": "array", "minItems": 1, "items": {"type": "object"}}}}
+BODIES = {":predict": TF_PREDICT, ":{verb}": TF_EXAMPLES, "/infer": V2_INFER}
 
 
 def document(base: dict[str, Any], methods: dict[str, dict[str, Any]], max_items: int,
@@ -54,6 +58,9 @@ def document(base: dict[str, Any], methods: dict[str, dict[str, Any]], max_items
     for path, item in base["paths"].items():
         for verb, op in item.items():
             op["responses"].pop("422", None)
+            for param in op.get("parameters", []):
+                if param["in"] == "path":  # a handler's Optional[str] = None is, in a path, a string
+                    param["schema"] = {"type": "string", "title": param["schema"].get("title", param["name"])}
             body = next((b for end, b in BODIES.items() if path.endswith(end)), None)
             if body is not None:
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}

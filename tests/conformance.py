@@ -16,14 +16,14 @@ OIP_SPEC = ROOT.parent / "shared" / "specs" / "oip-v2-rest.yaml"   # MANIFEST.md
 EXAMPLES = 5   # per operation and generation mode: bounded, so that the suite's budget holds
 
 
-def config(base: str) -> Any:
+def config(base: str, token: str | None = None) -> Any:
     """Every check schemathesis has, positive and negative data, a bounded number of examples, and
     the examples, coverage (undeclared methods, missing and wrong parts) and fuzzing phases, all
-    sent to ``base`` (loopback)."""
+    sent to ``base`` (loopback), with the server's token if it has one."""
     import schemathesis
 
     return schemathesis.Config.from_dict({
-        "base-url": base, "seed": 7, "suppress-health-check": ["too_slow", "filter_too_much", "data_too_large"],
+        "base-url": base, **({"headers": {"Authorization": f"Bearer {token}"}} if token else {}), "seed": 7, "suppress-health-check": ["too_slow", "filter_too_much", "data_too_large"],
         "generation": {"mode": "all", "max-examples": EXAMPLES},
         "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True},
                    "fuzzing": {"enabled": True}, "stateful": {"enabled": False}},

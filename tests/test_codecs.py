@@ -178,3 +178,23 @@ def test_a_protocol_error_travels_between_processes_whole():
 
     back = pickle.loads(pickle.dumps(ProtocolError(503, "the model is loading", retry_after=2)))
     assert (back.status, back.message, back.retry_after, str(back)) == (503, "the model is loading", 2, "the model is loading")
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"examples": []}, "send 'examples'"),
+    ({"instances": [[1, 2]]}, "send 'examples'"),
+    ({"examples": [[1, 2]]}, "must be objects of features"),
+    ({"examples": [{"images": [1, 2]}], "context": {"images": [3, 4]}}, "repeats context feature(s) ['images']"),
+    ({"examples": [{"pixels": [1, 2]}]}, "has features ['pixels']; this model takes exactly 'images'"),
+])
+def test_tf_classify_bodies_that_cannot_be_read_say_why(body, words):
+    with pytest.raises(ProtocolError) as e:
+        codecs.tf_examples(body, "images", [None, 2])
+    assert e.value.status == 400 and words in e.value.message
+
+
+def test_tf_classify_takes_context_features_and_answers_every_class():
+    items = codecs.tf_examples({"context": {"images": [1, 2]}, "examples": [{}, {}]}, "images", [None, 2])
+    assert items == [[1, 2], [1, 2]]
+    out = codecs.tf_classify_response({"probabilities": [[0.25, 0.75]]}, ["ant", "bee"])
+    assert out == {"result": [[["ant", 0.25], ["bee", 0.75]]]}

@@ -49,7 +49,7 @@ def late_checks():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, trained, own_ray):
     """The session's cnn, autoencoder, lstm, cgan, vae and photos (a cnn on the ants and bees
-    photos), served by app "kiln" at / and, with a token, by app "secure" at /secure (and an lstm
+    photos), served by app "kiln" at / and, with a token, cnn and lstm by app "secure" at /secure (and an lstm
     with a request timeout no call meets by app "hasty" at /hasty); yields
     (base URL, store, what was seen while the models loaded)."""
     root = tmp_path_factory.mktemp("serve")
@@ -78,7 +78,10 @@ def server(tmp_path_factory, trained, own_ray):
             c = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=30)
             seen.append((c.status_code, c.json()))
             time.sleep(0.2)
-        app.start(app.ServeSpec(store=store, refs=["cnn:1"], opts=ServeOptions(port=port), token=TOKEN),
+        # what the conformance test fuzzes with Kiln's own OpenAPI: few items per request, since
+        # schemathesis tries the largest batch the document allows (no CPU reserved, as below)
+        secure = ServeOptions(port=port, max_items=4, cpus_per_replica=0)
+        app.start(app.ServeSpec(store=store, refs=["cnn:1", "lstm:1"], opts=secure, token=TOKEN),
                   app_name="secure", route_prefix="/secure")
         app.wait_ready("127.0.0.1", port, prefix="/secure", token=TOKEN, timeout=300)
         # a deadline no model call meets: every call there gets 504
@@ -196,6 +199,10 @@ BAD = [
     ("wrong shape", "post", "/models/cnn/classify", {"json": {"images": [[1, 2]]}}, 400, "has shape [1, 2]"),
     ("non-finite", "post", "/models/cnn/classify", {"data": '{"images": NaN}', "headers": {"Content-Type": "application/json"}}, 400, "NaN"),
     ("wrong dtype", "post", "/models/cnn/classify", {"json": {"images": "zeros"}}, 400, "numeric array"),
+    # numpy reads true and "1" as numbers: the schema's numbers do not
+    ("booleans for pixels", "post", "/models/cnn/classify", {"json": {"images": [[[True]] * 28] * 28}}, 400, "numeric array of shape [None, 28, 28, 1]; found true"),
+    ("strings for pixels", "post", "/models/cnn/classify", {"json": {"images": [[[0]] * 27 + [["1"]]] * 28}}, 400, 'found "1"'),
+    ("a prompt that is no string", "post", "/models/lstm/generate", {"json": {"prompt": False}}, 400, "argument 'prompt' must be a string, got bool"),
     ("out of range", "post", "/models/cnn/classify", {"json": {"images": np.full((28, 28, 1), 300).tolist()}}, 400, "above 255"),
     ("both forms", "post", "/v1/models/cnn:predict", {"json": {"instances": [], "inputs": []}}, 400, "exactly one of 'instances'"),
     ("unknown model", "post", "/models/nope/classify", {"json": {}}, 404, "'nope' is not served"),
@@ -206,7 +213,7 @@ BAD = [
     ("no predict method", "post", "/v1/models/lstm:predict", {"json": {"instances": [1]}}, 404, "no predict method"),
     ("oversize body", "post", "/models/cnn/classify", {"data": b"[" + b"0," * 700_000 + b"0]", "headers": {"Content-Type": "application/json"}}, 413, "over the limit"),
     ("content type", "post", "/models/cnn/classify", {"data": "images=1"}, 415, "Content-Type: application/json"),
-    ("v2 bad shape", "post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "images", "shape": [2, 3], "datatype": "FP32", "data": [1]}]}}, 400, "does not fill shape"),
+    ("v2 bad shape", "post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "images", "shape": [2, 3], "datatype": "FP32", "data": [1]}]}}, 400, "this model's metadata says [-1, 28, 28, 1]"),
     ("no route", "get", "/nowhere", {}, 404, "no route"),
     # found by trying hostile input (each was a plain-text 500 before)
     ("401-digit integer", "post", "/models/cnn/classify", {"data": '{"images": 1' + "0" * 400 + "}", "headers": {"Content-Type": "application/json"}}, 400, "64 bits"),
@@ -218,7 +225,8 @@ BAD = [
     ("argument wording", "post", "/models/lstm/generate", {"json": {"prompt": "A", "max_chars": 1.5}}, 400, "argument 'max_chars'"),
     ("shape sent", "post", "/v2/models/cnn/infer", {"json": {"inputs": [{"name": "images", "shape": [1, 27, 27, 1], "datatype": "FP32", "data": [0] * 729}]}}, 400, "has shape [1, 27, 27, 1]"),
     ("unknown signature", "post", "/v1/models/cnn:predict", {"json": {"signature_name": "nope", "instances": [np.zeros((28, 28, 1)).tolist()]}}, 400, "serving_default"),
-    (":classify", "post", "/v1/models/cnn:classify", {"json": {"examples": []}}, 501, ":predict"),
+    (":classify without examples", "post", "/v1/models/cnn:classify", {"json": {"examples": []}}, 400, "send 'examples'"),
+    ("an unknown TF verb", "post", "/v1/models/cnn:explain", {"json": {}}, 404, ":predict, :classify and :regress"),
     ("GET :predict", "get", "/v1/models/cnn:predict", {}, 405, "POST"),
     # per-request limits, each naming its flag (before: 500 images of features made 141 MB)
     ("too many images", "post", "/models/cnn/classify", {"json": {"images": np.zeros((65, 28, 28, 1), "uint8").tolist()}}, 400, "limit of 64 (kiln serve --max-items)"),
@@ -256,8 +264,11 @@ def oip_api(server):
 
 @pytest.fixture
 def kiln_api(server):
-    base, *_ = server
-    return schemathesis.openapi.from_dict(conformance.kiln(base), config=conformance.config(base))
+    """Kiln's own document as app "secure" serves it: every route, the token's 401 among the
+    statuses, and a cnn's and an lstm's methods (what a method's schema says comes from the same
+    code for every plugin: a cnn's arrays and an lstm's strings cover both kinds)."""
+    secure = f"{server[0]}/secure"
+    return schemathesis.openapi.from_dict(conformance.kiln(secure, TOKEN), config=conformance.config(secure, TOKEN))
 
 
 @pytest.mark.usefixtures("server")  # placed with the module's other tests on its Ray (conftest)
@@ -270,6 +281,59 @@ def test_the_open_inference_protocol_as_its_rest_spec_states_it(case):
 @schemathesis.pytest.from_fixture("kiln_api").parametrize()
 def test_every_route_as_kilns_own_openapi_states_it(case):
     conformance.check(case)
+
+
+def test_a_client_generated_from_the_openapi_document_calls_each_kind_of_route(server, tmp_path):
+    """openapi-python-client makes a package from the secure app's /openapi.json as its docs say
+    (PNG answers read as bytes through its content-type override); the package then calls a
+    model's method, TF Serving's :predict and :classify, the v2 infer and metadata, a stored
+    picture, and reads a 404 as the document's Error."""
+    import importlib
+
+    secure = f"{server[0]}/secure"
+    doc = tmp_path / "openapi.json"
+    doc.write_text(json.dumps(conformance.kiln(secure, TOKEN)))
+    config = tmp_path / "client.yaml"
+    config.write_text("post_hooks: []\ncontent_type_overrides:\n  image/png: application/octet-stream\n")
+    generator = Path(sys.executable).parent / "openapi-python-client"
+    out = subprocess.run([generator, "generate", "--path", doc, "--meta", "none", "--config", config,
+                          "--output-path", tmp_path / "kiln_client"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "will not be generated" not in out.stdout + out.stderr, out.stdout + out.stderr
+    sys.path.insert(0, str(tmp_path))
+    try:
+        api = lambda module: importlib.import_module(f"kiln_client.{module}")  # noqa: E731
+        client = api("client").AuthenticatedClient(base_url=secure, token=TOKEN, timeout=60)
+        x, _ = mnist(2)
+        classify = api("api.cnn.cnn_classify").sync(
+            client=client, body=api("models").CnnClassifyBody.from_dict({"images": x.tolist()}))
+        assert len(classify.to_dict()["probabilities"]) == 2
+        text = api("api.lstm.lstm_generate").sync(
+            client=client, body=api("models").LstmGenerateBody.from_dict({"prompt": "RO", "max_chars": 5}))
+        assert len(text.to_dict()["continuation"]) == 5
+        predict = api("api.default.tf_predict_v1_models_model_predict_post")
+        rows = predict.sync(model="cnn", client=client, body=api("models").TfPredictV1ModelsModelPredictPostBody.from_dict(
+            {"instances": x.tolist()}))
+        assert [p["labels"] for p in rows["predictions"]] == classify.to_dict()["labels"]
+        examples = api("api.default.tf_examples_v1_models_model_verb_post")
+        result = examples.sync(model="cnn", verb="classify", client=client, body=api("models")
+                               .TfExamplesV1ModelsModelVerbPostBody.from_dict({"examples": [{"images": x[0].tolist()}]}))
+        assert len(result["result"][0]) == 10
+        infer = api("api.default.v2_infer_v2_models_model_infer_post").sync(
+            model="cnn", client=client, body=api("models").V2InferV2ModelsModelInferPostBody.from_dict(
+                {"id": "a", "inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
+                                        "data": x.ravel().tolist()}]}))
+        assert infer["id"] == "a" and infer["outputs"][0]["name"] == "classes"
+        meta = api("api.default.v2_model_v2_models_model_get").sync(model="cnn", client=client)
+        assert meta["inputs"][0]["shape"] == [-1, 28, 28, 1]
+        picture = api("api.default.artifact_models_model_artifacts_name_get").sync_detailed(
+            model="cnn", name="predictions.png", client=client)
+        assert picture.status_code == 200 and picture.content[:8] == b"\x89PNG\r\n\x1a\n"
+        missing = api("api.default.v2_model_v2_models_model_get").sync(model="nope", client=client)
+        assert isinstance(missing, api("models").Error) and "nope" in missing.error
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m == "kiln_client" or m.startswith("kiln_client.")]:
+            del sys.modules[name]
 
 
 @pytest.mark.parametrize("what, method, path, kwargs, status, words", BAD, ids=[b[0] for b in BAD])
@@ -485,6 +549,31 @@ def test_tf_servings_own_curl_command_and_metadata(server, tmp_path):
     named = requests.post(f"{base}/v1/models/cnn:predict",
                           json={"signature_name": "classify", "instances": images[:1].tolist()}).json()
     assert len(named["predictions"]) == 1
+
+
+def test_tf_servings_classify_and_regress_as_its_docs_show(server, tmp_path):
+    """TF Serving's Classify API (`curl -d '{"examples": [...]}' -X POST .../m:classify`): every
+    class with its score per example, the best one the :predict label; features shared in
+    'context'; :regress on a classifier is TF Serving's 400 for a signature of the wrong kind."""
+    import json
+    import subprocess
+
+    base, *_ = server
+    images, _ = mnist(2)
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"examples": [{"images": img.tolist()} for img in images]}))
+    out = subprocess.run(["curl", "-s", "-d", f"@{body}", "-X", "POST", f"{base}/v1/models/cnn:classify"],
+                         capture_output=True, text=True, timeout=60)
+    result = json.loads(out.stdout)["result"]
+    predicted = requests.post(f"{base}/v1/models/cnn:predict", json={"instances": images.tolist()}).json()
+    assert [[label for label, _ in pairs] for pairs in result] == [[str(d) for d in range(10)]] * 2
+    assert [max(pairs, key=lambda p: p[1])[0] for pairs in result] == [p["labels"] for p in predicted["predictions"]]
+    assert all(abs(sum(score for _, score in pairs) - 1) < 1e-4 for pairs in result)
+    shared = requests.post(f"{base}/v1/models/cnn/versions/1:classify",
+                           json={"context": {"images": images[0].tolist()}, "examples": [{}]}).json()
+    assert shared["result"] == result[:1]
+    regress = requests.post(f"{base}/v1/models/cnn:regress", json={"examples": [{"images": images[0].tolist()}]})
+    assert regress.status_code == 400 and "no regression signature" in regress.json()["error"]
 
 
 def test_a_poisoned_request_fails_alone_in_its_batch(server):
