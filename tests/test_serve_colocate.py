@@ -98,5 +98,7 @@ def test_a_killed_ingress_replica_loses_only_the_connections_it_held(colocated):
         time.sleep(5)  # the new replica takes its share
     assert proc.poll() is None
     assert load.ok > replaced + 20 > before + 40
-    assert all(status == "exception" and "closed connection" in text for _, status, text in load.failed), load.failed
+    # a held connection ends without an answer, or mid-answer when the replica had begun it
+    assert all(status == "exception" and ("closed connection" in text or "IncompleteRead" in text)
+               for _, status, text in load.failed), load.failed
     assert len(load.failed) <= 8, load.failed
