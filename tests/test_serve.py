@@ -686,28 +686,35 @@ def test_cli_serve_prints_routes_and_stops_cleanly_on_ctrl_c(server):
     stop_server_and_check(proc, lines, reader, "SIGINT", group=True)  # as a terminal sends Ctrl-C
 
 
-def test_sigterm_to_the_whole_service_stops_it_with_status_0(server):
+@pytest.fixture
+def own_store(trained, tmp_path) -> str:
+    """A store of the session's cnn for a test that starts its own `kiln serve` process: without
+    the module's server, conftest places it with the tests whose Ray runs in processes of their
+    own, beside the module's."""
+    copy_models(trained, tmp_path / "store", "cnn")
+    return str(tmp_path / "store")
+
+
+def test_sigterm_to_the_whole_service_stops_it_with_status_0(own_store):
     """systemd's default (KillMode=control-group) sends SIGTERM to every process of the service
     at once: Ray's GCS went first, and the server reported "the Ray cluster under the server
     stopped" and exited 1 from a stop that was asked for."""
     from helpers import start_serve, stop_server_and_check
 
-    _, store, *_ = server
-    proc, lines, reader = start_serve("--store", store, "--model", "cnn", "--port", str(free_port()),
+    proc, lines, reader = start_serve("--store", own_store, "--model", "cnn", "--port", str(free_port()),
                                       "--poll-seconds", "0", session=True)
     stop_server_and_check(proc, lines, reader, "SIGTERM", group=True)
 
 
-def test_a_killed_server_leaves_nothing_on_its_port(server):
+def test_a_killed_server_leaves_nothing_on_its_port(own_store):
     """An OOM kill or `kill -9` gives `kiln serve` no chance to stop Serve: Ray's own processes
     follow it down, but Serve's HAProxy, a child of one of them, kept listening on the server's
     port for hours, so the next `kiln serve` there could not start. Within a bounded wait the
     port must be free and none of the killed server's processes left."""
     from helpers import ray_processes, server_processes, start_serve
 
-    _, store, *_ = server
     port = free_port()
-    proc, lines, _ = start_serve("--store", store, "--model", "cnn", "--port", str(port), "--poll-seconds", "0")
+    proc, lines, _ = start_serve("--store", own_store, "--model", "cnn", "--port", str(port), "--poll-seconds", "0")
     try:
         assert requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=30).status_code == 200, lines
         killed = set(server_processes(proc))  # once killed, its processes are no one's children
