@@ -30,10 +30,11 @@ def not_a_number(value: Any) -> Any:
     the items (a decoded picture) counts as numbers."""
     level = [value]
     while level:
-        leaves = [x for x in level if not isinstance(x, list)]
-        bad = next((x for x in leaves if not _number(x)), None)
-        if bad is not None:
-            return bad
+        # a level of plain numbers and lists is checked at C speed; only another kind is looked at
+        if not set(map(type, level)) <= {int, float, list}:
+            bad = next((x for x in level if not isinstance(x, list) and not _number(x)), None)
+            if bad is not None:
+                return bad
         level = list(chain.from_iterable(x for x in level if isinstance(x, list)))
     return None
 

@@ -339,8 +339,9 @@ def v2_infer_request(body: Any, tensor: dict[str, Any], binary: bytes = b"") -> 
         raise ProtocolError(400, f"'inputs' must be a list of one tensor {form}, got {_sent(inputs)}")
     t = inputs[0]
     missing = [k for k in ("name", "shape", "datatype") if k not in t]
-    if missing or ("data" not in t and "binary_data_size" not in (t.get("parameters") or {})):
-        missing += [] if missing else ["data"]
+    if "data" not in t and "binary_data_size" not in (t.get("parameters") or {}):
+        missing.append("data")
+    if missing:
         raise ProtocolError(400, f"the input tensor lacks {', '.join(map(repr, missing))}; send {form}")
     if t["name"] != arg:
         raise ProtocolError(400, f"input is named {_sent(t['name'])}; this model's input is '{arg}'")

@@ -403,14 +403,15 @@ class KilnIngress:
         for k, schema in info["methods"][method]["inputs"].items():
             if schema.get("type") == "array" and isinstance(args.get(k), list):
                 bad = not_a_number(args[k])  # numpy would read true and "1" as numbers
-                try:
-                    if bad is not None:
-                        raise TypeError(bad)
-                    args[k] = np.asarray(args[k], dtype="float32")
-                except (TypeError, ValueError, OverflowError, RecursionError):
-                    found = "" if bad is None else f"; found {json.dumps(plain(bad))[:40]}"
-                    raise ProtocolError(400, f"argument '{k}' must be a numeric array of shape "
-                                             f"{schema.get('x-shape')}{found}") from None
+                if bad is None:
+                    try:
+                        args[k] = np.asarray(args[k], dtype="float32")
+                        continue
+                    except (TypeError, ValueError, OverflowError, RecursionError):
+                        pass
+                found = "" if bad is None else f"; found {json.dumps(plain(bad))[:40]}"
+                raise ProtocolError(400, f"argument '{k}' must be a numeric array of shape "
+                                         f"{schema.get('x-shape')}{found}")
         # A request alone in flight for its model goes straight to the replica: waiting for a
         # batch to fill would only add --batch-wait-ms to every call of a lone client.
         batch = (ref in self.batching and method in info["batchable"] and len(args) == 1

@@ -64,7 +64,7 @@ def document(base: dict[str, Any], methods: dict[str, dict[str, Any]], max_items
             body = next((b for end, b in BODIES.items() if path.endswith(end)), None)
             if body is not None:
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
-            _errors(op, path, verb == "post", token)
+            _errors(op, "{model}" in path, verb == "post", token)
     latest: dict[str, int] = {}
     for ref in methods:
         latest[routing.name_of(ref)] = max(latest.get(routing.name_of(ref), 0), routing.version_of(ref))
@@ -72,7 +72,7 @@ def document(base: dict[str, Any], methods: dict[str, dict[str, Any]], max_items
         name, version = routing.name_of(ref), routing.version_of(ref)
         for method, d in sorted(ms.items()):
             op = _operation(name, version, method, d, max_items)
-            _errors(op, "{model}", True, token)
+            _errors(op, True, True, token)
             base["paths"][f"/models/{name}/versions/{version}/{method}"] = {"post": op}
             if version == latest[name]:
                 base["paths"][f"/models/{name}/{method}"] = {
@@ -81,8 +81,9 @@ def document(base: dict[str, Any], methods: dict[str, dict[str, Any]], max_items
     return base
 
 
-def _errors(op: dict[str, Any], path: str, post: bool, token: bool) -> None:
-    codes = {**ALWAYS, **(MODEL if "{model}" in path else {}), **(BODY if post else {}),
+def _errors(op: dict[str, Any], model: bool, post: bool, token: bool) -> None:
+    """The error answers an operation can give: on a model's path, with a body, with a token."""
+    codes = {**ALWAYS, **(MODEL if model else {}), **(BODY if post else {}),
              **(TOKEN if token else {})}
     for code, why in codes.items():
         op["responses"].setdefault(code, {"description": why,
