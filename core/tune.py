@@ -278,9 +278,10 @@ def _trial(config: dict[str, Any], search: dict[str, Any], info: dict[str, Any])
     if spec.workers == 0:
         import tensorflow as tf
 
-        from kiln.trainer import setup_tensorflow, train_loop
+        from kiln import devices
+        from kiln.trainer import train_loop
 
-        setup_tensorflow(max(1, math.floor(spec.cpus_per_worker)), gpus=spec.gpus_per_worker > 0)
+        devices.configure(max(1, math.floor(spec.cpus_per_worker)), gpus=spec.gpus_per_worker > 0)
         train_loop(spec, data_info, tf.distribute.get_strategy(), TuneContext(spec.run_dir))
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -349,7 +350,19 @@ def _mlflow_parent(s: SearchSpec) -> str:
     return parent.run_id
 
 
-def _new_tuner(s: SearchSpec, trainable: Any, concurrent: int) -> Any:
+def _limited(reserve: dict[str, float], concurrent: int, cluster: dict[str, float]) -> dict[str, float]:
+    """What each trial reserves so that at most ``concurrent`` trials fit in ``cluster`` at once.
+    Trials are limited by what they reserve, never by Tune's searcher: BasicVariantGenerator's
+    max_concurrent can leave Tune's loop waiting 600 s for a trial it never hands out."""
+    limited = {}
+    for key, need in reserve.items():
+        have = cluster.get(key.upper() if key in ("cpu", "gpu") else key, 0)
+        # Ray counts resources in steps of 1e-4: a share rounded up could fit one trial fewer
+        limited[key] = max(need, math.floor(have / concurrent * 1e4) / 1e4) if need and have else need
+    return limited
+
+
+def _new_tuner(s: SearchSpec, trainable: Any) -> Any:
     """A fresh Tuner for ``s``: its sampler, scheduler and storage under the search's folder."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -366,7 +379,7 @@ def _new_tuner(s: SearchSpec, trainable: Any, concurrent: int) -> Any:
         param_space={d.key: d.domain() for d in s.dims},
         tune_config=tune.TuneConfig(
             metric=s.metric, mode=s.mode, num_samples=s.samples, scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=base.seed, max_concurrent=concurrent),
+            search_alg=BasicVariantGenerator(random_state=base.seed),
             trial_dirname_creator=lambda t: t.trial_id,
             # a trial's process is kept for the next one: TensorFlow and Kiln are imported
             # once per concurrent trial instead of once per trial
@@ -410,6 +423,7 @@ def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
                         f"{have_cpu:g} and {have_gpu:g}; lower --workers/--cpus-per-worker/--gpus-per-worker")
     fits = int(min(have_cpu // cpus if cpus else s.samples, have_gpu // gpus if gpus else s.samples))
     concurrent = max(1, min(s.max_concurrent or fits, fits))
+    reserve = _limited(reserve, concurrent, ray.cluster_resources())
     trainable = tune.with_resources(tune.with_parameters(_trial, search=s.to_dict(), info=info.to_dict()),
                                     reserve)
     path = s.dir / "tune"
@@ -422,7 +436,7 @@ def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
                                    restart_errored=False)
     else:
-        tuner = _new_tuner(s, trainable, concurrent)
+        tuner = _new_tuner(s, trainable)
     grid = tuner.fit()
     # Tune returns (it does not raise) when Ctrl-C stopped it; its state is saved for a resume
     expected = s.samples * math.prod(len(d.values) for d in s.dims if d.kind == "grid")

@@ -180,3 +180,18 @@ def test_an_interrupted_search_resumes_where_its_trials_stopped(workdir, shared_
     assert "resuming from checkpoint at epoch" in out.stdout + capfd.readouterr().out
     again = kiln_here("tune", "--resume", "r", cwd=workdir)
     assert again.returncode == 2 and "already finished; its best model is flaky:1" in again.stderr
+
+
+def test_trials_at_a_time_are_bounded_by_what_each_reserves():
+    """--max-concurrent N is what each trial reserves, a share of the cluster that lets N fit,
+    never Tune's searcher limit (which left a search waiting 600 s for a trial it never handed
+    out, with nothing running)."""
+    from kiln.tune import _limited
+
+    cluster = {"CPU": 2.0, "GPU": 0.0, "memory": 8e9}
+    assert _limited({"cpu": 1.0, "gpu": 0.0}, 1, cluster) == {"cpu": 2.0, "gpu": 0.0}
+    assert _limited({"cpu": 1.0, "gpu": 0.0}, 2, cluster) == {"cpu": 1.0, "gpu": 0.0}
+    three = _limited({"cpu": 0.5}, 3, cluster)["cpu"]
+    assert 3 * three <= 2.0 < 4 * three  # three fit, a fourth does not
+    # a trial that drives Ray Train workers reserves no CPU: a share of memory bounds it
+    assert _limited({"cpu": 0, "memory": 1}, 2, cluster) == {"cpu": 0, "memory": 4e9}
