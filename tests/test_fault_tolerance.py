@@ -72,6 +72,8 @@ def _train_while(spec, action) -> tuple[object, int]:
     while time.time() < deadline and thread.is_alive() and _committed_epoch(Path(spec.run_dir)) < 2:
         time.sleep(0.1)
     at = _committed_epoch(Path(spec.run_dir))
+    if "error" in result:  # the run failed before the node was taken away
+        raise result["error"]
     assert 2 <= at < EPOCHS, f"the node was to be removed after a committed epoch 2 of {EPOCHS}, at {at}"
     action()
     thread.join(timeout=420)
