@@ -100,11 +100,12 @@ def _quiet_worker_logs() -> None:
 
 def _worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: set TF up, create the strategy, run the shared loop."""
-    from kiln.trainer import setup_tensorflow, train_loop
+    from kiln import devices
+    from kiln.trainer import train_loop
 
     runs = [(TrainSpec.from_dict(s), DatasetInfo.from_dict(i)) for s, i in config["runs"]]
     spec = runs[0][0]
-    setup_tensorflow(max(1, math.floor(spec.cpus_per_worker)), gpus=spec.gpus_per_worker > 0)
+    devices.configure(max(1, math.floor(spec.cpus_per_worker)), gpus=spec.gpus_per_worker > 0)
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")

@@ -327,6 +327,45 @@ def _follow(address: str | None, job_id: str) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What Kiln sees: TensorFlow's build and devices, the driver's GPUs, Ray's cluster; a line per
+    problem with its fix. Exit status 1 when something blocks training."""
+    import logging
+
+    import ray
+    import tensorflow as tf
+
+    from kiln import devices
+    from kiln.cluster.train import connect
+
+    report = devices.Report()
+    tf_gpus = devices.tensorflow_facts(report)
+    devices.gpu_problems(report, len(tf_gpus), tf.test.is_built_with_cuda(), devices.nvidia_smi_gpus())
+    started = not ray.is_initialized()  # a Python session's own Ray is inspected, and kept
+    try:
+        if args.address:
+            from kiln import net
+
+            net.check_ray_address(args.address)
+            connect(args.address)
+        elif started:  # what a local training would get; its own Ray, no dashboard
+            ray.init(address="local", include_dashboard=False, logging_level=logging.ERROR)
+        devices.ray_facts(report, ray.cluster_resources(), len(tf_gpus), args.address or "local")
+    except KilnError as e:
+        report.problems.append((str(e), True))
+    finally:
+        if started:
+            ray.shutdown()
+    width = max(len(name) for name, _ in report.facts)
+    for name, value in report.facts:
+        print(f"{name:<{width}}  {value}")
+    for line, blocking in report.problems:
+        print(f"{'problem' if blocking else 'warning'}: {line}")
+    if not report.problems:
+        print("no problem found")
+    return 0 if report.ok else 1
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     import datetime
 
@@ -618,6 +657,15 @@ def _submit_command(sub: Any, common: argparse.ArgumentParser) -> argparse.Argum
     return s
 
 
+def _doctor_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    s = sub.add_parser("doctor", parents=[common],
+                       help="show what TensorFlow and Ray see (versions, CPUs, GPUs) and what to fix")
+    s.add_argument("--address", default=None, help="Ray cluster to inspect (default: a local one, as "
+                                                    "`kiln train` starts)")
+    s.set_defaults(fn=cmd_doctor)
+    return s
+
+
 def _jobs_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("jobs", help="list Kiln's jobs on a Ray cluster, show their logs, stop them")
     s.add_argument("action", nargs="?", choices=["list", "logs", "stop"], default="list")
@@ -669,7 +717,7 @@ def _generate_command(sub: Any, common: argparse.ArgumentParser) -> argparse.Arg
 # each builds one subcommand's parser, its flags beside the command they belong to (cmd_*)
 COMMANDS = (_plugins_command, _train_command, _tune_command, _runs_command, _models_command,
             _evaluate_command, _export_command, _samples_command, _serve_command, _submit_command,
-            _jobs_command, _cluster_command, _predict_command, _generate_command)
+            _jobs_command, _cluster_command, _predict_command, _generate_command, _doctor_command)
 
 
 def parser() -> argparse.ArgumentParser:

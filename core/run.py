@@ -184,9 +184,10 @@ def _fit(spec: TrainSpec, info: DatasetInfo) -> Path:
     if spec.workers == 0:
         import tensorflow as tf
 
-        from kiln.trainer import LocalContext, setup_tensorflow, train_loop
+        from kiln import devices
+        from kiln.trainer import LocalContext, train_loop
 
-        setup_tensorflow(None, gpus=True)
+        devices.configure(None, gpus=True)
         train_loop(spec, info, tf.distribute.get_strategy(), LocalContext(spec.run_dir))
         return spec.run_dir
     from kiln.cluster.train import fit

@@ -35,23 +35,6 @@ class Context(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
 
 
-def setup_tensorflow(threads: int | None, gpus: bool) -> None:
-    """Limit CPU threads per worker and stop TF from grabbing the whole GPU. Call before any op.
-    A process that runs a second training (a reused Tune trial actor, in-process runs one after
-    another) keeps the settings of its first: TF refuses to change them once it is initialised."""
-    import tensorflow as tf
-
-    try:
-        if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
-        for gpu in tf.config.list_physical_devices("GPU") if gpus else []:
-            tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError as e:  # "... after initialization" (threads), "... after being initialized" (GPUs)
-        if "initializ" not in str(e):
-            raise
-
-
 class Batches:
     """How a run's examples are cut into steps: the global batch (rounded down to a multiple of the
     replicas), the steps per epoch, and the validation batches, the same on every worker."""

@@ -235,8 +235,9 @@ def build_app(spec: ServeSpec) -> Any:
     if pooled:
         dep = serve.deployment(ModelPool, name=POOL, logging_config=logs, **deployment)
         # its arguments never name a version: versions come and go without restarting it
-        pinned = f"pool-{_digest(deployment, opts.models_per_replica)}"
-        models[POOL] = dep.options(version=pinned, _internal=True).bind(spec.store, opts.models_per_replica)
+        pinned = f"pool-{_digest(deployment, opts.models_per_replica, opts.gpu_memory_mb)}"
+        models[POOL] = dep.options(version=pinned, _internal=True).bind(spec.store, opts.models_per_replica,
+                                                                        opts.gpu_memory_mb)
     for ref in spec.refs:
         if ref in pooled or opts.colocate:
             continue
@@ -245,8 +246,8 @@ def build_app(spec: ServeSpec) -> Any:
         # options) keeps its replicas running when the application is redeployed for another
         # model; without one, Serve draws a random version per serve.run and restarts every model.
         # Ray 2.60 takes it with _internal.
-        pinned = f"{ref}-{_digest(deployment)}"
-        models[ref] = dep.options(version=pinned, _internal=True).bind(spec.store, ref)
+        pinned = f"{ref}-{_digest(deployment, opts.gpu_memory_mb)}"
+        models[ref] = dep.options(version=pinned, _internal=True).bind(spec.store, ref, opts.gpu_memory_mb)
     from kiln.store import Store
 
     store = Store(spec.store)  # each method's argument schema, for the OpenAPI document

@@ -228,7 +228,8 @@ class KilnIngress:
         self.batching: dict[str, tuple[int, float]] = {}
         self.batchers: dict[str, Any] = {}
         self.methods: dict[str, dict[str, Any]] = {}
-        self.limits = codecs.Limits(ServeOptions(**opts))
+        self.options = ServeOptions(**opts)
+        self.limits = codecs.Limits(self.options)
         Auth.token = token
         self.drain_key = drain_key                  # what POST /-/drain needs (kiln.serve.app.drain)
         self.described: dict[str, dict[str, Any]] = {}
@@ -247,7 +248,7 @@ class KilnIngress:
         # one served by the ingress itself (--colocate) is loaded here, beside those serving
         def handle(ref: str, name: str) -> Any:
             if name == INGRESS:
-                return Colocated(config["store"], ref)
+                return Colocated(config["store"], ref, self.options.gpu_memory_mb)
             h = serve.get_deployment_handle(name, self.app_name)
             return h.options(multiplexed_model_id=ref) if name == POOL else h
 

@@ -25,6 +25,9 @@ class ServeOptions:
         2.0, "with --replicas MIN-MAX: requests per replica that autoscaling aims at", above=0)
     cpus_per_replica: float = option(0.25, low=0)
     gpus_per_replica: float = option(0.0, low=0)
+    gpu_memory_mb: int = option(
+        0, "cap each replica's TensorFlow at N MiB of GPU memory, so that replicas sharing a GPU "
+           "(--gpus-per-replica below 1) fit on it by construction (0: each grows as it needs)", low=0)
     max_ongoing_requests: int = option(16, "per replica", low=1)
     batch_size: int = option(32, "requests merged into one model call (0: no batching)", low=0)
     batch_wait_ms: float = option(2.0, "how long a batch waits to fill", low=0)

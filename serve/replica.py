@@ -70,10 +70,12 @@ class ModelServer:
     request fails alone, whatever it raises; the others in its batch succeed.
     """
 
-    def __init__(self, store: str, ref: str) -> None:
-        from kiln import models
+    def __init__(self, store: str, ref: str, gpu_memory_mb: int = 0) -> None:
+        from kiln import devices, models
 
         t0 = time.perf_counter()
+        # before TensorFlow allocates: replicas that share a GPU must not each take all of it
+        self.devices = devices.configure(gpus=True, gpu_memory_mb=gpu_memory_mb)
         self.plugin, self.model, self.version = models.load(ref, store)
         self.ref = self.version.ref
         loaded = time.perf_counter()
@@ -119,7 +121,7 @@ class ModelServer:
                 "metrics": m.get("metrics", {}), "headline": m.get("headline"),
                 "methods": m.get("methods", {}), "predict": m.get("predict"), "load_seconds": round(self.load_seconds, 3),
                 "started": round(self.started, 3), "output_specs": self.output_specs,
-                "batchable": sorted(self.batchable),
+                "batchable": sorted(self.batchable), "tensorflow": self.devices,
                 "largest_batch": self.largest_batch,
                 "history": [{k: v for k, v in h.items() if isinstance(v, (int, float))}
                             for h in m.get("history", [])],
@@ -245,11 +247,11 @@ class ModelPool:
     the replicas that hold it. One TensorFlow process then holds every small model, instead of a
     process per version (BENCHMARKS.md, "Many models in one replica")."""
 
-    def __init__(self, store: str, models_per_replica: int = 0) -> None:
+    def __init__(self, store: str, models_per_replica: int = 0, gpu_memory_mb: int = 0) -> None:
         from ray import serve
 
         async def load(ref: str) -> ModelServer:
-            return await asyncio.to_thread(ModelServer, store, ref)
+            return await asyncio.to_thread(ModelServer, store, ref, gpu_memory_mb)
 
         # decorated here so that the limit is a setting (Serve detects it on the instance)
         self._load = serve.multiplexed(max_num_models_per_replica=models_per_replica or -1)(load)
@@ -293,17 +295,17 @@ class Colocated:
 
     deployment_name = INGRESS
 
-    def __init__(self, store: str, ref: str) -> None:
+    def __init__(self, store: str, ref: str, gpu_memory_mb: int = 0) -> None:
         self.ref = ref
         self.server: ModelServer | None = None
         self.error: str | None = None
-        self.loading = asyncio.get_running_loop().create_task(self._load(store))
+        self.loading = asyncio.get_running_loop().create_task(self._load(store, gpu_memory_mb))
         for name in ("describe", "artifact", "infer", "infer_many"):
             setattr(self, name, _Method(self, name))
 
-    async def _load(self, store: str) -> None:
+    async def _load(self, store: str, gpu_memory_mb: int) -> None:
         try:
-            self.server = await asyncio.to_thread(ModelServer, store, self.ref)
+            self.server = await asyncio.to_thread(ModelServer, store, self.ref, gpu_memory_mb)
         except Exception as e:  # noqa: BLE001 - whatever the load raised, the version alone fails
             import logging
 

@@ -147,8 +147,23 @@ def xdist_group(item: pytest.Item) -> str:
     return "ray-here" if {"shared_ray", "own_ray"} & set(item.fixturenames) else "ray"
 
 
+def gpu_machine() -> bool:
+    """Whether the NVIDIA driver lists a GPU (asked without importing TensorFlow)."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    return bool(exe) and subprocess.run([exe, "-L"], capture_output=True, timeout=30).returncode == 0
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # tests marked gpu are deselected, and counted as such, where there is no GPU: never skipped
+    # silently, never failed for want of one
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu and not gpu_machine():
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
     groups = {item.nodeid: xdist_group(item) for item in items}
     # xdist hands out groups in the order of their first test (`make test` turns its reordering
     # off): the two Ray groups first, then the groups with the most slow tests, so that no long

@@ -17,7 +17,7 @@ PACKAGES = {"kiln": ROOT / "core", "kiln.plugins": ROOT / "plugins", "kiln.serve
 LAYERS = [
     {"kiln", "kiln.plugin", "kiln.settings", "kiln.spec", "kiln.images", "kiln.values", "kiln.options"},
     {"kiln.logs", "kiln.store", "kiln.registry", "kiln.sensors", "kiln.checkpoint", "kiln.client", "kiln.net",
-     "kiln.tracking"},
+     "kiln.tracking", "kiln.devices"},
     {"kiln.data", "kiln.models"},
     {"kiln.plugins", "kiln.plugins.*"},
     {"kiln.quality", "kiln.trainer", "kiln.export"},

@@ -39,7 +39,8 @@ def test_a_value_out_of_bounds_names_its_flag(argv, words):
 
 def test_a_written_config_carries_every_option_but_the_process_ones():
     every = ServeOptions(host="0.0.0.0", port=9001, replicas="2-4", target_ongoing_requests=3.0,
-                         cpus_per_replica=0.5, gpus_per_replica=0.5, max_ongoing_requests=7, batch_size=4,
+                         cpus_per_replica=0.5, gpus_per_replica=0.5, gpu_memory_mb=512, max_ongoing_requests=7,
+                         batch_size=4,
                          batch_wait_ms=1.0, max_body_mb=3.0, max_items=9, max_chars=99, max_response_mb=5.0,
                          body_timeout_s=7.0, request_timeout_s=30.0, client_timeout_s=11, max_connections=55,
                          traffic=["cnn:1=1"], shared_replicas=True, own_replicas=["lstm"],

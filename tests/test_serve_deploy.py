@@ -117,11 +117,15 @@ def test_a_built_config_builds_the_application_kiln_serve_builds(tmp_path, train
     flags = dict(replicas="1-3", target_ongoing_requests=3.0, cpus_per_replica=0.5, max_ongoing_requests=7,
                  batch_size=8, batch_wait_ms=5.0, max_body_mb=3.0, max_items=99, max_chars=777,
                  max_response_mb=9.0, body_timeout_s=11.0, client_timeout_s=13, max_connections=55,
-                 access_log=True, traffic=["cnn:1=3", "cnn@canary=1"], **layout)
+                 access_log=True, traffic=["cnn:1=3", "cnn@canary=1"], gpu_memory_mb=512, **layout)
     from kiln.serve.options import ServeOptions
 
     spec = app.plan(None, ServeOptions(**flags), store=str(store))
     spec.drain_key = None
     config = yaml.safe_load(yaml.safe_dump(app.serve_config(spec)))  # through the file
     built = app.app_builder(config["applications"][0]["args"])
-    assert describe(built) == describe(app.build_app(spec))
+    deployed = describe(built)
+    assert deployed == describe(app.build_app(spec))
+    # the GPU memory cap reaches whatever loads a model: its replicas, or the ingress with --colocate
+    loaders = [d["args"][-1] for name, d in deployed.items() if name != "KilnIngress"]
+    assert loaders == [512] * len(loaders) and deployed["KilnIngress"]["args"][1]["gpu_memory_mb"] == 512

@@ -123,18 +123,3 @@ def test_user_npz_dataset(workdir):
     manifest = json.loads((workdir / "store" / "digits" / "1" / "manifest.json").read_text())
     assert manifest["dataset"]["input_shape"] == [28, 28] and manifest["dataset"]["test_size"] == 120
     assert manifest["metrics"]["accuracy"] > 0.5
-
-
-def test_a_second_training_in_one_process_keeps_the_first_ones_tensorflow_settings():
-    """A reused Tune trial actor trains again in its process: TF refuses new thread settings once
-    it has run an op ("cannot be modified after initialization"), and the first ones stand."""
-    import subprocess
-    import sys
-
-    code = ("import tensorflow as tf; from kiln.trainer import setup_tensorflow\n"
-            "setup_tensorflow(1, gpus=True); tf.constant(1.0) + 1\n"
-            "setup_tensorflow(2, gpus=True)\n"
-            "print(tf.config.threading.get_intra_op_parallelism_threads())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["1"]

@@ -1,0 +1,110 @@
+"""What TensorFlow may use and what Kiln sees (kiln.devices, `kiln doctor`). This machine has no
+GPU: the GPU settings are checked where TensorFlow is asked to make them, with TensorFlow's list
+of GPUs made to name two; bench/gpu_check.py checks them on real GPUs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import copy_models, run_kiln
+from kiln import devices
+
+FAKE_GPUS = """
+import json, sys
+import tensorflow as tf
+calls = []
+fake = [tf.config.PhysicalDevice(f"/physical_device:GPU:{i}", "GPU") for i in range(2)]
+listed = tf.config.list_physical_devices
+tf.config.list_physical_devices = lambda kind=None: fake if kind == "GPU" else listed(kind)
+tf.config.experimental.set_memory_growth = lambda d, on: calls.append(["growth", d.name, on])
+tf.config.set_logical_device_configuration = \\
+    lambda d, cfg: calls.append(["limit", d.name, [c.memory_limit for c in cfg]])
+from kiln import devices, models
+loading = models.load
+def load(*a, **k):
+    calls.append(["load"])
+    return loading(*a, **k)
+models.load = load
+"""
+
+
+@pytest.mark.slow
+def test_a_serving_replica_sets_gpu_memory_before_its_model_loads(trained, tmp_path):
+    """Four replicas at --gpus-per-replica 0.25 share a GPU: each must cap (--gpu-memory-mb) or
+    grow its memory, set on every GPU it sees before TensorFlow allocates anything."""
+    store = copy_models(trained, tmp_path / "store", "cnn")
+    code = FAKE_GPUS + """
+from kiln.serve.replica import ModelServer
+out = []
+for mb in (512, 0):
+    devices._applied.clear()  # a fresh replica process each time
+    calls.clear()
+    server = ModelServer(sys.argv[1], "cnn:1", mb)
+    out.append({"calls": calls[:], "described": server.describe()["tensorflow"]})
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(store)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    capped, grown = json.loads(done.stdout.splitlines()[-1])
+    gpus = ["/physical_device:GPU:0", "/physical_device:GPU:1"]
+    assert capped["calls"] == [["limit", g, [512]] for g in gpus] + [["load"]]
+    assert capped["described"] == {"gpus": 2, "threads": None, "memory_growth": False, "gpu_memory_mb": 512}
+    assert grown["calls"] == [["growth", g, True] for g in gpus] + [["load"]]
+    assert grown["described"]["memory_growth"] is True and grown["described"]["gpu_memory_mb"] is None
+
+
+def test_a_second_configuration_in_one_process_keeps_the_first():
+    """A reused Tune trial actor trains again in its process, a shared replica loads a second
+    model: TF refuses new settings once it has run an op, and the first ones stand; a process
+    whose TensorFlow ran before Kiln configured it says so instead of failing."""
+    code = ("import tensorflow as tf; from kiln import devices\n"
+            "first = devices.configure(1); tf.constant(1.0) + 1\n"
+            "again = devices.configure(2)\n"
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), first == again)\n"
+            "devices._applied.clear(); late = devices.configure(3)\n"
+            "print(tf.config.threading.get_intra_op_parallelism_threads(), late['note'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["1 True", "1 TensorFlow was initialised before Kiln could configure it"]
+
+
+@pytest.mark.parametrize("tf_gpus, cuda, driver, words", [
+    (0, False, ["NVIDIA H100 80GB HBM3"], "nvidia-smi lists 1 GPU(s) (NVIDIA H100 80GB HBM3) but this "
+                                         "TensorFlow was built without CUDA: install kiln[gpu]"),
+    (0, True, ["A", "B"], "nvidia-smi lists 2 GPU(s) but TensorFlow sees none: its CUDA libraries did not load"),
+])
+def test_doctor_names_the_fix_when_tensorflow_misses_the_drivers_gpus(tf_gpus, cuda, driver, words):
+    report = devices.Report()
+    devices.gpu_problems(report, tf_gpus, cuda, driver)
+    assert [line for line, _ in report.problems][0].startswith(words)
+    assert report.ok  # Kiln still trains, on CPUs
+
+
+def test_doctor_finds_no_problem_without_a_gpu_or_its_driver():
+    report = devices.Report()
+    devices.gpu_problems(report, 0, False, None)
+    devices.ray_facts(report, {"CPU": 2.0}, 0, "local")
+    assert report.problems == [] and report.facts == [("Ray cluster (local)", "2 CPUs, 0 GPUs")]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_kiln_doctor_shows_what_tensorflow_and_ray_see():
+    import tensorflow as tf
+
+    done = run_kiln("doctor", timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    facts = {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in lines if "  " in line}
+    assert facts["tensorflow"] == tf.__version__ and facts["built with CUDA"] in ("yes", "no")
+    assert facts["Ray cluster (local)"].endswith("GPUs") and " CPUs, " in facts["Ray cluster (local)"]
+    assert "device" in facts
+    assert lines[-1] == "no problem found" or lines[-1].startswith("warning: "), lines
+    # a cluster that is not there blocks training: exit 1 and the fix
+    gone = run_kiln("doctor", "--address", "127.0.0.1:9", timeout=300)
+    assert gone.returncode == 1, gone.stdout + gone.stderr[-2000:]
+    assert gone.stdout.splitlines()[-1].startswith("problem: cannot reach a Ray cluster at '127.0.0.1:9'")
