@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver curl; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	@# a .venv made when Kiln required tensorflow-cpu: it and tensorflow would share one folder
+	$(VENV)/bin/python -m pip uninstall --quiet --yes tensorflow-cpu 2>/dev/null || true
 	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

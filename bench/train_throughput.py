@@ -1,9 +1,11 @@
 """CNN training throughput: in-process vs Ray Train (1 worker with 2 CPUs, and 2 workers with
 1 CPU each), measured side by side in one run; ratios are against in-process. A last variant
 runs the same loop in-process under MultiWorkerMirroredStrategy without Ray, to show where the
-gap comes from.
+gap comes from. In-process under Keras' mixed_bfloat16 policy (`kiln train --precision`) runs
+beside float32 in-process.
 
     .venv/bin/python bench/train_throughput.py [--limit 30000] [--epochs 3] [--batch-size 128]
+                                               [--precision-only]
 
 Both runs train the same CNN on the same MNIST examples with the same global batch. The
 first epoch (tracing, Ray start-up) is excluded; the figure is the mean examples/s of the rest.
@@ -20,12 +22,14 @@ import time
 from pathlib import Path
 
 
-def measure(workers: int, cpus: float, args: argparse.Namespace, root: Path) -> tuple[float, float]:
+def measure(workers: int, cpus: float, args: argparse.Namespace, root: Path,
+            precision: str = "float32") -> tuple[float, float]:
     from kiln import run
 
     spec = run.plan("cnn", epochs=args.epochs, batch_size=args.batch_size, workers=workers,
                     cpus_per_worker=cpus, limit=args.limit, store=root / "store", runs_dir=root / "runs",
-                    run=f"bench-w{workers}-c{cpus:g}-b{args.batch_size}", name=f"bench-w{workers}")
+                    run=f"bench-w{workers}-c{cpus:g}-b{args.batch_size}-{precision}", name=f"bench-w{workers}",
+                    precision=precision)
     t0 = time.perf_counter()
     version = run.train(spec)
     wall = time.perf_counter() - t0
@@ -55,16 +59,22 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=30000)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--precision-only", action="store_true", help="only in-process float32 and mixed_bfloat16")
     args = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory() as tmp:
         local, local_wall = measure(0, 1, args, Path(tmp))
-        ray1, ray1_wall = measure(1, 2, args, Path(tmp))
-        ray2, ray_wall = measure(2, 1, args, Path(tmp))
-        mwms = measure_mwms_in_process(args, Path(tmp))
+        bf16, bf16_wall = measure(0, 1, args, Path(tmp), "mixed_bfloat16")
+        if not args.precision_only:
+            ray1, ray1_wall = measure(1, 2, args, Path(tmp))
+            ray2, ray_wall = measure(2, 1, args, Path(tmp))
+            mwms = measure_mwms_in_process(args, Path(tmp))
     print(f"\nCNN on {args.limit} MNIST images, global batch {args.batch_size}, "
           f"epochs 2..{args.epochs} (steady state), {os.cpu_count()} cores")
     print(f"  in-process                    {local:8.0f} examples/s  1.00x  (whole run {local_wall:.0f} s)")
+    print(f"  in-process, mixed_bfloat16    {bf16:8.0f} examples/s  {bf16 / local:5.2f}x  (whole run {bf16_wall:.0f} s)")
+    if args.precision_only:
+        return
     print(f"  Ray Train, 1 worker x 2 CPUs  {ray1:8.0f} examples/s  {ray1 / local:5.2f}x  (whole run {ray1_wall:.0f} s)")
     print(f"  Ray Train, 2 workers x 1 CPU  {ray2:8.0f} examples/s  {ray2 / local:5.2f}x  (whole run {ray_wall:.0f} s)")
     print(f"  in-process under MWMS, no Ray {mwms:8.0f} examples/s  {mwms / local:5.2f}x")

@@ -28,7 +28,7 @@ _LAZY = {"Pictures": "kiln.plugins", "line": "kiln.plugins", "grid": "kiln.image
          "curves": "kiln.images"}
 
 __all__ = ["DatasetInfo", "ImageOptions", "KilnError", "Method", "NoConfig", "Plugin", "Scalar", "Tensor",
-           "config_help", "inference", "make_config", "param", "replicas", "__version__", *_LAZY]
+           "config_help", "inference", "loss_scaled", "make_config", "param", "replicas", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):  # type: ignore[no-untyped-def]
@@ -37,6 +37,20 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")
+
+
+def loss_scaled(model, optimizer):  # type: ignore[no-untyped-def]
+    """``optimizer`` as a hand-written ``train_step`` of ``model`` uses it: under float16
+    (``kiln train --precision mixed_float16``) wrapped in Keras' LossScaleOptimizer, so that small
+    gradients do not underflow to zero. The step takes its gradients of
+    ``optimizer.scale_loss(loss)``, computed inside the tape; applying them unscales them and skips
+    a step whose gradients overflowed. Keras wraps a compiled optimizer
+    (``model.compile(optimizer=...)``) itself. Under other policies ``optimizer`` is returned as is."""
+    import keras
+
+    if model.dtype_policy.name == "mixed_float16" and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def replicas() -> int:

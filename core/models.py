@@ -34,9 +34,23 @@ def for_spec(spec: TrainSpec, info: DatasetInfo) -> Plugin:
     return make_plugin(spec.plugin, spec.overrides, info, store=spec.store, plugin_path=spec.plugin_path)
 
 
-def build(plugin: Plugin) -> Any:
-    """Build and compile the plugin's model and create its optimizer state (call under a scope)."""
-    model = plugin.build()
+def build(plugin: Plugin, precision: str = "float32") -> Any:
+    """Build and compile the plugin's model and create its optimizer state (call under a scope).
+
+    ``precision`` is Keras' dtype policy for the layers built here (``kiln train --precision``):
+    set for the build only, since a layer keeps the policy it was made under and a process may
+    build more models after this one. Its variables stay float32 under every policy, so a model
+    trained in mixed precision loads into a float32 one (what serving and judging build); each
+    plugin keeps its outputs float32 (``dtype="float32"`` on its last layers), as Keras' mixed
+    precision guide asks, and compile() adds loss scaling under mixed_float16."""
+    import keras
+
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        model = plugin.build()
+    finally:
+        keras.config.set_dtype_policy(before)
     if not model.built:
         # keras-io style GANs/VAEs have no call(): their sub-models (already built) own every
         # variable, so the model is complete; Keras only needs to be told before save_weights.

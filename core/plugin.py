@@ -361,6 +361,8 @@ class Plugin:
     predict: ClassVar[str | None] = None
     #: share of the training data held out for validation when the dataset has no validation split
     val_fraction: ClassVar[float] = 0.1
+    #: the dtype policies it trains under (``kiln train --precision``)
+    precisions: ClassVar[tuple[str, ...]] = ("float32", "mixed_float16", "mixed_bfloat16")
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         if config is None:

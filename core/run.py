@@ -64,6 +64,8 @@ def plan(plugin: str, opts: TrainOptions | None = None, *, store: str | Path | N
         registry.load_file(plugin_path)
     cls = registry.get(plugin)
     config = make_config(cls.Config, overrides)  # unknown keys / bad values fail here, before any work
+    if o.precision not in cls.precisions:
+        raise KilnError(f"--precision {o.precision}: {plugin} trains under {', '.join(cls.precisions)} only")
     dataset = dataset or cls.dataset
     dataset = data.named_folder(dataset) or dataset  # an image folder under $KILN_DATA_DIR
     if data.is_file_dataset(dataset):
@@ -94,7 +96,7 @@ def plan(plugin: str, opts: TrainOptions | None = None, *, store: str | Path | N
                      cpus_per_worker=o.cpus_per_worker, seed=o.seed, limit=o.limit, plugin_path=plugin_path,
                      max_failures=o.max_failures, address=address,
                      val_fraction=cls.val_fraction if o.val_fraction is None else o.val_fraction,
-                     early_stop=o.early_stop, mlflow=tracking)
+                     early_stop=o.early_stop, mlflow=tracking, precision=o.precision)
 
 
 def resume_spec(run: str, runs_dir: str | Path | None = None, epochs: int | None = None) -> TrainSpec:
@@ -249,7 +251,7 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path, extra: dict[str,
             "predict": cls.predict,
             "train": {k: getattr(spec, k) for k in ("epochs", "batch_size", "workers",
                                                      "max_workers", "gpus_per_worker", "seed", "limit", "overrides",
-                                                     "val_fraction", "early_stop")},
+                                                     "val_fraction", "early_stop", "precision")},
             "run": spec.run, "kiln_version": __version__,
             "mlflow": {k: spec.mlflow[k] for k in ("uri", "run_id") if k in spec.mlflow} if spec.mlflow else None,
             **(extra or {}),

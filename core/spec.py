@@ -13,6 +13,9 @@ from kiln.options import option
 from kiln.plugin import KilnError
 
 
+# Keras' dtype policies a run may train under (keras.mixed_precision)
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
 @dataclass
 class TrainOptions:
     """Every option of one training run (``kiln train``; ``kiln tune`` takes them for each
@@ -42,6 +45,10 @@ class TrainOptions:
     runs_dir: str | None = option(None, "checkpoints folder (default $KILN_RUNS or ./kiln-runs)")
     address: str | None = option(None, "Ray cluster address to join (default: start a local one)")
     max_failures: int = option(1, "worker failures Ray Train may recover from", low=0)
+    precision: str = option("float32", "Keras' dtype policy: mixed_bfloat16 or mixed_float16 compute in 16 "
+                                       "bits and keep weights, losses and outputs in float32 (float16 with "
+                                       "loss scaling); the stored model serves float32",
+                            choices=PRECISIONS)
     mlflow: str | None = option(None, "also log to this MLflow tracking server (default "
                                       "$MLFLOW_TRACKING_URI; the experiment is $MLFLOW_EXPERIMENT_NAME "
                                       "or 'kiln')", metavar="URI")
@@ -71,6 +78,7 @@ class TrainSpec:
     address: str | None = None
     val_fraction: float = 0.0   # of the training data, held out for validation (0: none)
     early_stop: str | None = None  # "val_METRIC:PATIENCE": stop when it stops improving
+    precision: str = "float32"  # Keras' dtype policy while training (kiln.models.build)
     # MLflow tracking: {"uri", "experiment"}, and once the run exists its "run_id" (a search's
     # trials also carry their search's run as "parent")
     mlflow: dict[str, str] | None = None

@@ -244,7 +244,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
     steps, stop = sizes.steps, EarlyStop(spec.early_stop)
     plugin.total_steps = spec.epochs * steps
     with strategy.scope():
-        model = models.build(plugin)
+        model = models.build(plugin, spec.precision)
 
     start, history, resumed = resume(ctx, model, stop)
     if stop.stopped:

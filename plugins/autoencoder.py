@@ -55,7 +55,7 @@ def build_encoder(latent_dim: int, shape: tuple[int, int, int] = (28, 28, 1)) ->
     inputs = keras.Input(shape=shape)
     x = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(inputs)
     x = layers.Conv2D(64, 3, strides=2, padding="same", activation="relu")(x)
-    outputs = layers.Dense(latent_dim, name="z")(layers.Flatten()(x))
+    outputs = layers.Dense(latent_dim, name="z", dtype="float32")(layers.Flatten()(x))
     return keras.Model(inputs, outputs, name="encoder")
 
 
@@ -65,7 +65,7 @@ def build_decoder(latent_dim: int, shape: tuple[int, int, int] = (28, 28, 1)) ->
     x = layers.Reshape((h, w, 64))(layers.Dense(h * w * 64, activation="relu")(inputs))
     x = layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu")(x)
     x = layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu")(x)
-    outputs = layers.Conv2D(channels, 3, padding="same", activation="sigmoid")(x)
+    outputs = layers.Conv2D(channels, 3, padding="same", activation="sigmoid", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="decoder")
 
 
@@ -92,7 +92,8 @@ class DenoisingAutoencoder(keras.Model):
         with tf.GradientTape() as tape:
             output = self.denoise(noisy, training=True)
             loss = self.loss_fn(clean, output)
-        grads = tape.gradient(loss, self.trainable_weights)
+            scaled = self.optimizer.scale_loss(loss)  # float16 only: compile() wrapped it
+        grads = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
         self.loss_tracker.update_state(loss)
         self.psnr_tracker.update_state(ops.mean(psnr(clean, output)))

@@ -47,7 +47,7 @@ def build_cnn(config: CNNConfig, input_shape: tuple[int, ...], num_classes: int)
         x = layers.MaxPooling2D(2, name=f"pool{i + 1}")(x)
     x = layers.Flatten(name="features")(x)
     x = layers.Dropout(config.dropout)(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="cnn")
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from kiln import ImageOptions, KilnError, Pictures, Scalar, Tensor, grid, inference, line, param
+from kiln import ImageOptions, KilnError, Pictures, Scalar, Tensor, grid, inference, line, loss_scaled, param
 
 
 @dataclass
@@ -55,7 +55,8 @@ def build_generator(latent_dim: int, width: int, num_classes: int = 0,
     x = layers.Reshape((h, w, width))(x)
     x = layers.Conv2DTranspose(width // 2, 4, strides=2, padding="same", use_bias=False)(x)  # 14x14
     x = layers.ReLU()(norm()(x))
-    outputs = layers.Conv2DTranspose(shape[2], 4, strides=2, padding="same", activation="tanh")(x)  # 28x28
+    outputs = layers.Conv2DTranspose(shape[2], 4, strides=2, padding="same", activation="tanh",
+                                     dtype="float32")(x)  # 28x28
     return keras.Model(inputs, outputs, name="generator")
 
 
@@ -65,7 +66,7 @@ def build_discriminator(width: int, num_classes: int = 0, shape: tuple[int, int,
     x = layers.LeakyReLU(0.2)(x)
     x = layers.Conv2D(width, 4, strides=2, padding="same", use_bias=False)(x)
     x = layers.LeakyReLU(0.2)(norm()(x))
-    outputs = layers.Dense(1)(layers.Flatten()(x))  # a logit: real vs generated
+    outputs = layers.Dense(1, dtype="float32")(layers.Flatten()(x))  # a logit: real vs generated
     return keras.Model(inputs, outputs, name="discriminator")
 
 
@@ -91,7 +92,8 @@ class GAN(keras.Model):
 
     def compile(self, d_optimizer, g_optimizer, loss_fn):
         super().compile()
-        self.d_optimizer, self.g_optimizer, self.loss_fn = d_optimizer, g_optimizer, loss_fn
+        self.d_optimizer, self.g_optimizer = loss_scaled(self, d_optimizer), loss_scaled(self, g_optimizer)
+        self.loss_fn = loss_fn
         self.d_optimizer.build(self.discriminator.trainable_variables)
         self.g_optimizer.build(self.generator.trainable_variables)
 
@@ -134,7 +136,8 @@ class GAN(keras.Model):
             fake_logits = self.critic(fake, classes, training=True)
             # Keras loss objects divide by the replica count themselves (docs/design.md, "Losses under distribution").
             d_loss = self.loss_fn(ones, real_logits) + self.loss_fn(zeros, fake_logits)
-        grads = tape.gradient(d_loss, self.discriminator.trainable_weights)
+            scaled = self.d_optimizer.scale_loss(d_loss)  # float16 only (kiln.loss_scaled)
+        grads = tape.gradient(scaled, self.discriminator.trainable_weights)
         self.d_optimizer.apply_gradients(zip(grads, self.discriminator.trainable_weights))
 
         # Generator: make the discriminator call fresh samples real.
@@ -142,7 +145,8 @@ class GAN(keras.Model):
         with tf.GradientTape() as tape:
             g_loss = self.loss_fn(ones, self.critic(self.generate(z, classes, training=True), classes,
                                                     training=True))
-        grads = tape.gradient(g_loss, self.generator.trainable_weights)
+            scaled = self.g_optimizer.scale_loss(g_loss)
+        grads = tape.gradient(scaled, self.generator.trainable_weights)
         self.g_optimizer.apply_gradients(zip(grads, self.generator.trainable_weights))
 
         # The average follows closely at first (decay (1 + t) / (10 + t)), then with ``ema``. Every

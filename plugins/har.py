@@ -87,7 +87,7 @@ def build_har(config: HARConfig, steps: int, extra: dict, num_classes: int) -> k
         x = layers.MaxPooling1D(2, name=f"pool{i + 1}")(x)
     x = layers.GlobalAveragePooling1D(name="features")(x)
     x = layers.Dropout(config.dropout)(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="har_cnn")
 
 

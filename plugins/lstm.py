@@ -41,7 +41,7 @@ def build_lstm(config: LSTMConfig, vocab: int) -> tuple[keras.Model, keras.Model
     lstms = [layers.LSTM(u, return_sequences=True, return_state=True, name=f"lstm{i + 1}")
              for i, u in enumerate(config.units)]
     drop = layers.Dropout(config.dropout)
-    head = layers.Dense(vocab, name="logits")
+    head = layers.Dense(vocab, name="logits", dtype="float32")
 
     def run(x, initial):
         x = embed(x)

@@ -121,6 +121,9 @@ class Transfer(Plugin):
     epochs = 30
     batch_size = 32
     headline = "accuracy"
+    # one gradient feeds two optimizers (head and base), which float16's per-optimizer loss scale
+    # cannot share
+    precisions = ("float32", "mixed_bfloat16")
 
     def setup(self, info):
         c = self.config
@@ -240,7 +243,7 @@ class Transfer(Plugin):
         x = layers.Dense(c.head_units, activation="relu", name="hidden")(features)
         x = layers.Dropout(c.dropout)(x)
         head = keras.Model(features, layers.Dense(self.info.num_classes, activation="softmax",
-                                                  name="probabilities")(x), name="head")
+                                                  name="probabilities", dtype="float32")(x), name="head")
         tuned = [v for layer in tuned_layers for v in layer.trainable_weights]
         model = TransferModel(base, head, tuned, c.augment, name="transfer")
         model.compile(keras.optimizers.Adam(c.learning_rate),

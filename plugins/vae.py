@@ -48,9 +48,9 @@ def build_encoder(latent_dim: int, hidden: int, shape: tuple[int, int, int] = (2
     x = layers.Conv2D(32, 3, activation="relu", strides=2, padding="same")(inputs)
     x = layers.Conv2D(64, 3, activation="relu", strides=2, padding="same")(x)
     x = layers.Dense(hidden, activation="relu")(layers.Flatten()(x))
-    z_mean = layers.Dense(latent_dim, name="z_mean")(x)
-    z_log_var = layers.Dense(latent_dim, name="z_log_var")(x)
-    z = Sampling()([z_mean, z_log_var])
+    z_mean = layers.Dense(latent_dim, name="z_mean", dtype="float32")(x)
+    z_log_var = layers.Dense(latent_dim, name="z_log_var", dtype="float32")(x)
+    z = Sampling(dtype="float32")([z_mean, z_log_var])  # float32 noise, under any policy
     return keras.Model(inputs, [z_mean, z_log_var, z], name="encoder")
 
 
@@ -60,7 +60,7 @@ def build_decoder(latent_dim: int, shape: tuple[int, int, int] = (28, 28, 1)) ->
     x = layers.Reshape((h, w, 64))(layers.Dense(h * w * 64, activation="relu")(inputs))
     x = layers.Conv2DTranspose(64, 3, activation="relu", strides=2, padding="same")(x)
     x = layers.Conv2DTranspose(32, 3, activation="relu", strides=2, padding="same")(x)
-    outputs = layers.Conv2DTranspose(channels, 3, activation="sigmoid", padding="same")(x)
+    outputs = layers.Conv2DTranspose(channels, 3, activation="sigmoid", padding="same", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="decoder")
 
 
@@ -92,7 +92,7 @@ class VAEModel(keras.Model):
             rec, kl = ops.mean(rec), ops.mean(kl)
             total = rec + self.beta * kl
             # Hand-written mean loss: gradients are summed over replicas, so scale by their count.
-            scaled = total / replicas()
+            scaled = self.optimizer.scale_loss(total / replicas())  # float16 only: compile() wrapped it
         grads = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
         self.total_loss_tracker.update_state(total)

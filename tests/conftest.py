@@ -37,7 +37,9 @@ TRAINED = (("cnn", dict(limit=2000)),
            ("lstm", dict(limit=300, overrides={"units": "32"})),
            ("cgan", dict(limit=1280, overrides={"sample_every": "0"})),
            ("vae", dict(limit=1024)),
-           ("photos", dict(plugin="cnn", dataset=str(HYMENOPTERA), overrides={"image_size": "32"})))
+           # trained in mixed precision: served, it must answer float32 as the others do
+           ("photos", dict(plugin="cnn", dataset=str(HYMENOPTERA), overrides={"image_size": "32"},
+                           precision="mixed_bfloat16")))
 
 
 @pytest.fixture(scope="session")

@@ -461,6 +461,27 @@ def test_a_loaded_version_answers_any_batch_size_without_tracing_again(server):
         assert replica.model.predict_function.experimental_get_tracing_count() == traced, ref
 
 
+def test_a_model_trained_in_mixed_precision_serves_float32_answers_equal_to_its_own(server):
+    """photos:1 trained under mixed_bfloat16 (conftest): served, it answers float32 probabilities,
+    the stored model's own in this process, and within bfloat16's precision of the network as it
+    computed while training."""
+    from kiln import models
+
+    base, store, *_ = server
+    plugin, model, version = models.load("photos:1", store)
+    assert version.manifest["train"]["precision"] == "mixed_bfloat16"
+    x = np.random.default_rng(0).random((4, 32, 32, 3)).astype("float32")
+    served = requests.post(f"{base}/models/photos/classify", json={"images": x.tolist()}).json()
+    here = plugin.infer(model, "classify", {"images": x})
+    np.testing.assert_allclose(served["probabilities"], here["probabilities"], rtol=1e-5, atol=1e-6)
+    meta = requests.get(f"{base}/v2/models/photos").json()
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]}["probabilities"] == "FP32"
+    mixed = models.build(plugin, "mixed_bfloat16")
+    mixed.set_weights(model.get_weights())
+    trained_as = plugin.infer(mixed, "classify", {"images": x})["probabilities"]
+    np.testing.assert_allclose(served["probabilities"], trained_as, atol=0.02)
+
+
 def test_token_protects_every_route_but_health(server):
     base, *_ = server
     secure = f"{base}/secure"
