@@ -8,6 +8,11 @@ oneDNN off, which changes speed; so instead the first ``import tensorflow`` of a
 with file descriptor 2 captured, and what TensorFlow printed is written back less the records
 below ``TF_CPP_MIN_LOG_LEVEL`` (Kiln's default 2: info and warnings; 3 hides errors too).
 Anything else printed while it loads (a Python warning, a real error) is written back as it was.
+TensorFlow's CUDA build (the ``tensorflow`` package) also looks for a GPU when devices are first
+listed, and on a machine without NVIDIA's driver says so twice: an info record ("Could not find
+cuda drivers on your machine") and an error record ("failed call to cuInit"). The quiet import
+lists the devices while stderr is captured, and drops that error only where the info record
+says there is no driver: a failed cuInit on a machine with a driver stays an error.
 
 ``quiet_process()`` runs first in every process Kiln owns: the CLI calls it, and Ray starts it in
 each of Kiln's workers, Serve replicas and job drivers through ``runtime_env()``'s
@@ -37,6 +42,8 @@ _ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is call
 _SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
 # Python's own lines (warnings.showwarning, a traceback) are never the tail of a C++ record
 _PYTHON = re.compile(r"^\S[^:]*:\d+: \w*(Warning|Error)\b|^Traceback ")
+_NO_DRIVER = "Could not find cuda drivers on your machine"
+_NO_DRIVER_ERROR = re.compile(r"failed call to cuInit")
 SETUP_HOOK = "kiln.logs.quiet_process"
 
 
@@ -94,10 +101,12 @@ def filter_notices(text: str, min_level: int) -> str:
     lines) and, when any level is hidden, absl's pre-initialisation preamble."""
     out: list[str] = []
     dropping = False
+    no_driver = min_level > 0 and _NO_DRIVER in text
     for line in text.splitlines(keepends=True):
         record = _RECORD.match(line)
         if record:
-            dropping = _SEVERITY[record.group(1) or record.group(2)] < min_level
+            dropping = _SEVERITY[record.group(1) or record.group(2)] < min_level \
+                or bool(no_driver and _NO_DRIVER_ERROR.search(line))
         elif line.rstrip("\n") == _ABSL_PREAMBLE:
             dropping = min_level > 0
         elif not dropping or not line.strip() or _PYTHON.match(line):
@@ -139,6 +148,8 @@ class _QuietLoader(importlib.abc.Loader):
     def exec_module(self, module: Any) -> None:
         with _filtered_stderr(min_level()):
             self._loader.exec_module(module)
+            if module.test.is_built_with_cuda():  # its GPU search, while stderr is captured
+                module.config.list_physical_devices("GPU")
 
     def __getattr__(self, name: str) -> Any:  # resources, get_code, ...: the real loader's
         return getattr(self._loader, name)

@@ -71,7 +71,8 @@ def test_the_image_is_rays_own_at_the_pinned_ray_and_python_versions():
     text = (CLUSTER / "Dockerfile").read_text()
     base = re.search(r"^FROM (\S+)", text, re.M).group(1)
     assert base == f"rayproject/ray:{ray_version()}-py311-gpu"
-    assert "pip install --no-cache-dir ." in text and "tensorflow[and-cuda]" in text
+    # Kiln's GPU extra brings TensorFlow's CUDA libraries; nothing is uninstalled first
+    assert 'pip install --no-cache-dir ".[gpu]"' in text and "uninstall" not in text
     for folder in ("core", "plugins", "serve", "cluster"):
         assert f"COPY --chown=ray:users {folder} ./{folder}" in text
     assert kiln_image().endswith(f":{__import__('kiln').__version__}-gpu")

@@ -24,3 +24,28 @@ def test_a_level_the_user_sets_is_respected():
     assert "oneDNN" not in kept and "To enable the following" not in kept  # an info record and its tail
     assert "an old-format warning" in kept and "cuDNN" in kept
     assert "UserWarning" in filter_notices(LOADING, 3)
+
+
+NO_DRIVER = "I0000 00:00:1796605907.599887     876 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n"
+CUINIT = "E0000 00:00:1796605911.228239     876 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n"
+
+
+def test_the_cuda_builds_no_driver_error_is_dropped_only_where_it_says_there_is_no_driver():
+    """The tensorflow package on a machine without NVIDIA's driver: an info record says so, then
+    an error record repeats it as a failed cuInit. Where a driver exists, that error is real."""
+    assert filter_notices(NO_DRIVER + CUINIT, 2) == ""
+    assert filter_notices(CUINIT, 2) == CUINIT
+    assert filter_notices(NO_DRIVER + CUINIT, 0) == NO_DRIVER + CUINIT  # TF_CPP_MIN_LOG_LEVEL=0: as TF prints it
+
+
+def test_a_fresh_process_that_lists_devices_prints_nothing_of_cuda():
+    import subprocess
+    import sys
+
+    code = ("from kiln import logs; logs.quiet_process()\n"
+            "import tensorflow as tf\n"
+            "print(len(tf.config.list_physical_devices('CPU')))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and out.stdout.split() == ["1"], out.stderr[-2000:]
+    assert "cuInit" not in out.stderr and "cuda" not in out.stderr.lower(), out.stderr[-2000:]
