@@ -152,8 +152,10 @@ class SearchSpec:
     metric: str
     mode: str
     scheduler: str = "asha"
+    searcher: str = "random"
     grace_epochs: int = 1
     reduction_factor: int = 4
+    perturbation_epochs: int = 2
     max_concurrent: int | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S"))
 
@@ -209,8 +211,15 @@ class SearchOptions:
     metric: str | None = option(None, "validation metric that ranks trials (default val_ of the plugin's "
                                       "headline, e.g. val_accuracy)")
     mode: str | None = option(None, "default: from the metric's name", choices=("max", "min"))
+    searcher: str | None = option(None, "random samples the space (default; grid with grid: keys); optuna "
+                                        "models it (Optuna's TPE: each trial's config from the results so far)",
+                                  choices=("random", "grid", "optuna"))
     scheduler: str = option("asha", "asha stops poor trials early (default); fifo runs every trial to "
-                                    "the end", choices=("asha", "fifo"))
+                                    "the end; pbt (Population Based Training) runs every trial to the end, "
+                                    "and every --perturbation-epochs a poor trial continues from a good "
+                                    "one's checkpoint with its config perturbed (search keys that keep the "
+                                    "network's shape: learning_rate, dropout)", choices=("asha", "fifo", "pbt"))
+    perturbation_epochs: int = option(2, "pbt: epochs between a trial's exploit-and-explore steps", low=1)
     grace_epochs: int = option(1, "asha: epochs every trial gets", low=1)
     reduction_factor: int = option(4, "asha: 1 in N trials goes on at each rung", low=2)
     max_concurrent: int | None = option(None, "trials at a time (default: as many as the cluster's CPUs "
@@ -243,9 +252,24 @@ def plan(plugin: str, s: SearchOptions, train: TrainOptions, *, store: str | Pat
         raise KilnError(f"'{base.run}' already exists in {base.runs_dir}; continue it with "
                         f"`kiln tune --resume {base.run}` or pick a new --run name")
     dims = parse_search(s.search, cls.Config, base.overrides)
-    samples = s.samples or (1 if any(d.kind == "grid" for d in dims) else 8)
+    grid = [d.text for d in dims if d.kind == "grid"]
+    searcher = s.searcher or ("grid" if grid else "random")
+    if searcher == "optuna" and grid:
+        raise KilnError(f"--searcher optuna chooses every value itself; search {', '.join(grid)} with "
+                        "choice: instead of grid:")
+    if searcher == "grid" and not grid:
+        raise KilnError("--searcher grid needs a grid: key, e.g. --search filters=grid:16,32/32,64")
+    samples = s.samples or (1 if grid else 8)
+    if s.scheduler == "pbt":
+        if base.workers:
+            raise KilnError("--scheduler pbt hands a trial's checkpoint to another trial's process; it runs "
+                            "trials in-process (--workers 0); use asha or fifo with Ray Train workers")
+        if grid:
+            raise KilnError(f"--scheduler pbt perturbs every searched key; search {', '.join(grid)} with "
+                            "choice: instead of grid:")
     return SearchSpec(base=base.to_dict(), space=[dataclasses.asdict(d) for d in dims], samples=samples,
-                      metric=metric, mode=mode, scheduler=s.scheduler, grace_epochs=s.grace_epochs,
+                      metric=metric, mode=mode, scheduler=s.scheduler, searcher=searcher,
+                      grace_epochs=s.grace_epochs, perturbation_epochs=s.perturbation_epochs,
                       reduction_factor=s.reduction_factor, max_concurrent=s.max_concurrent)
 
 
@@ -282,7 +306,8 @@ def _trial(config: dict[str, Any], search: dict[str, Any], info: dict[str, Any])
         from kiln.trainer import train_loop
 
         devices.configure(max(1, math.floor(spec.cpus_per_worker)), gpus=spec.gpus_per_worker > 0)
-        train_loop(spec, data_info, tf.distribute.get_strategy(), TuneContext(spec.run_dir))
+        train_loop(spec, data_info, tf.distribute.get_strategy(),
+                   TuneContext(spec.run_dir, through_tune=s.scheduler == "pbt"))
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -292,24 +317,45 @@ def _trial(config: dict[str, Any], search: dict[str, Any], info: dict[str, Any])
 
 
 class TuneContext:
-    """A trial in its own process: checkpoints in the trial's run folder, metrics to Tune."""
+    """A trial in its own process: checkpoints in the trial's run folder, metrics to Tune. With
+    ``through_tune`` (PBT) each checkpoint also goes to Tune, which hands a good trial's to a poor
+    one: the trial then starts from the checkpoint Tune gives it, not from its own latest."""
 
     rank = 0
     world_size = 1
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, through_tune: bool = False) -> None:
         from kiln.trainer import LocalContext
 
-        self.local = LocalContext(run_dir)
+        self.local, self.through_tune = LocalContext(run_dir), through_tune
 
     def restore_dir(self) -> Any:
-        return self.local.restore_dir()
+        import ray.tune
+
+        given = ray.tune.get_checkpoint() if self.through_tune else None
+        if given is None:
+            yield from self.local.restore_dir()
+            return
+        with given.as_directory() as folder:
+            source = Path(folder)
+            if self.local.run_dir.name not in str(source):  # exploit: another trial's checkpoint
+                # Tune's folder of a trial is named by its id (trial_dirname_creator)
+                donor = next((p for p in source.parents if p.parent.name == "tune"), source).name
+                say(f"continues from trial {donor}'s checkpoint at epoch "
+                    f"{json.loads((source / 'state.json').read_text())['epoch']} with a perturbed config")
+            yield source
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         import ray.tune
 
         self.local.report(metrics, checkpoint_dir)
-        ray.tune.report(dict(metrics))
+        if self.through_tune and checkpoint_dir is not None:
+            from ray.tune import Checkpoint
+
+            ray.tune.report(dict(metrics), checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
+        else:
+            ray.tune.report(dict(metrics))
+
 
 
 def _config_text(config: dict[str, Any]) -> str:
@@ -343,6 +389,7 @@ def _mlflow_parent(s: SearchSpec) -> str:
     base = s.base_spec
     parent = Mlflow.start(base.mlflow["uri"], base.mlflow["experiment"], s.name,
                           {"search": "; ".join(d.text for d in s.dims), "scheduler": s.scheduler,
+                           "searcher": s.searcher,
                            "samples": s.samples, "metric": s.metric, "mode": s.mode,
                            "plugin": base.plugin, "dataset": base.dataset, "epochs": base.epochs,
                            **{f"set.{k}": v for k, v in base.overrides.items()}},
@@ -365,21 +412,37 @@ def _limited(reserve: dict[str, float], concurrent: int, cluster: dict[str, floa
 def _new_tuner(s: SearchSpec, trainable: Any) -> Any:
     """A fresh Tuner for ``s``: its sampler, scheduler and storage under the search's folder."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
     from ray.tune.search import BasicVariantGenerator
 
     base = s.base_spec
     if s.scheduler == "asha":
         scheduler: Any = ASHAScheduler(time_attr="epoch", max_t=base.epochs, grace_period=s.grace_epochs,
                                        reduction_factor=s.reduction_factor)
+    elif s.scheduler == "pbt":
+        # Kiln's epoch is the clock, as with ASHA: a trial restored from a checkpoint keeps it
+        scheduler = PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_epochs,
+                                            hyperparam_mutations={d.key: d.domain() for d in s.dims},
+                                            synch=False)
     else:
         scheduler = FIFOScheduler()
+    if s.searcher == "optuna":
+        import optuna
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        # Tune hands a model-based searcher's trials out one at a time as results come in; its
+        # state is saved with the experiment, so --resume goes on from what it learnt
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # Kiln prints a line per trial
+        search: Any = OptunaSearch(sampler=TPESampler(seed=base.seed))
+    else:
+        search = BasicVariantGenerator(random_state=base.seed)
     return tune.Tuner(
         trainable,
         param_space={d.key: d.domain() for d in s.dims},
         tune_config=tune.TuneConfig(
             metric=s.metric, mode=s.mode, num_samples=s.samples, scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=base.seed),
+            search_alg=search,
             trial_dirname_creator=lambda t: t.trial_id,
             # a trial's process is kept for the next one: TensorFlow and Kiln are imported
             # once per concurrent trial instead of once per trial
@@ -428,7 +491,7 @@ def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
                                     reserve)
     path = s.dir / "tune"
     say(f"search '{s.name}': {base.plugin} on {base.dataset}, {s.samples} sample(s) of "
-        f"{'; '.join(d.text for d in s.dims)}, {s.scheduler.upper()} on {s.metric} ({s.mode}), "
+        f"{'; '.join(d.text for d in s.dims)} ({s.searcher}), {s.scheduler.upper()} on {s.metric} ({s.mode}), "
         f"{base.epochs} epochs at most, {concurrent} trial(s) at a time; in {s.dir}")
     if resume:
         if not tune.Tuner.can_restore(str(path)):
@@ -440,7 +503,10 @@ def run(s: SearchSpec, *, resume: bool = False) -> dict[str, Any]:
     grid = tuner.fit()
     # Tune returns (it does not raise) when Ctrl-C stopped it; its state is saved for a resume
     expected = s.samples * math.prod(len(d.values) for d in s.dims if d.kind == "grid")
-    unfinished = max(expected, len(grid)) - grid.num_terminated - grid.num_errors
+    # a trial that ran to its end, or that the scheduler stopped, has Tune's done flag on its last
+    # result; one Ctrl-C stopped has not (Tune may still call it terminated)
+    unfinished = max(expected - len(grid), 0) + sum(
+        1 for r in grid if r.error is None and not (r.metrics or {}).get("done"))
     if unfinished:
         raise KilnError(f"search '{s.name}' was interrupted with {unfinished} trial(s) unfinished; "
                         f"continue it with `kiln tune --resume {s.name}`")
@@ -486,7 +552,9 @@ def trials(s: SearchSpec, grid: Any) -> list[dict[str, Any]]:
             status = "stopped early"
         else:
             status = f"stopped by {s.scheduler.upper()}"
-        rows.append({"trial": trial_id, "config": {d.key: result.config.get(d.key) for d in s.dims},
+        # a trial's config is the one it trained with (PBT perturbs it): its Kiln run has it
+        config = _trial_overrides(s.dir / "trials" / trial_id) or result.config or {}
+        rows.append({"trial": trial_id, "config": {d.key: config.get(d.key) for d in s.dims},
                      "epochs": epochs, "best": best[1] if best else None,
                      "best_epoch": best[0] if best else None, "status": status, "curve": values})
     return sorted(rows, key=lambda r: r["trial"])
@@ -499,6 +567,14 @@ def _first_line(error: BaseException) -> str:
         if "Error" in line:
             return line.strip()[:300]
     return (text[-1] if text else type(error).__name__).strip()[:300]
+
+
+def _trial_overrides(run_dir: Path) -> dict[str, Any]:
+    """The config a trial's last checkpoint was trained with ({} before its first)."""
+    from kiln import checkpoint
+
+    last = checkpoint.latest(run_dir) if run_dir.is_dir() else None
+    return dict(checkpoint.state(last).get("spec", {}).get("overrides", {})) if last else {}
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -534,7 +610,8 @@ def finish(s: SearchSpec, info: Any, rows: list[dict[str, Any]]) -> dict[str, An
     ]
     epochs_run = sum(r["epochs"] for r in rows)
     summary = {
-        "name": s.name, "space": [d.text for d in s.dims], "scheduler": s.scheduler, "metric": s.metric,
+        "name": s.name, "space": [d.text for d in s.dims], "scheduler": s.scheduler, "searcher": s.searcher,
+        "metric": s.metric,
         "mode": s.mode, "samples": s.samples, "epochs_run": epochs_run,
         "epochs_budget": len(rows) * s.base["epochs"],
         "trials": [{k: v for k, v in r.items() if k != "curve"} for r in rows],

@@ -47,6 +47,11 @@ def manifest(root: Path, ref: str) -> dict:
     (["har", "--search", "dropout=uniform:0.1:0.5", "--samples", "0"], "--samples must be at least 1, got 0"),
     (["har", "--search", "dropout=uniform:0.1:0.5", "--reduction-factor", "1"], "--reduction-factor must be at least 2, got 1"),
     (["--resume", "no-such-search"], "no search 'no-such-search' in"),
+    (["har", "--search", "filters=grid:16,32/32,64", "--searcher", "optuna"],
+     "--searcher optuna chooses every value itself; search filters=grid:16,32/32,64 with choice: instead"),
+    (["har", "--search", "dropout=uniform:0.1:0.5", "--searcher", "grid"], "--searcher grid needs a grid: key"),
+    (["har", "--search", "dropout=uniform:0.1:0.5", "--scheduler", "pbt", "--workers", "2"],
+     "--scheduler pbt hands a trial's checkpoint to another trial's process; it runs trials in-process"),
 ])
 def test_bad_searches_are_one_line_before_any_work(workdir, args, message):
     # kiln's main in this process; a fresh `kiln tune` process with a bad search: test_cli_errors
@@ -153,10 +158,12 @@ def test_a_failed_trial_does_not_fail_the_search(workdir, shared_ray):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_an_interrupted_search_resumes_where_its_trials_stopped(workdir, shared_ray, capfd):
+    """Optuna's TPE chooses each trial's config from the results so far: a resumed search restores
+    its state with Tune's, so it asks for no trial beyond the two it was given."""
     # every epoch lasts at least a second (nap), so the search is still running when Ctrl-C comes
     cmd = [sys.executable, "-m", "kiln.cli", "--plugin-path", str(TEST_PLUGINS / "flaky.py"), "tune", "flaky",
-           "--search", "learning_rate=grid:0.001/0.003", "--set", "nap=1", "--limit", "300", "--epochs", "4",
-           "--scheduler", "fifo", "--run", "r"]
+           "--search", "learning_rate=loguniform:0.001:0.003", "--searcher", "optuna", "--samples", "2",
+           "--set", "nap=1", "--limit", "300", "--epochs", "4", "--scheduler", "fifo", "--run", "r"]
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -176,10 +183,29 @@ def test_an_interrupted_search_resumes_where_its_trials_stopped(workdir, shared_
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     r = results(workdir, "r")
     assert [t["status"] for t in r["trials"]] == ["finished", "finished"] and r["epochs_run"] == 8
+    assert r["searcher"] == "optuna" and all(0.001 <= t["config"]["learning_rate"] <= 0.003 for t in r["trials"])
     # at least the trial that had a checkpoint went on from it instead of starting again
     assert "resuming from checkpoint at epoch" in out.stdout + capfd.readouterr().out
     again = kiln_here("tune", "--resume", "r", cwd=workdir)
     assert again.returncode == 2 and "already finished; its best model is flaky:1" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_population_based_training_continues_poor_trials_from_good_ones(workdir, shared_ray):
+    """PBT: every trial runs to the end; at each perturbation a trial in the bottom quarter takes
+    a top trial's checkpoint (weights, optimizer and its history) and a perturbed config."""
+    out = kiln_here("tune", "har", "--search", "learning_rate=loguniform:1e-4:1e-2", "--search",
+                    "dropout=uniform:0.1:0.6", "--scheduler", "pbt", "--perturbation-epochs", "1",
+                    "--samples", "4", *SMALL, "--run", "pbt", cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    r = results(workdir, "pbt")
+    assert r["scheduler"] == "pbt" and [t["status"] for t in r["trials"]] == ["finished"] * 4
+    exploits = [line for line in out.stdout.splitlines() if "continues from trial" in line]
+    assert exploits, out.stdout[-3000:]
+    assert all("'s checkpoint at epoch" in line and "with a perturbed config" in line for line in exploits)
+    ids = {t["trial"] for t in r["trials"]}
+    assert all(line.split("continues from trial ")[1].split("'")[0] in ids for line in exploits), exploits
 
 
 def test_trials_at_a_time_are_bounded_by_what_each_reserves():
