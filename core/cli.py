@@ -347,6 +347,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             from kiln import net
 
             net.check_ray_address(args.address)
+            if not started:
+                raise KilnError("this Python session is joined to a Ray already; run `kiln doctor "
+                                f"--address {args.address}` from a shell to inspect another")
             connect(args.address)
         elif started:  # what a local training would get; its own Ray, no dashboard
             ray.init(address="local", include_dashboard=False, logging_level=logging.ERROR)

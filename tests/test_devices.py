@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from helpers import copy_models, run_kiln
+from helpers import copy_models, kiln_here
 from kiln import devices
 
 FAKE_GPUS = """
@@ -93,18 +93,21 @@ def test_doctor_finds_no_problem_without_a_gpu_or_its_driver():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_kiln_doctor_shows_what_tensorflow_and_ray_see():
+def test_kiln_doctor_shows_what_tensorflow_and_ray_see(shared_ray):
+    """In a Python session with a Ray of its own, doctor inspects that Ray and leaves it running."""
+    import ray
     import tensorflow as tf
 
-    done = run_kiln("doctor", timeout=300)
+    done = kiln_here("doctor")
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     facts = {line.split("  ")[0]: line.split("  ", 1)[1].strip() for line in lines if "  " in line}
     assert facts["tensorflow"] == tf.__version__ and facts["built with CUDA"] in ("yes", "no")
-    assert facts["Ray cluster (local)"].endswith("GPUs") and " CPUs, " in facts["Ray cluster (local)"]
-    assert "device" in facts
+    cpus = ray.cluster_resources()["CPU"]
+    assert facts["Ray cluster (local)"] == f"{cpus:g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs"
+    assert "device" in facts and ray.is_initialized()
     assert lines[-1] == "no problem found" or lines[-1].startswith("warning: "), lines
     # a cluster that is not there blocks training: exit 1 and the fix
-    gone = run_kiln("doctor", "--address", "127.0.0.1:9", timeout=300)
+    gone = kiln_here("doctor", "--address", "127.0.0.1:9")
     assert gone.returncode == 1, gone.stdout + gone.stderr[-2000:]
     assert gone.stdout.splitlines()[-1].startswith("problem: cannot reach a Ray cluster at '127.0.0.1:9'")

@@ -14,7 +14,6 @@ from kiln import KilnError, models, run
 pytestmark = pytest.mark.slow
 
 TINY = {"cnn": dict(limit=256), "autoencoder": dict(limit=256), "vae": dict(limit=256),
-        "dcgan": dict(limit=256, overrides={"width": "16", "sample_every": "0"}),
         "cgan": dict(limit=256, overrides={"width": "16", "sample_every": "0"}),
         "har": dict(val_fraction=0), "lstm": dict(limit=64, overrides={"units": "16"}),
         "transfer": dict(limit=128)}
@@ -24,7 +23,8 @@ def test_every_built_in_plugin_trains_under_mixed_bfloat16_and_loads_as_float32(
     from kiln import registry
 
     built_in = {e.name for e in registry.entries() if e.cls and e.cls.__module__.startswith("kiln.plugins.")}
-    assert set(TINY) == built_in  # a new built-in plugin is tried here too
+    # dcgan trains the same GAN class as cgan, which also takes the class through both networks
+    assert set(TINY) | {"dcgan"} == built_in  # a new built-in plugin is tried here too
     store = copy_models(trained, tmp_path / "store", "cnn")  # transfer's base; the GANs' judge
     for plugin, kw in TINY.items():
         spec = run.plan(plugin, epochs=1, batch_size=32, store=store, runs_dir=tmp_path / "runs",
