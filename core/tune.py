@@ -434,6 +434,11 @@ def _new_tuner(s: SearchSpec, trainable: Any) -> Any:
         # Tune hands a model-based searcher's trials out one at a time as results come in; its
         # state is saved with the experiment, so --resume goes on from what it learnt
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # Kiln prints a line per trial
+        import warnings
+
+        # about saving a choice of tuples (filters=choice:16,32/32,64) to an RDB storage, which
+        # this in-memory study never does
+        warnings.filterwarnings("ignore", message="Choices for a categorical distribution should be")
         search: Any = OptunaSearch(sampler=TPESampler(seed=base.seed))
     else:
         search = BasicVariantGenerator(random_state=base.seed)
