@@ -173,11 +173,25 @@ class Tracking:
             self.board.close()
 
 
+class _OwnRetracing:
+    """A logging filter: TensorFlow counts traces by a function's code, so a process that trains
+    again (a reused Tune trial actor, runs one after another) hears that ``repeated``'s one
+    function per run "triggered tf.function retracing". Only that warning about it is dropped."""
+
+    def filter(self, record: Any) -> bool:
+        return not ("triggered tf.function retracing" in record.getMessage()
+                    and "repeated.<locals>.run" in record.getMessage())
+
+
 def repeated(strategy: Any, step: Any) -> Any:
     """``step`` run ``n`` times in one compiled call. Many steps per call keep Python out of the
     hot path; logs are reduced across workers once per epoch (a collective per logged value per
-    step would cost more than the step itself)."""
+    step would cost more than the step itself). One per run: it holds that run's model."""
     import tensorflow as tf
+
+    logger = tf.get_logger()
+    if not any(isinstance(f, _OwnRetracing) for f in logger.filters):
+        logger.addFilter(_OwnRetracing())
 
     @tf.function
     def run(iterator: Any, n: Any) -> dict[str, Any]:
