@@ -339,10 +339,15 @@ class TuneContext:
         with given.as_directory() as folder:
             source = Path(folder)
             if self.local.run_dir.name not in str(source):  # exploit: another trial's checkpoint
+                from kiln import checkpoint
+
                 # Tune's folder of a trial is named by its id (trial_dirname_creator)
                 donor = next((p for p in source.parents if p.parent.name == "tune"), source).name
-                say(f"continues from trial {donor}'s checkpoint at epoch "
-                    f"{json.loads((source / 'state.json').read_text())['epoch']} with a perturbed config")
+                epoch = checkpoint.state(source)["epoch"]
+                say(f"continues from trial {donor}'s checkpoint at epoch {epoch} with a perturbed config")
+                # the trial's own folder holds what it goes on from: a donor's last epoch leaves it
+                # nothing to train, and its record (history, best epoch) is then the donor's
+                source = checkpoint.keep(self.local.run_dir, source, epoch)
             yield source
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
