@@ -52,6 +52,9 @@ def data_path_env(opts: ServeOptions | None = None) -> dict[str, str]:
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
             # gRPC's 4 MiB default would refuse arrays from a body within --max-body-mb
             "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1 << 30),
+            # Serve kills a proxy not ready within 5 s (ray#39739), and serve.start then fails: on a
+            # busy 2-core machine HAProxy's manager took longer (a clean-clone suite run)
+            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
             # a stopping ingress replica keeps answering this long while HAProxy drops it (one
             # node: HAProxy reloads within a second); Serve's default of 30 s would hold Ctrl-C
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
