@@ -52,11 +52,6 @@ def configure(threads: int | None = None, *, gpus: bool = True, gpu_memory_mb: i
     return dict(_applied)
 
 
-def applied() -> dict[str, Any]:
-    """What ``configure`` set in this process ({} when it was never called)."""
-    return dict(_applied)
-
-
 # ------------------------------------------------------------------------------------ doctor
 
 

@@ -354,12 +354,12 @@ class TuneContext:
         import ray.tune
 
         self.local.report(metrics, checkpoint_dir)
+        to_tune = None
         if self.through_tune and checkpoint_dir is not None:
             from ray.tune import Checkpoint
 
-            ray.tune.report(dict(metrics), checkpoint=Checkpoint.from_directory(str(checkpoint_dir)))
-        else:
-            ray.tune.report(dict(metrics))
+            to_tune = Checkpoint.from_directory(str(checkpoint_dir))
+        ray.tune.report(dict(metrics), checkpoint=to_tune)
 
 
 
@@ -550,7 +550,8 @@ def trials(s: SearchSpec, grid: Any) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
         trial_id = Path(result.path).name  # the trial's folder is named by its id (trial_dirname_creator)
-        history = _history(s.dir / "trials" / trial_id)
+        state = _last_state(s.dir / "trials" / trial_id)
+        history = _history(state)
         values = [(h["epoch"], h[s.metric]) for h in history if s.metric in h]
         best = (max if s.mode == "max" else min)(values, key=lambda p: p[1]) if values else None
         epochs = int(history[-1]["epoch"]) if history else 0
@@ -563,7 +564,7 @@ def trials(s: SearchSpec, grid: Any) -> list[dict[str, Any]]:
         else:
             status = f"stopped by {s.scheduler.upper()}"
         # a trial's config is the one it trained with (PBT perturbs it): its Kiln run has it
-        config = _trial_overrides(s.dir / "trials" / trial_id) or result.config or {}
+        config = state.get("spec", {}).get("overrides") or result.config or {}
         rows.append({"trial": trial_id, "config": {d.key: config.get(d.key) for d in s.dims},
                      "epochs": epochs, "best": best[1] if best else None,
                      "best_epoch": best[0] if best else None, "status": status, "curve": values})
@@ -579,22 +580,18 @@ def _first_line(error: BaseException) -> str:
     return (text[-1] if text else type(error).__name__).strip()[:300]
 
 
-def _trial_overrides(run_dir: Path) -> dict[str, Any]:
-    """The config a trial's last checkpoint was trained with ({} before its first)."""
+def _last_state(run_dir: Path) -> dict[str, Any]:
+    """A trial's last checkpoint's state: its spec (the config it trained with), history, early
+    stop; {} before its first."""
     from kiln import checkpoint
 
     last = checkpoint.latest(run_dir) if run_dir.is_dir() else None
-    return dict(checkpoint.state(last).get("spec", {}).get("overrides", {})) if last else {}
+    return checkpoint.state(last) if last else {}
 
 
-def _history(run_dir: Path) -> list[dict[str, Any]]:
-    """A trial's per-epoch metrics from its last checkpoint; the last entry marks an early stop."""
-    from kiln import checkpoint
-
-    last = checkpoint.latest(run_dir) if run_dir.is_dir() else None
-    if last is None:
-        return []
-    state = checkpoint.state(last)
+def _history(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """A trial's per-epoch metrics from its last checkpoint's state; the last entry marks an early
+    stop."""
     history = list(state.get("history", []))
     if (state.get("early_stop") or {}).get("stopped") and history:
         history[-1] = {**history[-1], "stopped": True}
