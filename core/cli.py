@@ -114,12 +114,29 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "label":
         if len(args.args) != 2:
             raise KilnError("`kiln models label NAME:VERSION LABEL` points LABEL at that version")
+        if args.mlflow:  # the MLflow alias first: where it is refused, the Kiln label stays as it was
+            from kiln import tracking
+            from kiln.store import check_label
+
+            version = store.get(args.args[0], whole=False)
+            uri = tracking.check_mlflow(args.mlflow)
+            named = tracking.set_alias(uri, (version.manifest.get("mlflow") or {}).get("run_id", ""),
+                                       check_label(args.args[1]), version.ref)
+            print(f"[kiln] MLflow {', '.join(f'{n}@{args.args[1]}' for n in named)} -> {version.ref}")
         version = store.label(args.args[0], args.args[1])
         print(f"[kiln] {version.name}@{args.args[1]} -> {version.ref}")
         return 0
     if args.action == "unlabel":
         if len(args.args) != 2:
             raise KilnError("`kiln models unlabel NAME LABEL` removes a label")
+        if args.mlflow:
+            from kiln import tracking
+
+            labels = store.labels(args.args[0])
+            if args.args[1] in labels:
+                version = store.get(f"{args.args[0]}:{labels[args.args[1]]}", whole=False)
+                tracking.delete_alias(tracking.check_mlflow(args.mlflow),
+                                      (version.manifest.get("mlflow") or {}).get("run_id", ""), args.args[1])
         was = store.unlabel(args.args[0], args.args[1])
         print(f"[kiln] removed {args.args[0]}@{args.args[1]} (it named {args.args[0]}:{was})")
         return 0
@@ -200,7 +217,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kiln.serve.options import ServeOptions
     from kiln.serve.server import Server
 
-    spec = app.plan(args.model, options.from_args(ServeOptions, args), store=args.store)
+    opts = options.from_args(ServeOptions, args)
+    if any(m.startswith("models:/") for m in args.model or []):
+        from kiln.tracking import resolve_all
+
+        args.model = resolve_all(args.model, opts.mlflow, args.store)
+    spec = app.plan(args.model, opts, store=args.store)
     if args.build_config:
         import yaml
 
@@ -483,6 +505,17 @@ def _served(client: object, ref: str, url: str) -> dict:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if (args.image is None) == (args.input is None):
+        raise KilnError("give --input PATH --output OUT (a dataset, on Ray Data) or --image FILE (one "
+                        "picture, to a server)")
+    if args.input is not None:
+        from kiln import options
+        from kiln.cluster import predict
+
+        spec = predict.plan(args.model, args.input, options.from_args(predict.PredictOptions, args),
+                            store=args.store)
+        predict.run(spec)
+        return 0
     from kiln.client import Client
 
     client = Client(args.url)
@@ -594,6 +627,9 @@ def _models_command(sub: Any, common: argparse.ArgumentParser) -> argparse.Argum
                                    "running `kiln serve` serves.")
     s.add_argument("action", nargs="?", choices=["list", "label", "unlabel", "rm"], default="list")
     s.add_argument("args", nargs="*", metavar="NAME[:VERSION] LABEL")
+    s.add_argument("--mlflow", default=None, metavar="URI",
+                   help="label and unlabel also set and remove the alias of the version in this MLflow "
+                        "server's model registry (`kiln train --register`)")
     s.set_defaults(fn=cmd_models)
     return s
 
@@ -632,7 +668,8 @@ def _samples_command(sub: Any, common: argparse.ArgumentParser) -> argparse.Argu
 def _serve_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", parents=[common], help="serve stored models over HTTP with Ray Serve")
     s.add_argument("--model", action="append", default=None, metavar="NAME[:VERSION]",
-                   help="model to serve (repeatable; default: the latest version of every model)")
+                   help="model to serve (repeatable; default: the latest version of every model); "
+                        "models:/NAME@ALIAS serves a version registered in MLflow (--mlflow)")
     from kiln import options
     from kiln.serve.options import ServeOptions
 
@@ -696,10 +733,24 @@ def _cluster_command(sub: Any, common: argparse.ArgumentParser) -> argparse.Argu
 
 
 def _predict_command(sub: Any, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    s = sub.add_parser("predict", parents=[common], help="classify an image file with a served model")
-    s.add_argument("model", metavar="NAME[:VERSION]")
-    s.add_argument("--image", required=True, help="PNG or JPEG file (resized to the model's input)")
-    s.add_argument("--url", default=settings.url(), help="Kiln server (default $KILN_URL or %(default)s)")
+    from kiln import options
+    from kiln.cluster.predict import PredictOptions
+
+    s = sub.add_parser("predict", parents=[common],
+                       help="score a dataset with a stored model on Ray Data, or classify one image with a server",
+                       description="`kiln predict MODEL --input PATH --output OUT.parquet` scores every "
+                                   "row of a folder of pictures, an .npz, a HAR folder or a text file of "
+                                   "prompts with a stored model, in a pool of Ray Data actors, and writes a "
+                                   "row per input. `kiln predict MODEL --image FILE` classifies one "
+                                   "picture with a running `kiln serve` (--url).")
+    s.add_argument("model", metavar="NAME[:VERSION|@LABEL]")
+    s.add_argument("--image", default=None, help="one PNG or JPEG file for a served model (resized to its input)")
+    s.add_argument("--url", default=settings.url(), help="with --image: the Kiln server (default $KILN_URL "
+                                                         "or %(default)s)")
+    s.add_argument("--input", default=None, metavar="PATH",
+                   help="a folder of pictures (class subfolders or flat), an .npz (its x), a HAR folder "
+                        "(its test split) or a .txt of prompts, one per line")
+    options.add_flags(s, PredictOptions)
     s.set_defaults(fn=cmd_predict)
     return s
 

@@ -377,6 +377,12 @@ def _arrays(name: str) -> tuple[dict[str, np.ndarray], DatasetInfo]:
     return arrays, info
 
 
+def test_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The test split of an array-backed dataset (an .npz, a HAR folder) as (x, y)."""
+    arrays, _ = _arrays(name)
+    return arrays["x_test"], arrays["y_test"]
+
+
 def _array_info(name: str, a: dict[str, np.ndarray], **extra: Any) -> DatasetInfo:
     y = np.concatenate([a["y_train"], a["y_test"]])
     integer = np.issubdtype(y.dtype, np.integer) and y.ndim == 1

@@ -16,6 +16,13 @@ from kiln.plugin import DatasetInfo, KilnError, Plugin, make_config
 from kiln.spec import TrainSpec
 
 
+def plugin_class(manifest: dict[str, Any]) -> type[Plugin]:
+    """The registered plugin class a stored version's manifest names."""
+    if manifest.get("plugin_path") and not registry.has(manifest["plugin"]):
+        registry.load_file(manifest["plugin_path"])
+    return registry.get(manifest["plugin"])
+
+
 def make_plugin(name: str, config: dict[str, Any], info: DatasetInfo, *, store: str | Path | None = None,
                 plugin_path: str | None = None) -> Plugin:
     """The registered plugin ``name`` with ``config`` (overrides, or a stored config), set up for

@@ -18,14 +18,16 @@ from kiln.plugin import KilnError
 
 def option(default: Any, help: str = "", *, low: float | None = None, above: float | None = None,
            high: float | None = None, below: float | None = None, choices: tuple[str, ...] | None = None,
-           metavar: str | None = None, flag: str | None = None, process: bool = False) -> Any:
+           metavar: str | None = None, flag: str | None = None, process: bool = False,
+           const: str | None = None) -> Any:
     """A field of an options dataclass. ``low``/``high`` bound it inclusively, ``above``/``below``
     exclusively; ``flag`` names its flag where the field's name is not it (``--set`` for
     ``overrides``); ``process`` marks an option of the running command alone (how it reaches Ray,
     how long it waits), which a written config does not carry. A ``list[str]`` option is a
-    repeatable flag, a ``dict[str, str]`` one a repeatable KEY=VALUE flag, a ``bool`` one a switch."""
+    repeatable flag, a ``dict[str, str]`` one a repeatable KEY=VALUE flag, a ``bool`` one a switch; ``const`` is the value of a
+    flag given without one (``--register`` alone)."""
     meta = {"help": help, "low": low, "above": above, "high": high, "below": below, "choices": choices,
-            "metavar": metavar, "flag": flag, "process": process}
+            "metavar": metavar, "flag": flag, "process": process, "const": const}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -61,8 +63,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             base = _scalar(kind)
             metavar = meta["metavar"] or ("N" if base in (int, float) else None)
+            optional = {"nargs": "?", "const": meta["const"]} if meta.get("const") is not None else {}
             parser.add_argument(name, dest=f.name, type=base, default=default, metavar=metavar,
-                                choices=meta["choices"], help=help)
+                                choices=meta["choices"], help=help, **optional)
 
 
 def _scalar(kind: Any) -> type:

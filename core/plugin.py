@@ -334,6 +334,10 @@ def inference(*, outputs: dict[str, str] | None = None, **inputs: Schema) -> Cal
 # --------------------------------------------------------------------------- the plugin
 
 
+# the methods a plugin's predict method is the first of, where it names none (``Plugin.predict``)
+PREDICT_ORDER = ("classify", "reconstruct", "encode", "decode")
+
+
 class Plugin:
     """Base class of every model family. Subclass it, set the class attributes, implement build().
 
@@ -363,6 +367,8 @@ class Plugin:
     val_fraction: ClassVar[float] = 0.1
     #: the dtype policies it trains under (``kiln train --precision``)
     precisions: ClassVar[tuple[str, ...]] = ("float32", "mixed_float16", "mixed_bfloat16")
+    #: why a plugin without an ``export_model`` has none (``kiln export``, ``--register``)
+    no_export: ClassVar[str] = ""
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         if config is None:
@@ -421,9 +427,13 @@ class Plugin:
         """The network behind this plugin's predict method as other servers run it (``kiln
         export``): a ``keras.Model`` from the method's raw inputs (named as its arguments) to its
         main output, preprocessing included, so the exported file answers what Kiln answers.
-        A plugin without one raises KilnError saying why."""
-        raise KilnError(f"plugin '{self.name}' names no network to export: its export_model() would "
-                        "return a keras.Model from its predict method's raw input to its output")
+        A plugin without one keeps this one, which says why (``no_export``)."""
+        raise KilnError(self.no_export_reason())
+
+    @classmethod
+    def no_export_reason(cls) -> str:
+        return cls.no_export or (f"plugin '{cls.name}' names no network to export: its export_model() "
+                                 "would return a keras.Model from its predict method's raw input to its output")
 
     def save_assets(self, model: Any, test: Any, out_dir: Path) -> None:
         """Write files inference needs besides weights (a latent bank, ...) into out_dir; they

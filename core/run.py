@@ -57,6 +57,11 @@ def plan(plugin: str, opts: TrainOptions | None = None, *, store: str | Path | N
 
         tracking = {"uri": check_mlflow(o.mlflow or settings.mlflow_uri() or ""),
                     "experiment": settings.mlflow_experiment()}
+    if o.register is not None:
+        if tracking is None:
+            raise KilnError("--register registers the model in MLflow's model registry; give the server "
+                            "with --mlflow URI (or MLFLOW_TRACKING_URI)")
+        tracking["register"] = store_mod.check_name(o.register) if o.register else ""
     if address:
         net.check_ray_address(address)
     if plugin_path:
@@ -66,6 +71,9 @@ def plan(plugin: str, opts: TrainOptions | None = None, *, store: str | Path | N
     config = make_config(cls.Config, overrides)  # unknown keys / bad values fail here, before any work
     if o.precision not in cls.precisions:
         raise KilnError(f"--precision {o.precision}: {plugin} trains under {', '.join(cls.precisions)} only")
+    if o.register is not None and cls.export_model is Plugin.export_model:
+        raise KilnError(f"--register puts the network `kiln export` writes in MLflow's registry: "
+                        f"{cls.no_export_reason()}")
     dataset = dataset or cls.dataset
     dataset = data.named_folder(dataset) or dataset  # an image folder under $KILN_DATA_DIR
     if data.is_file_dataset(dataset):
@@ -270,8 +278,48 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path, extra: dict[str,
         tracker.files([version.path / "manifest.json"])
         tracker.files([version.path / store_mod.ARTIFACTS], "pictures")
         tracker.tags({"kiln.model": version.ref, "kiln.store": str(spec.store)})
+        if spec.mlflow.get("register"):
+            _register(spec, plugin, model, version, tracker)
         tracker.end()
     return version
+
+
+def _register(spec: TrainSpec, plugin: Plugin, model: Any, version: store_mod.Version, tracker: Any) -> None:
+    """Register the stored version in MLflow's model registry (``--register``); a failure is one
+    line that says the version is stored all the same."""
+    from kiln.tracking import register
+
+    name = spec.mlflow["register"] or spec.name
+    try:
+        network = plugin.export_model(model)
+        number = register(tracker.uri, tracker.run_id, name, network, version,
+                          raw_example(network, spec.dataset, plugin.info))
+    except KilnError as e:
+        tracker.end("FAILED")
+        raise KilnError(f"stored {version.ref}, but did not register it in MLflow: {e}") from None
+    say(f"registered {version.ref} as MLflow model '{name}' version {number} "
+        f"(load it with mlflow.pyfunc.load_model('models:/{name}/{number}'))")
+
+
+def raw_example(network: Any, dataset: str, info: DatasetInfo, n: int = 4) -> Any:
+    """``n`` inputs of ``network`` as a user sends them: test examples where an input takes the
+    dataset's examples, else random draws (a generator's noise, class numbers); one array for a
+    network of one input, else a mapping by input name."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for i in network.inputs:
+        shape, dtype = tuple(i.shape[1:]), np.dtype(i.dtype)
+        if shape == tuple(info.input_shape):
+            split = data.load(dataset, "test", limit=n)
+            x = np.stack([np.asarray(a) for a, _ in split.ds.take(n).as_numpy_iterator()])
+        elif dtype.kind in "iu":
+            x = rng.integers(0, max(info.num_classes, 2), size=(n, *shape))
+        else:
+            x = rng.standard_normal((n, *shape))
+        out[i.name] = x.astype(dtype)
+    return next(iter(out.values())) if len(out) == 1 else out
 
 
 def test_dataset(plugin: Plugin, dataset: str, limit: int | None, batch: int = 256) -> Any:

@@ -52,6 +52,9 @@ class TrainOptions:
     mlflow: str | None = option(None, "also log to this MLflow tracking server (default "
                                       "$MLFLOW_TRACKING_URI; the experiment is $MLFLOW_EXPERIMENT_NAME "
                                       "or 'kiln')", metavar="URI")
+    register: str | None = option(None, "with MLflow: register the stored model in MLflow's model registry "
+                                        "as NAME (default: the model's name); kiln tune registers the "
+                                        "best trial's", metavar="NAME", const="")
 
 
 @dataclass
@@ -80,7 +83,8 @@ class TrainSpec:
     early_stop: str | None = None  # "val_METRIC:PATIENCE": stop when it stops improving
     precision: str = "float32"  # Keras' dtype policy while training (kiln.models.build)
     # MLflow tracking: {"uri", "experiment"}, and once the run exists its "run_id" (a search's
-    # trials also carry their search's run as "parent")
+    # trials also carry their search's run as "parent"; with --register, "register": the MLflow
+    # registered model's name, "" for the model's)
     mlflow: dict[str, str] | None = None
 
     @property

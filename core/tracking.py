@@ -10,6 +10,8 @@ rate, the pictures a plugin draws while training, and the run's config as hparam
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +196,147 @@ class Mlflow:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+# ------------------------------------------------------------------------------ model registry
+#
+# A registered version is the plugin's export network (raw inputs in, the predict method's main
+# output out: what `kiln export` writes) in MLflow's Keras flavour, whose pyfunc entry loads it
+# with `mlflow.pyfunc.load_model("models:/NAME@ALIAS")`. Beside it in the same run, under
+# `kiln/`, the stored version's own folder: what a store without it imports. The registered
+# version's tags name the Kiln version it came from, so a Kiln label and an MLflow alias name one
+# version on both sides.
+
+KILN_ARTIFACT = "kiln"  # the stored version's folder in the MLflow run
+
+
+def register(uri: str, run_id: str, name: str, network: Any, version: Any, example: Any) -> int:
+    """Log ``network`` (the plugin's export network of Kiln version ``version``) in run
+    ``run_id`` and register it as a version of MLflow model ``name``; the MLflow version number.
+    ``example``: raw inputs of the network (``kiln.run.raw_example``)."""
+    import tempfile
+
+    import keras
+    import mlflow
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    x = example
+    client = _client(uri)
+    with tempfile.TemporaryDirectory(prefix="kiln-mlflow-") as tmp:
+        folder = Path(tmp) / "model"
+        # made first: mlflow.keras writes the input example before it makes the folder
+        folder.mkdir()
+        # requirements named, not inferred (MLflow infers them by loading the model again in a
+        # subprocess, which costs seconds)
+        mlflow.keras.save_model(network, str(folder), signature=infer_signature(x, network.predict(x, verbose=0)),
+                                input_example=x,
+                                pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"])
+        client.log_artifacts(run_id, str(folder), "model")
+    client.log_artifacts(run_id, str(version.path), KILN_ARTIFACT)
+    try:
+        client.create_registered_model(name, tags={"kiln.plugin": version.manifest["plugin"]})
+    except Exception as e:  # already there: MLflow answers RESOURCE_ALREADY_EXISTS
+        if "RESOURCE_ALREADY_EXISTS" not in str(e) and "already exists" not in str(e):
+            raise
+    mv = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id,
+                                     tags={"kiln.model": version.ref, "kiln.run": version.manifest["run"]},
+                                     description=f"Kiln {version.ref} ({version.manifest['plugin']})")
+    return int(mv.version)
+
+
+def registered(uri: str, run_id: str) -> list[Any]:
+    """The registered MLflow model versions logged from run ``run_id``."""
+    return list(_client(uri).search_model_versions(f"run_id='{run_id}'"))
+
+
+def set_alias(uri: str, run_id: str, alias: str, ref: str) -> list[str]:
+    """Point MLflow alias ``alias`` at the registered versions of Kiln version ``ref`` (logged
+    from run ``run_id``); ``NAME/VERSION`` of each. KilnError when it was never registered."""
+    found = [mv for mv in registered(uri, run_id) if mv.tags.get("kiln.model") == ref] if run_id else []
+    if not found:
+        from kiln.plugin import KilnError
+
+        raise KilnError(f"{ref} has no registered version in the MLflow registry at {uri}; train it with "
+                        "--mlflow URI --register to register it")
+    client = _client(uri)
+    for mv in found:
+        client.set_registered_model_alias(mv.name, alias, mv.version)
+    return [f"{mv.name}/{mv.version}" for mv in found]
+
+
+def delete_alias(uri: str, run_id: str, alias: str) -> None:
+    """Remove ``alias`` from the registered models the versions of run ``run_id`` belong to,
+    where it names one of them."""
+    client = _client(uri)
+    for mv in registered(uri, run_id) if run_id else []:
+        if alias in (client.get_model_version(mv.name, mv.version).aliases or []):
+            client.delete_registered_model_alias(mv.name, alias)
+
+
+def is_registry_uri(text: str) -> bool:
+    return text.startswith("models:/")
+
+
+def resolve(uri: str, model_uri: str, store: Any) -> str:
+    """The Kiln version (``name:version``) behind ``models:/NAME@ALIAS`` or ``models:/NAME/N``:
+    the one it was registered from where ``store`` holds it, else that version imported into
+    ``store`` from the MLflow run it was logged in."""
+    from kiln.plugin import KilnError
+
+    rest = model_uri[len("models:/"):]
+    name, at, alias = rest.partition("@")
+    if not at:
+        name, _, number = rest.partition("/")
+    client = _client(uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if at else client.get_model_version(name, number)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise KilnError(f"{model_uri}: not in the MLflow registry at {uri} ({first}); use "
+                        "models:/NAME@ALIAS or models:/NAME/VERSION") from None
+    ref = mv.tags.get("kiln.model")
+    if not ref:
+        raise KilnError(f"{model_uri} (MLflow version {mv.version}) was not registered by Kiln; Kiln serves "
+                        "the versions `kiln train --register` registered")
+    kiln_name = ref.partition(":")[0]
+    for version in store.list():
+        m = version.manifest
+        if version.name == kiln_name and (m.get("mlflow") or {}).get("run_id") == mv.run_id:
+            return version.ref
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kiln-import-") as tmp:
+        try:
+            folder = Path(client.download_artifacts(mv.run_id, KILN_ARTIFACT, tmp))
+        except Exception as e:
+            raise KilnError(f"{model_uri}: cannot download the Kiln version from MLflow run {mv.run_id}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        manifest = json.loads((folder / "manifest.json").read_text())
+
+        def write(dest: Path) -> dict[str, Any]:
+            for item in folder.iterdir():
+                if item.name != "manifest.json":
+                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest / item.name)
+            return {k: v for k, v in manifest.items() if k not in ("version", "name", "created")}
+
+        version = store.save(kiln_name, write)
+    from kiln.logs import say
+
+    say(f"imported {model_uri} (from {ref} in MLflow run {mv.run_id}) as {version.ref}")
+    return version.ref
+
+
+def resolve_all(models: list[str], uri: str | None, store_root: str | None) -> list[str]:
+    """``kiln serve --model`` values with each ``models:/...`` one replaced by its Kiln version."""
+    from kiln import settings
+    from kiln.plugin import KilnError
+    from kiln.store import Store
+
+    uri = uri or settings.mlflow_uri()
+    if not uri:
+        raise KilnError("--model models:/... names a model in MLflow's registry; give the server with "
+                        "--mlflow URI (or MLFLOW_TRACKING_URI)")
+    uri = check_mlflow(uri)
+    store = Store(store_root)
+    return [resolve(uri, m, store) if is_registry_uri(m) else m for m in models]

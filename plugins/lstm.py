@@ -71,6 +71,9 @@ class CharLSTM(Plugin):
     epochs = 30
     batch_size = 128
     headline = "nats_per_char"
+    no_export = ("lstm takes text and runs a loop over characters around its network (generate samples "
+                 "one character at a time, score walks the text); no single network maps its input to its "
+                 "output, so there is nothing to export")
 
     def setup(self, info):
         if not info.extra.get("text"):
@@ -98,11 +101,6 @@ class CharLSTM(Plugin):
         nats = float(model.evaluate(test, verbose=0, return_dict=True)["loss"])
         return {"nats_per_char": nats, "bits_per_char": nats / math.log(2),
                 "perplexity": math.exp(nats)}
-
-    def export_model(self, model):
-        raise KilnError("lstm takes text and runs a loop over characters around its network (generate "
-                        "samples one character at a time, score walks the text); no single network "
-                        "maps its input to its output, so there is nothing to export")
 
     def samples(self, model, test, out_dir: Path) -> list[Path]:
         text = self.generate(model, prompt="ROMEO:" if "R" in self.index else self.vocab[0],

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kiln.plugin import PREDICT_ORDER
 from kiln.serve.options import MIB, ServeOptions
 from kiln.values import not_a_number
 
-PREDICT_ORDER = ("classify", "reconstruct", "encode", "decode")
 
 
 class ProtocolError(Exception):

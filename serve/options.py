@@ -53,6 +53,8 @@ class ServeOptions:
     ready_timeout: float = option(300.0, "seconds to wait for models to load", above=0, process=True)
     poll_seconds: float = option(10.0, "look for new model versions in the store this often (0: never)",
                                  low=0, process=True)
+    mlflow: str | None = option(None, "the MLflow tracking server a --model models:/NAME@ALIAS names "
+                                      "(default $MLFLOW_TRACKING_URI)", metavar="URI", process=True)
     # which versions, in which replicas
     traffic: list[str] = option(
         [], "split a model's unversioned traffic by weight, e.g. --traffic cnn:3=90 --traffic cnn:4=10 "

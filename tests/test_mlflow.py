@@ -116,10 +116,10 @@ def test_pictures_drawn_while_training_reach_mlflow_as_they_are_drawn(workdir, m
 
 
 @pytest.mark.ray
-def test_a_search_logs_its_trials_as_child_runs(workdir, mlflow_server, shared_ray):
+def test_a_search_logs_its_trials_as_child_runs_and_registers_the_best(workdir, mlflow_server, shared_ray):
     out = kiln_here("--plugin-path", str(TEST_PLUGINS / "flaky.py"), "tune", "flaky",
                    "--search", "dropout=grid:0.2/0.5", "--limit", "300", "--epochs", "2", "--scheduler", "fifo",
-                   "--run", "searched", "--mlflow", mlflow_server, cwd=workdir,
+                   "--run", "searched", "--mlflow", mlflow_server, "--register", cwd=workdir,
                    env={"MLFLOW_EXPERIMENT_NAME": "tests-tune"})
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     r = json.loads((workdir / "runs" / "searched" / "search.json").read_text())
@@ -135,6 +135,9 @@ def test_a_search_logs_its_trials_as_child_runs(workdir, mlflow_server, shared_r
     assert all(c.info.status == "FINISHED" for c in children)
     best = runs[r["best"]["trial"]]
     assert best.data.tags["kiln.model"] == "flaky:1" and "test_accuracy" in best.data.metrics
+    # --register: the best trial's model, under the model's own name
+    registered = client(mlflow_server).get_model_version("flaky", "1")
+    assert registered.run_id == best.info.run_id and registered.tags["kiln.model"] == "flaky:1"
     for c in children:
         assert [h.step for h in client(mlflow_server).get_metric_history(c.info.run_id, "val_accuracy")] == [1, 2]
 
@@ -151,3 +154,71 @@ def test_an_unreachable_mlflow_is_one_line_before_any_training(workdir):
     assert not (workdir / "runs").exists()
     bad = run_kiln("train", "cnn", "--mlflow", "ftp://x", cwd=workdir)
     assert bad.returncode == 2 and "bad MLflow tracking URI 'ftp://x'" in bad.stderr
+
+
+def test_register_alias_load_with_pyfunc_and_serve_from_the_registry(workdir, mlflow_server, tmp_path):
+    """--register puts the stored model in MLflow's registry; `kiln models label --mlflow` moves
+    the alias with the Kiln label; mlflow.pyfunc answers what Kiln answers; a store that lacks the
+    version imports it from MLflow to serve it."""
+    import mlflow
+    import numpy as np
+
+    from kiln import data, models
+    from kiln.store import Store
+    from kiln.tracking import resolve_all
+
+    out = kiln_here("train", "cnn", "--limit", "600", "--epochs", "1", "--run", "reg", "--mlflow", mlflow_server,
+                    "--register", "digits", cwd=workdir, env={"MLFLOW_EXPERIMENT_NAME": "tests-register"})
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    assert "registered cnn:1 as MLflow model 'digits' version 1" in out.stderr + out.stdout
+    c = client(mlflow_server)
+    mv = c.get_model_version("digits", "1")
+    run = runs_named(mlflow_server, "tests-register")["reg"]
+    assert mv.run_id == run.info.run_id and mv.tags["kiln.model"] == "cnn:1" and run.info.status == "FINISHED"
+
+    out = kiln_here("models", "label", "cnn:1", "champion", "--mlflow", mlflow_server, cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert c.get_model_version_by_alias("digits", "champion").version == "1"
+    assert Store(workdir / "store").labels("cnn") == {"champion": 1}
+
+    split = data.load("mnist", "test", limit=8)
+    x = np.stack([a for a, _ in split.ds.take(8).as_numpy_iterator()]).astype("float32")
+    plugin, model, _ = models.load("cnn:1", workdir / "store")
+    kiln_probs = np.asarray(plugin.classify(model, x)["probabilities"])
+    mlflow.set_tracking_uri(mlflow_server)
+    pyfunc = mlflow.pyfunc.load_model("models:/digits@champion")
+    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 28, 28, 1)
+    np.testing.assert_allclose(np.asarray(pyfunc.predict(x)), kiln_probs, atol=1e-5)
+
+    # served from the registry: the store it came from serves its own version ...
+    assert resolve_all(["models:/digits@champion"], mlflow_server, str(workdir / "store")) == ["cnn:1"]
+    # ... and an empty store imports it once, with its weights and record
+    elsewhere = tmp_path / "elsewhere"
+    assert resolve_all(["models:/digits@champion", "models:/digits/1"], mlflow_server, str(elsewhere)) \
+        == ["cnn:1", "cnn:1"]
+    imported = Store(elsewhere).get("cnn:1")
+    assert imported.manifest["mlflow"]["run_id"] == run.info.run_id
+    assert imported.weights.read_bytes() == Store(workdir / "store").get("cnn:1").weights.read_bytes()
+    out = kiln_here("serve", "--model", "models:/digits@champion", "--mlflow", mlflow_server,
+                    "--build-config", str(tmp_path / "serve.yaml"), "--store", str(elsewhere), cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "cnn:1" in (tmp_path / "serve.yaml").read_text()
+
+    out = kiln_here("models", "unlabel", "cnn", "champion", "--mlflow", mlflow_server, cwd=workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert c.get_registered_model("digits").aliases == {} and Store(workdir / "store").labels("cnn") == {}
+
+
+def test_registry_mistakes_are_one_line(workdir, mlflow_server):
+    cases = [
+        (("train", "cnn", "--limit", "100", "--register"), "--register registers the model in MLflow"),
+        (("train", "lstm", "--limit", "100", "--register", "--mlflow", mlflow_server), "lstm takes text and runs a loop"),
+        (("serve", "--model", "models:/nothing@champion", "--mlflow", mlflow_server, "--build-config", "x.yaml"),
+         "models:/nothing@champion: not in the MLflow registry"),
+        (("serve", "--model", "models:/nothing@champion", "--build-config", "x.yaml"), "give the server with --mlflow"),
+    ]
+    for args, expected in cases:
+        out = kiln_here(*args, cwd=workdir, env={"MLFLOW_TRACKING_URI": ""})
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, out.stderr[-2000:])
+    assert not (workdir / "runs").exists() and not (workdir / "x.yaml").exists()

@@ -1,0 +1,332 @@
+"""``kiln predict MODEL --input PATH --output OUT``: a stored model over a whole dataset on Ray
+Data, on this machine or a cluster.
+
+Ray Data reads the input (a folder of pictures, streamed as files; an .npz, a HAR folder or a
+text file of prompts, held in Ray's object store and addressed by row number), a pool of actors
+each holding the model runs its predict method over batches (``map_batches``), and Ray Data's
+writer writes one row per input, in input order, as Parquet or CSV. A row that cannot be scored
+(a file that is not a picture, a prompt the model cannot read) carries why in its ``error``
+column and the rest are scored; an actor that dies is restarted by Ray Data, which retries its
+task (actors of ``map_batches`` restart without limit by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln import data
+from kiln.logs import say
+from kiln.options import option
+from kiln.plugin import PREDICT_ORDER, DatasetInfo, KilnError, Scalar
+
+FORMATS = {".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class PredictOptions:
+    """``kiln predict``'s options for a dataset (``--input``)."""
+
+    output: str | None = option(None, "where to write one row per input: a folder Ray Data writes, "
+                                      "named .parquet or .csv", metavar="OUT.parquet|OUT.csv")
+    method: str | None = option(None, "the inference method (default: the model's predict method; "
+                                      "for a text file, generate)")
+    overrides: dict[str, Any] = option({}, "a further argument of the method, the same for every row "
+                                           "(e.g. --set max_chars=200)", flag="set", metavar="KEY=VALUE")
+    workers: int = option(1, "actors each holding the model", low=1)
+    batch_size: int = option(256, "rows per model call", low=1)
+    cpus_per_worker: float = option(1.0, "CPUs Ray gives each actor", above=0)
+    gpus_per_worker: float = option(0.0, "GPUs Ray gives each actor", low=0)
+    address: str | None = option(None, "Ray cluster address to run on (default: start a local one)")
+
+
+@dataclass
+class PredictSpec:
+    ref: str                 # name:version, resolved
+    store: str
+    input: str               # absolute
+    kind: str                # "images", "arrays" or "text"
+    output: str              # absolute
+    method: str
+    arg: str                 # the argument each row fills
+    args: dict[str, Any]     # the method's other arguments (--set), validated
+    opts: PredictOptions
+
+
+def plan(ref: str, path: str, opts: PredictOptions, store: str | None = None) -> PredictSpec:
+    """Validate a batch prediction before Ray starts; KilnError naming what is wrong."""
+    from kiln import models, options
+    from kiln.store import Store
+
+    options.check(opts)
+    if not opts.output:
+        raise KilnError("--input needs --output OUT.parquet or OUT.csv: where to write a row per input")
+    out = Path(opts.output).expanduser().resolve()
+    if out.suffix.lower() not in FORMATS:
+        raise KilnError(f"--output {opts.output}: name it .parquet or .csv (the format Ray Data writes)")
+    if out.exists():
+        raise KilnError(f"--output {out} already exists; remove it or choose another name")
+    source = Path(path).expanduser().resolve()
+    if not source.exists():
+        raise KilnError(f"--input {path}: no such file or folder")
+    kind = _kind(source)
+    if kind == "arrays" and source.is_dir():
+        data.test_arrays(str(source))  # a folder that is no HAR set: one line before Ray starts (cached)
+    found = Store(store)
+    version = found.get(ref, whole=False)
+    cls = models.plugin_class(version.manifest)
+    methods = cls.methods()
+    method = opts.method or ("generate" if kind == "text" else _predict_method(cls))
+    if method not in methods:
+        asked = f"--method {method}: {version.ref} has no such method" if opts.method else \
+            f"{version.ref} has no {method} method for the prompts of {source}"
+        raise KilnError(f"{asked}; its methods: {', '.join(sorted(methods))}")
+    m = methods[method]
+    text = [k for k, s in m.inputs.items() if isinstance(s, Scalar) and s.type is str]
+    arrays = [k for k, s in m.inputs.items() if not isinstance(s, Scalar)]
+    row_args = text if kind == "text" else arrays
+    if not row_args:
+        raise KilnError(f"{version.ref}'s {method} takes no {'text' if kind == 'text' else 'array'} argument "
+                        f"for the rows of {source}; pick another --method or --input")
+    arg = row_args[0]
+    others = [k for k in m.inputs if k != arg]
+    unknown = sorted(set(opts.overrides) - set(others))
+    if unknown:
+        raise KilnError(f"--set {unknown[0]}: {method} takes {', '.join(others) or 'nothing else'}")
+    info = DatasetInfo.from_dict(version.manifest["dataset"])
+    args = {}
+    for k in others:  # a bad value is one line now, not an error in every row
+        s = m.inputs[k]
+        value = opts.overrides.get(k)
+        if value is not None and not (isinstance(s, Scalar) and s.type is str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        s.validate(k, value, info)
+        if value is not None:
+            args[k] = value
+    return PredictSpec(ref=version.ref, store=found.spec, input=str(source), kind=kind, output=str(out),
+                       method=method, arg=arg, args=args, opts=opts)
+
+
+def _predict_method(cls: Any) -> str:
+    methods = cls.methods()
+    if cls.predict:
+        return cls.predict
+    for name in PREDICT_ORDER:
+        if name in methods:
+            return name
+    raise KilnError(f"{cls.name} has no predict method ({', '.join(PREDICT_ORDER)}); name one with --method")
+
+
+def _kind(source: Path) -> str:
+    if source.is_dir():
+        if next(_pictures(source), None) is not None:
+            return "images"
+        if data.kind(str(source)) == "sensors":
+            return "arrays"
+        raise KilnError(f"--input {source}: no pictures ({', '.join(data.IMAGE_TYPES)}) in it or its "
+                        "subfolders, and not a HAR folder")
+    if source.suffix == ".npz":
+        return "arrays"
+    if source.suffix == ".txt":
+        return "text"
+    raise KilnError(f"--input {source}: give a folder of pictures, an .npz, a HAR folder or a .txt of prompts")
+
+
+def _pictures(folder: Path):
+    return (p for p in sorted(folder.rglob("*")) if p.suffix.lower() in data.IMAGE_TYPES and p.is_file())
+
+
+def _rows(spec: PredictSpec) -> tuple[list[str] | None, Any]:
+    """The picture files, or the rows held in memory (an array or a list of prompts)."""
+    source = Path(spec.input)
+    if spec.kind == "images":
+        return [str(p) for p in _pictures(source)], None
+    if spec.kind == "text":
+        prompts = [line for line in source.read_text(errors="replace").splitlines() if line.strip()]
+        if not prompts:
+            raise KilnError(f"--input {source}: no prompts in it (one per line)")
+        return None, prompts
+    if source.suffix == ".npz":
+        try:
+            with np.load(source, allow_pickle=False) as f:
+                key = next((k for k in ("x", "x_test") if k in f.files), None)
+                if key is None:
+                    raise KilnError(f"--input {source}: holds {', '.join(f.files) or 'nothing'}; score an "
+                                    "array named x (or x_test)")
+                return None, f[key]
+        except KilnError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever numpy says, it is not an .npz it reads
+            raise KilnError(f"--input {source}: cannot read it as .npz: {e}") from None
+    return None, data.test_arrays(str(source))[0]
+
+
+class Scorer:
+    """One actor of the pool: the stored model, and its method over a batch of rows."""
+
+    def __init__(self, spec: PredictSpec, rows: Any) -> None:
+        import ray
+
+        from kiln import devices, models
+
+        devices.configure(None, gpus=spec.opts.gpus_per_worker > 0)
+        self.spec = spec
+        self.rows = ray.get(rows) if isinstance(rows, ray.ObjectRef) else rows
+        self.plugin, self.model, _ = models.load(spec.ref, spec.store)
+        self.method = self.plugin.methods()[spec.method]
+        info = self.plugin.info
+        self.schema = self.method.inputs[spec.arg]
+        self.args = {k: s.validate(k, spec.args.get(k), info) for k, s in self.method.inputs.items()
+                     if k != spec.arg}
+        self.shape = self.schema.resolve(info) if spec.kind != "text" else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        import pyarrow as pa
+
+        from kiln import images
+
+        n = len(next(iter(batch.values())))
+        values: list[Any] = [None] * n
+        errors: list[str | None] = [None] * n
+        if self.spec.kind == "images":
+            root = Path(self.spec.input)
+            keys = {"path": [str(Path(p).relative_to(root)) for p in batch["path"]]}
+            for i, (raw, p) in enumerate(zip(batch["bytes"], keys["path"])):
+                try:
+                    values[i] = images.decode(bytes(raw), self.shape, source=p)
+                except Exception as e:  # noqa: BLE001 - this row fails alone
+                    errors[i] = _why(e)
+        else:
+            keys = {"index": batch["id"].astype("int64")}
+            values = [self.rows[int(i)] for i in batch["id"]]
+        outputs = self._score(values, errors)
+        # every batch the same schema, whichever of its rows failed (a writer's files are one table)
+        columns = {k: pa.array(v, type=pa.int64() if k == "index" else pa.string()) for k, v in keys.items()}
+        for column, cells in outputs.items():
+            columns[column] = pa.array(cells, type=_types().get(column, pa.string()))
+        columns["error"] = pa.array(errors, type=pa.string())
+        return pa.table(columns)
+
+    def _score(self, values: list[Any], errors: list[str | None]) -> dict[str, list[Any]]:
+        """Each row's outputs (None where it failed), filling ``errors``."""
+        ok = [i for i, e in enumerate(errors) if e is None]
+        per_row: list[dict[str, Any] | None] = [None] * len(values)
+        info = self.plugin.info
+        if self.spec.kind == "text":
+            for i in ok:
+                try:
+                    text = self.schema.validate(self.spec.arg, values[i], info)
+                    per_row[i] = self.method.fn(self.plugin, self.model, **{self.spec.arg: text}, **self.args)
+                except Exception as e:  # noqa: BLE001
+                    errors[i] = _why(e)
+        elif ok:
+            x = None
+            try:
+                x = self.schema.validate(self.spec.arg, np.stack([values[i] for i in ok]), info)
+            except Exception:  # noqa: BLE001 - find the rows at fault: each one alone
+                for i in ok:
+                    try:
+                        self.schema.validate(self.spec.arg, np.asarray(values[i])[None], info)
+                    except Exception as e:  # noqa: BLE001
+                        errors[i] = _why(e)
+                ok = [i for i in ok if errors[i] is None]
+                if ok:
+                    x = self.schema.validate(self.spec.arg, np.stack([values[i] for i in ok]), info)
+            if x is not None:
+                out = self.method.fn(self.plugin, self.model, **{self.spec.arg: x}, **self.args)
+                for j, i in enumerate(ok):
+                    per_row[i] = {k: v[j] for k, v in out.items()}
+        return _columns(self.spec.method, per_row)
+
+
+def _columns(method: str, per_row: list[dict[str, Any] | None]) -> dict[str, list[Any]]:
+    """Output columns: a classifier's class, label and probability (its top class's), with the
+    whole distribution as JSON; otherwise each output as text (JSON where it is not a string)."""
+    keys = next((list(r) for r in per_row if r is not None), [])
+    if method == "classify":
+        return {"class": [None if r is None else int(r["classes"]) for r in per_row],
+                "label": [None if r is None else str(r["labels"]) for r in per_row],
+                "probability": [None if r is None else float(np.max(r["probabilities"])) for r in per_row],
+                "probabilities": [None if r is None else json.dumps(np.asarray(r["probabilities"]).tolist())
+                                  for r in per_row]}
+    return {k: [None if r is None else r[k] if isinstance(r[k], str) else json.dumps(np.asarray(r[k]).tolist())
+                for r in per_row] for k in keys}
+
+
+def _types() -> dict[str, Any]:
+    import pyarrow as pa
+
+    return {"class": pa.int64(), "probability": pa.float64()}
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:500]
+
+
+def run(spec: PredictSpec) -> dict[str, Any]:
+    """Score every row and write them; the summary (rows, errors, seconds, rows/s, output)."""
+    import ray
+
+    from kiln.cluster.train import connect
+
+    files, rows = _rows(spec)
+    t0 = time.perf_counter()
+    connect(spec.opts.address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows come out in input order
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    # Ray Data's own INFO lines (execution plan, where its logs are) and the warning that bars
+    # are off where stderr is no terminal; its errors still show
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    if files is not None:
+        ds = ray.data.read_binary_files(files, include_paths=True)
+        n = len(files)
+    else:
+        n = len(rows)
+        ds = ray.data.range(n)
+        rows = ray.put(rows)
+    o = spec.opts
+    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"spec": spec, "rows": rows}, batch_size=o.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=o.workers), num_cpus=o.cpus_per_worker,
+                        num_gpus=o.gpus_per_worker or None, batch_format="numpy")
+    fmt = FORMATS[Path(spec.output).suffix.lower()]
+    tmp = Path(spec.output).with_name(f".{Path(spec.output).name}.writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        getattr(ds, f"write_{fmt}")(str(tmp))
+        written, failed, first = _count(tmp, fmt)
+        if written and failed == written:
+            raise KilnError(f"--input {spec.input}: no row could be scored ({first})")
+        tmp.rename(spec.output)  # a complete output or none
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    summary = {"rows": written, "errors": failed, "seconds": round(seconds, 2),
+               "rows_per_s": round(written / seconds, 1), "output": spec.output, "inputs": n}
+    say(f"scored {written} rows with {spec.ref}.{spec.method} ({failed} with an error) in {seconds:.1f} s, "
+        f"{written / seconds:.0f} rows/s; wrote {spec.output}")
+    return summary
+
+
+def _count(folder: Path, fmt: str) -> tuple[int, int, str]:
+    """Rows written, rows with an error, and the first error."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(folder), format=fmt).to_table(columns=["error"])
+    errors = table.column("error")
+    failed = int(pc.sum(pc.is_valid(errors)).as_py() or 0)
+    first = next((e for e in errors.to_pylist() if e), "")
+    return table.num_rows, failed, first
