@@ -24,6 +24,7 @@ change) and use the local copy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -273,7 +274,9 @@ class _Remote:
     if its own claim is the only one it sees; otherwise it withdraws and tries again after a
     random pause. With read-after-write consistency (S3, GCS, local files) two writers cannot both
     see only themselves, so no two writers ever share a number. Then it uploads, manifest last:
-    only a folder with a manifest is a version, so a crashed upload is never listed."""
+    only a folder with a manifest is a version, so a crashed upload is never listed. Changing a
+    model's labels takes the same kind of claim on ``<name>/.lock`` (``_ClaimLock``), so two
+    writers never lose each other's labels."""
 
     def __init__(self, uri: str, cache: Path) -> None:
         self.uri = self.spec = uri
@@ -411,9 +414,7 @@ class _Remote:
         shutil.rmtree(self.root / name / str(version), ignore_errors=True)  # the local copy
 
     def lock(self, name: str) -> Any:
-        import contextlib
-
-        return contextlib.nullcontext()  # object stores have no lock: the last writer wins
+        return _ClaimLock(self, f"{self.base}/{name}/.lock")
 
     def _claim(self, name: str) -> int:
         import random
@@ -453,6 +454,49 @@ class _Remote:
         shutil.rmtree(local, ignore_errors=True)
         os.rename(tmp, local)  # the uploaded folder is also the version's local copy
         return local
+
+
+class _ClaimLock:
+    """One writer at a time on a model of a URI store (its labels), by the claim protocol that
+    numbers versions: a writer holds the lock while its claim is the only one in the lock's
+    folder, else withdraws and tries again after a random pause. A claim older than ``STALE``
+    seconds is a writer that died holding it: it is removed, so a crash never locks a model."""
+
+    STALE = 60.0
+    WAIT = 30.0
+
+    def __init__(self, backend: "_Remote", folder: str) -> None:
+        self.backend, self.folder = backend, folder
+        self.me = f"{self.folder}/claim-{uuid.uuid4().hex}"
+
+    def __enter__(self) -> "_ClaimLock":
+        import random
+
+        fs = self.backend._fs()
+        deadline = time.monotonic() + self.WAIT
+        while True:
+            fs.create_dir(self.folder, recursive=True)
+            with fs.open_output_stream(self.me) as f:
+                f.write(b"")
+            claims = []
+            for info in self.backend._list(self.folder):
+                stale = info.mtime is not None and time.time() - info.mtime.timestamp() > self.STALE
+                if stale and info.path != self.me:
+                    with contextlib.suppress(OSError):
+                        fs.delete_file(info.path)
+                else:
+                    claims.append(info.path)
+            if claims == [self.me]:
+                return self
+            fs.delete_file(self.me)
+            if time.monotonic() > deadline:
+                raise KilnError(f"{self.folder} is held by another writer for over {self.WAIT:.0f} s; "
+                                "try again")
+            time.sleep(random.uniform(0.01, 0.2))
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.backend._fs().delete_file(self.me)
 
 
 class Store:

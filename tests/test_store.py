@@ -145,6 +145,35 @@ def test_concurrent_writers_get_distinct_versions(tmp_path, kind):
     assert {(reader.get(f"m:{v}").manifest["writer"]) for v in numbers} == {"a", "b"}
 
 
+def _set_labels(root: str, writer: str, n: int, cache: str, start_at: float) -> None:
+    import os
+    import time
+
+    os.environ["KILN_CACHE"] = cache
+    store = Store(root)
+    time.sleep(max(0.0, start_at - time.time()))
+    for i in range(n):
+        store.label(f"m:{1 + i % 2}", f"{writer}{i}")
+
+
+@pytest.mark.parametrize("kind", ["folder", "uri"])
+def test_two_processes_labelling_at_once_lose_no_label(tmp_path, kind):
+    """Two `kiln models label` at once on one model (a deploy script and a person): labels.json
+    is read, changed and written whole, so without a lock one writer's label would vanish."""
+    import multiprocessing
+    import time
+
+    root = str(tmp_path / "store") if kind == "folder" else f"file://{tmp_path}/bucket/kiln"
+    s = Store(root)
+    for _ in range(2):
+        s.save("m", write_ok)
+    n = 15
+    start_at = time.time() + 3
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.starmap(_set_labels, [(root, w, n, str(tmp_path / f"cache-{w}"), start_at) for w in ("a", "b")])
+    assert Store(root).labels("m") == {f"{w}{i}": 1 + i % 2 for w in "ab" for i in range(n)}
+
+
 @pytest.mark.parametrize("kind", ["folder", "uri"])
 def test_labels_name_versions_move_and_go(tmp_path, kind):
     """Like MLflow's aliases (models:/m@stable): a label names one version, moving it is one
