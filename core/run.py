@@ -278,7 +278,7 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path, extra: dict[str,
         tracker.files([version.path / "manifest.json"])
         tracker.files([version.path / store_mod.ARTIFACTS], "pictures")
         tracker.tags({"kiln.model": version.ref, "kiln.store": str(spec.store)})
-        if spec.mlflow.get("register"):
+        if spec.mlflow.get("register") is not None:
             _register(spec, plugin, model, version, tracker)
         tracker.end()
     return version

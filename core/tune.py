@@ -292,6 +292,10 @@ def _trial(config: dict[str, Any], search: dict[str, Any], info: dict[str, Any])
     from kiln.plugin import DatasetInfo
     from kiln.run import begin
 
+    # a trial that ASHA stops ends at its next report, an epoch later; Tune reuses its actor for
+    # the next trial only if it ends within TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s by default), else
+    # it fails that next trial ("Could not re-use actor"). Read by this actor when it is reused.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "600")
     s = SearchSpec.from_dict(search)
     trial_id = ray.tune.get_context().get_trial_id()
     spec = s.trial_spec(trial_id, config)
