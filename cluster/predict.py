@@ -1,10 +1,10 @@
 """``kiln predict MODEL --input PATH --output OUT``: a stored model over a whole dataset on Ray
 Data, on this machine or a cluster.
 
-Ray Data reads the input (a folder of pictures, streamed as files; an .npz, a HAR folder or a
-text file of prompts, held in Ray's object store and addressed by row number), a pool of actors
-each holding the model runs its predict method over batches (``map_batches``), and Ray Data's
-writer writes one row per input, in input order, as Parquet or CSV. A row that cannot be scored
+The input's rows (the pictures' paths, or an .npz's, a HAR folder's or a prompt file's rows)
+go to Ray's object store once and Ray Data hands out their numbers; a pool of actors, each
+holding the model, reads (a picture) and scores batches of them (``map_batches``), and Ray
+Data's writer writes one row per input, in input order, as Parquet or CSV. A row that cannot be scored
 (a file that is not a picture, a prompt the model cannot read) carries why in its ``error``
 column and the rest are scored; an actor that dies is restarted by Ray Data, which retries its
 task (actors of ``map_batches`` restart without limit by default).
@@ -148,10 +148,11 @@ def _pictures(folder: Path):
 
 
 def _rows(spec: PredictSpec) -> tuple[list[str] | None, Any]:
-    """The picture files, or the rows held in memory (an array or a list of prompts)."""
+    """The pictures' paths (relative to the input folder), or the rows themselves (an array or
+    a list of prompts)."""
     source = Path(spec.input)
     if spec.kind == "images":
-        return [str(p) for p in _pictures(source)], None
+        return [str(p.relative_to(source)) for p in _pictures(source)], None
     if spec.kind == "text":
         prompts = [line for line in source.read_text(errors="replace").splitlines() if line.strip()]
         if not prompts:
@@ -180,7 +181,8 @@ class Scorer:
 
         from kiln import devices, models
 
-        devices.configure(None, gpus=spec.opts.gpus_per_worker > 0)
+        # TensorFlow's threads to the actor's CPUs: actors side by side do not oversubscribe
+        devices.configure(max(1, int(spec.opts.cpus_per_worker)), gpus=spec.opts.gpus_per_worker > 0)
         self.spec = spec
         self.rows = ray.get(rows) if isinstance(rows, ray.ObjectRef) else rows
         self.plugin, self.model, _ = models.load(spec.ref, spec.store)
@@ -200,16 +202,16 @@ class Scorer:
         values: list[Any] = [None] * n
         errors: list[str | None] = [None] * n
         if self.spec.kind == "images":
+            keys = {"path": [self.rows[int(i)] for i in batch["data"]]}
             root = Path(self.spec.input)
-            keys = {"path": [str(Path(p).relative_to(root)) for p in batch["path"]]}
-            for i, (raw, p) in enumerate(zip(batch["bytes"], keys["path"])):
+            for i, p in enumerate(keys["path"]):
                 try:
-                    values[i] = images.decode(bytes(raw), self.shape, source=p)
+                    values[i] = images.decode((root / p).read_bytes(), self.shape, source=p)
                 except Exception as e:  # noqa: BLE001 - this row fails alone
                     errors[i] = _why(e)
         else:
-            keys = {"index": batch["id"].astype("int64")}
-            values = [self.rows[int(i)] for i in batch["id"]]
+            keys = {"index": batch["data"].astype("int64")}
+            values = [self.rows[int(i)] for i in batch["data"]]
         outputs = self._score(values, errors)
         # every batch the same schema, whichever of its rows failed (a writer's files are one table)
         columns = {k: pa.array(v, type=pa.int64() if k == "index" else pa.string()) for k, v in keys.items()}
@@ -290,13 +292,14 @@ def run(spec: PredictSpec) -> dict[str, Any]:
     # Ray Data's own INFO lines (execution plan, where its logs are) and the warning that bars
     # are off where stderr is no terminal; its errors still show
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    if files is not None:
-        ds = ray.data.read_binary_files(files, include_paths=True)
-        n = len(files)
-    else:
-        n = len(rows)
-        ds = ray.data.range(n)
-        rows = ray.put(rows)
+    # rows by number, the inputs (or the pictures' paths) in Ray's object store once: Ray Data's
+    # file readers make a block of each file, which costs more than decoding the picture
+    rows = files if files is not None else rows
+    n = len(rows)
+    # made here, not by read tasks: the actors may hold every CPU, and a task that waits for one
+    # would stall the run; blocks of about 1024 rows, so that every actor gets some
+    ds = ray.data.from_numpy(np.array_split(np.arange(n), max(1, min(n // 1024, 200))))
+    rows = ray.put(rows)
     o = spec.opts
     ds = ds.map_batches(Scorer, fn_constructor_kwargs={"spec": spec, "rows": rows}, batch_size=o.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=o.workers), num_cpus=o.cpus_per_worker,
@@ -305,7 +308,8 @@ def run(spec: PredictSpec) -> dict[str, Any]:
     tmp = Path(spec.output).with_name(f".{Path(spec.output).name}.writing")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        getattr(ds, f"write_{fmt}")(str(tmp))
+        # writing a few small columns takes no CPU of its own (see above)
+        getattr(ds, f"write_{fmt}")(str(tmp), ray_remote_args={"num_cpus": 0})
         written, failed, first = _count(tmp, fmt)
         if written and failed == written:
             raise KilnError(f"--input {spec.input}: no row could be scored ({first})")

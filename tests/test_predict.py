@@ -63,20 +63,8 @@ def test_a_folder_of_pictures_gets_a_row_each_and_a_broken_file_says_why(store, 
 
 
 @pytest.mark.ray
-def test_an_npz_to_csv_and_prompts_to_text(store, tmp_path, shared_ray):
+def test_prompts_to_text_for_a_character_model(store, tmp_path, shared_ray):
     import pandas as pd
-
-    x, _ = mnist(20)
-    np.savez(tmp_path / "digits.npz", x=x)
-    out = kiln_here("predict", "cnn:1", "--input", str(tmp_path / "digits.npz"), "--output",
-                    str(tmp_path / "digits.csv"), "--batch-size", "8", "--store", str(store))
-    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
-    import pyarrow.dataset as pads
-
-    # a folder of part files, as Ray Data writes: read whole, in order
-    rows = pads.dataset(str(tmp_path / "digits.csv"), format="csv").to_table().to_pandas()
-    assert list(rows["index"]) == list(range(20))
-    assert list(rows["class"]) == in_process(store, "cnn:1", x)["classes"]
 
     (tmp_path / "prompts.txt").write_text("ROMEO:\nno such char: \u2603\nJULIET:\n")
     out = kiln_here("predict", "lstm", "--input", str(tmp_path / "prompts.txt"), "--output",
@@ -94,8 +82,8 @@ def test_an_npz_to_csv_and_prompts_to_text(store, tmp_path, shared_ray):
 
 
 @pytest.mark.ray
-def test_an_actor_killed_mid_job_loses_no_row(store, tmp_path, shared_ray):
-    import pandas as pd
+def test_an_actor_killed_mid_job_loses_no_row_in_an_npz_scored_to_csv(store, tmp_path, shared_ray):
+    import pyarrow.dataset as pads
 
     out = kiln_here("--plugin-path", str(TEST_PLUGINS / "flaky.py"), "train", "flaky", "--limit", "300",
                     "--epochs", "1", "--set", "die_once=true", "--store", str(store), "--run", "dies",
@@ -104,10 +92,11 @@ def test_an_actor_killed_mid_job_loses_no_row(store, tmp_path, shared_ray):
     x, _ = mnist(64)
     np.savez(tmp_path / "digits.npz", x=x)
     out = kiln_here("predict", "flaky", "--input", str(tmp_path / "digits.npz"), "--output",
-                    str(tmp_path / "scored.parquet"), "--batch-size", "16", "--store", str(store))
+                    str(tmp_path / "scored.csv"), "--batch-size", "16", "--store", str(store))
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     assert (shared_ray / "flaky-died").is_file()  # an actor did die
-    rows = pd.read_parquet(tmp_path / "scored.parquet")
+    # a folder of CSV part files, as Ray Data writes: read whole, in order
+    rows = pads.dataset(str(tmp_path / "scored.csv"), format="csv").to_table().to_pandas()
     assert list(rows["index"]) == list(range(64)) and rows["error"].isna().all()
     assert list(rows["class"]) == in_process(store, "flaky:1", x)["classes"]
 
