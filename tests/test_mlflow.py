@@ -156,7 +156,8 @@ def test_an_unreachable_mlflow_is_one_line_before_any_training(workdir):
     assert bad.returncode == 2 and "bad MLflow tracking URI 'ftp://x'" in bad.stderr
 
 
-def test_register_alias_load_with_pyfunc_and_serve_from_the_registry(workdir, mlflow_server, tmp_path):
+def test_register_alias_load_with_pyfunc_and_serve_from_the_registry(workdir, mlflow_server, tmp_path,
+                                                                     monkeypatch):
     """--register puts the stored model in MLflow's registry; `kiln models label --mlflow` moves
     the alias with the Kiln label; mlflow.pyfunc answers what Kiln answers; a store that lacks the
     version imports it from MLflow to serve it."""
@@ -185,8 +186,14 @@ def test_register_alias_load_with_pyfunc_and_serve_from_the_registry(workdir, ml
     x = np.stack([a for a, _ in split.ds.take(8).as_numpy_iterator()]).astype("float32")
     plugin, model, _ = models.load("cnn:1", workdir / "store")
     kiln_probs = np.asarray(plugin.classify(model, x)["probabilities"])
+    # as a notebook would; set_tracking_uri also sets MLFLOW_TRACKING_URI for every later test
+    # in this process and its children, so both are undone after
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
-    pyfunc = mlflow.pyfunc.load_model("models:/digits@champion")
+    try:
+        pyfunc = mlflow.pyfunc.load_model("models:/digits@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
     assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, 28, 28, 1)
     np.testing.assert_allclose(np.asarray(pyfunc.predict(x)), kiln_probs, atol=1e-5)
 

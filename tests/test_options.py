@@ -45,10 +45,11 @@ def test_a_written_config_carries_every_option_but_the_process_ones():
                          body_timeout_s=7.0, request_timeout_s=30.0, client_timeout_s=11, max_connections=55,
                          traffic=["cnn:1=1"], shared_replicas=True, own_replicas=["lstm"],
                          models_per_replica=2, colocate=True, access_log=True,
-                         address="ray://elsewhere:10001", ready_timeout=9.0, poll_seconds=0.0)
+                         address="ray://elsewhere:10001", ready_timeout=9.0, poll_seconds=0.0,
+                         mlflow="http://127.0.0.1:5000")
     written = options.to_dict(every)
     process = {f.name for f in fields(ServeOptions) if f.metadata["process"]}
-    assert process == {"address", "ready_timeout", "poll_seconds"}
+    assert process == {"address", "ready_timeout", "poll_seconds", "mlflow"}
     assert set(written) == {f.name for f in fields(ServeOptions)} - process
     back = options.from_dict(ServeOptions, written, "args.options")
     assert all(getattr(back, k) == getattr(every, k) for k in written)
