@@ -416,22 +416,39 @@ class _Remote:
     def lock(self, name: str) -> Any:
         return _ClaimLock(self, f"{self.base}/{name}/.lock")
 
+    def _claimed(self, folder: str, me: str, stale_s: float | None = None) -> bool:
+        """Write claim ``me`` into ``folder``; True if it is the only claim there, else it is
+        withdrawn (another writer is here too: both step back). With ``stale_s``, another's claim
+        older than that is a writer that died holding it, and is removed."""
+        fs = self._fs()
+        fs.create_dir(folder, recursive=True)
+        with fs.open_output_stream(f"{folder}/{me}") as f:
+            f.write(b"")
+        claims = []
+        for info in self._list(folder):
+            if not info.base_name.startswith(".claim-"):
+                continue
+            if stale_s is not None and info.base_name != me and info.mtime is not None \
+                    and time.time() - info.mtime.timestamp() > stale_s:
+                with contextlib.suppress(OSError):
+                    fs.delete_file(info.path)
+                continue
+            claims.append(info.base_name)
+        if claims == [me]:
+            return True
+        fs.delete_file(f"{folder}/{me}")
+        return False
+
     def _claim(self, name: str) -> int:
         import random
 
-        fs, me = self._fs(), f".claim-{uuid.uuid4().hex}"
+        me = f".claim-{uuid.uuid4().hex}"
         for _ in range(200):
             version = (self.versions(name) or [0])[-1] + 1
             while self._list(f"{self.base}/{name}/{version}"):  # claimed, or a crashed upload's
                 version += 1
-            folder = f"{self.base}/{name}/{version}"
-            fs.create_dir(folder, recursive=True)
-            with fs.open_output_stream(f"{folder}/{me}") as f:
-                f.write(b"")
-            claims = [i.base_name for i in self._list(folder) if i.base_name.startswith(".claim-")]
-            if claims == [me]:
+            if self._claimed(f"{self.base}/{name}/{version}", me):
                 return version
-            fs.delete_file(f"{folder}/{me}")  # another writer is here too: both step back
             time.sleep(random.uniform(0.01, 0.2))
         raise KilnError(f"could not claim a new version of '{name}' in {self.uri}: too many writers")
 
@@ -458,8 +475,8 @@ class _Remote:
 
 class _ClaimLock:
     """One writer at a time on a model of a URI store (its labels), by the claim protocol that
-    numbers versions: a writer holds the lock while its claim is the only one in the lock's
-    folder, else withdraws and tries again after a random pause. A claim older than ``STALE``
+    numbers versions (``_Remote._claimed``): a writer holds the lock while its claim is the only
+    one in the lock's folder, else tries again after a random pause. A claim older than ``STALE``
     seconds is a writer that died holding it: it is removed, so a crash never locks a model."""
 
     STALE = 60.0
@@ -467,36 +484,22 @@ class _ClaimLock:
 
     def __init__(self, backend: "_Remote", folder: str) -> None:
         self.backend, self.folder = backend, folder
-        self.me = f"{self.folder}/claim-{uuid.uuid4().hex}"
+        self.me = f".claim-{uuid.uuid4().hex}"
 
     def __enter__(self) -> "_ClaimLock":
         import random
 
-        fs = self.backend._fs()
         deadline = time.monotonic() + self.WAIT
-        while True:
-            fs.create_dir(self.folder, recursive=True)
-            with fs.open_output_stream(self.me) as f:
-                f.write(b"")
-            claims = []
-            for info in self.backend._list(self.folder):
-                stale = info.mtime is not None and time.time() - info.mtime.timestamp() > self.STALE
-                if stale and info.path != self.me:
-                    with contextlib.suppress(OSError):
-                        fs.delete_file(info.path)
-                else:
-                    claims.append(info.path)
-            if claims == [self.me]:
-                return self
-            fs.delete_file(self.me)
+        while not self.backend._claimed(self.folder, self.me, self.STALE):
             if time.monotonic() > deadline:
                 raise KilnError(f"{self.folder} is held by another writer for over {self.WAIT:.0f} s; "
                                 "try again")
             time.sleep(random.uniform(0.01, 0.2))
+        return self
 
     def __exit__(self, *exc: object) -> None:
         with contextlib.suppress(OSError):
-            self.backend._fs().delete_file(self.me)
+            self.backend._fs().delete_file(f"{self.folder}/{self.me}")
 
 
 class Store:
