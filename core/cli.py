@@ -120,8 +120,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
             version = store.get(args.args[0], whole=False)
             uri = tracking.check_mlflow(args.mlflow)
-            named = tracking.set_alias(uri, (version.manifest.get("mlflow") or {}).get("run_id", ""),
-                                       check_label(args.args[1]), version.ref)
+            named = tracking.set_alias(uri, version, check_label(args.args[1]))
             print(f"[kiln] MLflow {', '.join(f'{n}@{args.args[1]}' for n in named)} -> {version.ref}")
         version = store.label(args.args[0], args.args[1])
         print(f"[kiln] {version.name}@{args.args[1]} -> {version.ref}")
@@ -135,8 +134,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             labels = store.labels(args.args[0])
             if args.args[1] in labels:
                 version = store.get(f"{args.args[0]}:{labels[args.args[1]]}", whole=False)
-                tracking.delete_alias(tracking.check_mlflow(args.mlflow),
-                                      (version.manifest.get("mlflow") or {}).get("run_id", ""), args.args[1])
+                tracking.delete_alias(tracking.check_mlflow(args.mlflow), version, args.args[1])
         was = store.unlabel(args.args[0], args.args[1])
         print(f"[kiln] removed {args.args[0]}@{args.args[1]} (it named {args.args[0]}:{was})")
         return 0
@@ -218,10 +216,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kiln.serve.server import Server
 
     opts = options.from_args(ServeOptions, args)
-    if any(m.startswith("models:/") for m in args.model or []):
-        from kiln.tracking import resolve_all
+    from kiln import tracking
 
-        args.model = resolve_all(args.model, opts.mlflow, args.store)
+    if any(tracking.is_registry_uri(m) for m in args.model or []):
+        args.model = tracking.resolve_all(args.model, opts.mlflow, args.store)
     spec = app.plan(args.model, opts, store=args.store)
     if args.build_config:
         import yaml

@@ -245,31 +245,35 @@ def register(uri: str, run_id: str, name: str, network: Any, version: Any, examp
     return int(mv.version)
 
 
-def registered(uri: str, run_id: str) -> list[Any]:
-    """The registered MLflow model versions logged from run ``run_id``."""
-    return list(_client(uri).search_model_versions(f"run_id='{run_id}'"))
+def registered(uri: str, version: Any) -> list[Any]:
+    """The MLflow model versions registered from Kiln version ``version`` (found by the MLflow run
+    its manifest records)."""
+    run_id = (version.manifest.get("mlflow") or {}).get("run_id")
+    if not run_id:
+        return []
+    return [mv for mv in _client(uri).search_model_versions(f"run_id='{run_id}'")
+            if mv.tags.get("kiln.model") == version.ref]
 
 
-def set_alias(uri: str, run_id: str, alias: str, ref: str) -> list[str]:
-    """Point MLflow alias ``alias`` at the registered versions of Kiln version ``ref`` (logged
-    from run ``run_id``); ``NAME/VERSION`` of each. KilnError when it was never registered."""
-    found = [mv for mv in registered(uri, run_id) if mv.tags.get("kiln.model") == ref] if run_id else []
+def set_alias(uri: str, version: Any, alias: str) -> list[str]:
+    """Point MLflow alias ``alias`` at the registered versions of Kiln version ``version``;
+    ``NAME/VERSION`` of each. KilnError when it was never registered."""
+    found = registered(uri, version)
     if not found:
         from kiln.plugin import KilnError
 
-        raise KilnError(f"{ref} has no registered version in the MLflow registry at {uri}; train it with "
-                        "--mlflow URI --register to register it")
+        raise KilnError(f"{version.ref} has no registered version in the MLflow registry at {uri}; train it "
+                        "with --mlflow URI --register to register it")
     client = _client(uri)
     for mv in found:
         client.set_registered_model_alias(mv.name, alias, mv.version)
     return [f"{mv.name}/{mv.version}" for mv in found]
 
 
-def delete_alias(uri: str, run_id: str, alias: str) -> None:
-    """Remove ``alias`` from the registered models the versions of run ``run_id`` belong to,
-    where it names one of them."""
+def delete_alias(uri: str, version: Any, alias: str) -> None:
+    """Remove ``alias`` from the registered models it names a version of ``version`` in."""
     client = _client(uri)
-    for mv in registered(uri, run_id) if run_id else []:
+    for mv in registered(uri, version):
         if alias in (client.get_model_version(mv.name, mv.version).aliases or []):
             client.delete_registered_model_alias(mv.name, alias)
 
