@@ -4,9 +4,9 @@ Data, on this machine or a cluster.
 The input's rows (the pictures' paths, or an .npz's, a HAR folder's or a prompt file's rows)
 go to Ray's object store once and Ray Data hands out their numbers; a pool of actors, each
 holding the model, reads (a picture) and scores batches of them (``map_batches``), and Ray
-Data's writer writes one row per input, in input order, as Parquet or CSV. A row that cannot be scored
-(a file that is not a picture, a prompt the model cannot read) carries why in its ``error``
-column and the rest are scored; an actor that dies is restarted by Ray Data, which retries its
+Data's writer writes one row per input, in input order, as Parquet or CSV. A row that cannot be
+scored (a file that is not a picture, a prompt the model cannot read) carries why in its
+``error`` column and the rest are scored; an actor that dies is restarted by Ray Data, which retries its
 task (actors of ``map_batches`` restart without limit by default).
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 from kiln import data
 from kiln.logs import say
 from kiln.options import option
-from kiln.plugin import PREDICT_ORDER, DatasetInfo, KilnError, Scalar
+from kiln.plugin import PREDICT_ORDER, DatasetInfo, KilnError, Scalar, predict_method
 
 FORMATS = {".parquet": "parquet", ".csv": "csv"}
 
@@ -57,7 +57,7 @@ class PredictSpec:
     output: str              # absolute
     method: str
     arg: str                 # the argument each row fills
-    args: dict[str, Any]     # the method's other arguments (--set), validated
+    args: dict[str, Any]     # the method's other arguments (--set, else their defaults), validated
     opts: PredictOptions
 
 
@@ -84,7 +84,13 @@ def plan(ref: str, path: str, opts: PredictOptions, store: str | None = None) ->
     version = found.get(ref, whole=False)
     cls = models.plugin_class(version.manifest)
     methods = cls.methods()
-    method = opts.method or ("generate" if kind == "text" else _predict_method(cls))
+    method = opts.method or ("generate" if kind == "text" else None)
+    if method is None:
+        default = predict_method(version.manifest.get("methods", {}), version.manifest.get("predict"))
+        if default is None:
+            raise KilnError(f"{version.ref} has no predict method (one of {', '.join(PREDICT_ORDER)}, or the "
+                            "one its plugin names); name one with --method")
+        method = default[0]
     if method not in methods:
         asked = f"--method {method}: {version.ref} has no such method" if opts.method else \
             f"{version.ref} has no {method} method for the prompts of {source}"
@@ -103,7 +109,7 @@ def plan(ref: str, path: str, opts: PredictOptions, store: str | None = None) ->
         raise KilnError(f"--set {unknown[0]}: {method} takes {', '.join(others) or 'nothing else'}")
     info = DatasetInfo.from_dict(version.manifest["dataset"])
     args = {}
-    for k in others:  # a bad value is one line now, not an error in every row
+    for k in others:  # validated here: a bad value is one line, not an error in every row
         s = m.inputs[k]
         value = opts.overrides.get(k)
         if value is not None and not (isinstance(s, Scalar) and s.type is str):
@@ -111,21 +117,9 @@ def plan(ref: str, path: str, opts: PredictOptions, store: str | None = None) ->
                 value = json.loads(value)
             except ValueError:
                 pass
-        s.validate(k, value, info)
-        if value is not None:
-            args[k] = value
+        args[k] = s.validate(k, value, info)
     return PredictSpec(ref=version.ref, store=found.spec, input=str(source), kind=kind, output=str(out),
                        method=method, arg=arg, args=args, opts=opts)
-
-
-def _predict_method(cls: Any) -> str:
-    methods = cls.methods()
-    if cls.predict:
-        return cls.predict
-    for name in PREDICT_ORDER:
-        if name in methods:
-            return name
-    raise KilnError(f"{cls.name} has no predict method ({', '.join(PREDICT_ORDER)}); name one with --method")
 
 
 def _kind(source: Path) -> str:
@@ -147,17 +141,17 @@ def _pictures(folder: Path):
     return (p for p in sorted(folder.rglob("*")) if p.suffix.lower() in data.IMAGE_TYPES and p.is_file())
 
 
-def _rows(spec: PredictSpec) -> tuple[list[str] | None, Any]:
-    """The pictures' paths (relative to the input folder), or the rows themselves (an array or
-    a list of prompts)."""
+def _rows(spec: PredictSpec) -> Any:
+    """The rows Ray Data hands out by number: the pictures' paths (relative to the input folder),
+    or the rows themselves (an array, or a list of prompts)."""
     source = Path(spec.input)
     if spec.kind == "images":
-        return [str(p.relative_to(source)) for p in _pictures(source)], None
+        return [str(p.relative_to(source)) for p in _pictures(source)]
     if spec.kind == "text":
         prompts = [line for line in source.read_text(errors="replace").splitlines() if line.strip()]
         if not prompts:
             raise KilnError(f"--input {source}: no prompts in it (one per line)")
-        return None, prompts
+        return prompts
     if source.suffix == ".npz":
         try:
             with np.load(source, allow_pickle=False) as f:
@@ -165,12 +159,12 @@ def _rows(spec: PredictSpec) -> tuple[list[str] | None, Any]:
                 if key is None:
                     raise KilnError(f"--input {source}: holds {', '.join(f.files) or 'nothing'}; score an "
                                     "array named x (or x_test)")
-                return None, f[key]
+                return f[key]
         except KilnError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever numpy says, it is not an .npz it reads
             raise KilnError(f"--input {source}: cannot read it as .npz: {e}") from None
-    return None, data.test_arrays(str(source))[0]
+    return data.test_arrays(str(source))[0]
 
 
 class Scorer:
@@ -187,11 +181,8 @@ class Scorer:
         self.rows = ray.get(rows) if isinstance(rows, ray.ObjectRef) else rows
         self.plugin, self.model, _ = models.load(spec.ref, spec.store)
         self.method = self.plugin.methods()[spec.method]
-        info = self.plugin.info
         self.schema = self.method.inputs[spec.arg]
-        self.args = {k: s.validate(k, spec.args.get(k), info) for k, s in self.method.inputs.items()
-                     if k != spec.arg}
-        self.shape = self.schema.resolve(info) if spec.kind != "text" else None
+        self.shape = self.schema.resolve(self.plugin.info) if spec.kind != "text" else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
@@ -214,11 +205,9 @@ class Scorer:
             values = [self.rows[int(i)] for i in batch["data"]]
         outputs = self._score(values, errors)
         # every batch the same schema, whichever of its rows failed (a writer's files are one table)
-        columns = {k: pa.array(v, type=pa.int64() if k == "index" else pa.string()) for k, v in keys.items()}
-        for column, cells in outputs.items():
-            columns[column] = pa.array(cells, type=_types().get(column, pa.string()))
-        columns["error"] = pa.array(errors, type=pa.string())
-        return pa.table(columns)
+        types = {"index": pa.int64(), "class": pa.int64(), "probability": pa.float64()}
+        columns = {**keys, **outputs, "error": errors}
+        return pa.table({k: pa.array(v, type=types.get(k, pa.string())) for k, v in columns.items()})
 
     def _score(self, values: list[Any], errors: list[str | None]) -> dict[str, list[Any]]:
         """Each row's outputs (None where it failed), filling ``errors``."""
@@ -229,7 +218,7 @@ class Scorer:
             for i in ok:
                 try:
                     text = self.schema.validate(self.spec.arg, values[i], info)
-                    per_row[i] = self.method.fn(self.plugin, self.model, **{self.spec.arg: text}, **self.args)
+                    per_row[i] = self.method.fn(self.plugin, self.model, **{self.spec.arg: text}, **self.spec.args)
                 except Exception as e:  # noqa: BLE001
                     errors[i] = _why(e)
         elif ok:
@@ -246,7 +235,7 @@ class Scorer:
                 if ok:
                     x = self.schema.validate(self.spec.arg, np.stack([values[i] for i in ok]), info)
             if x is not None:
-                out = self.method.fn(self.plugin, self.model, **{self.spec.arg: x}, **self.args)
+                out = self.method.fn(self.plugin, self.model, **{self.spec.arg: x}, **self.spec.args)
                 for j, i in enumerate(ok):
                     per_row[i] = {k: v[j] for k, v in out.items()}
         return _columns(self.spec.method, per_row)
@@ -266,12 +255,6 @@ def _columns(method: str, per_row: list[dict[str, Any] | None]) -> dict[str, lis
                 for r in per_row] for k in keys}
 
 
-def _types() -> dict[str, Any]:
-    import pyarrow as pa
-
-    return {"class": pa.int64(), "probability": pa.float64()}
-
-
 def _why(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:500]
@@ -283,7 +266,7 @@ def run(spec: PredictSpec) -> dict[str, Any]:
 
     from kiln.cluster.train import connect
 
-    files, rows = _rows(spec)
+    rows = _rows(spec)
     t0 = time.perf_counter()
     connect(spec.opts.address)
     ctx = ray.data.DataContext.get_current()
@@ -294,7 +277,6 @@ def run(spec: PredictSpec) -> dict[str, Any]:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     # rows by number, the inputs (or the pictures' paths) in Ray's object store once: Ray Data's
     # file readers make a block of each file, which costs more than decoding the picture
-    rows = files if files is not None else rows
     n = len(rows)
     # made here, not by read tasks: the actors may hold every CPU, and a task that waits for one
     # would stall the run; blocks of about 1024 rows, so that every actor gets some

@@ -338,6 +338,23 @@ def inference(*, outputs: dict[str, str] | None = None, **inputs: Schema) -> Cal
 PREDICT_ORDER = ("classify", "reconstruct", "encode", "decode")
 
 
+def predict_method(methods: dict[str, Any], named: str | None) -> tuple[str, str] | None:
+    """The method TF Serving's :predict, v2's infer and ``kiln predict`` call, and its one array
+    argument, among ``methods`` as ``Method.describe`` writes them (a manifest's, GET /models'):
+    the one ``named`` (``Plugin.predict``), else the first of PREDICT_ORDER that takes exactly one
+    required array. None where there is none, or the named one takes no single array."""
+    def array(name: str) -> str | None:
+        arrays = [k for k, s in (methods.get(name) or {}).get("inputs", {}).items()
+                  if s["type"] == "array" and not s.get("x-optional")]
+        return arrays[0] if len(arrays) == 1 else None
+
+    for name in [named] if named else PREDICT_ORDER:
+        arg = array(name)
+        if arg is not None:
+            return name, arg
+    return None
+
+
 class Plugin:
     """Base class of every model family. Subclass it, set the class attributes, implement build().
 

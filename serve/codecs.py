@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from kiln.plugin import PREDICT_ORDER
+from kiln import plugin
 from kiln.serve.options import MIB, ServeOptions
 from kiln.values import not_a_number
-
 
 
 class ProtocolError(Exception):
@@ -139,27 +138,18 @@ def parse_json(body: bytes, content_type: str) -> Any:
 
 
 def predict_method(info: dict[str, Any]) -> tuple[str, str]:
-    """The method TF Serving's :predict and v2's infer call, and its one array argument: the one
-    the plugin names (``Plugin.predict``), else the first of classify, reconstruct, encode, decode
-    that takes exactly one required array."""
-    def array(name: str) -> str | None:
-        m = info["methods"].get(name)
-        arrays = [k for k, s in (m or {}).get("inputs", {}).items()
-                  if s["type"] == "array" and not s.get("x-optional")]
-        return arrays[0] if len(arrays) == 1 else None
-
+    """The method TF Serving's :predict and v2's infer call, and its one array argument
+    (``kiln.plugin.predict_method``); a 404 that says why where the model has none."""
+    found = plugin.predict_method(info["methods"], info.get("predict"))
+    if found is not None:
+        return found
     named = info.get("predict")
     if named:
-        if array(named) is None:
-            raise ProtocolError(404, f"model {info['name']}:{info['version']} names '{named}' as its "
-                                     "predict method, but that is no inference method taking exactly "
-                                     f"one required array; use POST /models/{info['name']}/<method>")
-        return named, array(named)  # type: ignore[return-value]
-    for name in PREDICT_ORDER:
-        if array(name) is not None:
-            return name, array(name)  # type: ignore[return-value]
+        raise ProtocolError(404, f"model {info['name']}:{info['version']} names '{named}' as its "
+                                 "predict method, but that is no inference method taking exactly "
+                                 f"one required array; use POST /models/{info['name']}/<method>")
     raise ProtocolError(404, f"model {info['name']}:{info['version']} has no predict method "
-                             f"(one of {', '.join(PREDICT_ORDER)}, or the one its plugin names with "
+                             f"(one of {', '.join(plugin.PREDICT_ORDER)}, or the one its plugin names with "
                              f"`predict = \"METHOD\"`); use POST /models/{info['name']}/<method>")
 
 
