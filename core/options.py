@@ -24,8 +24,8 @@ def option(default: Any, help: str = "", *, low: float | None = None, above: flo
     exclusively; ``flag`` names its flag where the field's name is not it (``--set`` for
     ``overrides``); ``process`` marks an option of the running command alone (how it reaches Ray,
     how long it waits), which a written config does not carry. A ``list[str]`` option is a
-    repeatable flag, a ``dict[str, str]`` one a repeatable KEY=VALUE flag, a ``bool`` one a switch; ``const`` is the value of a
-    flag given without one (``--register`` alone)."""
+    repeatable flag, a ``dict[str, str]`` one a repeatable KEY=VALUE flag, a ``bool`` one a
+    switch; ``const`` is the value of a flag given without one (``--register`` alone)."""
     meta = {"help": help, "low": low, "above": above, "high": high, "below": below, "choices": choices,
             "metavar": metavar, "flag": flag, "process": process, "const": const}
     if isinstance(default, (list, dict)):
@@ -63,7 +63,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             base = _scalar(kind)
             metavar = meta["metavar"] or ("N" if base in (int, float) else None)
-            optional = {"nargs": "?", "const": meta["const"]} if meta.get("const") is not None else {}
+            optional = {"nargs": "?", "const": meta["const"]} if meta["const"] is not None else {}
             parser.add_argument(name, dest=f.name, type=base, default=default, metavar=metavar,
                                 choices=meta["choices"], help=help, **optional)
 

@@ -366,7 +366,6 @@ class TuneContext:
         ray.tune.report(dict(metrics), checkpoint=to_tune)
 
 
-
 def _config_text(config: dict[str, Any]) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in config.items())
 

@@ -163,8 +163,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def json_answer(content: Any, ref: str) -> Response:
     """A model's answer as JSON, with the version that gave it. orjson writes it: a route that
-    returns a dict goes through FastAPI's jsonable_encoder and the standard library's json, which
-    took 249 ms for 256 reconstructed images that orjson writes in 4.5 ms (BENCHMARKS.md)."""
+    returns a dict goes through FastAPI's jsonable_encoder and the standard library's json, tens
+    of times slower for a batch's answer (BENCHMARKS.md, bench/json_answers.py)."""
     return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json",
                     headers={VERSION_HEADER: ref})
 
