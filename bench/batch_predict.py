@@ -82,13 +82,14 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def kiln_predict(store: Path, folder: Path, out: Path, workers: int, batch: int) -> tuple[float, int]:
+def kiln_predict(store: Path, folder: Path, out: Path, workers: int, batch: int, cpus: float) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one `kiln predict` run."""
     peak = [0]
     t0 = time.perf_counter()
     # its own Ray (and its raylet's workers) in its own session, so the tree is all of it
     proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "predict", "cnn", "--input", str(folder),
                              "--output", str(out), "--workers", str(workers), "--batch-size", str(batch),
+                             "--cpus-per-worker", str(cpus),
                              "--store", str(store)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -156,6 +157,7 @@ def main() -> None:
     p.add_argument("--memory-n", type=int, default=100_000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
     args = p.parse_args()
     from kiln import images, models, run
 
@@ -180,12 +182,14 @@ def main() -> None:
 
         # 2. kiln predict: the whole command over N; its steady state from runs over N and 10 N on
         # one Ray in this process (Ray's start and each run's actor start cancel)
-        t_n, peak_n = kiln_predict(store, root / "n", root / "n.parquet", args.workers, args.batch_size)
+        t_n, peak_n = kiln_predict(store, root / "n", root / "n.parquet", args.workers, args.batch_size,
+                                    args.cpus_per_worker)
         from kiln.cluster import predict
 
         def batch_run(folder: Path, out: Path) -> float:
             spec = predict.plan("cnn", str(folder), predict.PredictOptions(
-                output=str(out), workers=args.workers, batch_size=args.batch_size), store=str(store))
+                output=str(out), workers=args.workers, batch_size=args.batch_size,
+                cpus_per_worker=args.cpus_per_worker), store=str(store))
             t0 = time.perf_counter()
             predict.run(spec)
             return time.perf_counter() - t0
@@ -205,10 +209,11 @@ def main() -> None:
         serve_rate = served(store, files, args.batch_size)
 
         # memory over 10x the files
-        t_many, peak_many = kiln_predict(store, many, root / "many.parquet", args.workers, args.batch_size)
+        t_many, peak_many = kiln_predict(store, many, root / "many.parquet", args.workers, args.batch_size,
+                                    args.cpus_per_worker)
 
         print(f"MNIST test set as {args.n} PNG files, cnn, batch {args.batch_size}, "
-              f"{args.workers} Ray Data actor(s), {os.cpu_count()} CPUs")
+              f"{args.workers} Ray Data actor(s) of {args.cpus_per_worker:g} CPU(s), {os.cpu_count()} CPUs")
         print(f"  in-process model.predict (decoded first)   {here:9.0f} images/s")
         print(f"  in-process decode + model.predict         {here_decoded:9.0f} images/s")
         print(f"  kiln predict, steady state (10N - N)      {steady:9.0f} images/s  "
