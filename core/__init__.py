@@ -25,7 +25,7 @@ from kiln.plugin import (  # noqa: E402
 # class load on first use (PEP 562), so that importing kiln stays light (no matplotlib).
 _LAZY = {"Pictures": "kiln.plugins", "line": "kiln.plugins", "grid": "kiln.images",
          "confusion": "kiln.images", "scatter": "kiln.images", "traces": "kiln.images",
-         "curves": "kiln.images"}
+         "curves": "kiln.images", "attention_map": "kiln.images"}
 
 __all__ = ["DatasetInfo", "ImageOptions", "KilnError", "Method", "NoConfig", "Plugin", "Scalar", "Tensor",
            "config_help", "inference", "loss_scaled", "make_config", "param", "replicas", "__version__", *_LAZY]

@@ -66,6 +66,23 @@ def confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str 
     return _save(fig, path)
 
 
+def attention_map(weights: np.ndarray, chars: Sequence[str], path: Path, title: str = "") -> Path:
+    """Write attention weights (query, key) over a line of characters as a PNG heat map: row i
+    is how much character i attends to each character before it."""
+    plt = _plt()
+    shown = [{"\n": "\u21b5", " ": "\u2423"}.get(c, c) for c in chars]
+    k = len(shown)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.16 * k, 1.2 + 0.16 * k))
+    ax.imshow(weights, cmap="viridis", vmin=0)
+    ax.set_xticks(range(k), shown, fontsize=6, fontfamily="monospace")
+    ax.set_yticks(range(k), shown, fontsize=6, fontfamily="monospace")
+    ax.set_xlabel("attends to (key)")
+    ax.set_ylabel("character (query)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def scatter(points: np.ndarray, labels: np.ndarray, path: Path, title: str = "") -> Path:
     """Write 2-D points coloured by integer label (e.g. a latent space) as a PNG with a legend."""
     plt = _plt()

@@ -23,7 +23,7 @@ UCI_NAMES = ["WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS", "SITTING", "ST
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, trained):
-    """One store: har on part of sp_sw_har, a short lstm, the session's MNIST cnn, and transfer
+    """One store: har on part of sp_sw_har, a short lstm and gpt, the session's MNIST cnn, and transfer
     and scratch from it on few labels and epochs (how well each does: bench/quality.py and
     bench/transfer_vs_scratch.py)."""
     root = tmp_path_factory.mktemp("sequences")
@@ -33,6 +33,8 @@ def store(tmp_path_factory, trained):
     runs = [("har", "--epochs", "1", "--limit", "2000"),
             ("lstm", "--epochs", "2", "--limit", "2000", "--batch-size", "64",
              "--set", "units=128", "--set", "learning_rate=0.005"),
+            ("gpt", "--epochs", "2", "--limit", "2000", "--batch-size", "16", "--set", "layers=2",
+             "--set", "width=64", "--set", "learning_rate=0.005", "--set", "warmup_steps=20"),
             ("transfer", *few),
             ("transfer", "--name", "scratch", "--set", "pretrained=false", *few)]
     for plugin, *args in runs:  # `kiln train` in this process (a fresh one: test_train_local)
@@ -201,6 +203,65 @@ def test_lstm_trains_on_a_users_text_file(tmp_path, workdir):
 # --------------------------------------------------------------------------- transfer
 
 
+# --------------------------------------------------------------------------- gpt
+
+
+def test_gpt_learns_text_and_draws_its_attention(store):
+    m = manifest(store, "gpt")
+    assert m["dataset"]["class_names"] == manifest(store, "lstm")["dataset"]["class_names"]  # lstm's vocabulary
+    assert m["metrics"]["nats_per_char"] < 0.7 * math.log(65)
+    art = store / "store" / "gpt" / "1" / "artifacts"
+    assert (art / "sample.txt").read_text().startswith("ROMEO:")
+    from PIL import Image
+
+    with Image.open(art / "attention.png") as img:
+        assert min(img.size) > 200
+
+
+def test_gpt_generates_reproducibly_past_its_context_and_scores(store):
+    from kiln import models
+
+    a, model_a, _ = models.load("gpt", store / "store")
+    b, model_b, _ = models.load("gpt:1", store / "store")
+    args = {"prompt": "KING:", "max_chars": 150, "temperature": 0.8, "top_k": 40, "seed": 7}
+    first = a.infer(model_a, "generate", args)
+    assert first == b.infer(model_b, "generate", args)  # reload + same seed: same text
+    assert len(first["continuation"]) == 150 > a.context  # generation slid past the window
+    assert a.infer(model_a, "generate", {**args, "seed": 8}) != first
+    # top_k=1 is greedy: the seed no longer matters
+    greedy = {**args, "top_k": 1}
+    assert a.infer(model_a, "generate", greedy) == a.infer(model_a, "generate", {**greedy, "seed": 99})
+    long_prompt = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 5  # 320 > 100 characters
+    assert a.infer(model_a, "generate", {**args, "prompt": long_prompt})["text"].startswith(long_prompt)
+    score = a.infer(model_a, "score", {"text": long_prompt})
+    assert len(score["per_char"]) == len(long_prompt) - 1
+    assert score["nats_per_char"] == pytest.approx(np.mean(score["per_char"]), abs=1e-3)
+    shuffled = "".join(np.random.default_rng(0).permutation(list(long_prompt)))
+    assert a.infer(model_a, "score", {"text": shuffled})["nats_per_char"] > score["nats_per_char"]
+    att = a.infer(model_a, "attention", {"text": "ROMEO: hi", "layer": 2})
+    w = np.asarray(att["weights"])
+    assert w.shape == (a.config.heads, 9, 9) and att["characters"] == list("ROMEO: hi")
+    assert np.allclose(w.sum(-1), 1, atol=1e-3) and np.allclose(np.triu(w, 1), 0)  # causal: no look ahead
+
+
+@pytest.mark.parametrize("args, msg", [
+    ({"prompt": "Café ☕"}, r"2 character\(s\) outside the model's vocabulary: 'é', '☕'"),
+    ({"prompt": ""}, "argument 'prompt' has 0 characters; give 1 to"),
+    ({"prompt": "A", "max_chars": 10**6}, "max_chars"),
+    ({"prompt": "A", "temperature": 0}, "temperature"),
+    ({"prompt": "A", "top_k": -1}, "top_k"),
+    ({"prompt": "A", "top_k": 5000}, "top_k"),
+])
+def test_gpt_rejects_bad_arguments_naming_them(store, args, msg):
+    from kiln import models
+
+    plugin, model, _ = models.load("gpt", store / "store")
+    with pytest.raises(KilnError, match=msg):
+        plugin.infer(model, "generate", args)
+    with pytest.raises(KilnError, match="'layer' must be 1..2"):
+        plugin.infer(model, "attention", {"text": "AB", "layer": 3})
+
+
 def test_transfer_beats_the_same_network_from_scratch(store):
     transfer, scratch = manifest(store, "transfer"), manifest(store, "scratch")
     assert transfer["config"]["base"] == "cnn:1"  # pinned in the manifest
@@ -265,6 +326,7 @@ def test_sequence_and_transfer_plugins_keep_two_workers_identical(tmp_path, trai
     copy_models(trained, tmp_path / "store", "cnn")  # transfer's base
     jobs = [("har", dict(limit=512, batch_size=64, epochs=2)),  # 512: windows of 2 subjects, for validation
             ("lstm", dict(limit=128, batch_size=64, epochs=2, overrides={"units": "32"})),
+            ("gpt", dict(limit=128, batch_size=64, epochs=2, overrides={"layers": "1", "width": "32"})),
             ("transfer", dict(batch_size=32, epochs=2,
                               overrides={"labels_per_class": "8", "head_epochs": "1"}))]
     runs = []
