@@ -375,6 +375,9 @@ class Plugin:
     #: a generative plugin whose ``sample`` output a stored classifier can judge: the classifier's
     #: model name in the store (``kiln evaluate``; see kiln.quality)
     judged_by: ClassVar[str | None] = None
+    #: samples per class the judge draws when a run ends (``kiln evaluate`` always draws 1,000):
+    #: fewer where drawing one costs many network calls
+    judge_per_class: ClassVar[int] = 1000
     #: the ``sample`` argument that picks the class, for conditional generators (label accuracy)
     condition: ClassVar[str | None] = None
     #: the inference method that TF Serving's ``:predict`` and v2's ``infer`` call (it must take

@@ -235,7 +235,7 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path, extra: dict[str,
         except KilnError as e:
             say(f"not judged by a classifier: {e}")
         else:
-            metrics.update(quality.judge(plugin, model, classifier))
+            metrics.update(quality.judge(plugin, model, classifier, per_class=cls.judge_per_class))
             judged_by = classifier[2]
 
     def write(tmp: Path) -> dict[str, Any]:

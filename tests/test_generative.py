@@ -1,4 +1,4 @@
-"""The generative plugins (autoencoder, dcgan, cgan; the VAE has test_vae.py) on real MNIST:
+"""The generative plugins (autoencoder, dcgan, cgan, diffusion; the VAE has test_vae.py) on real MNIST:
 short real runs, their pictures, reload giving the same outputs, validated inference, the
 classifier-based evaluator, and identical weights on 2 Ray Train workers for every plugin."""
 
@@ -17,15 +17,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, trained):
-    """One store with the session's CNN (the judge) and VAE, and a denoising autoencoder, a DCGAN
-    and a CGAN trained here on a few batches (what their training prints is checked below; how
+    """One store with the session's CNN (the judge) and VAE, and a denoising autoencoder, a DCGAN,
+    a CGAN and a diffusion model trained here on a few batches (what their training prints is checked below; how
     good they get: bench/quality.py)."""
     root = tmp_path_factory.mktemp("generative")
     env = {"KILN_STORE": str(root / "store"), "KILN_RUNS": str(root / "runs")}
     copy_models(trained, root / "store", "cnn", "vae")
     runs = [("autoencoder", "--epochs", "1", "--limit", "512"),
             ("dcgan", "--epochs", "2", "--limit", "256", "--set", "sample_every=1", "--set", "width=32"),
-            ("cgan", "--epochs", "2", "--limit", "256", "--set", "sample_every=2")]
+            ("cgan", "--epochs", "2", "--limit", "256", "--set", "sample_every=2"),
+            ("diffusion", "--epochs", "1", "--limit", "256", "--set", "width=8", "--set", "blocks=1")]
     outputs = {}
     for plugin, *args in runs:  # `kiln train` in this process (a fresh one: test_train_local)
         out = kiln_here("train", plugin, *args, cwd=root, env=env)
@@ -148,6 +149,36 @@ def test_cgan_draws_the_requested_digit_and_morphs_between_classes(store):
         plugin.infer(model, "interpolate", {"a": 1, "b": 10})
 
 
+def test_diffusion_is_judged_draws_classes_reproducibly_and_shows_its_trajectory(store):
+    root, env, outputs = store
+    from kiln import models
+
+    m = manifest(root, "diffusion")
+    assert m["judged_by"] == "cnn:1" and 0 <= m["metrics"]["label_accuracy"] <= 1
+    assert "samples after epoch 1:" in outputs["diffusion"]
+    art = root / "store" / "diffusion" / "1" / "artifacts"
+    assert {"samples.png", "trajectory.png"} <= {p.name for p in art.iterdir()}
+    plugin, model, _ = models.load("diffusion", root / "store")
+    args = {"digit": 7, "n": 6, "steps": 5, "guidance": 3.0, "seed": 1}
+    a = plugin.infer(model, "sample", args)["images"]
+    assert a.shape == (6, 28, 28, 1) and 0 <= a.min() and a.max() <= 1
+    np.testing.assert_array_equal(a, plugin.infer(model, "sample", args)["images"])  # a seed: the same digits
+    assert not np.array_equal(a, plugin.infer(model, "sample", {**args, "seed": 2})["images"])
+    # unconditional (digit omitted), and guidance changes what a class's noise becomes
+    assert plugin.infer(model, "sample", {"n": 2, "steps": 3})["images"].shape == (2, 28, 28, 1)
+    assert not np.array_equal(a, plugin.infer(model, "sample", {**args, "guidance": 0.0})["images"])
+    path = plugin.infer(model, "trajectory", {"digit": 3, "steps": 10, "frames": 5, "seed": 0})
+    assert path["images"].shape == (5, 28, 28, 1) and path["t"][0] == 1.0 and path["t"][-1] == 0.0
+    assert path["t"] == sorted(path["t"], reverse=True)
+    # the trajectory's picture is the sample with the same seed and steps
+    same = plugin.infer(model, "sample", {"digit": 3, "n": 1, "steps": 10, "seed": 0})["images"][0]
+    np.testing.assert_allclose(path["images"][-1], same, atol=1e-5)
+    for bad, word in [({"digit": 10}, "class index 0..9"), ({"steps": 0}, "'steps'"),
+                      ({"steps": 5000}, "'steps'"), ({"guidance": -1}, "'guidance'"), ({"n": 10**6}, "'n'")]:
+        with pytest.raises(KilnError, match=word):
+            plugin.infer(model, "sample", bad)
+
+
 def test_evaluate_without_a_classifier_fails_clearly(store, tmp_path):
     root, env, _ = store
     import shutil
@@ -173,13 +204,14 @@ def test_every_generative_plugin_keeps_two_workers_identical(tmp_path, shared_ra
 
     probe = shared_ray  # where the dump plugin's workers write their state
     runs = []
-    for name in ("autoencoder", "vae", "cgan"):
+    small = {"diffusion": {"width": "8", "blocks": "1"}}
+    for name in ("autoencoder", "vae", "cgan", "diffusion"):
         spec = run.plan(f"dump_{name}", workers=2, epochs=1, limit=256, batch_size=64,
                         plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",
-                        runs_dir=tmp_path / "runs")
+                        runs_dir=tmp_path / "runs", overrides=small.get(name, {}))
         runs.append((spec, data.prepare(spec.dataset)))
     fit(*runs[0], then=runs[1:])  # one worker group trains each in turn; evaluation: elsewhere
-    for name in ("autoencoder", "vae", "cgan"):
+    for name in ("autoencoder", "vae", "cgan", "diffusion"):
         with np.load(probe / f"dump_{name}-rank0-epoch1.npz") as f0, \
                 np.load(probe / f"dump_{name}-rank1-epoch1.npz") as f1:
             assert f0.files == f1.files and len(f0.files) > 10

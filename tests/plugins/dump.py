@@ -10,6 +10,8 @@ import numpy as np
 from kiln.plugins.autoencoder import Autoencoder
 from kiln.plugins.cgan import CGAN
 from kiln.plugins.dcgan import DCGAN
+from kiln.plugins.diffusion import DiffusionPlugin
+from kiln.plugins.gpt import CharGPT
 from kiln.plugins.har import HAR
 from kiln.plugins.lstm import CharLSTM
 from kiln.plugins.transfer import Transfer
@@ -48,6 +50,14 @@ class DumpHAR(Dump, HAR):
 
 class DumpLSTM(Dump, CharLSTM):
     name = "dump_lstm"
+
+
+class DumpDiffusion(Dump, DiffusionPlugin):
+    name = "dump_diffusion"
+
+
+class DumpGPT(Dump, CharGPT):
+    name = "dump_gpt"
 
 
 class DumpTransfer(Dump, Transfer):
