@@ -157,20 +157,23 @@ def test_every_builtin_plugin_builds_and_documents_its_methods():
                 "vae": {"sample", "reconstruct", "encode", "decode", "interpolate", "neighbours",
                         "arithmetic", "latent_map"},
                 "dcgan": {"sample", "interpolate"}, "cgan": {"sample", "interpolate"},
-                "har": {"classify", "examples"}, "lstm": {"generate", "score"}, "transfer": {"classify"}}
+                "diffusion": {"sample", "trajectory"},
+                "har": {"classify", "examples"}, "lstm": {"generate", "score"}, "gpt": {"generate", "score", "attention"},
+                "transfer": {"classify"}}
     assert set(expected) == {e.name for e in registry.entries() if e.source.startswith("kiln.plugins.")}
     for name, methods in expected.items():
         cls = registry.get(name)
         assert set(cls.methods()) == methods, name
         # transfer's default base comes from the store; a keras.applications base needs none
         plugin = cls(base="keras:MobileNetV2", pretrained=False) if name == "transfer" else cls()
-        info = {"har": windows, "lstm": text}.get(name, images)
+        info = {"har": windows, "lstm": text, "gpt": text}.get(name, images)
         plugin.setup(info)
         assert build_model(plugin).count_params() > 0
         for m in cls.methods().values():
             assert m.doc and m.outputs, f"{name}.{m.name} needs a docstring and described outputs"
             assert isinstance(m.describe(info)["inputs"], dict)  # {} for methods without arguments
     assert registry.get("cgan").condition == "digit" and registry.get("dcgan").judged_by == "cnn"
+    assert registry.get("diffusion").condition == "digit" and registry.get("diffusion").judged_by == "cnn"
 
 
 def test_a_plugin_author_imports_kilns_api_from_kiln_alone():
