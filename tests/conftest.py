@@ -35,8 +35,10 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 TRAINED = (("cnn", dict(limit=2000)),
            ("autoencoder", dict(limit=1024)),
            ("lstm", dict(limit=300, overrides={"units": "32"})),
+           ("gpt", dict(limit=300, overrides={"layers": "2", "width": "32", "heads": "2"})),
            ("cgan", dict(limit=1280, overrides={"sample_every": "0"})),
            ("vae", dict(limit=1024)),
+           ("diffusion", dict(limit=256, overrides={"width": "8", "blocks": "1", "sample_every": "0"})),
            # trained in mixed precision: served, it must answer float32 as the others do
            ("photos", dict(plugin="cnn", dataset=str(HYMENOPTERA), overrides={"image_size": "32"},
                            precision="mixed_bfloat16")))
@@ -44,7 +46,7 @@ TRAINED = (("cnn", dict(limit=2000)),
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
-    """A store holding cnn:1, autoencoder:1, lstm:1, cgan:1, vae:1 and photos:1 (a cnn on the
+    """A store holding cnn:1, autoencoder:1, lstm:1, gpt:1, cgan:1, vae:1, diffusion:1 and photos:1 (a cnn on the
     ants and bees photos at 32 px), trained once per run, one epoch each, by the first test
     process that needs it (the other pytest-xdist worker waits for it and reads the same store).
     Read-only for tests: copy what you need with helpers.copy_models."""

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import requests
 import schemathesis
 
 import conformance
-from helpers import NOISY_TF, ROOT, copy_models, copy_version, run_kiln
+from helpers import NOISY_TF, ROOT, copy_models, copy_version, kiln_here, run_kiln
 from kiln.serve.options import ServeOptions
 from kiln.net import free_port
 
@@ -48,12 +49,12 @@ def late_checks():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, trained, own_ray):
-    """The session's cnn, autoencoder, lstm, cgan, vae and photos (a cnn on the ants and bees
+    """The session's cnn, autoencoder, lstm, gpt, cgan, vae, diffusion and photos (a cnn on the ants and bees
     photos), served by app "kiln" at / and, with a token, cnn and lstm by app "secure" at /secure (and an lstm
     with a request timeout no call meets by app "hasty" at /hasty); yields
     (base URL, store, what was seen while the models loaded)."""
     root = tmp_path_factory.mktemp("serve")
-    copy_models(trained, root / "store", "cnn", "autoencoder", "lstm", "cgan", "vae", "photos")
+    copy_models(trained, root / "store", "cnn", "autoencoder", "lstm", "gpt", "cgan", "vae", "diffusion", "photos")
 
     import ray
 
@@ -61,7 +62,10 @@ def server(tmp_path_factory, trained, own_ray):
 
     port = free_port()
     store = str(root / "store")
-    spec = app.ServeSpec(store=store, refs=app.resolve_refs(store, None), opts=ServeOptions(port=port, **LIMITS))
+    # an eighth of a CPU per replica: the eight models, the apps below and a version stored
+    # later (test_a_version_stored_while_serving...) all fit the module's 2 CPUs
+    spec = app.ServeSpec(store=store, refs=app.resolve_refs(store, None),
+                         opts=ServeOptions(port=port, cpus_per_replica=0.125, **LIMITS))
     runtime.init_ray(num_cpus=2)  # as `kiln serve` starts it: HAProxy in front, gRPC between replicas
     try:
         app.start(spec)
@@ -109,7 +113,7 @@ def test_loading_models_answer_503_then_ready(server):
     assert requests.get(f"{base}/v2/health/ready").json() == {"ready": True}
     assert requests.get(f"{base}/v2/health/live").json() == {"live": True}
     models = requests.get(f"{base}/models").json()["models"]
-    assert {m["ref"] for m in models} == {"autoencoder:1", "cgan:1", "cnn:1", "lstm:1", "photos:1", "vae:1"} \
+    assert {m["ref"] for m in models} == {"autoencoder:1", "cgan:1", "cnn:1", "diffusion:1", "gpt:1", "lstm:1", "photos:1", "vae:1"} \
         and all(m["state"] == "READY" for m in models)
     cnn = next(m for m in models if m["ref"] == "cnn:1")
     assert cnn["methods"]["classify"]["inputs"]["images"]["x-shape"] == [None, 28, 28, 1]
@@ -181,6 +185,60 @@ def test_kiln_routes_generate_text_deterministically(server):
     assert a == b and a["text"].startswith("ROMEO:") and len(a["continuation"]) == 30
     score = requests.post(f"{base}/models/lstm/score", json={"text": "To be"}).json()
     assert len(score["per_char"]) == 4
+
+
+def test_gpt_answers_good_requests_beside_bad_ones_with_400s_naming_the_argument(server):
+    """gpt's generate over HTTP: the same seed gives the same text, a prompt longer than the
+    context window is continued, and each bad argument sent among good requests at the same time
+    gets a 400 that names it while every good one is answered."""
+    base, *_ = server
+    url = f"{base}/models/gpt/generate"
+    good = {"prompt": "ROMEO:", "max_chars": 40, "temperature": 0.8, "top_k": 40, "seed": 0}
+    first = requests.post(url, json=good, timeout=60).json()
+    assert first["text"] == "ROMEO:" + first["continuation"] and len(first["continuation"]) == 40
+    long_prompt = {**good, "prompt": "To be, or not to be: that is the question.\n" * 6}  # 264 > 100 characters
+    assert len(requests.post(url, json=long_prompt, timeout=60).json()["continuation"]) == 40
+    bad = [({"prompt": ""}, "prompt"), ({"prompt": "Café"}, "outside the model's vocabulary"),
+           ({"max_chars": 10**6}, "max_chars"), ({"temperature": 0}, "temperature"),
+           ({"temperature": -1}, "temperature"), ({"top_k": -1}, "top_k"), ({"top_k": 5000}, "top_k")]
+    with ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(requests.post, url, json=good, timeout=120) for _ in range(4)]
+        bads = [pool.submit(requests.post, url, json={**good, **args}, timeout=120) for args, _ in bad]
+        for f in goods:
+            assert f.result().status_code == 200 and f.result().json() == first
+        for f, (args, words) in zip(bads, bad):
+            r = f.result()
+            assert r.status_code == 400 and words in r.json()["error"], (args, r.text)
+
+
+def test_kiln_generate_gpt_as_the_readme_shows(server):
+    base, *_ = server
+    cmd = ("generate", "gpt", "--url", base, "--set", "prompt=ROMEO:", "--set", "temperature=0.8",
+           "--set", "top_k=40", "--set", "max_chars=60", "--set", "seed=0")
+    out, again = kiln_here(*cmd), kiln_here(*cmd)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == again.stdout and out.stdout.startswith("ROMEO:") and len(out.stdout) >= 66
+    bad = kiln_here(*cmd, "--set", "top_k=-1")
+    assert bad.returncode == 2 and "top_k" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_a_long_diffusion_request_does_not_hold_up_other_models(server):
+    """1,000 DDIM steps run in diffusion's own replica: the cnn answers meanwhile, and the long
+    request still gets its pictures."""
+    base, *_ = server
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(requests.post, f"{base}/models/diffusion/sample",
+                           json={"digit": 3, "n": 32, "steps": 1000, "seed": 0}, timeout=300)
+        answered = 0
+        for _ in range(20):  # bounded: stops when the long request is done
+            r = requests.post(f"{base}/models/cnn/classify", json={"images": np.zeros((28, 28, 1)).tolist()}, timeout=30)
+            assert r.status_code == 200
+            if long.done():
+                break
+            answered += 1
+        out = long.result()
+    assert out.status_code == 200 and np.asarray(out.json()["images"]).shape == (32, 28, 28, 1)
+    assert answered >= 1  # at least one classification came back while the sampler ran
 
 
 def test_a_model_past_the_request_timeout_gets_504_and_its_neighbours_do_not(server):
@@ -963,6 +1021,7 @@ def test_gallery_classifies_an_uploaded_photo_with_the_chosen_model(server, brow
 
 def test_gallery_latent_plane_generate_and_text(server, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.select import Select
     from selenium.webdriver.common.keys import Keys
 
     browser.get(server[0] + "/")
@@ -979,6 +1038,15 @@ def test_gallery_latent_plane_generate_and_text(server, browser):
     browser.find_element(By.ID, "morph-run").click()
     wait_for(browser, lambda d: d.execute_script("const i = document.getElementById('morph-out');"
                                                  "return !i.hidden && i.complete && i.naturalWidth > 0;"))
+    # diffusion: a chosen digit in a few steps, and one digit's way from noise
+    Select(browser.find_element(By.ID, "diffusion-digit")).select_by_value("3")
+    steps = browser.find_element(By.ID, "diffusion-steps")
+    steps.clear()
+    steps.send_keys("5")
+    for button, img in (("diffusion-run", "diffusion-out"), ("diffusion-path", "diffusion-trajectory")):
+        browser.find_element(By.ID, button).click()
+        wait_for(browser, lambda d: d.execute_script(f"const i = document.getElementById('{img}');"
+                                                     "return !i.hidden && i.complete && i.naturalWidth > 0;"))
     shoot(browser, "generate")
     # text: raise the temperature with the keyboard, ask for a continuation
     slider = browser.find_element(By.ID, "temperature")
@@ -987,10 +1055,23 @@ def test_gallery_latent_plane_generate_and_text(server, browser):
     length = browser.find_element(By.ID, "length")
     length.clear()
     length.send_keys("80")
+    # both text models are offered; gpt (chosen first) continues the prompt and shows attention
+    options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#text-model option")]
+    assert options == ["gpt:1 (gpt)", "lstm:1 (lstm)"] or options == ["lstm:1 (lstm)", "gpt:1 (gpt)"], options
+    assert browser.find_element(By.ID, "text-model").get_attribute("value") == "gpt:1"
     browser.find_element(By.ID, "text-run").click()
     wait_for(browser, lambda d: len(d.find_element(By.ID, "text-out").text) > 40)
     assert browser.find_element(By.ID, "text-out").text.startswith("ROMEO:")
+    browser.find_element(By.ID, "attention-run").click()
+    wait_for(browser, lambda d: d.execute_script(
+        "const c = document.getElementById('attention'); if (c.hidden) return false;"
+        "const p = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "for (let i = 0; i < p.length; i += 4) if (p[i] > 150 && p[i + 1] < 120) return true; return false;"))
     shoot(browser, "text")
+    Select(browser.find_element(By.ID, "text-model")).select_by_value("lstm:1")
+    browser.find_element(By.ID, "text-run").click()
+    wait_for(browser, lambda d: len(d.find_element(By.ID, "text-out").text) > 40)
+    assert browser.find_element(By.ID, "text-out").text.startswith("ROMEO:")
     # sections whose model is not served say so, with the command that would serve them
     assert "kiln train har" in browser.find_element(By.CSS_SELECTOR, "#activity .missing").text
     assert "kiln train dcgan" in browser.find_element(By.CSS_SELECTOR, "#generate .missing").text

@@ -352,8 +352,16 @@ function setupGenerate() {
     b.setAttribute("aria-label", `Generate the digit ${d}`);
     b.addEventListener("click", () => guarded("generate", () => showPng($("cgan-out"), served("cgan"), "sample", { digit: d, n: 8, seed: d })));
     digits.appendChild(b);
-    for (const id of ["from", "to"]) { const o = document.createElement("option"); o.value = o.textContent = String(d); $(id).appendChild(o); }
+    for (const id of ["from", "to", "diffusion-digit"]) { const o = document.createElement("option"); o.value = o.textContent = String(d); $(id).appendChild(o); }
   }
+  const diffusion = () => ({ digit: +$("diffusion-digit").value, steps: Math.max(1, parseInt($("diffusion-steps").value, 10) || 25),
+    guidance: Math.max(0, parseFloat($("diffusion-guidance").value) || 0), seed: Math.floor(Math.random() * 1e6) });
+  $("diffusion-run").addEventListener("click", () => guarded("generate", () =>
+    showPng($("diffusion-out"), served("diffusion"), "sample", { ...diffusion(), n: 8 })));
+  $("diffusion-path").addEventListener("click", () => guarded("generate", () => {
+    const args = diffusion();
+    return showPng($("diffusion-trajectory"), served("diffusion"), "trajectory", { ...args, steps: Math.max(2, args.steps), frames: 8 });
+  }));
   $("to").value = "7";
   $("dcgan-run").addEventListener("click", () => guarded("generate", () =>
     showPng($("dcgan-out"), served("dcgan"), "sample", { n: 16, seed: Math.max(0, parseInt($("seed").value, 10) || 0) })));
@@ -392,11 +400,35 @@ function drawTraces(canvas, w, channels) {
 }
 
 // ---------------------------------------------------------------------------- text
+function textModel() { return state.models.find((m) => m.ref === $("text-model").value) || served("gpt") || served("lstm"); }
+
 async function continueText() {
-  const out = await call(served("lstm"), "generate", {
-    prompt: $("prompt").value, temperature: parseFloat($("temperature").value),
-    max_chars: Math.max(1, parseInt($("length").value, 10) || 1), seed: Math.floor(Math.random() * 1e6) });
+  const model = textModel();
+  const args = { prompt: $("prompt").value, temperature: parseFloat($("temperature").value),
+    max_chars: Math.max(1, parseInt($("length").value, 10) || 1), seed: Math.floor(Math.random() * 1e6) };
+  if (model.methods.generate.inputs.top_k) args.top_k = 40;
+  const out = await call(model, "generate", args);
   $("text-out").textContent = out.text;
+}
+
+async function showAttention() {   // one block's attention over the prompt, averaged over its heads
+  const model = served("gpt");
+  const out = await call(model, "attention", { text: $("prompt").value.slice(-48) || "ROMEO:",
+    layer: Math.max(1, parseInt($("attention-layer").value, 10) || 1) });
+  const heads = out.weights, n = out.characters.length, canvas = $("attention"), ctx = canvas.getContext("2d");
+  const cell = Math.floor((canvas.width - 20) / n);
+  ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, canvas.width, canvas.height);
+  ctx.font = "10px monospace"; ctx.textAlign = "center";
+  for (let q = 0; q < n; q++) {
+    for (let k = 0; k < n; k++) {
+      const w = heads.reduce((sum, h) => sum + h[q][k], 0) / heads.length;
+      ctx.fillStyle = `rgba(180, 70, 30, ${Math.min(1, w * 1.5)})`;
+      ctx.fillRect(20 + k * cell, 20 + q * cell, cell, cell);
+    }
+    const c = out.characters[q] === "\n" ? "\u21b5" : out.characters[q];
+    ctx.fillStyle = "#333"; ctx.fillText(c, 10, 20 + q * cell + cell * 0.8); ctx.fillText(c, 20 + q * cell + cell / 2, 14);
+  }
+  canvas.hidden = false;
 }
 
 // ---------------------------------------------------------------------------- models
@@ -449,7 +481,8 @@ function lossCurve(history, headline) {      // the first logged metric per epoc
 
 // ---------------------------------------------------------------------------- start
 const TRAIN = { cnn: "kiln train cnn", autoencoder: "kiln train autoencoder", vae: "kiln train vae --set latent_dim=2",
-  dcgan: "kiln train dcgan", cgan: "kiln train cgan", har: "kiln train har", lstm: "kiln train lstm" };
+  dcgan: "kiln train dcgan", cgan: "kiln train cgan", har: "kiln train har", lstm: "kiln train lstm",
+  gpt: "kiln train gpt", diffusion: "kiln train diffusion" };
 
 function markSections() {
   for (const section of document.querySelectorAll("section[data-plugin]")) {
@@ -483,6 +516,9 @@ async function load() {
   choice.replaceChildren(...state.models.filter((m) => m.methods && m.methods.classify && m.methods.classify.inputs.images)
     .map((m) => { const o = document.createElement("option"); o.value = m.ref; o.textContent = `${m.ref} (${m.dataset.split("/").pop().split("?")[0]})`; return o; }));
   if (served("cnn")) choice.value = served("cnn").ref;
+  $("text-model").replaceChildren(...state.models.filter((m) => m.methods && m.methods.generate && m.methods.generate.inputs.prompt)
+    .map((m) => { const o = document.createElement("option"); o.value = m.ref; o.textContent = `${m.ref} (${m.plugin})`; return o; }));
+  if (served("gpt")) { $("text-model").value = served("gpt").ref; $("attention-layer").max = served("gpt").methods.attention.inputs.layer.maximum || 1; }
   if (served("vae")) guarded("latent", setupPlane);
   if (served("har")) guarded("activity", setupActivity);
 }
@@ -499,6 +535,7 @@ function start() {
   $("interp-run").addEventListener("click", () => guarded("latent", interpolate));
   $("temperature").addEventListener("input", () => { $("temperature-value").textContent = $("temperature").value; });
   $("text-run").addEventListener("click", () => guarded("text", continueText));
+  $("attention-run").addEventListener("click", () => guarded("text", showAttention));
   $("auth").addEventListener("submit", (e) => {
     e.preventDefault();
     state.token = $("token").value.trim() || null;
