@@ -16,6 +16,8 @@ pytestmark = pytest.mark.slow
 TINY = {"cnn": dict(limit=256), "autoencoder": dict(limit=256), "vae": dict(limit=256),
         "cgan": dict(limit=256, overrides={"width": "16", "sample_every": "0"}),
         "har": dict(val_fraction=0), "lstm": dict(limit=64, overrides={"units": "16"}),
+        "gpt": dict(limit=64, overrides={"layers": "1", "width": "16", "heads": "2"}),
+        "diffusion": dict(limit=128, overrides={"width": "8", "sample_every": "0"}),
         "transfer": dict(limit=128)}
 
 
@@ -51,8 +53,8 @@ def test_float16_scales_the_loss_in_compiled_and_hand_written_steps(trained):
     x = tf.constant(np.random.default_rng(0).random((16, 28, 28, 1)), tf.float32)
     y = tf.constant(np.arange(16) % 10)
     for name, optimizer in (("cnn", "optimizer"), ("autoencoder", "optimizer"), ("vae", "optimizer"),
-                            ("dcgan", "d_optimizer"), ("dcgan", "g_optimizer")):
-        plugin = models.make_plugin(name, {"width": "16"} if name == "dcgan" else {}, info)
+                            ("dcgan", "d_optimizer"), ("dcgan", "g_optimizer"), ("diffusion", "optimizer_")):
+        plugin = models.make_plugin(name, {"width": "16"} if name in ("dcgan", "diffusion") else {}, info)
         model = models.build(plugin, "mixed_float16")
         assert isinstance(getattr(model, optimizer), keras.optimizers.LossScaleOptimizer), (name, optimizer)
         before = [w.numpy().copy() for w in model.trainable_weights]
