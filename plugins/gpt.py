@@ -17,7 +17,6 @@ text (the gallery's attention map).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 from keras import layers
 
 from kiln import KilnError, Scalar, attention_map, inference, param
-from kiln.plugins.lstm import MAX_CHARS, MAX_PROMPT, CharLSTM
+from kiln.plugins.lstm import MAX_CHARS, MAX_PROMPT, CharLSTM, nll
 
 
 @dataclass
@@ -101,8 +100,8 @@ def build_gpt(config: GPTConfig, vocab: int, context: int) -> tuple[keras.Model,
 
 
 class CharGPT(CharLSTM):
-    """The lstm's data, encoding, evaluation and scoring (``score``); a Transformer's network and
-    its own generation."""
+    """The lstm's data, encoding, evaluation and ``score``; a Transformer's network, its own
+    generation and its windows over a long text (``char_losses``)."""
 
     name = "gpt"
     description = "Character-level Transformer (nanoGPT-style GPT); generates and scores text, shows attention"
@@ -201,16 +200,10 @@ class CharGPT(CharLSTM):
         continuation = "".join(self.vocab[i] for i in out.numpy())
         return {"text": prompt + continuation, "continuation": continuation}
 
-    @inference(text=Scalar(str, min=2, max=MAX_PROMPT * 10, alphabet=True,
-                           description=f"text of 2 to {MAX_PROMPT * 10} characters of the model's vocabulary"),
-               outputs={"nats_per_char": "mean loss predicting each character from those before",
-                        "bits_per_char": "the same in bits",
-                        "per_char": "loss of each character after the first, in nats"})
-    def score(self, model, text):
-        """How surprising a text is to the model: per-character loss after the first. Past the
-        context, windows overlap by half a context, so every character is predicted from at
-        least context / 2 characters before it, and scored once."""
-        ids = self.encode(text, "text")
+    def char_losses(self, model, ids: np.ndarray) -> np.ndarray:
+        """``score``'s loss per character after the first. Past the context, windows overlap by
+        half a context, so every character is predicted from at least context / 2 characters
+        before it, and scored once."""
         inputs, targets, c = ids[:-1], ids[1:], self.context
         per_char = np.empty(len(targets))
         pos = 0  # the next target to score
@@ -219,17 +212,12 @@ class CharGPT(CharLSTM):
             end = min(len(targets), start + c)
             # one shape for every window (padded at the end, which causal attention hides from
             # the positions before it): the predict function is traced once
-            window = np.zeros((1, c), "int32") if len(inputs) >= c else np.zeros((1, len(inputs)), "int32")
+            window = np.zeros((1, min(c, len(inputs))), "int32")
             window[0, :end - start] = inputs[start:end]
-            logits = np.asarray(model.predict_on_batch(window), dtype="float64")[0, :end - start]
-            logits -= logits.max(axis=-1, keepdims=True)
-            logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-            at = np.arange(pos, end)
-            per_char[pos:end] = -logp[at - start, targets[at]]
+            logits = model.predict_on_batch(window)[0, :end - start]
+            per_char[pos:end] = nll(logits[pos - start:], targets[pos:end])
             pos = end
-        nats = float(per_char.mean())
-        return {"nats_per_char": nats, "bits_per_char": nats / math.log(2),
-                "per_char": per_char.round(4).tolist()}
+        return per_char
 
     @inference(text=Scalar(str, min=1, max=MAX_PROMPT, alphabet=True,
                            description="a line to look at (its last context characters are used)"),

@@ -166,11 +166,20 @@ class CharLSTM(Plugin):
                         "per_char": "loss of each character after the first, in nats"})
     def score(self, model, text):
         """How surprising a text is to the model: per-character loss after the first character."""
-        ids = self.encode(text, "text")
-        logits = np.asarray(model.predict_on_batch(ids[None, :-1]), dtype="float64")[0]
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        per_char = -logp[np.arange(len(ids) - 1), ids[1:]]
+        per_char = self.char_losses(model, self.encode(text, "text"))
         nats = float(per_char.mean())
         return {"nats_per_char": nats, "bits_per_char": nats / math.log(2),
                 "per_char": per_char.round(4).tolist()}
+
+    def char_losses(self, model, ids: np.ndarray) -> np.ndarray:
+        """The loss of each character after the first, in nats, the whole text in one pass (the
+        LSTM carries its state along it)."""
+        return nll(model.predict_on_batch(ids[None, :-1])[0], ids[1:])
+
+
+def nll(logits, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per position, in float64."""
+    logits = np.asarray(logits, dtype="float64")
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return -logp[np.arange(len(targets)), targets]
