@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -48,3 +49,18 @@ class Pictures(Plugin):
 
         x = tf.cast(x, "float32") * ((high - low) / 255.0) + low
         return tf.reshape(x, (-1, *self.image_shape)), y
+
+    def progress_picture(self, model, path: Path, title: str) -> Path | None:
+        """A picture of the model as it trains, written to ``path``; None where the plugin draws
+        none. Drawn after every ``sample_every`` epochs of a config that has that key."""
+        return None
+
+    def on_epoch_end(self, model, epoch, logs, rank):
+        every = getattr(self.config, "sample_every", 0)
+        if rank == 0 and self.progress_dir is not None and every and epoch % every == 0:
+            path = self.progress_picture(model, self.progress_dir / f"progress_epoch_{epoch:04d}.png",
+                                         f"epoch {epoch}")
+            if path is not None:
+                from kiln.logs import say
+
+                say(f"samples after epoch {epoch}: {path}")

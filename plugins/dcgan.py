@@ -237,19 +237,6 @@ class GANPlugin(Pictures):
         images = ops.clip((model.generate(z, classes) + 1.0) / 2.0, 0.0, 1.0)
         return keras.Model(inputs, images, name=f"{self.name}_generator")
 
-    def progress_picture(self, model, path: Path, title: str) -> Path:
-        raise NotImplementedError
-
-    def on_epoch_end(self, model, epoch, logs, rank):
-        every = self.config.sample_every
-        if rank == 0 and self.progress_dir is not None and every and epoch % every == 0:
-            path = self.progress_picture(model, self.progress_dir / f"progress_epoch_{epoch:04d}.png",
-                                         f"epoch {epoch}")
-            from kiln.logs import say
-
-            say(f"samples after epoch {epoch}: {path}")
-
-
 class DCGAN(GANPlugin):
     name = "dcgan"
     description = "Deep convolutional GAN (Radford et al. recipe): sample digits, interpolate in z"

@@ -195,7 +195,6 @@ class Diffusion(keras.Model):
         times = np.linspace(1.0, 0.0, steps + 1, dtype="float32")
         marks = set(np.linspace(0, steps - 1, keep).round().astype(int)) if keep else set()
         trajectory = []
-        x0 = x
         for i in range(steps):
             t = times[i]
             signal, noise_rate = (float(v) for v in schedule(np.float32(t)))
@@ -297,7 +296,7 @@ class DiffusionPlugin(Pictures):
         return {"images": np.stack(images), "t": [round(t, 4) for t, _ in path] + [0.0]}
 
     # -- pictures -------------------------------------------------------------------------
-    def class_grid(self, model, path: Path, title: str) -> Path:
+    def progress_picture(self, model, path: Path, title: str) -> Path:
         k = max(1, self.num_classes)
         rows = [self.sample(model, digit=c if self.num_classes else -1, n=8, steps=25, guidance=1.5,
                             seed=c)["images"] for c in range(k)]
@@ -308,14 +307,6 @@ class DiffusionPlugin(Pictures):
         rows = [self.trajectory(model, digit=c if self.num_classes else -1, steps=25, guidance=1.5,
                                 frames=8, seed=c)["images"]
                 for c in range(k)]
-        return [self.class_grid(model, out_dir / "samples.png", "one row per class (25 DDIM steps, guidance 1.5)"),
+        return [self.progress_picture(model, out_dir / "samples.png", "one row per class (25 DDIM steps, guidance 1.5)"),
                 grid(np.concatenate(rows), out_dir / "trajectory.png", cols=8,
                      title="from noise (left) to picture (right), one class per row")]
-
-    def on_epoch_end(self, model, epoch, logs, rank):
-        every = self.config.sample_every
-        if rank == 0 and self.progress_dir is not None and every and epoch % every == 0:
-            path = self.class_grid(model, self.progress_dir / f"progress_epoch_{epoch:04d}.png", f"epoch {epoch}")
-            from kiln.logs import say
-
-            say(f"samples after epoch {epoch}: {path}")

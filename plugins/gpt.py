@@ -108,10 +108,6 @@ class CharGPT(CharLSTM):
     Config = GPTConfig
     epochs = 25  # sized to half the lstm default's wall time (BENCHMARKS.md)
     batch_size = 64
-    no_export = ("gpt takes text and runs a loop over characters around its network (generate samples "
-                 "one character at a time, score walks the text); no single network maps its input to its "
-                 "output, so there is nothing to export")
-
     def setup(self, info):
         super().setup(info)
         self.context = int(info.input_shape[0])

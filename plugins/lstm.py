@@ -71,9 +71,11 @@ class CharLSTM(Plugin):
     epochs = 30
     batch_size = 128
     headline = "nats_per_char"
-    no_export = ("lstm takes text and runs a loop over characters around its network (generate samples "
-                 "one character at a time, score walks the text); no single network maps its input to its "
-                 "output, so there is nothing to export")
+    @classmethod
+    def no_export_reason(cls) -> str:
+        return (f"{cls.name} takes text and runs a loop over characters around its network (generate "
+                "samples one character at a time, score walks the text); no single network maps its input "
+                "to its output, so there is nothing to export")
 
     def setup(self, info):
         if not info.extra.get("text"):

@@ -15,9 +15,10 @@ FORMATS = ["saved_model", "onnx", "litert"]
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, trained):
-    """The session's cnn, vae, cgan and lstm (the answers need not be good, only equal)."""
+    """The session's cnn, vae, cgan, and three without a network to export (the answers need not
+    be good, only equal)."""
     root = tmp_path_factory.mktemp("export")
-    copy_models(trained, root / "store", "cnn", "vae", "cgan", "lstm")
+    copy_models(trained, root / "store", "cnn", "vae", "cgan", "lstm", "gpt", "diffusion")
     return root
 
 
@@ -88,3 +89,10 @@ def test_a_plugin_without_an_exportable_network_says_why(store, tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "lstm takes text and runs a loop over characters" in lines[0], lines
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+@pytest.mark.parametrize("name, words", [("gpt", "gpt takes text and runs a loop over characters"),
+                                         ("diffusion", "diffusion draws by calling its network once per DDIM step")])
+def test_each_plugin_without_a_network_names_itself_in_the_refusal(store, tmp_path, name, words):
+    out = kiln_here("export", name, "--out", str(tmp_path / "x"), "--store", str(store / "store"))
+    assert out.returncode == 2 and words in out.stderr, out.stderr
