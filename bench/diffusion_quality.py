@@ -2,7 +2,9 @@
 and confidence over 1,000 samples of each digit, and the Fréchet distance of 5,000 samples to
 5,000 test images in the cnn's features), then DDIM's steps against quality and latency.
 
-1. the judge: `kiln train cnn` (its default, in this process) unless --store has a cnn;
+1. the judge: `kiln train cnn` with the keras-io network (JUDGE, in this process) unless --store
+   has a cnn: the network that judged the cgan and dcgan figures in BENCHMARKS.md, so that the
+   distances compare with theirs;
 2. `kiln train diffusion` (its default, or --epochs / --set), timed, each epoch's seconds
    printed from the run's history;
 3. `kiln evaluate diffusion` (label accuracy, confidence, Fréchet distance and its floor);
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from judge import JUDGE  # bench/judge.py
 
 os.environ.setdefault("KILN_DATA_DIR", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -48,7 +51,7 @@ def main() -> None:
     store, runs = root / "store", root / "runs"
     try:
         if not Store(store).versions("cnn"):
-            run.train(run.plan("cnn", store=store, runs_dir=runs))
+            run.train(run.plan("cnn", store=store, runs_dir=runs, overrides=JUDGE))
         t0 = time.perf_counter()
         v = run.train(run.plan("diffusion", epochs=args.epochs, store=store, runs_dir=runs,
                                overrides=dict(kv.split("=", 1) for kv in args.set)))

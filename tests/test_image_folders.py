@@ -56,10 +56,12 @@ def test_kiln_train_on_a_folder_then_models_and_evaluate(workdir):
     assert manifest["dataset"]["class_names"] == ["cats", "dogs"]
     assert manifest["dataset"]["name"] == f"{folder}?size=24"
     assert manifest["dataset"]["extra"]["split"] == "20% of each class as the test split (seed 0)"
-    # the two colours are trivially apart: two epochs learn them
-    assert manifest["metrics"]["accuracy"] == 1.0, manifest["metrics"]
+    # red and blue are apart, the grey pictures less so: more than chance on the 4 test pictures,
+    # and `kiln evaluate` gives the stored model's figure again
+    accuracy = manifest["metrics"]["accuracy"]
+    assert accuracy >= 0.75, manifest["metrics"]
     again = run_kiln("evaluate", "cnn", cwd=workdir)
-    assert again.returncode == 0 and "accuracy=1.0000" in again.stdout, again.stderr[-2000:]
+    assert again.returncode == 0 and f"accuracy={accuracy:.4f}" in again.stdout, again.stderr[-2000:]
     assert "prepar" not in again.stdout  # read from the cache, not decoded again
     bad = run_kiln("train", "cnn", "--dataset", str(folder / "cats"), cwd=workdir)  # pictures, no classes
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

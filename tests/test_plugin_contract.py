@@ -94,11 +94,23 @@ def test_cnn_features_are_its_first_convolution():
         warnings.simplefilter("error")
         out = plugin.infer(model, "features", {"images": image})
     kernels, maps = np.asarray(out["kernels"]), np.asarray(out["maps"])
-    assert kernels.shape == (32, 3, 3) and maps.shape == (1, 26, 26, 32) and maps.min() >= 0
+    assert kernels.shape == (16, 3, 3) and maps.shape == (1, 26, 26, 16) and maps.min() >= 0
     np.testing.assert_allclose(kernels, np.asarray(model.get_layer("conv1").kernel)[:, :, 0].transpose(2, 0, 1), atol=1e-5)
-    assert np.asarray(plugin.infer(model, "features", {"images": image, "layer": 2})["maps"]).shape == (1, 11, 11, 64)
-    with pytest.raises(KilnError, match="'layer' must be 1..2"):
-        plugin.infer(model, "features", {"images": image, "layer": 3})
+    last = np.asarray(plugin.infer(model, "features", {"images": image, "layer": 4})["maps"])
+    assert last.shape == (1, 8, 8, 32) and last.min() >= 0  # two blocks of two, after their ReLU
+    with pytest.raises(KilnError, match="'layer' must be 1..4"):
+        plugin.infer(model, "features", {"images": image, "layer": 5})
+
+
+@pytest.mark.parametrize("side, fits", [(24, True), (16, True), (12, False)])
+def test_a_cnn_says_which_picture_size_its_convolutions_need(side, fits):
+    plugin = CNN()
+    info = DatasetInfo("photos", (side, side, 3), 2, ("ants", "bees"))
+    if fits:
+        plugin.setup(info)
+        return
+    with pytest.raises(KilnError, match=r"at least 16 pixels a side.*image_size=16"):
+        plugin.setup(info)
 
 
 @pytest.mark.parametrize("plugin_name, shape", [("cnn", (28, 28)), ("vae", (28, 28, 1)),

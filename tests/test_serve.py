@@ -291,7 +291,7 @@ BAD = [
     ("too many b64 images", "post", "/v1/models/cnn:predict", {"json": {"instances": [{"b64": "x"}] * 65}}, 400, "--max-items"),
     ("too many samples", "post", "/models/cgan/sample", {"json": {"digit": 1, "n": 65}}, 400, "asks for 65 items"),
     ("too long a text", "post", "/models/lstm/score", {"json": {"text": "a" * 20_001}}, 400, "20001 characters, over the server's limit of 20000 (kiln serve --max-chars)"),
-    ("too large an answer", "post", "/models/cnn/features", {"json": {"images": np.zeros((40, 28, 28, 1), "uint8").tolist()}}, 400, "--max-response-mb"),
+    ("too large an answer", "post", "/models/cnn/features", {"json": {"images": np.zeros((64, 28, 28, 1), "uint8").tolist()}}, 400, "--max-response-mb"),
 ]
 
 
@@ -984,7 +984,7 @@ def test_gallery_classifies_a_drawn_digit_and_shows_the_filters(server, browser)
     wait_for(browser, lambda d: d.find_element(By.ID, "prediction").text.startswith("1 ("))
     # inside the CNN: fixed kernels computed in the page, learned kernels and maps from the API
     browser.find_element(By.ID, "inside-run").click()
-    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#learned > div")) == 32)
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#learned > div")) == 16)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#fixed figure")) == 4
     shoot(browser, "inside")
     # denoise: the autoencoder and the VAE reconstruct the noisy drawing
