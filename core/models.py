@@ -78,7 +78,8 @@ def load(ref: str, store: str | Path | None = None) -> tuple[Plugin, Any, store_
     version = found.get(ref)
     m = version.manifest
     try:
-        plugin = make_plugin(m["plugin"], m["config"], DatasetInfo.from_dict(m["dataset"]),
+        config = {**plugin_class(m).stored_defaults, **m["config"]}
+        plugin = make_plugin(m["plugin"], config, DatasetInfo.from_dict(m["dataset"]),
                              store=found.spec, plugin_path=m.get("plugin_path"))
     except (KeyError, TypeError) as e:
         raise KilnError(f"corrupt manifest {version.path / store_mod.MANIFEST}: {e}") from None

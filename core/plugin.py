@@ -389,6 +389,9 @@ class Plugin:
     precisions: ClassVar[tuple[str, ...]] = ("float32", "mixed_float16", "mixed_bfloat16")
     #: why a plugin without an ``export_model`` has none (``kiln export``, ``--register``)
     no_export: ClassVar[str] = ""
+    # what a stored manifest's config means by leaving a key out: the value of the Kiln that
+    # stored it, where a key added since then defaults to another network (models.load)
+    stored_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         if config is None:

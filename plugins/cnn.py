@@ -28,7 +28,7 @@ from kiln import ImageOptions, KilnError, Plugin, Scalar, Tensor, confusion, gri
 @dataclass
 class CNNConfig(ImageOptions):
     filters: tuple[int, ...] = param((16, 32), min=1, max=1024, help="filters of each conv block")
-    convs: int = param(2, min=1, max=4, help="3x3 convolutions per block (each block ends in 2x2 pooling)")
+    convs: int = param(2, min=1, max=4, help="convolutions per block (each block ends in 2x2 pooling)")
     kernel_size: int = param(3, min=1, max=11)
     hidden: int = param(256, min=0, max=4096, help="units of the dense layer before the softmax (0: none)")
     dropout: float = param(0.3, min=0.0, max=0.95)
@@ -88,6 +88,8 @@ class CNN(Plugin):
     epochs = 10
     batch_size = 128
     headline = "accuracy"
+    # a cnn stored before these keys existed is the keras-io network
+    stored_defaults = {"convs": 1, "hidden": 0, "schedule": "constant"}
 
     def setup(self, info):
         if info.num_classes < 2 or len(info.input_shape) not in (2, 3):

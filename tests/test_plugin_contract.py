@@ -203,3 +203,37 @@ def test_a_plugin_author_imports_kilns_api_from_kiln_alone():
     for path in sorted((ROOT / "plugins").glob("*.py")):
         elsewhere = re.findall(r"^from kiln\.(?:images|plugins) import .+$", path.read_text(), re.M)
         assert not elsewhere, (path.name, elsewhere)
+
+
+def test_a_cnn_stored_before_its_blocks_and_dense_layer_loads_as_the_network_it_was(tmp_path):
+    """Upgrading Kiln keeps a store's cnn: a manifest without convs, hidden and schedule was
+    written when every cnn was the keras-io network, and it loads as that network, answering
+    what it answered."""
+    import keras
+    from keras import layers
+
+    from kiln import models
+    from kiln.store import WEIGHTS, Store
+
+    info = DatasetInfo("mnist", (28, 28), 10, tuple(map(str, range(10))))
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1), name="image")  # the network as the earlier build_cnn made it
+    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(inputs)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = layers.Dropout(0.5)(layers.Flatten(name="features")(x))
+    earlier = keras.Model(inputs, layers.Dense(10, activation="softmax", name="probabilities")(x))
+    config = {"filters": [32, 64], "kernel_size": 3, "dropout": 0.5, "learning_rate": 0.001,
+              "augment": ["none"], "image_size": 64, "channels": "auto", "skip_broken": False}
+
+    def write(tmp):
+        earlier.save_weights(tmp / WEIGHTS)
+        return {"plugin": "cnn", "config": config, "dataset": info.to_dict(), "metrics": {}}
+
+    Store(tmp_path).save("cnn", write)
+    plugin, model, _ = models.load("cnn:1", tmp_path)
+    assert (plugin.config.convs, plugin.config.hidden) == (1, 0)
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28)).astype("float32")
+    np.testing.assert_allclose(plugin.classify(model, images)["probabilities"],
+                               earlier.predict_on_batch(images[..., None] / 255.0), atol=1e-5)
