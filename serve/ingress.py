@@ -358,6 +358,12 @@ class KilnIngress:
         return routing.resolve(model, version, refs, self.handles, self._failed(), states, picked)
 
     async def _ready(self, ref: str) -> None:
+        handle = self.handles.get(ref)
+        if isinstance(handle, Colocated) and handle.state == "UPDATING":
+            # --colocate: the store poll moves every replica to a new version once one replica
+            # has loaded it; a request here waits for this replica's load of the same files
+            # (as Colocated.call does) rather than failing while its neighbour already answers
+            await asyncio.shield(handle.loading)
         state = (await self._states()).get(ref)
         if state != "HEALTHY":
             raise ProtocolError(503, f"model {ref} is loading ({state}); retry in a few seconds")

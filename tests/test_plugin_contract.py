@@ -13,7 +13,7 @@ from kiln.plugins.cnn import CNN, CNNConfig
 def test_config_defaults_and_overrides_from_strings():
     c = make_config(CNNConfig, {"filters": "16,32,64", "dropout": "0.25", "kernel_size": "5"})
     assert c.filters == (16, 32, 64) and c.dropout == 0.25 and c.kernel_size == 5
-    assert make_config(CNNConfig).filters == (32, 64)
+    assert make_config(CNNConfig).filters == (16, 32)
 
 
 @pytest.mark.parametrize("overrides, words", [

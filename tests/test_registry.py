@@ -65,7 +65,7 @@ def test_builtin_plugins_listed():
     out = run_kiln("plugins")
     assert out.returncode == 0, out.stderr
     line = next(l for l in out.stdout.splitlines() if l.startswith("cnn "))
-    assert "mnist" in line and "classify" in line and "convnet" in line.lower()
+    assert "mnist" in line and "classify" in line and "convolutional" in line.lower()
 
 
 def test_plugins_verbose_lists_config_keys():
