@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from judge import JUDGE  # bench/judge.py
+from judge import EPOCHS, JUDGE  # bench/judge.py
 
 os.environ.setdefault("KILN_DATA_DIR", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
@@ -51,7 +51,7 @@ def main() -> None:
     store, runs = root / "store", root / "runs"
     try:
         if not Store(store).versions("cnn"):
-            run.train(run.plan("cnn", store=store, runs_dir=runs, overrides=JUDGE))
+            run.train(run.plan("cnn", epochs=EPOCHS, store=store, runs_dir=runs, overrides=JUDGE))
         t0 = time.perf_counter()
         v = run.train(run.plan("diffusion", epochs=args.epochs, store=store, runs_dir=runs,
                                overrides=dict(kv.split("=", 1) for kv in args.set)))
