@@ -1,6 +1,6 @@
 """Confidence against coverage for the `dcgan` default when its noise is drawn nearer the mean
-(z ~ t * N(0, I), the truncation trick of BigGAN), judged as `kiln evaluate dcgan` judges: the
-keras-io cnn's mean confidence and class coverage over 10,000 samples, and the Fréchet distance
+(z ~ t * N(0, I), BigGAN's truncation trick, through the generator directly), judged as `kiln
+evaluate dcgan` judges: the keras-io cnn's mean confidence and class coverage over 10,000 samples, and the Fréchet distance
 of 5,000 samples to 5,000 test images in that cnn's features.
 
 1. the judge: `kiln train cnn` with the keras-io network (bench/judge.py) unless --store has one;

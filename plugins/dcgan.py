@@ -176,11 +176,6 @@ class GAN(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
-# the scale of z that `sample` draws with unless told: the judge's confidence in the default
-# dcgan's digits crosses 0.9 there with its coverage of the classes above 0.95 (BENCHMARKS.md)
-TRUNCATION = 1.0
-
-
 def latent(n: int, dim: int, seed: int) -> np.ndarray:
     """n latent points z ~ N(0, I), the same for the same seed."""
     return np.random.default_rng(seed).standard_normal((n, dim)).astype("float32")
@@ -249,26 +244,23 @@ class DCGAN(GANPlugin):
     epochs = 45  # the CNN's confidence in the samples crosses 0.9 at 45 epochs (BENCHMARKS.md)
 
     def progress_picture(self, model, path, title):
-        return grid(self.sample(model, 64, 0, TRUNCATION)["images"], path, title=f"samples (seed 0), {title}")
+        return grid(self.sample(model, 64, 0)["images"], path, title=f"samples (seed 0), {title}")
 
     def samples(self, model, test, out_dir: Path) -> list[Path]:
         z = latent(12, self.config.latent_dim, 1)
         rows = [self.interpolate(model, z[i], z[i + 1], 10)["images"] for i in range(0, 12, 2)]
         return [
-            grid(self.sample(model, 64, 0, TRUNCATION)["images"], out_dir / "samples.png", title="samples (seed 0)"),
+            grid(self.sample(model, 64, 0)["images"], out_dir / "samples.png", title="samples (seed 0)"),
             grid(np.concatenate(rows), out_dir / "interpolation.png", cols=10,
                  title="straight lines between random latent points (one per row)"),
         ]
 
     @inference(n=Scalar(int, default=16, min=1, max=1024, count=True), seed=Scalar(int, default=0, min=0),
-               truncation=Scalar(float, default=TRUNCATION, min=0.0, max=1.0,
-                                 description="scale of z: below 1 draws nearer the mean of the noise, "
-                                             "clearer digits and less variety (1: z ~ N(0, I))"),
                outputs={"images": "n generated images, values in [0, 1]",
                         "z": "the latent point of each image (for interpolate)"})
-    def sample(self, model, n, seed, truncation):
-        """Generate n digits from z ~ truncation * N(0, I) (deterministic for a seed)."""
-        z = latent(n, self.config.latent_dim, seed) * np.float32(truncation)
+    def sample(self, model, n, seed):
+        """Generate n digits from z ~ N(0, I) (deterministic for a seed)."""
+        z = latent(n, self.config.latent_dim, seed)
         return {"images": to_unit(model.generate(z)), "z": z}
 
     @inference(a=Tensor(shape=(None,), description="first latent point (e.g. a 'z' from sample)"),
