@@ -12,36 +12,22 @@ of 5,000 samples to 5,000 test images in that cnn's features.
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-from judge import EPOCHS, JUDGE  # bench/judge.py
-
-os.environ.setdefault("KILN_DATA_DIR", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from judge import judged_store, parser  # bench/judge.py
 
 
 def main() -> None:
-    from kiln import logs
-
-    logs.quiet_process()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default=None, help="a store to use (and keep); default: a temporary one")
-    p.add_argument("--epochs", type=int, default=None)
+    p = parser(__doc__)
     p.add_argument("--scale", type=float, nargs="*", default=[1.0, 0.9, 0.8, 0.7, 0.6])
     args = p.parse_args()
     from kiln import data, models, quality, run
     from kiln.plugins.dcgan import latent, to_unit
     from kiln.store import Store
 
-    root = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="kiln-bench-dcgan-"))
-    store, runs = root / "store", root / "runs"
-    if not Store(store).versions("cnn"):
-        run.train(run.plan("cnn", epochs=EPOCHS, store=store, runs_dir=runs, overrides=JUDGE))
+    _, store, runs = judged_store(args.store, "kiln-bench-dcgan-")
     if not Store(store).versions("dcgan"):
         t0 = time.perf_counter()
         run.train(run.plan("dcgan", epochs=args.epochs, store=store, runs_dir=runs))
@@ -50,6 +36,7 @@ def main() -> None:
     judge_plugin, judge_model, ref = quality.classifier_for(plugin, None, store)
     print(f"dcgan {version.ref}, judged by {ref}; stored figures: {version.manifest['metrics']}")
     embed, what = quality.features_of(judge_plugin, judge_model)
+    print(f"Fréchet distances in {what}")
     real = np.stack([x.numpy() for x, _ in data.load("mnist", "test", limit=5000).ds]).astype("float32")
     real_f = embed(real)
     k = judge_plugin.info.num_classes

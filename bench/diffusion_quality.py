@@ -19,39 +19,25 @@ and confidence over 1,000 samples of each digit, and the Fréchet distance of 5,
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-from judge import EPOCHS, JUDGE  # bench/judge.py
-
-os.environ.setdefault("KILN_DATA_DIR", str(Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from judge import judged_store, parser  # bench/judge.py
 
 
 def main() -> None:
-    from kiln import logs
-
-    logs.quiet_process()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", default=None, help="a store to use (and keep); default: a temporary one")
-    p.add_argument("--epochs", type=int, default=None)
+    p = parser(__doc__)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, nargs="*", default=[10, 25, 50, 100])
     p.add_argument("--guidance", type=float, nargs="*", default=[1.0, 1.5, 2.0, 3.0])
     p.add_argument("--trade-n", type=int, default=1000)
     args = p.parse_args()
     from kiln import models, quality, run
-    from kiln.store import Store
 
-    root = Path(args.store) if args.store else Path(tempfile.mkdtemp(prefix="kiln-bench-diffusion-"))
-    store, runs = root / "store", root / "runs"
+    root, store, runs = judged_store(args.store, "kiln-bench-diffusion-")
     try:
-        if not Store(store).versions("cnn"):
-            run.train(run.plan("cnn", epochs=EPOCHS, store=store, runs_dir=runs, overrides=JUDGE))
         t0 = time.perf_counter()
         v = run.train(run.plan("diffusion", epochs=args.epochs, store=store, runs_dir=runs,
                                overrides=dict(kv.split("=", 1) for kv in args.set)))
