@@ -35,6 +35,9 @@ from keras import layers, ops
 from kiln import ImageOptions, KilnError, Pictures, Scalar, grid, inference, loss_scaled, param
 
 MAX_STEPS = 1000
+# the guidance scale sample, trajectory and the stored pictures use unless told (BENCHMARKS.md:
+# label accuracy and Fréchet distance against guidance)
+GUIDANCE = 1.5
 MIN_SIGNAL, MAX_SIGNAL = 0.02, 0.98  # the schedule's signal rate at t = 1 and t = 0
 
 
@@ -271,7 +274,7 @@ class DiffusionPlugin(Pictures):
                             description="the class to draw (0-9 for MNIST); -1 or absent: any class (unconditional)"),
                n=Scalar(int, default=16, min=1, max=1024, count=True),
                steps=Scalar(int, default=25, min=1, max=MAX_STEPS, description="DDIM steps from noise to picture"),
-               guidance=Scalar(float, default=1.5, min=0.0, max=20.0,
+               guidance=Scalar(float, default=GUIDANCE, min=0.0, max=20.0,
                                description="classifier-free guidance scale (1: conditional only, 0: unconditional)"),
                seed=Scalar(int, default=0, min=0),
                outputs={"images": "n generated images, values in [0, 1]"})
@@ -282,7 +285,7 @@ class DiffusionPlugin(Pictures):
 
     @inference(digit=Scalar(int, default=-1, min=-1, description="the class to draw; -1: any class"),
                steps=Scalar(int, default=25, min=2, max=MAX_STEPS, description="DDIM steps from noise to picture"),
-               guidance=Scalar(float, default=1.5, min=0.0, max=20.0, description="classifier-free guidance scale"),
+               guidance=Scalar(float, default=GUIDANCE, min=0.0, max=20.0, description="classifier-free guidance scale"),
                frames=Scalar(int, default=8, min=2, max=32, description="pictures along the way"),
                seed=Scalar(int, default=0, min=0),
                outputs={"images": "x at evenly spaced times from pure noise (t = 1) to the picture, "
@@ -298,15 +301,15 @@ class DiffusionPlugin(Pictures):
     # -- pictures -------------------------------------------------------------------------
     def progress_picture(self, model, path: Path, title: str) -> Path:
         k = max(1, self.num_classes)
-        rows = [self.sample(model, digit=c if self.num_classes else -1, n=8, steps=25, guidance=1.5,
+        rows = [self.sample(model, digit=c if self.num_classes else -1, n=8, steps=25, guidance=GUIDANCE,
                             seed=c)["images"] for c in range(k)]
         return grid(np.concatenate(rows), path, cols=8, title=title)
 
     def samples(self, model, test, out_dir: Path) -> list[Path]:
         k = min(max(1, self.num_classes), 10)
-        rows = [self.trajectory(model, digit=c if self.num_classes else -1, steps=25, guidance=1.5,
+        rows = [self.trajectory(model, digit=c if self.num_classes else -1, steps=25, guidance=GUIDANCE,
                                 frames=8, seed=c)["images"]
                 for c in range(k)]
-        return [self.progress_picture(model, out_dir / "samples.png", "one row per class (25 DDIM steps, guidance 1.5)"),
+        return [self.progress_picture(model, out_dir / "samples.png", f"one row per class (25 DDIM steps, guidance {GUIDANCE:g})"),
                 grid(np.concatenate(rows), out_dir / "trajectory.png", cols=8,
                      title="from noise (left) to picture (right), one class per row")]
