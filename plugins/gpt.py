@@ -108,6 +108,7 @@ class CharGPT(CharLSTM):
     Config = GPTConfig
     epochs = 25  # sized to half the lstm default's wall time (BENCHMARKS.md)
     batch_size = 64
+
     def setup(self, info):
         super().setup(info)
         self.context = int(info.input_shape[0])

@@ -71,6 +71,7 @@ class CharLSTM(Plugin):
     epochs = 30
     batch_size = 128
     headline = "nats_per_char"
+
     @classmethod
     def no_export_reason(cls) -> str:
         return (f"{cls.name} takes text and runs a loop over characters around its network (generate "
