@@ -96,6 +96,12 @@ def start_serve(*args: str, env: dict | None = None, timeout: float = 300, sessi
     return proc, lines, reader
 
 
+# (what, check): a check returning what is still wrong, run when the test process is done
+# (conftest's late_checks); a test puts here what only a long wait would settle, so that the
+# others run meanwhile
+LATE_CHECKS: list = []
+
+
 # What TensorFlow prints while it loads on AVX-512 CPUs; TF_ENABLE_ONEDNN_OPTS=1 forces it on any
 # x86-64 machine, so the tests that check Kiln's output is its own force it (machines differ).
 TF_NOTICES = ("oneDNN custom operations are on", "absl::InitializeLog()")
@@ -232,12 +238,46 @@ def store_copy(store, version: int, broken: bool = False, name: str = "cnn") -> 
     tmp.rename(store / name / str(version))
 
 
+# The session's models: the smallest runs of the real plugins on real data that still give a
+# model a test can tell apart from noise (the cnn classifies MNIST digits, the photos model reads
+# the hymenoptera JPEGs), one epoch each. Quality is measured in bench/quality.py, not here.
+TRAINED = {"cnn": dict(limit=2000),
+           "autoencoder": dict(limit=1024),
+           "lstm": dict(limit=300, overrides={"units": "32"}),
+           "gpt": dict(limit=300, overrides={"layers": "2", "width": "32", "heads": "2"}),
+           "cgan": dict(limit=1280, overrides={"sample_every": "0"}),
+           "vae": dict(limit=1024),
+           "diffusion": dict(limit=256, overrides={"width": "8", "blocks": "1", "sample_every": "0"}),
+           # trained in mixed precision: served, it must answer float32 as the others do
+           "photos": dict(plugin="cnn", dataset=str(HYMENOPTERA), overrides={"image_size": "32"},
+                          precision="mixed_bfloat16")}
+
+
+def trained_model(source: Path, name: str) -> None:
+    """Train the session's model ``name`` into the store ``source`` unless it is there: once per
+    run, by the first test process that asks (the other waits for that one model, and trains
+    another meanwhile if it needs one), so that no process idles while models it never reads
+    are trained."""
+    from filelock import FileLock
+
+    from kiln import run
+
+    root = Path(source).parent
+    with FileLock(root / f"{name}.lock"):
+        if not (root / f"{name}.complete").is_file():
+            kw = dict(TRAINED[name])
+            plugin = kw.pop("plugin", name)
+            run.train(run.plan(plugin, name=name, epochs=1, store=source, runs_dir=root / "runs", **kw))
+            (root / f"{name}.complete").touch()
+
+
 def copy_models(source, store, *names: str) -> Path:
     """The folders of models ``names`` (every version) copied from the store ``source`` (the
-    session's ``trained`` store) into ``store``: a module gets models it may change, label or
-    break without training its own."""
+    session's ``trained`` store, which trains each on first use) into ``store``: a module gets
+    models it may change, label or break without training its own."""
     store = Path(store)
     for name in names:
+        trained_model(Path(source), name)
         shutil.copytree(Path(source) / name, store / name)
     return store
 
