@@ -81,10 +81,14 @@ def _classify(judge: Plugin, model: Any, images: np.ndarray) -> np.ndarray:
 
 
 def judge(plugin: Plugin, model: Any, classifier: tuple[Plugin, Any, str], *, per_class: int = 1000,
-          seed: int = 0) -> dict[str, float]:
-    """The classifier-based metrics of a generative model (see the module docstring)."""
+          limit: int | None = None, seed: int = 0) -> dict[str, float]:
+    """The classifier-based metrics of a generative model (see the module docstring). A model
+    trained with ``limit`` (``--limit``: that many examples of each split) is judged on as many
+    samples as its test split holds, when that is fewer."""
     judge_plugin, judge_model, _ = classifier
     k = judge_plugin.info.num_classes
+    if limit:
+        per_class = max(1, min(per_class, -(-limit // k)))
     if plugin.condition:
         correct, worst, confidence = 0, 1.0, 0.0
         for c in range(k):
@@ -143,13 +147,14 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def frechet(plugin: Plugin, model: Any, classifier: tuple[Plugin, Any, str], *, n: int = 5000,
-            seed: int = 0) -> tuple[dict[str, float], str]:
+            limit: int | None = None, seed: int = 0) -> tuple[dict[str, float], str]:
     """The Fréchet distance of ``n`` generated images to ``n`` real test images in the
     classifier's features (``fid``), and of those test images to ``n`` real training images
     (``fid_floor``: what a perfect generator would score with this many images); with a line
-    saying what was measured."""
+    saying what was measured. A model trained with ``limit`` is measured on at most that many."""
     from kiln import data
 
+    n = min(n, limit or n)
     judge_plugin, judge_model, ref = classifier
     name = plugin.info.name
     test = data.load(name, "test", limit=n)

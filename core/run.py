@@ -235,7 +235,8 @@ def finalize(spec: TrainSpec, info: DatasetInfo, run_dir: Path, extra: dict[str,
         except KilnError as e:
             say(f"not judged by a classifier: {e}")
         else:
-            metrics.update(quality.judge(plugin, model, classifier, per_class=cls.judge_per_class))
+            metrics.update(quality.judge(plugin, model, classifier, per_class=cls.judge_per_class,
+                                          limit=spec.limit))
             judged_by = classifier[2]
 
     def write(tmp: Path) -> dict[str, Any]:
@@ -348,10 +349,11 @@ def evaluate(ref: str, store: str | Path | None = None,
     m = version.manifest
     dataset = m["dataset"]["name"] if m["dataset"]["name"] else plugin.dataset
     data.prepare(dataset)
-    metrics = plugin.evaluate(model, test_dataset(plugin, dataset, m.get("train", {}).get("limit")))
+    limit = m.get("train", {}).get("limit")
+    metrics = plugin.evaluate(model, test_dataset(plugin, dataset, limit))
     if judge is not None:
-        metrics.update(quality.judge(plugin, model, judge))
-        distance, what = quality.frechet(plugin, model, judge)
+        metrics.update(quality.judge(plugin, model, judge, limit=limit))
+        distance, what = quality.frechet(plugin, model, judge, limit=limit)
         metrics.update(distance)
         say(what)
     return version, metrics

@@ -299,17 +299,23 @@ class DiffusionPlugin(Pictures):
         return {"images": np.stack(images), "t": [round(t, 4) for t, _ in path] + [0.0]}
 
     # -- pictures -------------------------------------------------------------------------
+    def _rows(self, model, k: int, per_row: int, keep: int = 0):
+        """``per_row`` pictures of each of the first ``k`` classes (any class when the data has
+        none), row c from seed c as ``sample`` draws it, in one DDIM loop for all rows: a tenth of
+        the network calls of one loop per class."""
+        noise = np.concatenate([np.random.default_rng(c).standard_normal((per_row, *self.image_shape))
+                                for c in range(k)]).astype("float32")
+        labels = np.repeat(np.arange(k), per_row) if self.num_classes else None
+        return model.ddim(noise, labels, 25, GUIDANCE, keep)
+
     def progress_picture(self, model, path: Path, title: str) -> Path:
-        k = max(1, self.num_classes)
-        rows = [self.sample(model, digit=c if self.num_classes else -1, n=8, steps=25, guidance=GUIDANCE,
-                            seed=c)["images"] for c in range(k)]
-        return grid(np.concatenate(rows), path, cols=8, title=title)
+        images, _ = self._rows(model, max(1, self.num_classes), 8)
+        return grid(to_unit(images), path, cols=8, title=title)
 
     def samples(self, model, test, out_dir: Path) -> list[Path]:
         k = min(max(1, self.num_classes), 10)
-        rows = [self.trajectory(model, digit=c if self.num_classes else -1, steps=25, guidance=GUIDANCE,
-                                frames=8, seed=c)["images"]
-                for c in range(k)]
+        final, path = self._rows(model, k, 1, keep=7)
+        rows = [[to_unit(x[c]) for _, x in path] + [to_unit(final[c])] for c in range(k)]
         return [self.progress_picture(model, out_dir / "samples.png", f"one row per class (25 DDIM steps, guidance {GUIDANCE:g})"),
-                grid(np.concatenate(rows), out_dir / "trajectory.png", cols=8,
+                grid(np.stack([im for row in rows for im in row]), out_dir / "trajectory.png", cols=8,
                      title="from noise (left) to picture (right), one class per row")]

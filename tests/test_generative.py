@@ -123,7 +123,8 @@ def test_cgan_is_judged_by_the_stored_cnn(store):
     # epochs is far from real digits, real test digits are close to real training digits
     fid = {k: float(out.stdout.split(f"{k}=")[1].split()[0]) for k in ("fid", "fid_floor")}
     assert 0 <= fid["fid_floor"] < fid["fid"], fid
-    assert "Fréchet distance of 5000 generated to 5000 test images in the features of cnn:1" in out.stdout
+    # trained with --limit 256, it is measured on as many images as its test split holds
+    assert "Fréchet distance of 256 generated to 256 test images in the features of cnn:1" in out.stdout
     assert "the input of its layer 'probabilities'" in out.stdout
     vae = kiln_here("evaluate", "vae", "--classifier", "cnn", cwd=root, env=env)
     assert vae.returncode == 0 and "fid=" in vae.stdout and "neg_elbo=" in vae.stdout, vae.stderr[-2000:]
@@ -173,6 +174,12 @@ def test_diffusion_is_judged_draws_classes_reproducibly_and_shows_its_trajectory
     # the trajectory's picture is the sample with the same seed and steps
     same = plugin.infer(model, "sample", {"digit": 3, "n": 1, "steps": 10, "seed": 0})["images"][0]
     np.testing.assert_allclose(path["images"][-1], same, atol=1e-5)
+    # the stored pictures draw every class in one DDIM loop: row c is what `sample` draws for c
+    # with seed c (25 steps, the default guidance)
+    rows, _ = plugin._rows(model, 3, 2)
+    for c in range(3):
+        alone = plugin.infer(model, "sample", {"digit": c, "n": 2, "steps": 25, "seed": c})["images"]
+        np.testing.assert_allclose(np.clip((rows[2 * c:2 * c + 2] + 1) / 2, 0, 1), alone, atol=1e-4)
     for bad, word in [({"digit": 10}, "class index 0..9"), ({"steps": 0}, "'steps'"),
                       ({"steps": 5000}, "'steps'"), ({"guidance": -1}, "'guidance'"), ({"n": 10**6}, "'n'")]:
         with pytest.raises(KilnError, match=word):
