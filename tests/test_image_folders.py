@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import HYMENOPTERA, run_kiln, write_folder
+from helpers import HYMENOPTERA, kiln_here, run_kiln, write_folder
 
 pytestmark = [pytest.mark.slow]
 
@@ -48,7 +48,7 @@ def test_cnn_learns_ants_and_bees_on_two_ray_workers_with_augmentation(workdir, 
 def test_kiln_train_on_a_folder_then_models_and_evaluate(workdir):
     """What a user types, on a folder of their own (JPEG and PNG, colour and grayscale)."""
     folder = write_folder(workdir / "pets", n=8)
-    out = run_kiln("train", "cnn", "--dataset", str(folder), "--set", "image_size=24", "--epochs", "2",
+    out = kiln_here("train", "cnn", "--dataset", str(folder), "--set", "image_size=24", "--epochs", "2",
                    "--batch-size", "4", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"preparing image folder {folder}: 16 pictures at 24x24, RGB" in out.stdout
@@ -63,7 +63,7 @@ def test_kiln_train_on_a_folder_then_models_and_evaluate(workdir):
     again = run_kiln("evaluate", "cnn", cwd=workdir)
     assert again.returncode == 0 and f"accuracy={accuracy:.4f}" in again.stdout, again.stderr[-2000:]
     assert "prepar" not in again.stdout  # read from the cache, not decoded again
-    bad = run_kiln("train", "cnn", "--dataset", str(folder / "cats"), cwd=workdir)  # pictures, no classes
+    bad = kiln_here("train", "cnn", "--dataset", str(folder / "cats"), cwd=workdir)  # pictures, no classes
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "holds no class subfolders with pictures" in bad.stderr and "one subfolder per class" in bad.stderr
 
@@ -93,7 +93,7 @@ def test_every_generative_plugin_models_the_colour_pictures_of_a_folder(workdir,
 
 def test_a_picture_size_the_networks_cannot_halve_twice_is_one_clear_line(workdir):
     folder = write_folder(workdir / "pets", n=4)
-    out = run_kiln("train", "vae", "--dataset", str(folder), "--set", "image_size=30", cwd=workdir)
+    out = kiln_here("train", "vae", "--dataset", str(folder), "--set", "image_size=30", cwd=workdir)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "a multiple of 4" in out.stderr and "[30, 30, 3]" in out.stderr, out.stderr
 

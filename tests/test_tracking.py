@@ -8,7 +8,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import kiln_here, run_kiln
+from helpers import kiln_here
 
 
 def _read(folder) -> EventAccumulator:
@@ -25,7 +25,7 @@ def _scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
 
 @pytest.mark.slow  # trains 2 epochs: beyond the fast tier's few batches
 def test_a_run_writes_what_tensorboard_shows(workdir):
-    out = run_kiln("train", "cnn", "--epochs", "2", "--limit", "3000", "--run", "tb", cwd=workdir)
+    out = kiln_here("train", "cnn", "--epochs", "2", "--limit", "3000", "--run", "tb", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     history = json.loads((workdir / "store" / "cnn" / "1" / "manifest.json").read_text())["history"]
     board = workdir / "runs" / "tb" / "tensorboard"
@@ -45,7 +45,7 @@ def test_a_run_writes_what_tensorboard_shows(workdir):
 
 @pytest.mark.slow  # trains 2 epochs: beyond the fast tier's few batches
 def test_pictures_drawn_while_training_are_images_in_tensorboard(workdir):
-    out = run_kiln("train", "dcgan", "--epochs", "2", "--limit", "1280", "--set", "sample_every=1",
+    out = kiln_here("train", "dcgan", "--epochs", "2", "--limit", "1280", "--set", "sample_every=1",
                    "--run", "gan", cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
     train = _read(workdir / "runs" / "gan" / "tensorboard" / "train")

@@ -109,7 +109,7 @@ def test_bad_validation_flags_are_one_line(workdir, args, message):
 
 
 def test_an_unknown_early_stop_metric_names_the_ones_there_are(workdir):
-    out = run_kiln("train", "cnn", "--epochs", "1", "--limit", "1000", "--early-stop", "val_f1", cwd=workdir)
+    out = kiln_here("train", "cnn", "--epochs", "1", "--limit", "1000", "--early-stop", "val_f1", cwd=workdir)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr[-2000:]
     assert "reports no val_f1; its validation metrics: val_" in out.stderr
 
