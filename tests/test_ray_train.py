@@ -1,6 +1,6 @@
 """Ray Train: 2 real workers with MultiWorkerMirroredStrategy through Kiln's one loop.
 
-Also exercised elsewhere: a quiet driver, Train controller
+Also exercised elsewhere: identical weights on 2 workers, and a quiet driver, Train controller
 and workers with oneDNN's notice forced on (test_cluster, the same `kiln train` run as a Ray job),
 restarts after a lost node and rerunning a run by name (test_fault_tolerance)."""
 
@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import TEST_PLUGINS, copy_models, kiln_here
+from helpers import TEST_PLUGINS, kiln_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -107,38 +107,3 @@ def test_a_local_training_ray_leaves_the_default_dashboard_port_to_a_head(shared
 
     url = ray._private.worker._global_node.address_info["webui_url"]
     assert url and not url.endswith(":8265"), url
-
-
-def test_every_plugins_own_train_step_keeps_two_workers_identical(tmp_path, trained, shared_ray):
-    """A few steps of each plugin's own training on 2 Ray Train workers, one worker group training
-    each in turn: afterwards both workers hold identical weights, batch-norm statistics and
-    optimizer states. (dcgan and cgan share one GAN model and train_step; cgan, the conditional
-    one, covers both; cnn trains with Keras' own fit.)"""
-    from kiln import data, run
-    from kiln.cluster.train import fit
-
-    probe = shared_ray  # where the dump plugin's workers write their state
-    copy_models(trained, tmp_path / "store", "cnn")  # transfer's base
-    # (plugin, the run's arguments, at least how many arrays its state holds)
-    jobs = [("autoencoder", dict(limit=256, epochs=1), 10),
-            ("vae", dict(limit=256, epochs=1), 10),
-            ("cgan", dict(limit=256, epochs=1), 10),
-            ("diffusion", dict(limit=256, epochs=1, overrides={"width": "8", "blocks": "1"}), 10),
-            ("har", dict(limit=512, epochs=2), 4),  # 512: windows of 2 subjects, for validation
-            ("lstm", dict(limit=128, epochs=2, overrides={"units": "32"}), 4),
-            ("gpt", dict(limit=128, epochs=2, overrides={"layers": "1", "width": "32"}), 4),
-            ("transfer", dict(batch_size=32, epochs=2, overrides={"labels_per_class": "8", "head_epochs": "1"}), 4)]
-    runs = []
-    for name, kw, _ in jobs:
-        spec = run.plan(f"dump_{name}", workers=2, plugin_path=str(TEST_PLUGINS / "dump.py"),
-                        store=tmp_path / "store", runs_dir=tmp_path / "runs", **{"batch_size": 64, **kw})
-        runs.append((spec, data.prepare(spec.dataset)))
-    fit(*runs[0], then=runs[1:])  # evaluation: elsewhere
-    for name, kw, arrays in jobs:
-        epoch = kw["epochs"]
-        with np.load(probe / f"dump_{name}-rank0-epoch{epoch}.npz") as f0, \
-                np.load(probe / f"dump_{name}-rank1-epoch{epoch}.npz") as f1:
-            assert f0.files == f1.files and len(f0.files) > arrays, (name, f0.files)
-            for k in f0.files:
-                np.testing.assert_array_equal(f0[k], f1[k], err_msg=f"{name}: array {k} differs")
-    assert list((tmp_path / "runs").glob("dump_cgan-*/progress/progress_epoch_0001.png"))  # drawn by rank 0

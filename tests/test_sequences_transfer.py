@@ -1,8 +1,8 @@
 """The sequence and transfer plugins on real data: har (sp_sw_har recordings, and the UCI HAR
 folder layout written here), lstm (tiny Shakespeare, and a user's text file), transfer (a stored
 MNIST CNN's features on Fashion-MNIST with few labels, and a keras.applications base from a local
-weights file). Short real runs with bars a user would check, reload equality and validated inputs (identical
-weights on 2 Ray Train workers: test_ray_train)."""
+weights file). Short real runs with bars a user would check, reload equality, validated inputs,
+and identical weights on 2 Ray Train workers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import copy_models, kiln_here
+from helpers import TEST_PLUGINS, copy_models, kiln_here, run_kiln
 from kiln import KilnError
 
 pytestmark = pytest.mark.slow
@@ -117,7 +117,7 @@ def test_har_reads_the_uci_layout_and_trains_on_it(tmp_path, workdir):
     assert info.input_shape == (128, 9) and info.class_names == tuple(UCI_NAMES)
     assert (info.train_size, info.test_size) == (300, 120) and info.extra["rate_hz"] == 50.0
     assert set(info.extra["subjects"]["train"]).isdisjoint(info.extra["subjects"]["test"])
-    out = kiln_here("train", "har", "--dataset", str(folder), "--epochs", "16", cwd=workdir)
+    out = run_kiln("train", "har", "--dataset", str(folder), "--epochs", "16", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads((workdir / "store" / "har" / "1" / "manifest.json").read_text())
     assert m["dataset"]["input_shape"] == [128, 9]
@@ -193,7 +193,7 @@ def test_lstm_trains_on_a_users_text_file(tmp_path, workdir):
     info = data.prepare(str(path))
     assert info.class_names == tuple(sorted(set(text)))
     assert info.extra["test_chars"] == len(text) - int(len(text) * 0.9)  # the last 10%, by position
-    out = kiln_here("train", "lstm", "--dataset", str(path), "--epochs", "3", "--batch-size", "16",
+    out = run_kiln("train", "lstm", "--dataset", str(path), "--epochs", "3", "--batch-size", "16",
                    "--set", "units=64", "--set", "learning_rate=0.01", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads((workdir / "store" / "lstm" / "1" / "manifest.json").read_text())
@@ -289,7 +289,7 @@ def test_transfer_from_a_keras_application_with_local_weights(tmp_path, workdir)
     weights = tmp_path / "mobilenet.weights.h5"
     keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3),
                                    pooling="avg").save_weights(weights)
-    out = kiln_here("train", "transfer", "--set", "base=keras:MobileNetV2", "--set", f"weights={weights}",
+    out = run_kiln("train", "transfer", "--set", "base=keras:MobileNetV2", "--set", f"weights={weights}",
                    "--set", "labels_per_class=4", "--set", "head_epochs=1", "--epochs", "2",
                    "--batch-size", "8", "--limit", "2000", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -313,3 +313,30 @@ def test_transfer_bad_base_is_one_line(workdir, sets, msg):
 
 
 # --------------------------------------------------------------------------- 2 Ray Train workers
+
+
+@pytest.mark.ray
+def test_sequence_and_transfer_plugins_keep_two_workers_identical(tmp_path, trained, shared_ray):
+    from kiln import data, run
+    from kiln.cluster.train import fit
+
+    probe = shared_ray  # where the dump plugin's workers write their state
+    common = dict(plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",
+                  runs_dir=tmp_path / "runs")
+    copy_models(trained, tmp_path / "store", "cnn")  # transfer's base
+    jobs = [("har", dict(limit=512, batch_size=64, epochs=2)),  # 512: windows of 2 subjects, for validation
+            ("lstm", dict(limit=128, batch_size=64, epochs=2, overrides={"units": "32"})),
+            ("gpt", dict(limit=128, batch_size=64, epochs=2, overrides={"layers": "1", "width": "32"})),
+            ("transfer", dict(batch_size=32, epochs=2,
+                              overrides={"labels_per_class": "8", "head_epochs": "1"}))]
+    runs = []
+    for name, kw in jobs:
+        spec = run.plan(f"dump_{name}", workers=2, **common, **kw)
+        runs.append((spec, data.prepare(spec.dataset)))
+    fit(*runs[0], then=runs[1:])  # one worker group trains each in turn; evaluation: elsewhere
+    for name, _ in jobs:
+        with np.load(probe / f"dump_{name}-rank0-epoch2.npz") as f0, \
+                np.load(probe / f"dump_{name}-rank1-epoch2.npz") as f1:
+            assert f0.files == f1.files and len(f0.files) > 4
+            for k in f0.files:
+                np.testing.assert_array_equal(f0[k], f1[k], err_msg=f"{name}: array {k} differs")
