@@ -3,10 +3,12 @@ against `kiln serve` in 256-image requests, side by side in one run, on the MNIS
 written as PNG files; and the peak memory of a run over 10x the files.
 
 1. in-process: the PNGs decoded in this process (Kiln's decoder), then `model.predict` at batch
-   256, timed after a warm-up pass (steady state);
-2. `kiln predict`: the whole command's wall time over N files (a subprocess, as a user runs it,
-   start-up included), and its steady state: the images/s between a run over N files and one
-   over 10 N on one Ray in this process (Ray's start and the actors' start cancel);
+   256, timed after a warm-up pass (steady state); measured first and again last, as this
+   machine's speed drifts over minutes;
+2. `kiln predict` (a subprocess, as a user runs it): the whole command's wall time over N files,
+   start-up included, and its steady state in a run over 10 N: the rows of every part file
+   after the first over the time between the first part file and the last (Ray's start and
+   the actors' start fall before the first);
 3. `kiln serve` with one replica: the same files as `{"b64": ...}` instances, 256 per TF Serving
    `:predict` request, one client, after a warm-up request.
 
@@ -108,6 +110,17 @@ def kiln_predict(store: Path, folder: Path, out: Path, workers: int, batch: int,
     return seconds, peak[0]
 
 
+def steady_rate(out: Path) -> float:
+    """Rows/s of a finished `kiln predict` between its first part file and its last."""
+    import pyarrow.parquet as pq
+
+    parts = sorted(out.glob("*.parquet"), key=lambda p: p.stat().st_mtime)
+    if len(parts) < 3:
+        raise SystemExit(f"{out}: {len(parts)} part files; give --memory-n at least 3000 files")
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts[1:])
+    return rows / (parts[-1].stat().st_mtime - parts[0].stat().st_mtime)
+
+
 def served(store: Path, files: list[Path], batch: int) -> float:
     """Images/s of `kiln serve` answering the files 256 at a time (after one warm-up request)."""
     from kiln.net import free_port
@@ -169,60 +182,48 @@ def main() -> None:
 
         # 1. in-process
         plugin, model, _ = models.load("cnn:1", store)
-        shape = (None, 28, 28, 1)
-        t0 = time.perf_counter()
-        x = np.stack([images.decode(f.read_bytes(), shape) for f in files])
-        decode_s = time.perf_counter() - t0
-        model.predict(plugin.preprocess(x, None)[0], batch_size=args.batch_size, verbose=0)  # warm-up
-        t0 = time.perf_counter()
-        model.predict(plugin.preprocess(x, None)[0], batch_size=args.batch_size, verbose=0)
-        predict_s = time.perf_counter() - t0
-        here = len(files) / predict_s
-        here_decoded = len(files) / (predict_s + decode_s)
 
-        # 2. kiln predict: the whole command over N; its steady state from runs over N and 10 N on
-        # one Ray in this process (Ray's start and each run's actor start cancel)
-        t_n, peak_n = kiln_predict(store, root / "n", root / "n.parquet", args.workers, args.batch_size,
-                                    args.cpus_per_worker)
-        from kiln.cluster import predict
-
-        def batch_run(folder: Path, out: Path) -> float:
-            spec = predict.plan("cnn", str(folder), predict.PredictOptions(
-                output=str(out), workers=args.workers, batch_size=args.batch_size,
-                cpus_per_worker=args.cpus_per_worker), store=str(store))
+        def in_process() -> tuple[float, float]:
             t0 = time.perf_counter()
-            predict.run(spec)
-            return time.perf_counter() - t0
+            x = np.stack([images.decode(f.read_bytes(), (None, 28, 28, 1)) for f in files])
+            decode_s = time.perf_counter() - t0
+            model.predict(plugin.preprocess(x, None)[0], batch_size=args.batch_size, verbose=0)  # warm-up
+            t0 = time.perf_counter()
+            model.predict(plugin.preprocess(x, None)[0], batch_size=args.batch_size, verbose=0)
+            predict_s = time.perf_counter() - t0
+            return len(files) / predict_s, len(files) / (predict_s + decode_s)
 
-        # over N and 10 N: the actors' start varies by seconds, so the difference must be larger
-        many = link_copies(root / "n", root / "many", max(2, args.memory_n // args.n))
+        first = in_process()
+
+        # 2. kiln predict: the whole command over N, and over 10 N for its steady state and memory
+        t_n, peak_n = kiln_predict(store, root / "n", root / "n.parquet", args.workers, args.batch_size,
+                                   args.cpus_per_worker)
         k = max(2, args.memory_n // args.n)
-        batch_run(root / "n", root / "warm.parquet")  # Ray started, files in the page cache
-        t1 = batch_run(root / "n", root / "n1.parquet")
-        tk = batch_run(many, root / "kn1.parquet")
-        steady = (k - 1) * args.n / max(tk - t1, 1e-9)
-        import ray
-
-        ray.shutdown()
+        many = link_copies(root / "n", root / "many", k)
+        t_many, peak_many = kiln_predict(store, many, root / "many.parquet", args.workers, args.batch_size,
+                                         args.cpus_per_worker)
+        steady = steady_rate(root / "many.parquet")
 
         # 3. kiln serve
         serve_rate = served(store, files, args.batch_size)
 
-        # memory over 10x the files
-        t_many, peak_many = kiln_predict(store, many, root / "many.parquet", args.workers, args.batch_size,
-                                    args.cpus_per_worker)
+        last = in_process()
+        here, here_decoded = (first[0] + last[0]) / 2, (first[1] + last[1]) / 2
 
         print(f"MNIST test set as {args.n} PNG files, cnn, batch {args.batch_size}, "
               f"{args.workers} Ray Data actor(s) of {args.cpus_per_worker:g} CPU(s), {os.cpu_count()} CPUs")
-        print(f"  in-process model.predict (decoded first)   {here:9.0f} images/s")
-        print(f"  in-process decode + model.predict         {here_decoded:9.0f} images/s")
-        print(f"  kiln predict, steady state (10N - N)      {steady:9.0f} images/s  "
-              f"{steady / here_decoded:.2f}x in-process decode + predict, {steady / here:.2f}x predict alone")
+        print(f"  in-process model.predict (decoded first)   {here:9.0f} images/s  "
+              f"(first {first[0]:.0f}, last {last[0]:.0f})")
+        print(f"  in-process decode + model.predict         {here_decoded:9.0f} images/s  "
+              f"(first {first[1]:.0f}, last {last[1]:.0f})")
+        print(f"  kiln predict, steady state over {k * args.n:<8d}  {steady:9.0f} images/s  "
+              f"{steady / here_decoded:.2f}x in-process decode + predict "
+              f"({steady / max(first[1], last[1]):.2f}x its faster measurement), {steady / here:.2f}x predict alone")
         print(f"  kiln predict, whole command over N        {args.n / t_n:9.0f} images/s  ({t_n:.1f} s wall)")
+        print(f"  kiln predict, whole command over 10 N     {k * args.n / t_many:9.0f} images/s  ({t_many:.1f} s wall)")
         print(f"  kiln serve, 256-image :predict requests   {serve_rate:9.0f} images/s")
         print(f"  peak RSS of kiln predict: {peak_n / 2**20:.0f} MiB over {args.n} files, "
-              f"{peak_many / 2**20:.0f} MiB over {args.memory_n} ({peak_many / peak_n:.2f}x; "
-              f"{args.memory_n / t_many:.0f} images/s)")
+              f"{peak_many / 2**20:.0f} MiB over {k * args.n} ({peak_many / peak_n:.2f}x)")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -1,10 +1,11 @@
 """``kiln predict MODEL --input PATH --output OUT``: a stored model over a whole dataset on Ray
 Data, on this machine or a cluster.
 
-The input's rows (the pictures' paths, or an .npz's, a HAR folder's or a prompt file's rows)
-go to Ray's object store once and Ray Data hands out their numbers; a pool of actors, each
-holding the model, reads (a picture) and scores batches of them (``map_batches``), and Ray
-Data's writer writes one row per input, in input order, as Parquet or CSV. A row that cannot be
+Pictures are read and decoded by Ray Data tasks and scored by a pool of actors, each holding
+the model (two ``map_batches`` stages, so that decoding on one core overlaps the model on
+another, and on GPU nodes the CPUs decode while the actors hold the GPUs); the rows of an .npz,
+a HAR folder or a prompt file go to Ray's object store once and the actors take them by number.
+Ray Data's writer writes one row per input, in input order, as Parquet or CSV. A row that cannot be
 scored (a file that is not a picture, a prompt the model cannot read) carries why in its
 ``error`` column and the rest are scored; an actor that dies is restarted by Ray Data, which retries its
 task (actors of ``map_batches`` restart without limit by default).
@@ -59,6 +60,7 @@ class PredictSpec:
     arg: str                 # the argument each row fills
     args: dict[str, Any]     # the method's other arguments (--set, else their defaults), validated
     opts: PredictOptions
+    shape: tuple[int | None, ...] | None = None  # the pictures' (None, H, W[, C]), for "images"
 
 
 def plan(ref: str, path: str, opts: PredictOptions, store: str | None = None) -> PredictSpec:
@@ -118,8 +120,9 @@ def plan(ref: str, path: str, opts: PredictOptions, store: str | None = None) ->
             except ValueError:
                 pass
         args[k] = s.validate(k, value, info)
+    shape = tuple(m.inputs[arg].resolve(info)) if kind == "images" else None
     return PredictSpec(ref=version.ref, store=found.spec, input=str(source), kind=kind, output=str(out),
-                       method=method, arg=arg, args=args, opts=opts)
+                       method=method, arg=arg, args=args, opts=opts, shape=shape)
 
 
 def _kind(source: Path) -> str:
@@ -167,10 +170,36 @@ def _rows(spec: PredictSpec) -> Any:
     return data.test_arrays(str(source))[0]
 
 
+def decode(batch: dict[str, np.ndarray], root: str, shape: tuple[int | None, ...]) -> dict[str, np.ndarray]:
+    """Ray Data's first stage for pictures: each path's pixels (0-255, as uint8: a quarter of
+    float32's bytes through the object store), or zeros and why it could not be read."""
+    from kiln import images
+
+    paths = batch["path"]
+    errors: list[str | None] = [None] * len(paths)
+    pixels = None
+    for i, p in enumerate(paths):
+        try:
+            x = images.decode((Path(root) / p).read_bytes(), shape, source=str(p))
+        except Exception as e:  # noqa: BLE001 - this row fails alone
+            errors[i] = _why(e)
+            continue
+        if pixels is None:
+            pixels = np.zeros((len(paths), *x.shape), "uint8")
+        if x.shape != pixels.shape[1:]:  # a model that takes any size: one size per batch
+            errors[i] = f"{p} is {x.shape}, not {pixels.shape[1:]} as the batch's first picture; " \
+                        "resize the pictures to one size"
+            continue
+        pixels[i] = x
+    if pixels is None:  # no row could be read: zeros of the model's shape, where it declares one
+        pixels = np.zeros((len(paths), *[d or 1 for d in shape[1:]]), "uint8")
+    return {"path": paths, "pixels": pixels, "error": np.array(errors, dtype=object)}
+
+
 class Scorer:
     """One actor of the pool: the stored model, and its method over a batch of rows."""
 
-    def __init__(self, spec: PredictSpec, rows: Any) -> None:
+    def __init__(self, spec: PredictSpec, rows: Any = None) -> None:
         import ray
 
         from kiln import devices, models
@@ -182,27 +211,19 @@ class Scorer:
         self.plugin, self.model, _ = models.load(spec.ref, spec.store)
         self.method = self.plugin.methods()[spec.method]
         self.schema = self.method.inputs[spec.arg]
-        self.shape = self.schema.resolve(self.plugin.info) if spec.kind != "text" else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
 
-        from kiln import images
-
-        n = len(next(iter(batch.values())))
-        values: list[Any] = [None] * n
-        errors: list[str | None] = [None] * n
-        if self.spec.kind == "images":
-            keys = {"path": [self.rows[int(i)] for i in batch["data"]]}
-            root = Path(self.spec.input)
-            for i, p in enumerate(keys["path"]):
-                try:
-                    values[i] = images.decode((root / p).read_bytes(), self.shape, source=p)
-                except Exception as e:  # noqa: BLE001 - this row fails alone
-                    errors[i] = _why(e)
+        if self.spec.kind == "images":  # decoded by the stage before (``decode``)
+            keys = {"path": [str(p) for p in batch["path"]]}
+            # a column of no error at all comes back as NaNs, not Nones
+            errors = [e if isinstance(e, str) else None for e in batch["error"]]
+            values = list(batch["pixels"].astype("float32"))
         else:
             keys = {"index": batch["data"].astype("int64")}
             values = [self.rows[int(i)] for i in batch["data"]]
+            errors = [None] * len(values)
         outputs = self._score(values, errors)
         # every batch the same schema, whichever of its rows failed (a writer's files are one table)
         types = {"index": pa.int64(), "class": pa.int64(), "probability": pa.float64()}
@@ -212,15 +233,21 @@ class Scorer:
     def _score(self, values: list[Any], errors: list[str | None]) -> dict[str, list[Any]]:
         """Each row's outputs (None where it failed), filling ``errors``."""
         ok = [i for i, e in enumerate(errors) if e is None]
-        per_row: list[dict[str, Any] | None] = [None] * len(values)
+        out: dict[str, Any] = {}
         info = self.plugin.info
         if self.spec.kind == "text":
+            done = []
             for i in ok:
                 try:
                     text = self.schema.validate(self.spec.arg, values[i], info)
-                    per_row[i] = self.method.fn(self.plugin, self.model, **{self.spec.arg: text}, **self.spec.args)
+                    row = self.method.fn(self.plugin, self.model, **{self.spec.arg: text}, **self.spec.args)
                 except Exception as e:  # noqa: BLE001
                     errors[i] = _why(e)
+                    continue
+                done.append(i)
+                for k, v in row.items():
+                    out.setdefault(k, []).append(v)
+            ok = done
         elif ok:
             x = None
             try:
@@ -236,23 +263,43 @@ class Scorer:
                     x = self.schema.validate(self.spec.arg, np.stack([values[i] for i in ok]), info)
             if x is not None:
                 out = self.method.fn(self.plugin, self.model, **{self.spec.arg: x}, **self.spec.args)
-                for j, i in enumerate(ok):
-                    per_row[i] = {k: v[j] for k, v in out.items()}
-        return _columns(self.spec.method, per_row)
+        return _columns(self.spec.method, out, ok, len(values))
 
 
-def _columns(method: str, per_row: list[dict[str, Any] | None]) -> dict[str, list[Any]]:
-    """Output columns: a classifier's class, label and probability (its top class's), with the
-    whole distribution as JSON; otherwise each output as text (JSON where it is not a string)."""
-    keys = next((list(r) for r in per_row if r is not None), [])
+def _columns(method: str, out: dict[str, Any], ok: list[int], n: int) -> dict[str, list[Any]]:
+    """Output columns of ``n`` rows from the outputs of rows ``ok`` (None in the others): a
+    classifier's class, label and probability (its top class's), with the whole distribution as
+    JSON; otherwise each output as text (JSON where it is not a string). Whole batches at once,
+    in the actor: the narrowest stage of the pipeline (BENCHMARKS.md)."""
+    def spread(values: Any) -> list[Any]:
+        column: list[Any] = [None] * n
+        for i, v in zip(ok, values):
+            column[i] = v
+        return column
+
     if method == "classify":
-        return {"class": [None if r is None else int(r["classes"]) for r in per_row],
-                "label": [None if r is None else str(r["labels"]) for r in per_row],
-                "probability": [None if r is None else float(np.max(r["probabilities"])) for r in per_row],
-                "probabilities": [None if r is None else json.dumps(np.asarray(r["probabilities"]).tolist())
-                                  for r in per_row]}
-    return {k: [None if r is None else r[k] if isinstance(r[k], str) else json.dumps(np.asarray(r[k]).tolist())
-                for r in per_row] for k in keys}
+        probs = np.asarray(out.get("probabilities", []), dtype="float64")
+        return {"class": spread(np.asarray(out.get("classes", []), dtype="int64").tolist()),
+                "label": spread([str(v) for v in out.get("labels", [])]),
+                "probability": spread(probs.max(axis=-1).tolist() if len(probs) else []),
+                "probabilities": spread(_json(row) for row in probs)}
+    return {k: spread(v if isinstance(v, str) else _json(v) for v in values) for k, values in out.items()}
+
+
+def _json(value: Any) -> str:
+    import orjson
+
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY, default=_plain).decode()
+
+
+def _plain(o: Any) -> Any:
+    """What orjson leaves to ``default``: arrays that are not C-contiguous or hold strings, and
+    NumPy scalars it does not take."""
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 def _why(e: Exception) -> str:
@@ -262,6 +309,7 @@ def _why(e: Exception) -> str:
 
 def run(spec: PredictSpec) -> dict[str, Any]:
     """Score every row and write them; the summary (rows, errors, seconds, rows/s, output)."""
+    import pyarrow as pa
     import ray
 
     from kiln.cluster.train import connect
@@ -278,11 +326,22 @@ def run(spec: PredictSpec) -> dict[str, Any]:
     # rows by number, the inputs (or the pictures' paths) in Ray's object store once: Ray Data's
     # file readers make a block of each file, which costs more than decoding the picture
     n = len(rows)
-    # made here, not by read tasks: the actors may hold every CPU, and a task that waits for one
-    # would stall the run; blocks of about 1024 rows, so that every actor gets some
-    ds = ray.data.from_numpy(np.array_split(np.arange(n), max(1, min(n // 1024, 200))))
-    rows = ray.put(rows)
     o = spec.opts
+    # made here, not by read tasks, in blocks of about 1024 rows, so that every actor gets some
+    blocks = max(1, min(n // 1024, 200))
+    if spec.kind == "images":
+        ds = ray.data.from_arrow([pa.table({"path": part}) for part in np.array_split(np.array(rows), blocks)])
+        # decoding claims no CPU, so that it runs even where the actors hold every CPU (a task that
+        # waited for one would stall the run), on as many at once as the actors leave free, and
+        # one more, so that a decoded block is ready when an actor asks (BENCHMARKS.md)
+        free = int(ray.cluster_resources().get("CPU", 1) - o.workers * o.cpus_per_worker)
+        ds = ds.map_batches(decode, fn_kwargs={"root": spec.input, "shape": spec.shape}, batch_size=o.batch_size,
+                            compute=ray.data.TaskPoolStrategy(size=min(blocks, max(1, free) + 1)), num_cpus=0,
+                            batch_format="numpy")
+        rows = None
+    else:
+        ds = ray.data.from_numpy(np.array_split(np.arange(n), blocks))
+        rows = ray.put(rows)
     ds = ds.map_batches(Scorer, fn_constructor_kwargs={"spec": spec, "rows": rows}, batch_size=o.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=o.workers), num_cpus=o.cpus_per_worker,
                         num_gpus=o.gpus_per_worker or None, batch_format="numpy")

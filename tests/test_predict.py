@@ -3,6 +3,8 @@ real files), compared with the same model's answers in this process."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -59,7 +61,19 @@ def test_a_folder_of_pictures_gets_a_row_each_and_a_broken_file_says_why(store, 
     expected = in_process(store, "cnn:1", x[index])
     assert list(good["class"]) == expected["classes"]
     np.testing.assert_allclose(good["probability"], np.max(expected["probabilities"], axis=1), atol=1e-5)
+    np.testing.assert_allclose([json.loads(p) for p in good["probabilities"]], expected["probabilities"], atol=1e-5)
     assert rows[rows["path"] == "rgb.png"].iloc[0]["class"] == expected["classes"][index.index(0)]
+
+
+def test_a_batch_of_only_unreadable_files_is_decoded_to_rows_that_say_why(tmp_path):
+    from kiln.cluster import predict
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.jpg").write_bytes(b"\xff\xd8 cut short")
+    out = predict.decode({"path": np.array(["a.png", "b.jpg", "gone.png"])}, str(tmp_path), (None, 28, 28, 1))
+    assert out["pixels"].shape == (3, 28, 28, 1) and out["pixels"].dtype == np.uint8
+    assert ["not a PNG" in e for e in out["error"][:2]] == [True, True]
+    assert "gone.png" in out["error"][2]
 
 
 @pytest.mark.ray
