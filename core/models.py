@@ -7,6 +7,7 @@ training orchestrator to load a model.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,17 @@ def plugin_class(manifest: dict[str, Any]) -> type[Plugin]:
 
 
 def make_plugin(name: str, config: dict[str, Any], info: DatasetInfo, *, store: str | Path | None = None,
-                plugin_path: str | None = None) -> Plugin:
+                plugin_path: str | None = None, recorded: dict[str, Any] | None = None) -> Plugin:
     """The registered plugin ``name`` with ``config`` (overrides, or a stored config), set up for
-    the data ``info`` describes; KilnError if the plugin is unknown or rejects the config or data."""
+    the data ``info`` describes; KilnError if the plugin is unknown or rejects the config or data.
+    ``recorded``: a run's whole config as it started, under ``config``; a key the plugin no
+    longer has is dropped."""
     if plugin_path and not registry.has(name):
         registry.load_file(plugin_path)
     cls = registry.get(name)
+    if recorded:
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        config = {**{k: v for k, v in recorded.items() if k in known}, **config}
     plugin = cls(make_config(cls.Config, config))
     plugin.store = None if store is None else str(store)
     plugin.setup(info)
@@ -38,7 +44,8 @@ def make_plugin(name: str, config: dict[str, Any], info: DatasetInfo, *, store: 
 
 def for_spec(spec: TrainSpec, info: DatasetInfo) -> Plugin:
     """The plugin a training run (or a search's trial) trains, set up for its data."""
-    return make_plugin(spec.plugin, spec.overrides, info, store=spec.store, plugin_path=spec.plugin_path)
+    return make_plugin(spec.plugin, spec.overrides, info, store=spec.store, plugin_path=spec.plugin_path,
+                       recorded=spec.config)
 
 
 def build(plugin: Plugin, precision: str = "float32") -> Any:

@@ -159,6 +159,8 @@ def begin(spec: TrainSpec, plugin: Plugin) -> Any:
     """Open the run's folder: its MLflow run (kiln.tracking.Mlflow, or None without MLflow) and
     its run file, which records everything a resume needs (the MLflow run id too)."""
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    if spec.config is None:
+        spec.config = plain(vars(plugin.config))
     tracker = start_mlflow(spec, plugin)
     (spec.run_dir / RUN_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
     return tracker

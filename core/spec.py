@@ -86,6 +86,9 @@ class TrainSpec:
     # trials also carry their search's run as "parent"; with --register, "register": the MLflow
     # registered model's name, "" for the model's)
     mlflow: dict[str, str] | None = None
+    # the plugin's whole config as the run started (kiln.run.begin): a resume builds the network
+    # it checkpointed, even where a default has changed since
+    config: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> Path:

@@ -110,6 +110,29 @@ def test_interrupted_run_resumes_from_last_checkpoint(workdir):
     assert again.returncode == 2 and "already finished 3/3 epochs" in again.stderr
 
 
+def test_a_run_resumes_with_its_own_network_after_a_default_changes(workdir, monkeypatch):
+    """The run file records the plugin's whole config: a run checkpointed before a default
+    changed (a newer Kiln) resumes with the network it checkpointed, not a shape error."""
+    import dataclasses
+
+    from kiln import registry
+
+    args = ("--limit", "600", "--batch-size", "64", "--set", "augment=none")
+    first = kiln_here("train", "cnn", "--epochs", "1", "--run", "before", *args, cwd=workdir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cls = registry.get("cnn")
+    hidden = {f.name: f for f in dataclasses.fields(cls.Config)}["hidden"]
+    assert hidden.default == 256
+    changed = dataclasses.make_dataclass(  # the dense layer's default, as a newer Kiln might set it
+        "CNNConfig", [("hidden", int, dataclasses.field(default=32, metadata=hidden.metadata))], bases=(cls.Config,))
+    monkeypatch.setattr(cls, "Config", changed)
+    resumed = kiln_here("train", "--resume", "before", "--epochs", "2", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint at epoch 1" in resumed.stdout
+    manifest = json.loads((workdir / "store" / "cnn" / "2" / "manifest.json").read_text())
+    assert manifest["config"]["hidden"] == 256 and manifest["config"]["augment"] == ["none"]
+
+
 def test_user_npz_dataset(workdir):
     from kiln import data
 
