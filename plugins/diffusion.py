@@ -264,9 +264,18 @@ class DiffusionPlugin(Pictures):
             raise KilnError(f"'digit' must be a class index 0..{self.num_classes - 1} (or -1: any), got {digit}"
                             + (f" (classes: {', '.join(names)})" if names else ""))
 
+    def _noise(self, n, seed):
+        """The noise ``sample`` starts ``n`` pictures from, for a seed."""
+        return np.random.default_rng(seed).standard_normal((n, *self.image_shape)).astype("float32")
+
+    @staticmethod
+    def _frames(final, path, i):
+        """Picture ``i``'s way from noise to the picture: x at each kept time, then the picture."""
+        return [to_unit(x[i]) for _, x in path] + [to_unit(final[i])]
+
     def _draw(self, model, n, digit, steps, guidance, seed, keep=0):
         self._check(digit)
-        noise = np.random.default_rng(seed).standard_normal((n, *self.image_shape)).astype("float32")
+        noise = self._noise(n, seed)
         labels = None if digit is None else np.full((n,), digit)
         return model.ddim(noise, labels, steps, guidance, keep)
 
@@ -295,16 +304,14 @@ class DiffusionPlugin(Pictures):
         """One image's way from noise to a picture: x at several times t."""
         frames = min(frames, steps)
         final, path = self._draw(model, 1, None if digit < 0 else digit, steps, guidance, seed, keep=frames - 1)
-        images = [to_unit(x[0]) for _, x in path] + [to_unit(final[0])]
-        return {"images": np.stack(images), "t": [round(t, 4) for t, _ in path] + [0.0]}
+        return {"images": np.stack(self._frames(final, path, 0)), "t": [round(t, 4) for t, _ in path] + [0.0]}
 
     # -- pictures -------------------------------------------------------------------------
     def _rows(self, model, k: int, per_row: int, keep: int = 0):
         """``per_row`` pictures of each of the first ``k`` classes (any class when the data has
         none), row c from seed c as ``sample`` draws it, in one DDIM loop for all rows: a tenth of
         the network calls of one loop per class."""
-        noise = np.concatenate([np.random.default_rng(c).standard_normal((per_row, *self.image_shape))
-                                for c in range(k)]).astype("float32")
+        noise = np.concatenate([self._noise(per_row, c) for c in range(k)])
         labels = np.repeat(np.arange(k), per_row) if self.num_classes else None
         return model.ddim(noise, labels, 25, GUIDANCE, keep)
 
@@ -315,7 +322,7 @@ class DiffusionPlugin(Pictures):
     def samples(self, model, test, out_dir: Path) -> list[Path]:
         k = min(max(1, self.num_classes), 10)
         final, path = self._rows(model, k, 1, keep=7)
-        rows = [[to_unit(x[c]) for _, x in path] + [to_unit(final[c])] for c in range(k)]
+        rows = [self._frames(final, path, c) for c in range(k)]
         return [self.progress_picture(model, out_dir / "samples.png", f"one row per class (25 DDIM steps, guidance {GUIDANCE:g})"),
                 grid(np.stack([im for row in rows for im in row]), out_dir / "trajectory.png", cols=8,
                      title="from noise (left) to picture (right), one class per row")]
