@@ -80,8 +80,8 @@ def test_a_version_that_fails_to_load_fails_alone_and_a_new_one_switches_under_l
 
 
 def test_a_killed_ingress_replica_loses_only_the_connections_it_held(colocated):
-    """What --colocate gives up (README, "--colocate"): a killed ingress replica's requests in
-    flight lose their connections (HAProxy retried none of them in runs here: 1-5 per kill at 8
+    """What --colocate gives up (docs/serving.md, "--colocate"): a killed ingress replica's
+    requests in flight are lost (HAProxy retried none of them in runs here: 1-5 per kill at 8
     clients), where the default layout's ingress sends them to a live model replica. The other
     replica answers everything else; the replacement takes requests only once its models are
     loaded (before it did, it answered 503 "loading" for a while)."""
@@ -98,7 +98,9 @@ def test_a_killed_ingress_replica_loses_only_the_connections_it_held(colocated):
         time.sleep(5)  # the new replica takes its share
     assert proc.poll() is None
     assert load.ok > replaced + 20 > before + 40
-    # a held connection ends without an answer, or mid-answer when the replica had begun it
-    assert all(status == "exception" and ("closed connection" in text or "IncompleteRead" in text)
+    # a held connection ends without an answer, or mid-answer when the replica had begun it; or
+    # Serve's proxy, which had sent the request on, answers its own plain-text 500 (README)
+    assert all((status == "exception" and ("closed connection" in text or "IncompleteRead" in text))
+               or (status == 500 and "Internal Server Error" in text)
                for _, status, text in load.failed), load.failed
     assert len(load.failed) <= 8, load.failed
