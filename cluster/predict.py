@@ -316,7 +316,7 @@ def run(spec: PredictSpec) -> dict[str, Any]:
 
     rows = _rows(spec)
     t0 = time.perf_counter()
-    connect(spec.opts.address)
+    connect(spec.opts.address, dashboard=False)  # Ray Data needs none
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows come out in input order
     ctx.enable_progress_bars = sys.stderr.isatty()

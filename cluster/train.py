@@ -20,8 +20,10 @@ from kiln.spec import TrainSpec
 from kiln.logs import say
 
 
-def connect(address: str | None) -> None:
-    """Join the Ray cluster at ``address`` (or start a local one); KilnError if unreachable."""
+def connect(address: str | None, *, dashboard: bool = True) -> None:
+    """Join the Ray cluster at ``address`` (or start a local one, with Ray's dashboard unless
+    ``dashboard`` is False: training needs it, as the note on ``worker_setup`` says, and
+    starting it is about half of a local Ray's start); KilnError if unreachable."""
     import ray
 
     if ray.is_initialized():
@@ -30,8 +32,11 @@ def connect(address: str | None) -> None:
     try:
         # ERROR: Ray's start-up warnings (e.g. about its default token auth) would otherwise be
         # mixed into Kiln's one-line errors; worker output still reaches the driver.
-        ray.init(address=net.ray_address(address), logging_level=logging.ERROR,
-                 runtime_env=None if logs.in_ray_job() else logs.runtime_env(hook=WORKER_HOOK))
+        target = net.ray_address(address)
+        # include_dashboard only where this process starts the Ray: joining one, Ray refuses it
+        ray.init(address=target, logging_level=logging.ERROR,
+                 runtime_env=None if logs.in_ray_job() else logs.runtime_env(hook=WORKER_HOOK),
+                 **({} if dashboard or target != "local" else {"include_dashboard": False}))
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KilnError(f"cannot reach a Ray cluster at {address!r}: {first}; check the address "
