@@ -327,8 +327,9 @@ def run(spec: PredictSpec) -> dict[str, Any]:
     # file readers make a block of each file, which costs more than decoding the picture
     n = len(rows)
     o = spec.opts
-    # made here, not by read tasks, in blocks of about 1024 rows, so that every actor gets some
-    blocks = max(1, min(n // 1024, 200))
+    # made here, not by read tasks, in blocks of about 1024 rows, and at least one per actor
+    # (where there are the rows): an actor without a block is idle, and Ray Data warns of it
+    blocks = max(1, min(n, max(min(n // 1024, 200), o.workers)))
     if spec.kind == "images":
         ds = ray.data.from_arrow([pa.table({"path": part}) for part in np.array_split(np.array(rows), blocks)])
         # decoding claims no CPU, so that it runs even where the actors hold every CPU (a task that
