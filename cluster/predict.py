@@ -323,8 +323,8 @@ def run(spec: PredictSpec) -> dict[str, Any]:
     # Ray Data's own INFO lines (execution plan, where its logs are) and the warning that bars
     # are off where stderr is no terminal; its errors still show
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    # rows by number, the inputs (or the pictures' paths) in Ray's object store once: Ray Data's
-    # file readers make a block of each file, which costs more than decoding the picture
+    # the pictures' paths in blocks, or row numbers into the inputs in Ray's object store once:
+    # Ray Data's file readers make a block of each file, which costs more than decoding it
     n = len(rows)
     o = spec.opts
     # made here, not by read tasks, in blocks of about 1024 rows, and at least one per actor
