@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import TEST_PLUGINS, copy_models, kiln_here, run_kiln
+from helpers import TEST_PLUGINS, copy_models, kiln_here
 from kiln import KilnError
 
 pytestmark = pytest.mark.slow
@@ -117,7 +117,7 @@ def test_har_reads_the_uci_layout_and_trains_on_it(tmp_path, workdir):
     assert info.input_shape == (128, 9) and info.class_names == tuple(UCI_NAMES)
     assert (info.train_size, info.test_size) == (300, 120) and info.extra["rate_hz"] == 50.0
     assert set(info.extra["subjects"]["train"]).isdisjoint(info.extra["subjects"]["test"])
-    out = run_kiln("train", "har", "--dataset", str(folder), "--epochs", "16", cwd=workdir)
+    out = kiln_here("train", "har", "--dataset", str(folder), "--epochs", "16", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads((workdir / "store" / "har" / "1" / "manifest.json").read_text())
     assert m["dataset"]["input_shape"] == [128, 9]
@@ -193,8 +193,8 @@ def test_lstm_trains_on_a_users_text_file(tmp_path, workdir):
     info = data.prepare(str(path))
     assert info.class_names == tuple(sorted(set(text)))
     assert info.extra["test_chars"] == len(text) - int(len(text) * 0.9)  # the last 10%, by position
-    out = run_kiln("train", "lstm", "--dataset", str(path), "--epochs", "3", "--batch-size", "16",
-                   "--set", "units=64", "--set", "learning_rate=0.01", cwd=workdir)
+    out = kiln_here("train", "lstm", "--dataset", str(path), "--epochs", "3", "--batch-size", "16",
+                    "--set", "units=64", "--set", "learning_rate=0.01", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads((workdir / "store" / "lstm" / "1" / "manifest.json").read_text())
     assert m["metrics"]["nats_per_char"] < 0.5 * math.log(len(info.class_names))  # repetitive text
@@ -289,9 +289,9 @@ def test_transfer_from_a_keras_application_with_local_weights(tmp_path, workdir)
     weights = tmp_path / "mobilenet.weights.h5"
     keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3),
                                    pooling="avg").save_weights(weights)
-    out = run_kiln("train", "transfer", "--set", "base=keras:MobileNetV2", "--set", f"weights={weights}",
-                   "--set", "labels_per_class=4", "--set", "head_epochs=1", "--epochs", "2",
-                   "--batch-size", "8", "--limit", "2000", cwd=workdir)
+    out = kiln_here("train", "transfer", "--set", "base=keras:MobileNetV2", "--set", f"weights={weights}",
+                    "--set", "labels_per_class=4", "--set", "head_epochs=1", "--epochs", "2",
+                    "--batch-size", "8", "--limit", "2000", cwd=workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fine-tuning the base's top 1 layer(s)" in out.stdout
     from kiln import models
