@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import TEST_PLUGINS, copy_models, kiln_here
+from helpers import assert_two_workers_identical, copy_models, kiln_here
 from kiln import KilnError
 
 pytestmark = pytest.mark.slow
@@ -206,22 +206,8 @@ def test_every_generative_plugin_keeps_two_workers_identical(tmp_path, shared_ra
     """A few steps of each plugin's own train_step on 2 Ray Train workers: afterwards both
     workers hold identical weights, batch-norm statistics and optimizer states. (dcgan and cgan
     share one GAN model and train_step; cgan, the conditional one, covers both.)"""
-    from kiln import data, run
-    from kiln.cluster.train import fit
-
-    probe = shared_ray  # where the dump plugin's workers write their state
-    runs = []
     small = {"diffusion": {"width": "8", "blocks": "1"}}
-    for name in ("autoencoder", "vae", "cgan", "diffusion"):
-        spec = run.plan(f"dump_{name}", workers=2, epochs=1, limit=256, batch_size=64,
-                        plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",
-                        runs_dir=tmp_path / "runs", overrides=small.get(name, {}))
-        runs.append((spec, data.prepare(spec.dataset)))
-    fit(*runs[0], then=runs[1:])  # one worker group trains each in turn; evaluation: elsewhere
-    for name in ("autoencoder", "vae", "cgan", "diffusion"):
-        with np.load(probe / f"dump_{name}-rank0-epoch1.npz") as f0, \
-                np.load(probe / f"dump_{name}-rank1-epoch1.npz") as f1:
-            assert f0.files == f1.files and len(f0.files) > 10
-            for k in f0.files:
-                np.testing.assert_array_equal(f0[k], f1[k], err_msg=f"{name}: array {k} differs")
+    jobs = [(name, dict(epochs=1, limit=256, batch_size=64, overrides=small.get(name, {})))
+            for name in ("autoencoder", "vae", "cgan", "diffusion")]
+    assert_two_workers_identical(tmp_path, shared_ray, jobs, min_arrays=10)
     assert list((tmp_path / "runs").glob("dump_cgan-*/progress/progress_epoch_0001.png"))  # drawn by rank 0

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import TEST_PLUGINS, copy_models, kiln_here
+from helpers import assert_two_workers_identical, copy_models, kiln_here
 from kiln import KilnError
 
 pytestmark = pytest.mark.slow
@@ -317,26 +317,10 @@ def test_transfer_bad_base_is_one_line(workdir, sets, msg):
 
 @pytest.mark.ray
 def test_sequence_and_transfer_plugins_keep_two_workers_identical(tmp_path, trained, shared_ray):
-    from kiln import data, run
-    from kiln.cluster.train import fit
-
-    probe = shared_ray  # where the dump plugin's workers write their state
-    common = dict(plugin_path=str(TEST_PLUGINS / "dump.py"), store=tmp_path / "store",
-                  runs_dir=tmp_path / "runs")
     copy_models(trained, tmp_path / "store", "cnn")  # transfer's base
     jobs = [("har", dict(limit=512, batch_size=64, epochs=2)),  # 512: windows of 2 subjects, for validation
             ("lstm", dict(limit=128, batch_size=64, epochs=2, overrides={"units": "32"})),
             ("gpt", dict(limit=128, batch_size=64, epochs=2, overrides={"layers": "1", "width": "32"})),
             ("transfer", dict(batch_size=32, epochs=2,
                               overrides={"labels_per_class": "8", "head_epochs": "1"}))]
-    runs = []
-    for name, kw in jobs:
-        spec = run.plan(f"dump_{name}", workers=2, **common, **kw)
-        runs.append((spec, data.prepare(spec.dataset)))
-    fit(*runs[0], then=runs[1:])  # one worker group trains each in turn; evaluation: elsewhere
-    for name, _ in jobs:
-        with np.load(probe / f"dump_{name}-rank0-epoch2.npz") as f0, \
-                np.load(probe / f"dump_{name}-rank1-epoch2.npz") as f1:
-            assert f0.files == f1.files and len(f0.files) > 4
-            for k in f0.files:
-                np.testing.assert_array_equal(f0[k], f1[k], err_msg=f"{name}: array {k} differs")
+    assert_two_workers_identical(tmp_path, shared_ray, jobs, min_arrays=4)
