@@ -199,8 +199,9 @@ def _prepared(name: str) -> Any:
             with contextlib.redirect_stdout(io.StringIO()):
                 builder.download_and_prepare(download_dir=str(settings.tfds_dir() / "downloads" / name),
                                              download_config=config)
-            builder = _builder(name)
-    return builder
+    # a builder reads dataset_info.json when it is made: one made before the lock, while another
+    # process was still preparing, describes an empty dataset
+    return _builder(name)
 
 
 def _is_text(builder: Any) -> bool:

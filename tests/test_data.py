@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,40 @@ def test_mnist_prepared_offline_from_raw_files():
     info = data.prepare("mnist")
     assert (info.train_size, info.test_size) == (60000, 10000)
     assert info.input_shape == (28, 28, 1) and info.num_classes == 10
+
+
+def test_a_process_that_waited_while_another_prepared_the_dataset_reads_it(tmp_path, monkeypatch):
+    """Two Kiln processes on a fresh machine: the one that waits on the lock while the other
+    prepares MNIST must then read what was prepared, not the empty dataset it saw before."""
+    import shutil
+    import threading
+
+    from filelock import FileLock
+
+    from kiln import settings
+
+    prepared = data._prepared("mnist").data_path  # the session's copy, as the other process leaves it
+    monkeypatch.setenv("KILN_TFDS_DIR", str(tmp_path / "tfds"))
+    (tmp_path / "tfds").mkdir()
+    looked, real = threading.Event(), data._builder
+    monkeypatch.setattr(data, "_builder", lambda name: (real(name), looked.set())[0])
+    result = {}
+    with FileLock(str(settings.tfds_dir() / ".mnist.lock")):  # the other process, preparing
+        waiter = threading.Thread(target=lambda: result.update(info=_or_error(data.prepare, "mnist")))
+        waiter.start()
+        assert looked.wait(60)
+        target = settings.tfds_dir() / Path(prepared).relative_to(Path(prepared).parents[1])
+        shutil.copytree(prepared, target)
+    waiter.join(60)
+    assert not isinstance(result["info"], Exception), result["info"]
+    assert result["info"].train_size == 60000
+
+
+def _or_error(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001  (handed to the test's thread)
+        return e
 
 
 def test_each_worker_reads_only_its_shard():
