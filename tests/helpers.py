@@ -392,25 +392,3 @@ def assert_same_weights(probe, epoch, prefix=""):
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
-
-
-def assert_two_workers_identical(tmp_path, probe, jobs, min_arrays: int) -> None:
-    """Train the dump plugin's copy of each ``(plugin, run.plan arguments)`` in ``jobs`` on one
-    group of 2 Ray Train workers, one after another (evaluation: elsewhere), and assert that both
-    workers ended each run holding identical arrays (weights, batch-norm statistics, optimizer
-    states; more than ``min_arrays`` of them), as the dump plugin writes them into ``probe``."""
-    from kiln import data, run
-    from kiln.cluster.train import fit
-
-    runs = []
-    for name, kw in jobs:
-        spec = run.plan(f"dump_{name}", workers=2, plugin_path=str(TEST_PLUGINS / "dump.py"),
-                        store=tmp_path / "store", runs_dir=tmp_path / "runs", **kw)
-        runs.append((spec, data.prepare(spec.dataset)))
-    fit(*runs[0], then=runs[1:])
-    for name, kw in jobs:
-        with np.load(probe / f"dump_{name}-rank0-epoch{kw['epochs']}.npz") as f0, \
-                np.load(probe / f"dump_{name}-rank1-epoch{kw['epochs']}.npz") as f1:
-            assert f0.files == f1.files and len(f0.files) > min_arrays, (name, f0.files)
-            for k in f0.files:
-                np.testing.assert_array_equal(f0[k], f1[k], err_msg=f"{name}: array {k} differs")

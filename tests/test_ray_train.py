@@ -1,6 +1,6 @@
 """Ray Train: 2 real workers with MultiWorkerMirroredStrategy through Kiln's one loop.
 
-Also exercised elsewhere: identical weights on 2 workers, and a quiet driver, Train controller
+Also exercised elsewhere: a quiet driver, Train controller
 and workers with oneDNN's notice forced on (test_cluster, the same `kiln train` run as a Ray job),
 restarts after a lost node and rerunning a run by name (test_fault_tolerance)."""
 
@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from helpers import TEST_PLUGINS, kiln_here
+from helpers import TEST_PLUGINS, copy_models, kiln_here
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -47,6 +47,38 @@ def test_logged_metrics_are_global_not_one_workers(workdir, shared_ray):
         shard0, shard1 = per_example[:half].mean(), per_example[half:].mean()
         assert abs(shard0 - shard1) > 0.05  # the shards really differ
         assert manifest["history"][0][key] == pytest.approx((shard0 + shard1) / 2, rel=1e-3), key
+
+
+def test_every_plugin_with_its_own_step_or_data_keeps_two_workers_identical(tmp_path, trained, shared_ray):
+    """A few steps of each built-in plugin with its own train_step or data handling (the dump
+    plugins of tests/plugins/dump.py), one after another on one group of 2 Ray Train workers (its
+    start is paid once): afterwards both workers hold identical weights, batch-norm statistics
+    and optimizer states. (dcgan and cgan share one GAN model and train_step; cgan, the
+    conditional one, covers both.) How well each learns: the plugins' own modules."""
+    from kiln import data, run
+    from kiln.cluster.train import fit
+
+    copy_models(trained, tmp_path / "store", "cnn")  # transfer's base
+    jobs = [("autoencoder", dict(epochs=1, limit=256, batch_size=64), 10),
+            ("vae", dict(epochs=1, limit=256, batch_size=64), 10),
+            ("cgan", dict(epochs=1, limit=256, batch_size=64), 10),
+            ("diffusion", dict(epochs=1, limit=256, batch_size=64, overrides={"width": "8", "blocks": "1"}), 10),
+            ("har", dict(limit=512, batch_size=64, epochs=2), 4),  # 512: windows of 2 subjects, for validation
+            ("lstm", dict(limit=128, batch_size=64, epochs=2, overrides={"units": "32"}), 4),
+            ("gpt", dict(limit=128, batch_size=64, epochs=2, overrides={"layers": "1", "width": "32"}), 4),
+            ("transfer", dict(batch_size=32, epochs=2, overrides={"labels_per_class": "8", "head_epochs": "1"}), 4)]
+    runs = []
+    for name, kw, _ in jobs:
+        spec = run.plan(f"dump_{name}", workers=2, plugin_path=str(TEST_PLUGINS / "dump.py"),
+                        store=tmp_path / "store", runs_dir=tmp_path / "runs", **kw)
+        runs.append((spec, data.prepare(spec.dataset)))
+    fit(*runs[0], then=runs[1:])
+    for name, kw, min_arrays in jobs:
+        with np.load(shared_ray / f"dump_{name}-rank0-epoch{kw['epochs']}.npz") as f0, \
+                np.load(shared_ray / f"dump_{name}-rank1-epoch{kw['epochs']}.npz") as f1:
+            assert f0.files == f1.files and len(f0.files) > min_arrays, (name, f0.files)
+            for k in f0.files:
+                np.testing.assert_array_equal(f0[k], f1[k], err_msg=f"{name}: array {k} differs")
 
 
 def test_a_dead_head_recorded_on_this_machine_is_neither_joined_nor_asked():

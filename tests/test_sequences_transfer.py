@@ -1,8 +1,8 @@
 """The sequence and transfer plugins on real data: har (sp_sw_har recordings, and the UCI HAR
 folder layout written here), lstm (tiny Shakespeare, and a user's text file), transfer (a stored
 MNIST CNN's features on Fashion-MNIST with few labels, and a keras.applications base from a local
-weights file). Short real runs with bars a user would check, reload equality, validated inputs,
-and identical weights on 2 Ray Train workers."""
+weights file). Short real runs with bars a user would check, reload equality and validated inputs (identical
+weights on 2 Ray Train workers: test_ray_train)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from helpers import assert_two_workers_identical, copy_models, kiln_here
+from helpers import copy_models, kiln_here
 from kiln import KilnError
 
 pytestmark = pytest.mark.slow
@@ -310,17 +310,3 @@ def test_transfer_bad_base_is_one_line(workdir, sets, msg):
     args = [a for s in sets for a in ("--set", s)]
     out = kiln_here("train", "transfer", *args, cwd=workdir)
     assert out.returncode == 2 and msg in out.stderr and len(out.stderr.strip().splitlines()) == 1
-
-
-# --------------------------------------------------------------------------- 2 Ray Train workers
-
-
-@pytest.mark.ray
-def test_sequence_and_transfer_plugins_keep_two_workers_identical(tmp_path, trained, shared_ray):
-    copy_models(trained, tmp_path / "store", "cnn")  # transfer's base
-    jobs = [("har", dict(limit=512, batch_size=64, epochs=2)),  # 512: windows of 2 subjects, for validation
-            ("lstm", dict(limit=128, batch_size=64, epochs=2, overrides={"units": "32"})),
-            ("gpt", dict(limit=128, batch_size=64, epochs=2, overrides={"layers": "1", "width": "32"})),
-            ("transfer", dict(batch_size=32, epochs=2,
-                              overrides={"labels_per_class": "8", "head_epochs": "1"}))]
-    assert_two_workers_identical(tmp_path, shared_ray, jobs, min_arrays=4)
