@@ -115,7 +115,7 @@ def _worker(config: dict[str, Any]) -> None:
 
     tf.get_logger().setLevel("ERROR")
     _quiet_worker_logs()
-    # TensorflowTrainer has set TF_CONFIG for this worker; the strategy must exist before any op.
+    # the backend (kiln.cluster.tf_backend) has set TF_CONFIG; the strategy must exist before any op.
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     ctx = RayContext()
     import ray
@@ -137,7 +137,9 @@ def fit(spec: TrainSpec, info: DatasetInfo, callbacks: list[Any] | None = None,
     TensorFlow and set up the collective). Such a group is never restarted: its checkpoints,
     in ``spec``'s run folder, each belong to one of its models."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from kiln.cluster.tf_backend import TensorflowConfig
 
     joined = bool(spec.address or os.environ.get("RAY_ADDRESS"))  # else a cluster on this machine
     if not joined:
@@ -162,8 +164,8 @@ def fit(spec: TrainSpec, info: DatasetInfo, callbacks: list[Any] | None = None,
     per_worker: dict[str, float] = {"CPU": spec.cpus_per_worker}
     if spec.gpus_per_worker:
         per_worker["GPU"] = spec.gpus_per_worker
-    trainer = TensorflowTrainer(
-        _worker,
+    trainer = DataParallelTrainer(  # what TensorflowTrainer is, with a backend that spares the controller TensorFlow
+        _worker, backend_config=TensorflowConfig(),
         train_loop_config={"runs": [(s.to_dict(), i.to_dict()) for s, i in [(spec, info), *then]]},
         scaling_config=ScalingConfig(num_workers=(spec.workers, spec.max_workers) if spec.elastic
                                      else spec.workers, use_gpu=spec.gpus_per_worker > 0,
