@@ -15,9 +15,9 @@ pytestmark = pytest.mark.slow
 
 TINY = {"cnn": dict(limit=256), "autoencoder": dict(limit=256), "vae": dict(limit=256),
         "cgan": dict(limit=256, overrides={"width": "16", "sample_every": "0"}),
-        "har": dict(val_fraction=0), "lstm": dict(limit=64, overrides={"units": "16"}),
+        "har": dict(limit=256, val_fraction=0), "lstm": dict(limit=64, overrides={"units": "16"}),
         "gpt": dict(limit=64, overrides={"layers": "1", "width": "16", "heads": "2"}),
-        "diffusion": dict(limit=128, overrides={"width": "8", "sample_every": "0"}),
+        "diffusion": dict(limit=64, overrides={"width": "8", "blocks": "1", "sample_every": "0"}),
         "transfer": dict(limit=128)}
 
 
