@@ -21,7 +21,7 @@ LAYERS = [
     {"kiln.data", "kiln.models"},
     {"kiln.plugins", "kiln.plugins.*"},
     {"kiln.quality", "kiln.trainer", "kiln.export"},
-    {"kiln.cluster", "kiln.cluster.train", "kiln.cluster.predict", "kiln.serve", "kiln.serve.runtime", "kiln.serve.haproxy",
+    {"kiln.cluster", "kiln.cluster.train", "kiln.cluster.tf_backend", "kiln.cluster.predict", "kiln.serve", "kiln.serve.runtime", "kiln.serve.haproxy",
      "kiln.serve.codecs", "kiln.serve.options", "kiln.serve.routing", "kiln.serve.openapi", "kiln.serve.replica",
      "kiln.serve.metrics"},
     {"kiln.run", "kiln.serve.app", "kiln.serve.ingress"},
