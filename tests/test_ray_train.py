@@ -79,6 +79,7 @@ def test_every_plugin_with_its_own_step_or_data_keeps_two_workers_identical(tmp_
             assert f0.files == f1.files and len(f0.files) > min_arrays, (name, f0.files)
             for k in f0.files:
                 np.testing.assert_array_equal(f0[k], f1[k], err_msg=f"{name}: array {k} differs")
+    assert list((tmp_path / "runs").glob("dump_cgan-*/progress/progress_epoch_0001.png"))  # drawn by rank 0
 
 
 def test_a_dead_head_recorded_on_this_machine_is_neither_joined_nor_asked():
