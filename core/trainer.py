@@ -186,7 +186,12 @@ class _OwnRetracing:
 def repeated(strategy: Any, step: Any) -> Any:
     """``step`` run ``n`` times in one compiled call. Many steps per call keep Python out of the
     hot path; logs are reduced across workers once per epoch (a collective per logged value per
-    step would cost more than the step itself). One per run: it holds that run's model."""
+    step would cost more than the step itself). One per run: it holds that run's model.
+
+    The step appears once in the graph: the loop carries its logs in an ``Optional`` whose type
+    is known only once the step is traced inside the loop, as Keras' own multi-step function
+    does (keras/src/backend/tensorflow/trainer.py). Giving the loop a first step of its own to
+    type the logs would trace and optimise the step twice (docs/design.md)."""
     import tensorflow as tf
 
     logger = tf.get_logger()
@@ -195,12 +200,34 @@ def repeated(strategy: Any, step: Any) -> Any:
 
     @tf.function
     def run(iterator: Any, n: Any) -> dict[str, Any]:
-        logs = strategy.run(step, args=(next(iterator),))
-        for _ in tf.range(n - 1):
-            logs = strategy.run(step, args=(next(iterator),))
-        return logs
+        empty = tf.experimental.Optional.empty(None)
+
+        def body(i: Any, _: Any) -> tuple[Any, Any]:
+            logs = tf.experimental.Optional.from_value(strategy.run(step, args=(next(iterator),)))
+            empty._element_spec = logs.element_spec  # the loop's type, learnt while tracing
+            return i + 1, logs
+
+        _, last = tf.while_loop(lambda i, _: i < n, body, [tf.constant(0), empty])
+        last._element_spec = empty.element_spec
+        return last.get_value()
 
     return run
+
+
+def build_metrics(model: Any, strategy: Any, element_spec: Any) -> None:
+    """Create a compiled model's metric variables before its step is traced, as Keras' fit does
+    before its first step (``Trainer._symbolic_build``, on symbolic tensors: nothing runs). A
+    ``tf.function`` that creates variables on its first call is traced twice, and with more than
+    one replica in a worker that first call fails ("You must feed a value for placeholder")."""
+    import tensorflow as tf
+
+    if getattr(model, "_compile_metrics", None) is None and getattr(model, "_compile_loss", None) is None:
+        return  # a plugin's own step: its trackers made their variables when it was built
+    # one replica's batch: a worker with several replicas describes each of them
+    one = tf.nest.map_structure(lambda s: s._value_specs[0] if hasattr(s, "_value_specs") else s,
+                                element_spec)
+    with strategy.scope():
+        model._symbolic_build(data_batch=one)
 
 
 def reduced(strategy: Any, logs: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -269,6 +296,7 @@ def train_loop(spec: TrainSpec, info: DatasetInfo, strategy: Any, ctx: Context) 
 
     track = Tracking(spec, vars(plugin.config), ctx.world_size, on=loud)
     iterator, val_iterator = sizes.iterators(strategy, plugin.preprocess)
+    build_metrics(model, strategy, iterator.element_spec)
     run_steps, run_val = repeated(strategy, model.train_step), repeated(strategy, model.test_step)
     one_process = ctx.world_size == 1 and n_rep == 1
     bar = Progress(spec.epochs, steps, sizes.global_batch)

@@ -72,6 +72,45 @@ def test_a_second_configuration_in_one_process_keeps_the_first():
     assert out.stdout.splitlines() == ["1 True", "1 TensorFlow was initialised before Kiln could configure it"]
 
 
+TWO_REPLICAS = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from pathlib import Path
+from kiln import checkpoint, data, run
+from kiln.trainer import LocalContext, train_loop
+root = Path(sys.argv[1])
+out = {}
+for name, strategy in [("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
+                       ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))]:
+    spec = run.plan("cnn", run=name, epochs=1, limit=2048, runs_dir=root / "runs", store=root / "store")
+    spec.run_dir.mkdir(parents=True)
+    train_loop(spec, data.prepare("mnist"), strategy, LocalContext(spec.run_dir))
+    out[name] = json.loads((checkpoint.latest(spec.run_dir) / "state.json").read_text())["history"][-1]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_with_two_gpus_trains_as_one_with_one_gpu(tmp_path):
+    """--gpus-per-worker 2 gives each Ray Train worker two replicas (a MirroredStrategy inside
+    the worker); two logical CPUs stand in for the GPUs. A compiled model's metrics made on its
+    first step failed there ("You must feed a value for placeholder"); the same global batches
+    on two replicas must give about the figures one replica gives."""
+    done = subprocess.run([sys.executable, "-c", TWO_REPLICAS, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    # the replicas draw their own dropout masks, so the figures are near, not equal; a loss summed
+    # instead of averaged over the replicas would be twice as large
+    assert got["two"]["val_accuracy"] > 0.5 and got["one"]["val_accuracy"] > 0.5, got
+    for key in ("loss", "val_loss"):
+        assert got["two"][key] == pytest.approx(got["one"][key], rel=0.1), (key, got)
+    for key in ("accuracy", "val_accuracy"):
+        assert got["two"][key] == pytest.approx(got["one"][key], abs=0.05), (key, got)
+
+
 @pytest.mark.parametrize("tf_gpus, cuda, driver, words", [
     (0, False, ["NVIDIA H100 80GB HBM3"], "nvidia-smi lists 1 GPU(s) (NVIDIA H100 80GB HBM3) but this "
                                          "TensorFlow was built without CUDA: install kiln[gpu]"),
