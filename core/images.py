@@ -26,25 +26,36 @@ def _save(fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
 
 def grid(images: np.ndarray, path: Path, *, cols: int = 8, titles: Sequence[str] | None = None,
          colors: Sequence[str] | None = None, title: str | None = None, cell: float = 1.1) -> Path:
-    """Write images (N, H, W[, C]) with values in [0, 1] as a grid PNG; optional per-image titles."""
+    """Write images (N, H, W[, C]) with values in [0, 1] as a grid PNG; optional per-image titles.
+
+    The images are tiled into one array drawn on one Axes: an Axes per image (and tight_layout
+    over them) made every grid many times slower (bench/pictures.py), and every training run
+    draws some, GANs and diffusion one after each epoch."""
     plt = _plt()
-    images = np.asarray(images)
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = images[..., 0]
-    n = len(images)
-    rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell + (0.4 if title else 0)),
-                             squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(np.clip(images[i], 0, 1), cmap="gray" if images[i].ndim == 2 else None,
-                      vmin=0, vmax=1)
-            if titles is not None:
-                ax.set_title(titles[i], fontsize=8, color=colors[i] if colors else "black")
+    images = _images(images)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    n, h, w, _ = images.shape
+    band = int(round(h * 0.4)) if titles is not None else 0  # room for each picture's title
+    gap = max(1, h // 10)
+    sheet = tile(images, cols, gap=gap, band=band, background=1.0)
+    rows = -(-n // cols)
+    head = 0.4 if title else 0.0
+    width = cols * cell
+    fig = plt.figure(figsize=(width, width * sheet.shape[0] / sheet.shape[1] + head))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - head / fig.get_figheight()))
+    ax.imshow(sheet, interpolation="nearest", aspect="auto")
+    ax.axis("off")
+    if titles is not None:
+        for i in range(min(n, len(titles))):
+            r, k = divmod(i, cols)
+            ax.text(gap + k * (w + gap) + w / 2, gap + r * (band + h + gap) + band / 2, titles[i],
+                    ha="center", va="center", fontsize=8, color=colors[i] if colors else "black")
     if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+        fig.suptitle(title, fontsize=10, y=1.0 - 0.05 / fig.get_figheight(), va="top")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def confusion(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str = "") -> Path:
@@ -120,26 +131,38 @@ def traces(windows: np.ndarray, channels: Sequence[str], path: Path, *, titles: 
     return _save(fig, path)
 
 
+def _images(images: np.ndarray) -> np.ndarray:
+    images = np.clip(np.asarray(images, dtype="float32"), 0, 1)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or not len(images):
+        raise ValueError(f"expected images (N, H, W[, C]), got shape {list(images.shape)}")
+    return images
+
+
+def tile(images: np.ndarray, cols: int, *, gap: int = 2, band: int = 0, background: float = 0.0) -> np.ndarray:
+    """Images (N, H, W, C) as one array: ``cols`` to a row, ``gap`` pixels around each and a band
+    of ``band`` pixels above each (for a title), the rest ``background``."""
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    sheet = np.full((rows * (band + h + gap) + gap, cols * (w + gap) + gap, c), background, dtype="float32")
+    for i in range(n):
+        r, k = divmod(i, cols)
+        y, x = gap + r * (band + h + gap) + band, gap + k * (w + gap)
+        sheet[y:y + h, x:x + w] = images[i]
+    return sheet
+
+
 def png_grid(images: np.ndarray, cols: int = 8, scale: int = 2) -> bytes:
     """Images (N, H, W[, C]) with values in [0, 1] tiled into one PNG (bytes), for HTTP replies."""
     import io
 
     from PIL import Image
 
-    images = np.clip(np.asarray(images, dtype="float32"), 0, 1)
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or not len(images):
-        raise ValueError(f"expected images (N, H, W[, C]), got shape {list(images.shape)}")
-    n, h, w, c = images.shape
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    sheet = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, c), dtype="float32")
-    for i in range(n):
-        r, k = divmod(i, cols)
-        sheet[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + k * (w + 2):2 + k * (w + 2) + w] = images[i]
+    images = _images(images)
+    sheet = tile(images, min(cols, len(images)))
     pixels = (sheet * 255).round().astype("uint8")
-    img = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+    img = Image.fromarray(pixels[..., 0] if sheet.shape[-1] == 1 else pixels)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     buf = io.BytesIO()
