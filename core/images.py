@@ -39,7 +39,6 @@ def grid(images: np.ndarray, path: Path, *, cols: int = 8, titles: Sequence[str]
     band = int(round(h * 0.4)) if titles is not None else 0  # room for each picture's title
     gap = max(1, h // 10)
     sheet = tile(images, cols, gap=gap, band=band, background=1.0)
-    rows = -(-n // cols)
     head = 0.4 if title else 0.0
     width = cols * cell
     fig = plt.figure(figsize=(width, width * sheet.shape[0] / sheet.shape[1] + head))
